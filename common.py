@@ -1,0 +1,205 @@
+"""
+common.py: the training machinery pretrain.py and finetune.py share, so each of them reads as one loop.
+
+- distributed setup for torchrun (nanoGPT style, inline, no framework) and print0
+- the data order: a seeded permutation per epoch, cut into global batches, sharded over ranks, resumable
+- the optimiser and the paper's schedule (AdamW, cosine with linear warmup)
+- checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
+  written atomically (temporary folder, then rename), the last few kept
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import unwrap
+
+# -----------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
+
+
+def setup(device_arg="auto", seed=1337):
+    """Returns (rank, world, device). Initialises the process group under torchrun. Every rank gets the
+    same seed: the projector must start identical everywhere (DDP also broadcasts it), and the data
+    shards come from the sampler, not from the RNG."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(seed)
+    return rank, world, device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autocast(device, dtype):
+    """bf16/fp16 autocast on CUDA (the frozen weights are loaded in that dtype too); float32 on CPU."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# -----------------------------------------------------------------------------
+# Data order: deterministic, shardable, resumable
+
+
+class BatchOrder:
+    """Yields lists of example indices, one micro-batch per call, for this rank.
+
+    Epoch e shuffles all examples with seed + e, cuts the permutation into global batches of
+    batch_size * world examples (the incomplete last one is dropped), and rank r takes its slice.
+    So N processes with batch B see exactly the batches one process with batch N*B sees, and the
+    position (epoch, batch) is all a checkpoint needs to continue the same order."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, shuffle=True):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{n} examples are fewer than one global batch ({batch_size} x {world} ranks)")
+        self.epoch, self.index = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle else torch.arange(self.n)
+        start = (self.index * self.world + self.rank) * self.batch_size
+        self.index += 1
+        return order[start : start + self.batch_size].tolist()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedule (the paper: AdamW, lr 1e-4, weight decay 0, cosine, 3% warmup, clip 1.0)
+
+
+def make_optimizer(model, lr, weight_decay=0.0):
+    params = [p for p in unwrap(model.projector).parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+def cosine_lr(step, total_steps, lr, warmup_steps):
+    """Linear warmup to lr, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NonFiniteGuard:
+    """Skip optimiser steps whose gradient norm is inf/NaN (fp16/bf16 overflow, a degenerate batch), and
+    stop the run after `patience` in a row. The norm is taken after DDP's all-reduce, so every rank
+    makes the same decision."""
+
+    def __init__(self, patience=5):
+        self.patience, self.in_a_row, self.skipped = patience, 0, 0
+
+    def ok(self, grad_norm, step, out):
+        if torch.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.patience:
+            raise SystemExit(f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
+                             "intact; try a lower --lr, --dtype float32, or check the data.")
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: <out>/ckpt-<step>/ = projector.safetensors + meta.json + train_state.pt
+
+
+def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
+    """Everything a run needs to continue exactly. Written to a temporary folder and renamed, so a kill
+    mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
+    out = Path(out)
+    final, tmp = out / f"ckpt-{step:07d}", out / f".tmp-ckpt-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_projector(tmp, step=step, args=vars(args), **meta)
+    torch.save({
+        "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, tmp / "train_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(out.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out):
+    ckpts = sorted(p for p in Path(out).glob("ckpt-*") if (p / "train_state.pt").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def resume(out, model, optimizer, order):
+    """Load the newest checkpoint in `out`; returns the step to continue from (0 if there is none)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        print0(f"--resume: no checkpoint in {out}, starting from scratch")
+        return 0
+    model.load_projector(ckpt)
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    order.load_state_dict(state["order"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print0(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"]
+
+
+class JsonLog:
+    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots and the README's numbers."""
+
+    def __init__(self, out, enabled=True):
+        self.path, self.enabled, self.t0 = Path(out) / "log.jsonl", enabled, time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **record):
+        if self.enabled:
+            record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in record.items()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time() - self.t0, 2), **record}) + "\n")

@@ -1,0 +1,200 @@
+"""
+data.py: manifests of (audio, transcript, ...) -> checked examples -> padded batches.
+
+A manifest is a JSONL file, one utterance per line:
+
+    {"audio": "clips/0001.wav", "text": "the meeting starts at nine"}
+    {"audio": "/abs/0002.flac", "text": "...", "translation": "...", "tgt_lang": "de", "speaker": "s1", "duration": 3.2}
+    {"audio": "p7.wav", "task": "qa", "text": "<passage transcript>", "question": "who ...?", "answer": "anna"}
+
+`audio` is relative to the manifest's folder (or absolute); `text` is the transcript. Optional: `task`
+(asr|st|qa), `translation` + `tgt_lang` (speech translation), `question` + `answer` (spoken QA; the answer
+may be a list of gold answers), `speaker`, `duration` (seconds). Audio in any format and rate soundfile
+reads is mixed to mono and resampled to 16 kHz with soxr.
+
+    rows = read_manifest("train.jsonl")                  # checks every line, errors name file:line
+    examples = task_examples(rows, "qa")                 # instruction + target per task
+    loader = DataLoader(examples, batch_size=8, collate_fn=Collator(model.encoder.feature_extractor, model.tokenizer))
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+SAMPLE_RATE = 16000
+
+# The instruction of each fine-tuning task, written once (the paper's likely index-0 prompts for ASR/ST;
+# its QA prompt is unknown, see ../shared/paper-notes.md 3.3).
+INSTRUCTIONS = {
+    "asr": "Can you transcribe this audio?",
+    "st": "Can you translate this audio from english to {language}?",
+    "qa": "Answer the question about the audio in a few words. {question}",
+}
+LANGUAGES = {"de": "german", "fr": "french", "it": "italian", "es": "spanish", "en": "english"}
+
+
+class ManifestError(ValueError):
+    """A bad manifest line; the message names the manifest and the line."""
+
+
+# -----------------------------------------------------------------------------
+# Reading and checking a manifest
+
+
+def load_audio(path):
+    """Any soundfile-readable file -> mono float32 numpy array at 16 kHz."""
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)  # mix to mono
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _check_row(row, root):
+    """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError("a line must be a JSON object")
+    for field in ("audio", "text"):
+        if field not in row:
+            raise ValueError(f"missing field '{field}'")
+        if not isinstance(row[field], str):
+            raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
+    if not row["text"].strip():
+        raise ValueError("empty transcript ('text')")
+    for field in ("translation", "tgt_lang", "question", "task", "speaker"):
+        if field in row and not isinstance(row[field], str):
+            raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
+    if "answer" in row and not (isinstance(row["answer"], str) or (isinstance(row["answer"], list) and row["answer"]
+                                                                   and all(isinstance(a, str) for a in row["answer"]))):
+        raise ValueError("field 'answer' must be a string or a non-empty list of strings")
+    path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else root / row["audio"]
+    if not path.is_file():
+        raise ValueError(f"audio file not found: {path}")
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises its own error types for unreadable files
+        raise ValueError(f"not a readable audio file: {path} ({e})") from None
+    if info.frames == 0:
+        raise ValueError(f"audio file is empty (0 samples): {path}")
+    return {**row, "audio": str(path), "duration": info.frames / info.samplerate}
+
+
+def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
+    """Read and check every line of a JSONL manifest. A bad line raises ManifestError naming the file and
+    line, unless skip_bad, which skips it and reports how many were skipped. Audio longer than
+    max_seconds is skipped and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    rows, bad, too_long = [], 0, 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = _check_row(json.loads(line), path.parent)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                if not skip_bad:
+                    raise ManifestError(f"{path}:{line_no}: {e}") from None
+                log(f"skipping {path}:{line_no}: {e}")
+                bad += 1
+                continue
+            if max_seconds is not None and row["duration"] > max_seconds:
+                too_long += 1
+                continue
+            rows.append({**row, "key": f"{path.resolve()}:{line_no}"})
+    if bad or too_long:
+        log(f"{path}: kept {len(rows)} lines, skipped {bad} bad and {too_long} longer than {max_seconds} s")
+    if not rows:
+        raise ManifestError(f"{path}: no usable lines")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Tasks: what the model hears, what it is asked, what it should answer
+
+
+def task_examples(rows, task):
+    """Rows -> examples with `instruction` and `target` for one task (asr|st|qa), or `mix`: every task
+    that applies to each row, concatenated in the authors' order (ASR, ST, QA)."""
+    tasks = ("asr", "st", "qa") if task == "mix" else (task,)
+    examples = [ex for t in tasks for row in rows if (ex := _example(row, t))]
+    if not examples:
+        raise ManifestError(f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs 'question' and 'answer')")
+    return examples
+
+
+def _example(row, task):
+    if task == "asr" and row.get("task", "asr") == "asr":
+        return {**row, "task": "asr", "instruction": INSTRUCTIONS["asr"], "target": row["text"], "references": [row["text"]]}
+    if task == "st" and "translation" in row:
+        language = LANGUAGES.get(row.get("tgt_lang", "de"), row.get("tgt_lang", "de"))
+        return {**row, "task": "st", "instruction": INSTRUCTIONS["st"].format(language=language),
+                "target": row["translation"], "references": [row["translation"]]}
+    if task == "qa" and "question" in row and "answer" in row:
+        answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
+        return {**row, "task": "qa", "instruction": INSTRUCTIONS["qa"].format(question=row["question"]),
+                "target": answers[0], "references": answers}
+    return None
+
+
+def frac_subset(examples, frac, seed=42, stratify=False):
+    """A seeded random fraction of the examples, as the authors draw it (random.seed(42); random.sample
+    over the whole concatenated mix). stratify=True draws the fraction from each task separately."""
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac}")
+    if frac == 1:
+        return list(examples)
+    if stratify:
+        tasks = sorted({ex["task"] for ex in examples})
+        return [ex for t in tasks for ex in frac_subset([e for e in examples if e["task"] == t], frac, seed)]
+    rng = random.Random(seed)
+    idx = rng.sample(range(len(examples)), max(1, int(frac * len(examples))))
+    return [examples[i] for i in idx]
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+class Collator:
+    """Examples -> one padded batch: the encoder's own input features (raw waveform for HuBERT/wav2vec2,
+    log-mel for Whisper) with a mask, and the transcript tokens as the paper's text side of the
+    contrastive pair: transcript tokens only, no BOS, no chat template, no EOS."""
+
+    def __init__(self, feature_extractor, tokenizer):
+        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+        self.is_whisper = type(feature_extractor).__name__ == "WhisperFeatureExtractor"
+
+    def __call__(self, examples):
+        waves = [load_audio(ex["audio"]) for ex in examples]
+        if self.is_whisper:
+            # Pad to the longest clip, not to Whisper's 30 s: the encoder runs on the true length.
+            inputs = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest").input_features
+            # A clip of n samples has n // hop log-mel frames (the extractor's own mask rounds up by one).
+            lengths = torch.tensor([len(w) // self.feature_extractor.hop_length for w in waves])
+            input_mask = torch.arange(inputs.shape[-1])[None] < lengths[:, None]
+        else:
+            feats = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
+                                           return_attention_mask=True)
+            inputs, input_mask = feats.input_values, feats.attention_mask.bool()
+        texts = [ex["text"] for ex in examples]
+        ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.long) for t in texts]
+        lengths = torch.tensor([len(i) for i in ids])
+        return {
+            "speech_inputs": inputs,
+            "speech_input_mask": input_mask,
+            "text_ids": torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0),
+            "text_mask": torch.arange(int(lengths.max()))[None] < lengths[:, None],
+            "keys": [ex["key"] for ex in examples],
+            "examples": examples,
+        }
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

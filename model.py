@@ -1,0 +1,551 @@
+"""
+model.py: the SpeechLLM of the paper, built bottom-up in one file.
+
+    waveform --(frozen speech encoder)--> frames at 50 Hz, [B, T, D_enc]
+             --(trainable windowed Q-Former)--> LLM input embeddings, [B, W*Q, D_llm]
+             --(frozen causal LLM)--> hidden states / next-token predictions
+
+Only the projector (the Q-Former in the middle) ever trains; the encoder and the LLM are loaded from
+Hugging Face ids or local folders through transformers' Auto classes and stay frozen.
+
+    from model import SpeechLLM
+    m = SpeechLLM(llm="tiny", encoder="tiny")        # small random models, built in code
+    m = SpeechLLM(llm="llama", encoder="hubert")      # the paper: Llama-3.1-8B-Instruct + HuBERT-large
+    m = SpeechLLM(llm="/path/to/any/causal/lm", encoder="/path/to/any/hubert/or/whisper")
+
+Sections: presets and tiny models | speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings,
+text -> embeddings, selected hidden states, the chat prompt, generation, checkpoints).
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Presets: a short name for the models people actually use; anything else is a hub id or a folder.
+
+LLM_PRESETS = {
+    "llama": "meta-llama/Llama-3.1-8B-Instruct",  # the paper (gated: needs `huggingface-cli login`)
+    "smollm2": "demo:smollm2",  # SmolLM2-135M-Instruct, converted offline by prepare_demo.py
+    "tiny": "tiny:llm",  # a 10-layer random Llama with a byte-level tokenizer, for tests
+}
+ENCODER_PRESETS = {
+    "hubert": "facebook/hubert-large-ls960-ft",  # the paper
+    "whisper-tiny": "demo:whisper-tiny",  # Whisper tiny.en's encoder, converted offline by prepare_demo.py
+    "tiny": "tiny:hubert",  # a 2-layer random HuBERT (raw waveform in), for tests
+    "tiny-whisper": "tiny:whisper",  # a 2-layer random Whisper encoder (log-mel in), for tests
+}
+
+
+def tiny_dir():
+    """Where the tiny random models are saved once (git-ignored)."""
+    return Path(os.environ.get("SPEECHLLM_DEMO_DIR", REPO / "demo")) / "models"
+
+
+def resolve(name, presets):
+    """Preset name -> hub id or local folder (building the demo/tiny models on first use)."""
+    target = presets.get(name, name)
+    if target.startswith("tiny:"):
+        kind = target.split(":")[1]
+        folder = tiny_dir() / f"tiny-{kind}"
+        if not (folder / "config.json").exists():
+            {"llm": build_tiny_llm, "hubert": build_tiny_hubert, "whisper": build_tiny_whisper}[kind](folder)
+        return str(folder)
+    if target.startswith("demo:"):
+        import prepare_demo  # the offline plumbing lives outside the tutorial files
+
+        return str({"smollm2": prepare_demo.smollm2_path, "whisper-tiny": prepare_demo.whisper_tiny_path}[target[5:]]())
+    if not Path(target).exists():
+        check_hub(target)
+    return target
+
+
+def check_hub(repo_id):
+    """Fail at once (rather than after minutes of retries) when a hub id is neither cached nor reachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # in the local HF cache
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise SystemExit(
+            f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
+            f"({host}) is out of reach ({e}).\n" + HOW_TO_GET_MODELS) from None
+
+
+HOW_TO_GET_MODELS = (
+    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also\n"
+    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU.\n"
+    "`python pretrain.py` with no arguments runs the offline CPU demo instead.")
+
+
+def load_pretrained(auto_class, name_or_path, what, **kwargs):
+    """from_pretrained with an error that says what was tried and what to do instead."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
+                         + HOW_TO_GET_MODELS) from None
+
+
+def _save_atomically(save_fn, folder):
+    """Build a model folder under a temporary name, then rename: a killed build never looks complete."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    save_fn(tmp)
+    if folder.exists():  # another process built it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens and chat template,
+    so the tiny path exercises the same tokenizer and chat-template code as a real LLM."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        chat_template=chat_template,
+    )
+
+
+def build_tiny_llm(folder, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    _save_atomically(save, folder)
+    return str(folder)
+
+
+def build_tiny_hubert(folder, seed=0):
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    cfg = HubertConfig(  # HuBERT-large's conv stack (320-sample stride = 50 Hz), everything else tiny
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = HubertModel(cfg)
+    fe = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        fe.save_pretrained(tmp)
+
+    _save_atomically(save, folder)
+    return str(folder)
+
+
+def build_tiny_whisper(folder, seed=0):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    cfg = WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+        decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64, max_source_positions=1500,
+        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = WhisperModel(cfg)
+    fe = WhisperFeatureExtractor(feature_size=80)
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        fe.save_pretrained(tmp)
+
+    _save_atomically(save, folder)
+    return str(folder)
+
+
+# -----------------------------------------------------------------------------
+# The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
+
+
+class SpeechEncoder(nn.Module):
+    """A frozen HF encoder of either family:
+    - HuBERT / wav2vec2 style: raw waveform in (`input_values`), conv stack with a 320-sample stride;
+    - Whisper style: log-mel in (`input_features`, 100 frames/s), two convs, the second with stride 2.
+    Both give 50 frames per second. The batch comes from data.py's collator (feature extractor output)."""
+
+    def __init__(self, name_or_path, dtype=torch.float32):
+        super().__init__()
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+        self.name = name_or_path
+        self.feature_extractor = load_pretrained(AutoFeatureExtractor, name_or_path, "speech encoder's feature extractor")
+        config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
+        self.is_whisper = config.model_type == "whisper"
+        model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
+        self.model = model.encoder if self.is_whisper else model  # Whisper: keep the encoder, drop the decoder
+        self.dim = config.d_model if self.is_whisper else config.hidden_size
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode=True):
+        # Always eval: HuBERT's LayerDrop would change the number of hidden states, dropout adds noise.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, inputs, input_mask):
+        """inputs: [B, samples] waveform or [B, 80, mel frames] log-mel; input_mask: [B, samples|mel frames] bool.
+        Returns frames [B, T, D] and a bool mask [B, T] of valid frames."""
+        if self.is_whisper:
+            return self._whisper_true_length(inputs, input_mask)
+        out = self.model(inputs, attention_mask=input_mask.long()).last_hidden_state
+        lengths = self.model._get_feat_extract_output_lengths(input_mask.sum(-1))
+        return out, torch.arange(out.shape[1], device=out.device)[None] < lengths[:, None]
+
+    def _whisper_true_length(self, mel, mel_mask):
+        # HF's WhisperEncoder insists on 30 s of (mostly padded) input: ~10x the work for a 3 s clip, and
+        # the padding frames would dominate. So we run its own modules on the clip's true length, masking
+        # the batch padding in attention and zeroing it after each conv so a clip's frames do not depend
+        # on what it was batched with.
+        enc = self.model
+        x = F.gelu(enc.conv1(mel * mel_mask[:, None, :])) * mel_mask[:, None, :]
+        mask = mel_mask[:, ::2]  # conv2 has stride 2: 100 mel frames/s -> 50 frames/s
+        x = F.gelu(enc.conv2(x)).transpose(1, 2) * mask[:, :, None]
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+        for layer in enc.layers:
+            x = layer(x, attention_mask=additive[:, None, None, :])
+            x = x[0] if isinstance(x, tuple) else x
+        return enc.layer_norm(x), mask
+
+
+# -----------------------------------------------------------------------------
+# The projector: a window-level Q-Former (SALMONN style), the only trainable part.
+
+
+@dataclass
+class QFormerConfig:
+    dim: int = 768  # Q-Former width (BERT-base, as the paper)
+    heads: int = 12  # attention heads
+    layers: int = 4  # blocks of self-attention + cross-attention + FFN
+    queries: int = 4  # learned query tokens per window -> LLM tokens per window
+    window: int = 17  # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
+    dropout: float = 0.1  # BERT's hidden and attention dropout
+    window_pos: bool = False  # add a learned position-within-window to the frames (not in the paper)
+
+
+class QFormerBlock(nn.Module):
+    """One post-LN BERT block for the queries: self-attention among the queries, cross-attention from the
+    queries to the window's encoder frames (keys/values keep the encoder width), then a feed-forward net."""
+
+    def __init__(self, cfg, enc_dim):
+        super().__init__()
+        d = cfg.dim
+        self.self_attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True, kdim=enc_dim, vdim=enc_dim)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.norms = nn.ModuleList([nn.LayerNorm(d, eps=1e-12) for _ in range(3)])
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, q, frames, key_padding_mask):
+        q = self.norms[0](q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
+        q = self.norms[1](q + self.drop(self.cross_attn(q, frames, frames, key_padding_mask=key_padding_mask, need_weights=False)[0]))
+        return self.norms[2](q + self.drop(self.ffn(q)))
+
+
+class WindowQFormer(nn.Module):
+    """Encoder frames [B, T, D_enc] -> LLM input embeddings [B, W*Q, D_llm], W = ceil(T / window).
+
+    The time axis is cut into non-overlapping windows; every window is read independently by the same
+    learned queries, so the output length grows linearly with the audio (unlike a global Q-Former)."""
+
+    def __init__(self, enc_dim, llm_dim, cfg=QFormerConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.ln_speech = nn.LayerNorm(enc_dim)
+        self.window_pos = nn.Parameter(torch.zeros(cfg.window, enc_dim)) if cfg.window_pos else None
+        self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.dim) * 0.02)
+        self.query_ln = nn.LayerNorm(cfg.dim, eps=1e-12)  # BERT's embedding LayerNorm, applied to the queries
+        self.query_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([QFormerBlock(cfg, enc_dim) for _ in range(cfg.layers)])
+        self.out = nn.Linear(cfg.dim, llm_dim)
+
+    def forward(self, frames, mask):
+        B, T, D = frames.shape
+        k, Q = self.cfg.window, self.cfg.queries
+        W = -(-T // k)  # ceil
+        frames = F.pad(self.ln_speech(frames), (0, 0, 0, W * k - T))  # zero-pad the end to a multiple of k
+        mask = F.pad(mask, (0, W * k - T), value=False)
+        frames = frames.view(B * W, k, D)
+        if self.window_pos is not None:
+            frames = frames + self.window_pos
+        mask = mask.view(B * W, k)
+        window_valid = mask.any(-1)  # a window is valid iff it holds at least one valid frame
+        # A fully padded window would give an all -inf softmax (NaN); let it attend to its (zero) frames
+        # instead: its output is masked out anyway.
+        key_padding_mask = ~mask & window_valid[:, None]
+        q = self.query_drop(self.query_ln(self.queries)).expand(B * W, Q, -1)
+        for block in self.blocks:
+            q = block(q, frames, key_padding_mask)
+        out = self.out(q).view(B, W * Q, -1)
+        return out, window_valid.view(B, W).repeat_interleave(Q, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# The SpeechLLM: what pretrain.py, finetune.py and evaluate.py call.
+
+AUDIO = "<|audio|>"  # placeholder in the chat prompt, replaced by the projector's output embeddings
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, llm="tiny", encoder="tiny", qformer=QFormerConfig(), dtype=torch.float32, sink_token=False):
+        """llm / encoder: a preset name (LLM_PRESETS, ENCODER_PRESETS), a hub id or a local folder.
+        sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in contrastive
+        training (see pretrain.py --sink-token); the paper does not (False)."""
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.llm_name, self.encoder_name = llm, encoder
+        llm_path = resolve(llm, LLM_PRESETS)
+        self.tokenizer = load_pretrained(AutoTokenizer, llm_path, "LLM's tokenizer")
+        self.llm = load_pretrained(AutoModelForCausalLM, llm_path, "LLM", dtype=dtype)
+        self.encoder = SpeechEncoder(resolve(encoder, ENCODER_PRESETS), dtype=dtype)
+        self.llm.requires_grad_(False)
+        self.llm.eval()
+        self.num_layers = self.llm.config.num_hidden_layers
+        self.projector = WindowQFormer(self.encoder.dim, self.llm.config.hidden_size, qformer)
+        self.sink_token = sink_token
+        self.feature_cache = None  # dict key -> frozen encoder frames, set by the training scripts when asked
+
+    def train(self, mode=True):
+        # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no dropout).
+        self.training = mode
+        self.projector.train(mode)
+        return self
+
+    # --- speech and text -> LLM input embeddings ------------------------------------------------
+
+    def speech_frames(self, batch):
+        """Frozen encoder frames for a collated batch, from the feature cache where possible."""
+        keys, cache = batch.get("keys"), self.feature_cache
+        if cache is None or keys is None:
+            return self.encoder(batch["speech_inputs"], batch["speech_input_mask"])
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            frames, mask = self.encoder(batch["speech_inputs"][missing], batch["speech_input_mask"][missing])
+            for row, i in enumerate(missing):
+                cache[keys[i]] = frames[row, : mask[row].sum()].to("cpu", torch.float16)  # fp16 halves the cache
+        device = batch["speech_inputs"].device
+        seqs = [cache[key] for key in keys]
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        frames = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
+        return frames, torch.arange(frames.shape[1], device=device)[None] < lengths[:, None]
+
+    def encode_speech(self, batch):
+        """Collated batch -> (speech embeddings [B, S, D_llm], mask [B, S]). Gradients reach the projector."""
+        frames, mask = self.speech_frames(batch)
+        return self.projector(frames.float(), mask)
+
+    def embed_tokens(self, ids):
+        return self.llm.get_input_embeddings()(ids)
+
+    def add_sink(self, embeds, mask):
+        """Prepend the BOS embedding to every sequence. Its position takes the LLM's "attention sink"
+        (huge activations in middle layers); since it is the same token on both sides, it carries no
+        information and the caller leaves it out of the pool: pool_mask = mask with column 0 False."""
+        bos = self.embed_tokens(torch.tensor([self.tokenizer.bos_token_id], device=embeds.device))
+        embeds = torch.cat([bos.to(embeds.dtype).expand(len(embeds), 1, -1), embeds], dim=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        return embeds, mask
+
+    def contrastive_inputs(self, batch):
+        """Both sides of the contrastive pair as LLM inputs: speech = projector outputs, text = transcript
+        token embeddings. Returns (embeds, attention mask, pool mask) for speech, then for text; the pool
+        mask leaves the shared sink token out when sink_token is on."""
+        speech, speech_mask = self.encode_speech(batch)
+        text, text_mask = self.embed_tokens(batch["text_ids"]), batch["text_mask"]
+        if not self.sink_token:
+            return speech, speech_mask, speech_mask, text, text_mask, text_mask
+        speech, speech_mask = self.add_sink(speech, speech_mask)
+        text, text_mask = self.add_sink(text, text_mask)
+        no_sink = lambda m: torch.cat([torch.zeros_like(m[:, :1]), m[:, 1:]], dim=1)  # noqa: E731
+        return speech, speech_mask, no_sink(speech_mask), text, text_mask, no_sink(text_mask)
+
+    def match_embedding_rms(self):
+        """Scale the projector's output layer so its outputs start at the RMS of the LLM's own token
+        embeddings (PyTorch's default init gives ~0.6, while e.g. SmolLM2's embeddings have RMS ~0.14;
+        inputs far off that scale land in a region of the frozen LLM it has never seen)."""
+        target = self.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+        out = unwrap(self.projector).out
+        with torch.no_grad():
+            # Kaiming-uniform init has weight variance 1/(3 fan_in); inputs are LayerNorm-ed (RMS ~1).
+            out.weight.mul_(target / math.sqrt(1 / 3))
+            out.bias.zero_()
+
+    # --- the frozen LLM as a feature extractor: selected hidden states, no LM head ------------------
+
+    def hidden_states(self, embeds, mask, layers):
+        """Run the frozen LLM on inputs_embeds and return the hidden states at `layers` as one tensor
+        [len(layers), B, T, D]. Index 0 = the input embeddings, index k = output of decoder layer k,
+        index num_layers = after the final norm (transformers' `hidden_states` convention).
+        No LM head, and the forward stops after the highest layer asked for."""
+        if max(layers) == 0:
+            return embeds[None]  # the "emb" loss needs no LLM pass at all
+        base = self.llm.get_decoder()  # the transformer without the LM head
+        top, L = max(layers), self.num_layers
+        saved = {0: embeds}
+
+        def keep(i):
+            return lambda module, args, out: saved.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+        hooks = [base.layers[i - 1].register_forward_hook(keep(i)) for i in layers if 0 < i < L]
+        if L in layers:
+            hooks.append(base.norm.register_forward_hook(keep(L)))
+        all_layers = base.layers
+        base.layers = all_layers[:top]  # a causal LM in depth: layer k never depends on later layers
+        try:
+            base(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
+        finally:
+            base.layers = all_layers
+            for h in hooks:
+                h.remove()
+        return torch.stack([saved[i] for i in layers])
+
+    # --- the chat prompt: speech first in the user turn, then the instruction ---------------------
+
+    def prompt_ids(self, instruction):
+        """Token ids before and after the audio in the LLM's own chat template, and the end-of-turn id."""
+        user = [{"role": "user", "content": f"{AUDIO}\n{instruction}"}]
+        text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(AUDIO)
+        full = self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "X"}], tokenize=False)
+        end_of_turn = full[len(text) + 1 :]  # what the template writes after the answer, e.g. "<|eot_id|>"
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        return encode(before), encode(after), encode(end_of_turn)[0]
+
+    def chat_batch(self, speech, speech_mask, instructions, targets=None):
+        """Splice unpadded speech embeddings into the chat prompt.
+        Training (targets given): right padding, labels = answer tokens + end-of-turn, -100 elsewhere.
+        Generation (targets None): left padding, so every sequence ends where the answer starts."""
+        seqs, labels = [], []
+        for i, instruction in enumerate(instructions):
+            before, after, eot = self.prompt_ids(instruction)
+            answer = [] if targets is None else self.tokenizer(targets[i], add_special_tokens=False).input_ids + [eot]
+            ids = lambda x: torch.tensor(x, dtype=torch.long, device=speech.device)  # noqa: E731
+            parts = [self.embed_tokens(ids(before)), speech[i][speech_mask[i]], self.embed_tokens(ids(after + answer))]
+            seqs.append(torch.cat([p.to(speech.dtype) for p in parts]))
+            labels.append(torch.cat([ids([-100] * (len(seqs[-1]) - len(answer))), ids(answer)]))
+        left = targets is None
+        B, T = len(seqs), max(len(s) for s in seqs)
+        embeds = speech.new_zeros(B, T, speech.shape[-1])
+        mask = torch.zeros(B, T, dtype=torch.bool, device=speech.device)
+        label_ids = torch.full((B, T), -100, dtype=torch.long, device=speech.device)
+        for i, (seq, lab) in enumerate(zip(seqs, labels)):
+            span = slice(T - len(seq), T) if left else slice(0, len(seq))
+            embeds[i, span], mask[i, span], label_ids[i, span] = seq, True, lab
+        return embeds, mask, label_ids
+
+    def lm_loss(self, embeds, mask, labels):
+        """Mean next-token cross-entropy over the supervised (answer) tokens of the batch."""
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(self, batch, instructions, max_new_tokens=200):
+        """Greedy decoding of the answer for every utterance in a collated batch; returns strings."""
+        speech, speech_mask = self.encode_speech(batch)
+        embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
+        eot = self.prompt_ids(instructions[0])[2]
+        out = self.llm.generate(
+            inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=eot, pad_token_id=self.tokenizer.pad_token_id or eot,
+        )
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
+
+    def meta(self):
+        return {"llm": self.llm_name, "encoder": self.encoder_name, "qformer": asdict(self.projector.cfg),
+                "sink_token": self.sink_token, "llm_dim": self.llm.config.hidden_size, "encoder_dim": self.encoder.dim}
+
+    def save_projector(self, out, **extra):
+        """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are never copied."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()}
+        save_file(state, out / "projector.safetensors.tmp")
+        os.replace(out / "projector.safetensors.tmp", out / "projector.safetensors")
+        (out / "meta.json.tmp").write_text(json.dumps({**self.meta(), **extra}, indent=2, default=str))
+        os.replace(out / "meta.json.tmp", out / "meta.json")
+
+    def load_projector(self, ckpt):
+        """Load a projector saved by save_projector, checking it was built for these models' widths."""
+        from safetensors.torch import load_file
+
+        ckpt = Path(ckpt)
+        if not (ckpt / "projector.safetensors").exists():
+            raise SystemExit(f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        mine = self.meta()
+        for key in ("llm_dim", "encoder_dim", "qformer"):
+            if meta.get(key) != mine[key]:
+                raise SystemExit(f"Checkpoint {ckpt} does not fit this model: {key} is {meta.get(key)} there, "
+                                 f"{mine[key]} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')}).")
+        unwrap(self.projector).load_state_dict(load_file(ckpt / "projector.safetensors"))
+        return meta
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, dtype=torch.float32):
+        """Rebuild the SpeechLLM a checkpoint was trained with and load its projector."""
+        path = Path(ckpt) / "meta.json"
+        if not path.exists():
+            raise SystemExit(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
+        meta = json.loads(path.read_text())
+        model = cls(meta["llm"], meta["encoder"], QFormerConfig(**meta["qformer"]), dtype, meta.get("sink_token", False))
+        model.load_projector(ckpt)
+        return model, meta
+
+
+def unwrap(module):
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)

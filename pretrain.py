@@ -1,0 +1,294 @@
+"""
+Stage 1: task-independent pretraining of the projector with the paper's all-layer contrastive loss.
+
+Speech and its transcript both go through the frozen LLM; at the embedding layer and every 5th layer up to
+the last, the mean-pooled speech states are pulled towards their own transcript's and away from the other
+transcripts in the batch (contrastive.py). Only the projector trains.
+
+    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en + TTS corpus (~15 min)
+    python pretrain.py --llm llama --encoder hubert --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
+    python pretrain.py --loss asr             # the ASR-pretraining baseline
+    torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl      # several GPUs (DDP)
+    python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2              # a smoke run
+    python pretrain.py --out out/pretrain --resume      # continue a killed run from its newest checkpoint
+"""
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from common import print0
+from contrastive import contrastive_loss, cos_logits, info_nce, masked_mean, retrieval_accuracy, select_layers
+from data import INSTRUCTIONS, Collator, read_manifest, to_device
+from model import QFormerConfig, SpeechLLM
+
+# -----------------------------------------------------------------------------
+# Two recipes. "paper" = the authors' scripts (the default for every LLM but the demo's). "demo" = what
+# makes the all-layer loss learn within minutes on a 2-core CPU with a 135M LLM; each of its changes is a
+# flag of its own and is measured in the README ("What the demo changes, and why").
+
+RECIPES = {
+    "paper": dict(encoder="hubert", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=None, warmup_ratio=0.03,
+                  qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17, window_pos=False,
+                  sink_token=False, center=False, match_embedding_rms=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
+    "demo": dict(encoder="whisper-tiny", lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
+                 qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4, window=17, window_pos=True,
+                 sink_token=True, center=True, match_embedding_rms=True, emb_steps=400, emb_lr=1e-3, eval_every=50),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # models
+    p.add_argument("--llm", default="smollm2", help="llama | smollm2 | tiny | a hub id | a local folder (default: smollm2, the demo)")
+    p.add_argument("--encoder", default=None, help="hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a folder (default: by recipe)")
+    p.add_argument("--recipe", choices=["paper", "demo"], default=None, help="defaults for the flags below (default: demo for smollm2, else paper)")
+    # data
+    p.add_argument("--data", default=None, help="training manifest (JSONL; default: the demo corpus)")
+    p.add_argument("--dev-data", default=None, help="dev manifest for retrieval R@1 (default: the demo dev set when --data is default)")
+    p.add_argument("--dev-size", type=int, default=100, help="dev utterances used for retrieval R@1")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
+    p.add_argument("--max-audio-seconds", type=float, default=45.0, help="skip longer audio (counted); the paper keeps 1-45 s")
+    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True, help="keep the frozen encoder's outputs in memory across epochs")
+    # objective
+    p.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
+    p.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence")
+    p.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list of hidden-state indices")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)")
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="centre pooled states per batch before normalising (demo)")
+    p.add_argument("--sink-token", action=argparse.BooleanOptionalAction, default=None, help="shared BOS in front of both sides, left out of the pool (demo)")
+    p.add_argument("--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)")
+    p.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
+    p.add_argument("--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)")
+    p.add_argument("--kernel", choices=["torch", "triton", "auto"], default="torch", help="pooling kernel of the contrastive loss")
+    p.add_argument("--text-cache", action=argparse.BooleanOptionalAction, default=True, help="cos: pool each transcript's states once and reuse them")
+    # projector
+    p.add_argument("--qformer-dim", type=int, default=None)
+    p.add_argument("--qformer-heads", type=int, default=None)
+    p.add_argument("--qformer-layers", type=int, default=None)
+    p.add_argument("--queries", type=int, default=None, help="query tokens per window")
+    p.add_argument("--window", type=int, default=None, help="encoder frames per window (17 = 0.34 s)")
+    p.add_argument("--window-pos", action=argparse.BooleanOptionalAction, default=None, help="learned position within the window (demo)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--match-embedding-rms", action=argparse.BooleanOptionalAction, default=None, help="start the projector's outputs at the LLM's embedding scale (demo)")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 10)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (paper: 2)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 1e-4)")
+    p.add_argument("--epochs", type=float, default=None, help="paper: 5")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    # system
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--out", default="out/pretrain", help="checkpoints, final projector, log.jsonl")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    args = p.parse_args(argv)
+    args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# The losses of one micro-batch
+
+
+def contrastive_step(model, batch, layers, args, text_cache):
+    """The paper's loss: text side through the frozen LLM without gradients, speech side with gradients
+    into the projector, contrastive loss summed over layers. Returns (loss, per-layer losses, R@1 in batch,
+    speech embeddings and mask for a combined ASR loss)."""
+    speech, speech_mask, speech_pool, text, text_mask, text_pool = model.contrastive_inputs(batch)
+    keys = [f"{k}:{layers}" for k in batch["keys"]]
+    if text_cache is not None and all(k in text_cache for k in keys):
+        text_states, text_pool = torch.stack([text_cache[k] for k in keys], 1), None  # pooled [L, B, D]
+    else:
+        with torch.no_grad():
+            text_states = model.hidden_states(text, text_mask, layers)
+        if text_cache is not None:
+            pooled = masked_mean(text_states, text_pool)
+            text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
+            text_states, text_pool = pooled, None
+    speech_states = model.hidden_states(speech, speech_mask, layers)
+    if args.gather_negatives and dist.is_initialized():
+        return gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args)
+    total, per_layer, logits = contrastive_loss(text_states, text_pool, speech_states, speech_pool, sim=args.sim,
+                                                temperature=args.temperature, symmetric=args.symmetric,
+                                                center=args.center, kernel=args.kernel, return_logits=True)
+    return total, per_layer, retrieval_accuracy(logits)
+
+
+def gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args):
+    """--gather-negatives: every rank's pooled vectors join the batch, with gradients flowing back to the
+    rank that made them (torch.distributed.nn.all_gather is differentiable). Every rank then computes the
+    same global loss; DDP's gradient average turns that into the gradient of the global loss."""
+    from torch.distributed.nn import all_gather
+
+    text = text_states if text_pool is None else masked_mean(text_states, text_pool)
+    speech = masked_mean(speech_states, speech_pool)
+    text, speech = torch.cat(all_gather(text.detach().contiguous()), 1), torch.cat(all_gather(speech.contiguous()), 1)
+    logits = cos_logits(text, speech, args.temperature, args.center)
+    per_layer = info_nce(logits, args.symmetric)
+    return per_layer.sum(), per_layer, retrieval_accuracy(logits)
+
+
+def asr_step(model, batch, speech=None, speech_mask=None):
+    """The ASR-pretraining baseline: next-token loss on the transcript given the speech, inside the LLM's
+    chat template, on the answer tokens only."""
+    if speech is None:
+        speech, speech_mask = model.encode_speech(batch)
+    texts = [ex["text"] for ex in batch["examples"]]
+    embeds, mask, labels = model.chat_batch(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
+    return model.lm_loss(embeds, mask, labels)
+
+
+def train_step_loss(model, batch, layers, args, text_cache):
+    """Dispatch on --loss; returns (loss, dict of things to log)."""
+    logs = {}
+    loss = 0.0
+    if args.loss in ("contrastive", "contrastive+asr"):
+        contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
+        loss = loss + contrastive
+        logs.update(per_layer=per_layer.detach(), acc=acc)
+    if args.loss in ("asr", "contrastive+asr"):
+        asr = asr_step(model, batch)
+        loss = loss + asr
+        logs["asr"] = asr.detach()
+    return loss, logs
+
+
+# -----------------------------------------------------------------------------
+# Data and evaluation
+
+
+def load_data(args):
+    if args.data is None:  # the built-in demo corpus, synthesised offline on first use
+        import prepare_demo
+
+        corpus = prepare_demo.corpus_path()
+        args.data, args.dev_data = str(corpus / "sentences_train.jsonl"), args.dev_data or str(corpus / "sentences_dev.jsonl")
+    rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
+    dev = read_manifest(args.dev_data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)[: args.dev_size] if args.dev_data else []
+    return rows, dev
+
+
+def dev_retrieval(model, dev, layers, args, device, dtype):
+    """Speech->text R@1 per layer on the dev set, plain and with each side centred by its dev-set mean."""
+    from evaluate import pooled_pairs, retrieval_r1
+
+    text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
+    return retrieval_r1(text, speech), retrieval_r1(text, speech, center=True)
+
+
+def fmt(values):
+    return "[" + " ".join(f"{v:.2f}" for v in values.tolist()) + "]"
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = common.setup(args.device, args.seed)
+    dtype = common.resolve_dtype(args.dtype, device)
+    master = rank == 0
+
+    qformer = QFormerConfig(dim=args.qformer_dim, heads=args.qformer_heads, layers=args.qformer_layers,
+                            queries=args.queries, window=args.window, dropout=args.dropout, window_pos=args.window_pos)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token).to(device)
+    if args.match_embedding_rms:
+        model.match_embedding_rms()
+    layers = select_layers(args.layers, model.num_layers)
+    rows, dev = load_data(args)
+    print0(f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
+           f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters")
+    if args.cache_features:
+        model.feature_cache = {}
+    text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
+
+    order = common.BatchOrder(len(rows), args.batch_size, rank, world, seed=args.seed)
+    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
+    optimizer = common.make_optimizer(model, args.lr)
+    total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
+    warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
+    step = common.resume(args.out, model, optimizer, order) if args.resume else 0
+    if world > 1:  # DDP around the projector only: the frozen parts have nothing to synchronise
+        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    guard, log = common.NonFiniteGuard(), common.JsonLog(args.out, enabled=master)
+    params = [p for p in model.projector.parameters() if p.requires_grad]
+
+    model.train()
+    progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc="pretrain")
+    for step in progress:
+        # the demo's warm start: the layer-0 loss alone (no LLM pass) before the all-layer loss
+        warm = step < args.emb_steps
+        step_layers = [0] if warm else layers
+        lr = args.emb_lr if warm else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
+            plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
+            progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(plain)} centred {fmt(centred)}")
+            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
+        if master and args.save_every and step > 0 and step % args.save_every == 0:
+            common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
+
+        t0 = time.time()
+        for micro in range(args.grad_accum):
+            batch = to_device(collate([rows[i] for i in next(order)]), device)
+            # under DDP, synchronise gradients only on the last micro-step (nanoGPT's trick)
+            last = micro == args.grad_accum - 1
+            sync = nullcontext() if world == 1 or last else model.projector.no_sync()
+            with sync, common.autocast(device, dtype):
+                loss, logs = train_step_loss(model, batch, step_layers, args, text_cache)
+                (loss / args.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if guard.ok(grad_norm, step, args.out):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if master:
+            seconds = time.time() - t0
+            shown = {"loss": f"{loss.item():.3f}", "lr": f"{lr:.1e}"}
+            if "acc" in logs:
+                shown["acc"] = fmt(logs["acc"])
+            progress.set_postfix(shown)
+            log(step=step + 1, loss=loss.item(), lr=lr, seconds=round(seconds, 3), grad_norm=grad_norm.item(),
+                layers=step_layers, **{k: v for k, v in logs.items()})
+            if "per_layer" in logs:
+                progress.write(f"step {step + 1} loss {loss.item():.3f} per layer {step_layers}: {fmt(logs['per_layer'])} "
+                               f"in-batch R@1 {fmt(logs['acc'])} ({seconds:.2f}s)")
+            else:
+                progress.write(f"step {step + 1} loss {loss.item():.3f} ({seconds:.2f}s)")
+
+    step = total_steps
+    if master:
+        common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
+        model.save_projector(args.out, step=step, args=vars(args), layers=layers)  # the final projector
+        if dev:
+            plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
+            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
+            print0(f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
+                   f"  plain   {fmt(plain)}\n  centred {fmt(centred)}")
+        print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

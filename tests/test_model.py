@@ -1,0 +1,150 @@
+"""model.py: tiny random models saved to a temp folder and loaded through the same from_pretrained path
+users take; windows, masks, hidden states, the chat prompt, checkpoints."""
+
+import pytest
+import torch
+
+from data import Collator, load_audio, read_manifest, task_examples
+from model import QFormerConfig, SpeechLLM, WindowQFormer
+from tiny import tiny_models, write_manifest
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def model(paths):
+    torch.manual_seed(0)
+    return SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def batch(model, tmp_path_factory):
+    rows = read_manifest(write_manifest(tmp_path_factory.mktemp("data"), n=4))
+    return Collator(model.encoder.feature_extractor, model.tokenizer)(rows)
+
+
+def test_frozen_parts_and_trainable_projector(model):
+    assert all(not p.requires_grad for p in model.llm.parameters())
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())
+    model.train()
+    assert not model.llm.training and not model.encoder.model.training and model.projector.training
+    model.eval()
+
+
+def test_windows_shapes_and_masks():
+    torch.manual_seed(0)
+    q = WindowQFormer(enc_dim=24, llm_dim=40, cfg=QFormerConfig(dim=16, heads=2, layers=1, queries=3, window=5, dropout=0.0))
+    frames = torch.randn(3, 12, 24)
+    lengths = torch.tensor([12, 6, 0])  # full, 2 windows valid of 3, fully padded
+    mask = torch.arange(12)[None] < lengths[:, None]
+    out, out_mask = q(frames, mask)
+    assert out.shape == (3, 3 * 3, 40)  # ceil(12 / 5) = 3 windows x 3 queries
+    assert out_mask.tolist()[0] == [True] * 9
+    assert out_mask.tolist()[1] == [True] * 6 + [False] * 3  # frames 0-5 touch windows 0 and 1
+    assert out_mask.tolist()[2] == [False] * 9  # a fully padded window is masked...
+    assert torch.isfinite(out).all()  # ...and gives no NaN
+
+
+def test_padding_frames_do_not_change_valid_outputs():
+    torch.manual_seed(0)
+    q = WindowQFormer(enc_dim=8, llm_dim=8, cfg=QFormerConfig(dim=16, heads=2, layers=2, queries=2, window=4, dropout=0.0)).eval()
+    frames = torch.randn(1, 10, 8)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    alone, _ = q(frames, mask)
+    padded = torch.cat([frames, 100 * torch.randn(1, 5, 8)], 1)  # garbage in the padding
+    out, out_mask = q(padded, torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1))
+    torch.testing.assert_close(out[:, : alone.shape[1]], alone)
+    assert out_mask[0, alone.shape[1]:].sum() == 0
+
+
+def test_paper_projector_size():
+    q = WindowQFormer(enc_dim=1024, llm_dim=4096)  # HuBERT-large -> Llama-3.1-8B, the paper's defaults
+    assert abs(sum(p.numel() for p in q.parameters()) / 1e6 - 42.5) < 0.2  # the paper's "42.5M"
+
+
+def test_hidden_states_match_transformers(model, batch):
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    embeds = model.embed_tokens(ids)
+    with torch.no_grad():
+        ref = model.llm(inputs_embeds=embeds, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        ours = model.hidden_states(embeds, mask, [0, 5, 10])
+        early = model.hidden_states(embeds, mask, [0, 3])  # stops after layer 3
+    assert len(ref) == model.num_layers + 1 == 11
+    for got, i in zip(ours, [0, 5, 10]):
+        torch.testing.assert_close(got, ref[i])
+    torch.testing.assert_close(early[1], ref[3])
+
+
+def test_speech_embeddings_and_feature_cache(model, batch):
+    model.eval()
+    with torch.no_grad():
+        speech, mask = model.encode_speech(batch)
+        model.feature_cache = {}
+        first, _ = model.encode_speech(batch)  # fills the cache
+        cached, cached_mask = model.encode_speech({**batch, "speech_inputs": torch.zeros_like(batch["speech_inputs"])})
+    model.feature_cache = None
+    assert speech.shape[:2] == mask.shape and speech.shape[-1] == model.llm.config.hidden_size
+    assert torch.equal(cached_mask, mask)
+    # valid positions only: fully padded windows attend to whatever padding they hold, and are masked
+    torch.testing.assert_close(first[mask], speech[mask], atol=2e-3, rtol=2e-3)  # the cache keeps fp16 frames
+    torch.testing.assert_close(cached[mask], speech[mask], atol=2e-3, rtol=2e-3)
+
+
+def test_whisper_encoder_true_length_is_batch_invariant(paths, tmp_path):
+    """The encoder runs on each clip's true length: batch padding must not change a clip's frames."""
+    model = SpeechLLM(paths["llm"], paths["whisper"], QFormerConfig(dim=32, heads=4, layers=1, dropout=0.0))
+    rows = read_manifest(write_manifest(tmp_path, n=3, seed=3))
+    batch = Collator(model.encoder.feature_extractor, model.tokenizer)(rows)
+    frames, mask = model.encoder(batch["speech_inputs"], batch["speech_input_mask"])
+    for i, row in enumerate(rows):
+        mel_frames = len(load_audio(row["audio"])) // 160  # 100 log-mel frames per second
+        assert batch["speech_input_mask"][i].sum() == mel_frames
+        assert mask[i].sum() == (mel_frames + 1) // 2  # conv2's stride 2 -> 50 frames per second
+        alone, _ = model.encoder(batch["speech_inputs"][i : i + 1, :, :mel_frames], batch["speech_input_mask"][i : i + 1, :mel_frames])
+        torch.testing.assert_close(frames[i, : mask[i].sum()], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_chat_batch_supervises_only_the_answer(model, batch):
+    examples = task_examples(batch["examples"], "asr")
+    speech, mask = model.encode_speech(batch)
+    embeds, attn, labels = model.chat_batch(speech, mask, [e["instruction"] for e in examples], [e["target"] for e in examples])
+    eot = model.prompt_ids("x")[2]
+    for i, e in enumerate(examples):
+        supervised = labels[i][labels[i] != -100].tolist()
+        assert supervised == model.tokenizer(e["target"], add_special_tokens=False).input_ids + [eot]
+        assert attn[i, : int(attn[i].sum())].all()  # right padding in training
+    # generation: left padding, every prompt ends at the same (last) position
+    embeds, attn, _ = model.chat_batch(speech, mask, [e["instruction"] for e in examples])
+    assert attn[:, -1].all() and not attn[:, 0].all()
+
+
+def test_generate_stops_at_end_of_turn(model, batch):
+    out = model.generate(batch, ["Can you transcribe this audio?"] * len(batch["keys"]), max_new_tokens=4)
+    assert len(out) == len(batch["keys"]) and all(isinstance(s, str) for s in out)
+
+
+def test_projector_checkpoint_roundtrip_and_mismatch(model, paths, tmp_path):
+    model.save_projector(tmp_path / "ckpt", step=7)
+    other = SpeechLLM.from_checkpoint(tmp_path / "ckpt")[0]
+    for a, b in zip(model.projector.state_dict().values(), other.projector.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "projector.safetensors"]
+    wider = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=64, heads=4, layers=2))
+    with pytest.raises(SystemExit, match="qformer"):
+        wider.load_projector(tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match="No projector checkpoint"):
+        model.load_projector(tmp_path / "nowhere")
+
+
+def test_missing_model_says_what_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network in CI either way
+    with pytest.raises(SystemExit, match="(?s)Cannot load 'meta-llama/Llama-3.1-8B-Instruct'.*login.*offline CPU demo"):
+        SpeechLLM("llama", "hubert")
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="(?s)Could not load the LLM's tokenizer.*empty-folder"):
+        SpeechLLM(str(empty), "tiny")
