@@ -81,7 +81,9 @@ def _check_row(row, root):
         raise ValueError(f"not a readable audio file: {path} ({e})") from None
     if info.frames == 0:
         raise ValueError(f"audio file is empty (0 samples): {path}")
-    return {**row, "audio": str(path), "duration": info.frames / info.samplerate}
+    stat = path.stat()  # the key of the frozen-encoder feature cache: this file, as it is now
+    return {**row, "audio": str(path), "duration": info.frames / info.samplerate,
+            "key": f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"}
 
 
 def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
@@ -107,7 +109,7 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
             if max_seconds is not None and row["duration"] > max_seconds:
                 too_long += 1
                 continue
-            rows.append({**row, "key": f"{path.resolve()}:{line_no}"})
+            rows.append(row)
     if bad or too_long:
         log(f"{path}: kept {len(rows)} lines, skipped {bad} bad and {too_long} longer than {max_seconds} s")
     if not rows:

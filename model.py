@@ -379,6 +379,18 @@ class SpeechLLM(nn.Module):
         frames = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
         return frames, torch.arange(frames.shape[1], device=device)[None] < lengths[:, None]
 
+    def load_feature_cache(self, path):
+        """Keep frozen encoder outputs in memory (and, with a path, on disk across runs)."""
+        self.feature_cache = torch.load(path) if path and Path(path).exists() else {}
+        self._cached_on_disk = len(self.feature_cache)
+
+    def save_feature_cache(self, path):
+        if path and self.feature_cache is not None and len(self.feature_cache) > self._cached_on_disk:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.feature_cache, f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
+            self._cached_on_disk = len(self.feature_cache)
+
     def encode_speech(self, batch):
         """Collated batch -> (speech embeddings [B, S, D_llm], mask [B, S]). Gradients reach the projector."""
         frames, mask = self.speech_frames(batch)

@@ -56,6 +56,7 @@ def get_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
     p.add_argument("--max-audio-seconds", type=float, default=45.0, help="skip longer audio (counted); the paper keeps 1-45 s")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True, help="keep the frozen encoder's outputs in memory across epochs")
+    p.add_argument("--feature-cache-file", default=None, help="also keep them in this file across runs (default: inside the demo corpus for the demo)")
     # objective
     p.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
     p.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence")
@@ -112,7 +113,7 @@ def contrastive_step(model, batch, layers, args, text_cache):
     into the projector, contrastive loss summed over layers. Returns (loss, per-layer losses, R@1 in batch,
     speech embeddings and mask for a combined ASR loss)."""
     speech, speech_mask, speech_pool, text, text_mask, text_pool = model.contrastive_inputs(batch)
-    keys = [f"{k}:{layers}" for k in batch["keys"]]
+    keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]  # the text side depends on nothing else
     if text_cache is not None and all(k in text_cache for k in keys):
         text_states, text_pool = torch.stack([text_cache[k] for k in keys], 1), None  # pooled [L, B, D]
     else:
@@ -180,6 +181,7 @@ def load_data(args):
 
         corpus = prepare_demo.corpus_path()
         args.data, args.dev_data = str(corpus / "sentences_train.jsonl"), args.dev_data or str(corpus / "sentences_dev.jsonl")
+        args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")
     rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
     dev = read_manifest(args.dev_data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)[: args.dev_size] if args.dev_data else []
     return rows, dev
@@ -217,7 +219,7 @@ def main(argv=None):
     print0(f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
            f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters")
     if args.cache_features:
-        model.feature_cache = {}
+        model.load_feature_cache(args.feature_cache_file)
     text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
 
     order = common.BatchOrder(len(rows), args.batch_size, rank, world, seed=args.seed)
@@ -247,6 +249,7 @@ def main(argv=None):
             log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
             common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
+            model.save_feature_cache(args.feature_cache_file)
 
         t0 = time.time()
         for micro in range(args.grad_accum):
@@ -280,6 +283,7 @@ def main(argv=None):
     if master:
         common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
         model.save_projector(args.out, step=step, args=vars(args), layers=layers)  # the final projector
+        model.save_feature_cache(args.feature_cache_file)
         if dev:
             plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
             log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)

@@ -15,7 +15,7 @@ def test_good_manifest_resolves_relative_paths(tmp_path):
     rows = read_manifest(write_manifest(tmp_path, n=3))
     assert len(rows) == 3
     assert all(r["audio"].startswith(str(tmp_path)) and r["duration"] > 0 for r in rows)
-    assert len({r["key"] for r in rows}) == 3
+    assert len({r["key"] for r in rows}) == 3  # the feature-cache key: file, size, mtime
 
 
 @pytest.mark.parametrize("line, message", [
