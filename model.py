@@ -515,7 +515,7 @@ class SpeechLLM(nn.Module):
     # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
 
     def meta(self):
-        return {"llm": self.llm_name, "encoder": self.encoder_name, "qformer": asdict(self.projector.cfg),
+        return {"llm": self.llm_name, "encoder": self.encoder_name, "qformer": asdict(unwrap(self.projector).cfg),
                 "sink_token": self.sink_token, "llm_dim": self.llm.config.hidden_size, "encoder_dim": self.encoder.dim}
 
     def save_projector(self, out, **extra):

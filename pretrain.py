@@ -133,17 +133,23 @@ def contrastive_step(model, batch, layers, args, text_cache):
 
 
 def gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args):
-    """--gather-negatives: every rank's pooled vectors join the batch, with gradients flowing back to the
-    rank that made them (torch.distributed.nn.all_gather is differentiable). Every rank then computes the
-    same global loss; DDP's gradient average turns that into the gradient of the global loss."""
-    from torch.distributed.nn import all_gather
+    """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
+    loss but differentiates only through its own slice (the others arrive without gradients); DDP then
+    averages the world's partial gradients, so scaling the loss by the world size gives exactly the
+    gradient of the global loss."""
+    world, rank = dist.get_world_size(), dist.get_rank()
 
-    text = text_states if text_pool is None else masked_mean(text_states, text_pool)
-    speech = masked_mean(speech_states, speech_pool)
-    text, speech = torch.cat(all_gather(text.detach().contiguous()), 1), torch.cat(all_gather(speech.contiguous()), 1)
+    def gather(x):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[rank] = x  # our own slice keeps its graph
+        return torch.cat(parts, dim=1)
+
+    text = gather(text_states if text_pool is None else masked_mean(text_states, text_pool))
+    speech = gather(masked_mean(speech_states, speech_pool))
     logits = cos_logits(text, speech, args.temperature, args.center)
     per_layer = info_nce(logits, args.symmetric)
-    return per_layer.sum(), per_layer, retrieval_accuracy(logits)
+    return per_layer.sum() * world, per_layer, retrieval_accuracy(logits)
 
 
 def asr_step(model, batch, speech=None, speech_mask=None):
@@ -157,17 +163,16 @@ def asr_step(model, batch, speech=None, speech_mask=None):
 
 
 def train_step_loss(model, batch, layers, args, text_cache):
-    """Dispatch on --loss; returns (loss, dict of things to log)."""
-    logs = {}
-    loss = 0.0
+    """Dispatch on --loss; returns (loss to backpropagate, dict of things to log incl. the loss value)."""
+    loss, logs = 0.0, {"loss": 0.0}
     if args.loss in ("contrastive", "contrastive+asr"):
         contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
         loss = loss + contrastive
-        logs.update(per_layer=per_layer.detach(), acc=acc)
+        logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
     if args.loss in ("asr", "contrastive+asr"):
         asr = asr_step(model, batch)
         loss = loss + asr
-        logs["asr"] = asr.detach()
+        logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
     return loss, logs
 
 
@@ -267,17 +272,15 @@ def main(argv=None):
 
         if master:
             seconds = time.time() - t0
-            shown = {"loss": f"{loss.item():.3f}", "lr": f"{lr:.1e}"}
+            shown = {"loss": f"{logs['loss']:.3f}", "lr": f"{lr:.1e}"}
             if "acc" in logs:
                 shown["acc"] = fmt(logs["acc"])
             progress.set_postfix(shown)
-            log(step=step + 1, loss=loss.item(), lr=lr, seconds=round(seconds, 3), grad_norm=grad_norm.item(),
-                layers=step_layers, **{k: v for k, v in logs.items()})
+            log(step=step + 1, lr=lr, seconds=round(seconds, 3), grad_norm=grad_norm.item(), layers=step_layers, **logs)
+            line = f"step {step + 1} loss {logs['loss']:.3f}"
             if "per_layer" in logs:
-                progress.write(f"step {step + 1} loss {loss.item():.3f} per layer {step_layers}: {fmt(logs['per_layer'])} "
-                               f"in-batch R@1 {fmt(logs['acc'])} ({seconds:.2f}s)")
-            else:
-                progress.write(f"step {step + 1} loss {loss.item():.3f} ({seconds:.2f}s)")
+                line += f" per layer {step_layers}: {fmt(logs['per_layer'])} in-batch R@1 {fmt(logs['acc'])}"
+            progress.write(line + (f" asr {logs['asr']:.3f}" if "asr" in logs else "") + f" ({seconds:.2f}s)")
 
     step = total_steps
     if master:

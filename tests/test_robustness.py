@@ -32,7 +32,7 @@ def manifest(tmp_path_factory):
 def args_for(paths, manifest, out, *extra):
     return ["--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest), "--out", str(out),
             "--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2", "--layers", "0,5,10",
-            "--device", "cpu", "--lr", "1e-3", "--warmup-ratio", "0", *extra]
+            "--device", "cpu", "--lr", "1e-3", "--warmup-ratio", "0", "--grad-accum", "1", *extra]
 
 
 def run(cmd, env=None):
@@ -50,7 +50,14 @@ def assert_same_projector(a, b, tol=1e-5):
     pa, pb = projector(a), projector(b)
     assert pa.keys() == pb.keys()
     for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], atol=tol, rtol=tol, msg=k)
+        x, y = pa[k], pb[k]
+        if k.endswith("in_proj_bias"):
+            # The key bias's true gradient is 0 (softmax ignores a constant added to every score), so
+            # Adam turns its float round-off (which differs between all-reduce and accumulation) into
+            # +-lr steps. Compare the query and value biases only.
+            d = len(x) // 3
+            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=k)
 
 
 @pytest.mark.parametrize("gather", [False, True])
@@ -59,7 +66,7 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
     with 2 accumulation steps (two separate 2x2 losses, averaged); with gathered negatives, batch 4."""
     common = ["--max-steps", "3", "--dropout", "0", "--no-text-cache"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py"]
-    ddp_args = args_for(paths, manifest, tmp_path / "ddp", "--batch-size", "2", *common, *(["--gather-negatives"] if gather else []))
+    ddp_args = args_for(paths, manifest, tmp_path / "ddp", "--batch-size", "2", "--grad-accum", "1", *common, *(["--gather-negatives"] if gather else []))
     run(torchrun + ddp_args)
     single = ["--batch-size", "4", "--grad-accum", "1"] if gather else ["--batch-size", "2", "--grad-accum", "2"]
     run([sys.executable, "pretrain.py", *args_for(paths, manifest, tmp_path / "one", *single, *common)])
