@@ -1,0 +1,267 @@
+"""
+bench.py: speed and memory, measured side by side, printed as one markdown table.
+
+    python bench.py                   # everything
+    python bench.py --only loss       # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
+    python bench.py --only step       # section 3: one pretraining step, broken down
+    python bench.py --only loss --repeats 3 --threads 2
+
+Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7 layers,
+D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the authors' loop (per
+layer, unpad every example, mean, normalise, similarity, cross-entropy). On a GPU with Triton, also the
+Triton pooling kernel. Section 2: the Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn
+against a loop of the same Sinkhorn per (text, speech) pair, and against geomloss per pair (the authors'
+code) when it is installed. Times are medians over --repeats runs after one warm-up run.
+
+Memory ("peak extra"): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call.
+On the CPU there is no allocator statistic, so the torch profiler's allocation events are replayed in order
+and the largest sum of live bytes is reported: the peak of the tensors torch allocated during the call
+(outputs and input gradients included, inputs excluded), not the process's RSS.
+
+CPU timings: glibc is asked to keep freed memory (as PyTorch's caching allocator does on a GPU), so that
+page faults on fresh gradient buffers do not swamp the timings of both sides; --no-malloc-cache turns it off.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from contrastive import HAS_TRITON, contrastive_loss, sinkhorn_divergence, wasserstein_logits
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def keep_freed_cpu_memory():
+    """Ask glibc to keep freed memory instead of returning it to the OS (what PyTorch's CUDA caching
+    allocator does on a GPU). Otherwise every fresh 40 MB gradient buffer is paid for in page faults, which
+    on this kind of machine costs more than computing it, and the CPU timings measure the kernel, not the
+    loss. Returns whether it worked (glibc only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except OSError:
+        return False
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, repeats):
+    """Median wall time of fn() in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn, device):
+    """Peak bytes of tensors allocated by torch while fn() runs, above what was live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:  # nbytes > 0: an allocation, < 0: a free
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def fmt_mb(nbytes):
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
+def rel_diff(a, b):
+    return ((a - b).abs() / b.abs().clamp(min=1e-12)).max().item()
+
+
+# -----------------------------------------------------------------------------
+# Inputs at the paper's shapes, and the references written like the authors' code
+
+
+def ragged_batch(L, B, lo, hi, D, device, seed, grad=False):
+    """L separate [B, T, D] hidden states (a tuple, as transformers returns them) and a right-padded
+    mask with lengths uniform in [lo, hi]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (B,), generator=g)
+    T = int(lengths.max())
+    mask = (torch.arange(T)[None] < lengths[:, None]).to(device)
+    base = torch.randn(B, 1, D, generator=g)  # a shared direction per utterance: the loss is not trivial
+    layers = [(base + torch.randn(B, T, D, generator=g)).to(device).requires_grad_(grad) for _ in range(L)]
+    return layers, mask
+
+
+def authors_cos_loss(text_layers, text_mask, speech_layers, speech_mask, temperature=0.1):
+    """The authors' `contrastive_avg`, called once per layer and summed: unpad every example with its mask,
+    mean over its tokens, L2-normalise, similarity / temperature, cross-entropy with diagonal targets."""
+    total = 0
+    for text, speech in zip(text_layers, speech_layers):
+        unpad_text = [t[m] for t, m in zip(text, text_mask)]
+        unpad_speech = [s[m] for s, m in zip(speech, speech_mask)]
+        avg_text = F.normalize(torch.stack([t.mean(0) for t in unpad_text]), p=2, dim=1)
+        avg_speech = F.normalize(torch.stack([s.mean(0) for s in unpad_speech]), p=2, dim=1)
+        similarity = avg_text @ avg_speech.T / temperature
+        total = total + F.cross_entropy(similarity, torch.arange(len(similarity), device=similarity.device))
+    return total
+
+
+def per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, divergence):
+    """The authors' `contrastive_wasserstein` distances, per layer: unpad, L2-normalise every token
+    (float32), one divergence(text_i, speech_j) call per pair (B^2 per layer). Returns [L, B, B]."""
+    layers = []
+    for text, speech in zip(text_layers, speech_layers):
+        unpad_text = [F.normalize(t[m].float(), p=2, dim=-1) for t, m in zip(text, text_mask)]
+        unpad_speech = [F.normalize(s[m].float(), p=2, dim=-1) for s, m in zip(speech, speech_mask)]
+        B = len(unpad_text)
+        layers.append(torch.stack([torch.stack([divergence(unpad_text[i], unpad_speech[j]) for j in range(B)]) for i in range(B)]))
+    return torch.stack(layers)
+
+
+def per_pair_wasserstein_loss(text_layers, text_mask, speech_layers, speech_mask, divergence, temperature=0.1):
+    """... and their loss: cross-entropy of -distance / temperature with diagonal targets, summed over layers."""
+    distances = per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, divergence)
+    L, B, _ = distances.shape
+    target = torch.arange(B, device=distances.device).repeat(L)
+    return F.cross_entropy((-distances / temperature).reshape(L * B, B), target, reduction="none").view(L, B).mean(1).sum()
+
+
+def our_sinkhorn_one_pair(x, y):
+    """Our batched sinkhorn_divergence called on a single pair (its own diameter, as geomloss per pair)."""
+    ones = lambda z: torch.ones(1, len(z), dtype=torch.bool, device=z.device)  # noqa: E731
+    return sinkhorn_divergence(x[None], ones(x), y[None], ones(y))[0, 0]
+
+
+def measure(section, shape, runs, device, repeats, reference):
+    """Time and measure every run: name -> (loss closure, the speech states it differentiates into).
+    Speed-ups are against the section's first run, loss differences against the run named `reference`."""
+    rows, values = [], {}
+    for name, (loss_fn, speech) in runs.items():
+        def run():
+            loss = loss_fn()
+            torch.autograd.grad(loss, speech)  # forward + backward into the speech states
+            return loss.detach()
+
+        values[name] = run()
+        rows.append(dict(section=section, shape=shape, what=name, ms=median_ms(run, device, repeats),
+                         mem=peak_extra_bytes(run, device)))
+    for r in rows:
+        r["speedup"] = rows[0]["ms"] / r["ms"]
+        r["diff"] = rel_diff(values[r["what"]], values[reference])
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Sections 1 and 2: the contrastive loss
+
+
+def bench_loss(args, device):
+    L, B = 7, 10
+
+    # --- 1. cosine, D = 4096 ---------------------------------------------------------------------
+    D = 4096
+    text, text_mask = ragged_batch(L, B, 5, 40, D, device, seed=0)
+    speech, speech_mask = ragged_batch(L, B, 30, 250, D, device, seed=1, grad=True)
+    shape = f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    authors = "authors' loop (per layer, per example)"
+    runs = {
+        authors: (lambda: authors_cos_loss(text, text_mask, speech, speech_mask), speech),
+        "ours, kernel=torch": (lambda: contrastive_loss(text, text_mask, speech, speech_mask)[0], speech),
+    }
+    # the model hands over one stacked [L, B, T, D] tensor rather than a tuple of layers
+    st, ss = torch.stack(text).detach(), torch.stack(speech).detach().requires_grad_()
+    runs["ours, kernel=torch, stacked input"] = (lambda: contrastive_loss(st, text_mask, ss, speech_mask)[0], ss)
+    if device.type == "cuda" and HAS_TRITON:
+        runs["ours, kernel=triton, stacked input"] = (lambda: contrastive_loss(st, text_mask, ss, speech_mask, kernel="triton")[0], ss)
+    rows = measure("1. cos loss, fwd+bwd", shape, runs, device, args.repeats, reference=authors)
+    grad_bytes = sum(s.numel() * s.element_size() for s in speech)
+    args.notes.append(f"section 1: the gradient of the speech states alone takes {fmt_mb(grad_bytes)}; the rest of "
+                      "the peak is what each implementation allocates on top")
+    del text, speech, st, ss, runs
+
+    # --- 2. Wasserstein, D = 256 -------------------------------------------------------------------
+    D = 256
+    text, text_mask = ragged_batch(L, B, 5, 40, D, device, seed=2)
+    speech, speech_mask = ragged_batch(L, B, 30, 250, D, device, seed=3, grad=True)
+    shape = f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    per_pair = {}  # name -> divergence of one (text, speech) pair
+    try:
+        from geomloss import SamplesLoss
+
+        per_pair["geomloss, one call per pair (the authors' code)"] = SamplesLoss("sinkhorn", p=2, blur=0.05)
+    except ImportError:
+        print("geomloss is not installed (pip install -r requirements-dev.txt): skipping its row")
+    per_pair["our Sinkhorn, one call per pair"] = our_sinkhorn_one_pair
+    runs = {name: (lambda fn=fn: per_pair_wasserstein_loss(text, text_mask, speech, speech_mask, fn), speech)
+            for name, fn in per_pair.items()}
+    runs["ours: all pairs batched"] = (lambda: contrastive_loss(text, text_mask, speech, speech_mask, sim="wasserstein")[0], speech)
+    reference = next(iter(per_pair))  # geomloss when installed
+    rows += measure("2. wasserstein loss, fwd+bwd", shape, runs, device, max(1, args.repeats // 2), reference)
+    with torch.no_grad():  # the divergences themselves, not just the loss
+        ours = -wasserstein_logits(text, text_mask, speech, speech_mask, temperature=1.0)
+        theirs = per_pair_divergences(text, text_mask, speech, speech_mask, per_pair[reference])
+    args.notes.append(f"section 2: the {ours.numel()} divergences (L x B x B), ours batched vs {reference}: "
+                      f"max relative difference {rel_diff(ours, theirs):.1e}")
+    return rows
+
+
+def print_table(rows, device, args):
+    """One markdown table. A row is a dict: section, shape, what, ms, and optionally speedup, mem (bytes),
+    diff; bench_step (section 3) returns rows of the same form, and notes go to args.notes."""
+    cache = ", freed CPU memory kept by malloc (--no-malloc-cache to turn off)" if args.malloc_cache else ""
+    print(f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}{cache}\n")
+    print("| section | shapes | implementation | time (ms, median) | speed-up | peak extra memory | loss rel. diff |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = f"{r['speedup']:.1f}x" if r.get("speedup") is not None else ""
+        diff = f"{r['diff']:.1e}" if r.get("diff") is not None else ""
+        print(f"| {r['section']} | {r['shape']} | {r['what']} | {r['ms']:.1f} | {speedup} | {fmt_mb(r.get('mem'))} | {diff} |")
+    for note in args.notes:
+        print(f"\n{note}")
+    print("\nspeed-up: against the first row of its section. loss rel. diff: section 1 against the authors' loop, "
+          "section 2 against geomloss per pair (our per-pair loop when geomloss is absent).")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["loss", "step", "all"], default="all", help="which sections to run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: quiet, reproducible)")
+    p.add_argument("--no-malloc-cache", action="store_true", help="CPU: let glibc return freed memory to the OS (page faults included in the timings)")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.set_num_threads(args.threads)
+    args.malloc_cache = device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()
+    rows, args.notes = [], []
+    if args.only in ("loss", "all"):
+        rows += bench_loss(args, device)
+    if args.only in ("step", "all") and "bench_step" in globals():
+        rows += bench_step(args, device)  # noqa: F821  (section 3, added with the pretraining step)
+    print_table(rows, device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""
+contrastive.py: the paper's all-layer contrastive loss, written out by hand.
+
+The speech side (projector outputs) and the text side (the transcript's token embeddings) both go through
+the frozen LLM. At a few of its hidden states ("layers") every speech utterance in the batch is compared
+with every transcript, and an InfoNCE loss asks each transcript to pick out its own utterance:
+
+    layers   "emb" = [0] (the input embeddings only, no LLM pass needed), or "all" = 0, every 5th layer,
+             and the output after the final norm: [0, 5, 10, 15, 20, 25, 32] for Llama-3.1-8B (32 layers).
+             Index 0 = input embeddings, index k = output of decoder layer k, index num_layers = after the
+             final norm (transformers' `hidden_states` convention).
+    score    "cos":         S[i, j] = < normalize(mean_t text_i), normalize(mean_t speech_j) > / tau
+             "wasserstein": S[i, j] = -SinkhornDivergence({normalized text_i tokens}, {normalized speech_j tokens}) / tau
+             (means and token sets over valid positions only; padding never counts). The Sinkhorn
+             divergence follows geomloss's SamplesLoss("sinkhorn", p=2, blur=0.05), which the authors call
+             once per pair; here all B x B pairs are solved in one batched computation.
+    loss     per layer: cross-entropy of each text ROW against the speech COLUMNS, the diagonal being the
+             positive pair (text -> speech only, as the authors; symmetric=True adds speech -> text).
+             total = plain sum over the layers (not the mean). tau = 0.1, fixed.
+
+Only the speech side learns: the text side has no trainable parameter, so it is detached (and may even be
+pooled once and cached). All the loss math runs in float32 whatever the model's dtype.
+
+    import torch
+    from contrastive import contrastive_loss, select_layers
+    layers = select_layers("all", num_layers=32)                    # [0, 5, 10, 15, 20, 25, 32]
+    text, text_mask = torch.randn(7, 4, 12, 64), torch.ones(4, 12, dtype=torch.bool)       # [L, B, T, D]
+    speech, speech_mask = torch.randn(7, 4, 50, 64, requires_grad=True), torch.ones(4, 50, dtype=torch.bool)
+    total, per_layer = contrastive_loss(text, text_mask, speech, speech_mask)              # scalar, [L]
+    total.backward()                                                 # gradients reach the speech side only
+
+Sections: which layers | masked mean pooling | cosine logits | batched Sinkhorn divergence | InfoNCE and the
+full loss | an optional Triton kernel for the pooling (forward + backward), used with kernel="triton".
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: the pure PyTorch path below is the default and the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# -----------------------------------------------------------------------------
+# Which layers
+
+
+def select_layers(spec, num_layers):
+    """Hidden-state indices for a layer spec: "emb" -> [0]; "all" -> 0, every 5th index up to
+    num_layers - 5, then num_layers (32 -> [0, 5, 10, 15, 20, 25, 32], the authors' hard-coded list;
+    30 -> [0, 5, ..., 25, 30]; 4 -> [0, 4]); or an explicit increasing comma list such as "0,3,7"."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    spec = spec.strip()
+    if spec == "emb":
+        return [0]
+    if spec == "all":
+        # the authors' list skips 30 for a 32-layer model: the last "every 5th" stays >= 5 below the top
+        return [0] + list(range(5, num_layers - 4, 5)) + [num_layers]
+    try:
+        layers = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"layer spec {spec!r}: expected 'emb', 'all' or a comma list of integers like '0,3,7'") from None
+    if any(not 0 <= i <= num_layers for i in layers):
+        raise ValueError(f"layer spec {spec!r}: indices must lie in 0..{num_layers} (0 = embeddings, {num_layers} = after the final norm)")
+    if any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"layer spec {spec!r}: indices must be increasing and unique")
+    return layers
+
+
+# -----------------------------------------------------------------------------
+# Masked mean pooling: the mean over the valid time steps of every selected layer
+
+
+def _as_layers(states):
+    """A python list/tuple of L tensors [B, T, D], or one stacked tensor [L, B, T, D] -> list of [B, T, D]."""
+    layers = list(states.unbind(0)) if torch.is_tensor(states) else list(states)
+    if not layers or any(h.dim() != 3 for h in layers):
+        raise ValueError("states must be a list of [B, T, D] tensors or one [L, B, T, D] tensor")
+    return layers
+
+
+def _mean_weights(mask):
+    """[B, T] float32: 1/count at the valid positions, 0 at padding, so mean = sum_t weight[t] * h[t].
+    A row with no valid position pools to 0 instead of NaN."""
+    m = mask.float()
+    return m / m.sum(1, keepdim=True).clamp(min=1)
+
+
+def masked_mean(states, mask):
+    """Mean over the valid time steps, for every layer at once. states: list of L [B, T, D] or [L, B, T, D];
+    mask: bool [B, T]. Returns float32 [L, B, D]. The reference implementation (pure PyTorch)."""
+    layers = _as_layers(states)  # (views: checks the shapes of either form)
+    if mask.shape != layers[0].shape[:2]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}")
+    w = _mean_weights(mask).to(layers[0].device)[:, None, :]  # [B, 1, T]
+    # A batched matrix-vector product reads every hidden state exactly once and never builds a masked copy;
+    # padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
+    if torch.is_tensor(states):  # [L, B, T, D] as ONE product, so the backward writes one [L, B, T, D] gradient
+        L, B, T, D = states.shape  # (unbinding into layers would cost an extra copy to stack their gradients)
+        return torch.bmm(w.repeat(L, 1, 1), states.float().reshape(L * B, T, D)).view(L, B, D)
+    return torch.stack([torch.bmm(w, h.float()).squeeze(1) for h in layers])
+
+
+def _resolve_kernel(kernel, states):
+    """'torch' | 'triton' | 'auto' (Triton when it is installed and the states live on a GPU)."""
+    device = states.device if torch.is_tensor(states) else states[0].device
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel == "auto":
+        return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+    if kernel == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("kernel='triton' needs `pip install -r requirements-triton.txt`")
+        if device.type != "cuda" and not interpreted:
+            raise RuntimeError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+        return "triton"
+    if kernel != "torch":
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
+    return "torch"
+
+
+def pool(states, mask, normalize=True, kernel="torch"):
+    """Masked mean over time of every layer, then (if normalize) L2-normalised. float32 [L, B, D].
+    kernel="triton" runs the mean as one Triton launch over all layers (the normalisation of the small
+    [L, B, D] result stays in PyTorch)."""
+    if _resolve_kernel(kernel, states) == "triton":
+        pooled = triton_masked_mean(states, mask)
+    else:
+        pooled = masked_mean(states, mask)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+# -----------------------------------------------------------------------------
+# Cosine logits ("cos" in the authors' run names, "average" in their code)
+
+
+def cos_logits(text_pooled, speech_pooled, temperature=0.1, center=False):
+    """[L, B, B] cosine similarities / temperature between UNnormalised pooled states [L, B, D]:
+    rows = text, columns = speech. center=True subtracts each side's batch mean per layer first (the pooled
+    states of an LLM share a large common direction that makes every cosine close to 1); off = the paper."""
+    t, s = text_pooled.float(), speech_pooled.float()
+    if center:
+        t, s = t - t.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
+    t, s = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
+    return t @ s.transpose(1, 2) / temperature
+
+
+# -----------------------------------------------------------------------------
+# Batched Sinkhorn divergence ("wasserstein" / "wasser" in the authors' code, which calls geomloss's
+# SamplesLoss("sinkhorn", p=2, blur=0.05) once per (text, speech) pair: B^2 solves per layer).
+#
+# Here all B^2 pairs are solved together. Each set is a uniform measure over its valid tokens. The cost is
+# C(x, y) = |x - y|^2 / 2 and the entropic temperature eps = blur^2, as geomloss. The solver is geomloss's
+# symmetric log-domain Sinkhorn loop with epsilon-scaling: eps starts at diameter^2 and shrinks by scaling^2
+# per iteration down to blur^2; each iteration averages the old and the new dual potentials. The divergence
+# is debiased:  S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2,  and OT(a, a), OT(b, b) depend on one set
+# only, so they are solved once per set (B + B problems), not once per pair.
+# Gradients: the loop runs without autograd, then one last full Sinkhorn step with the potentials frozen is
+# differentiated (the envelope theorem: at the optimum the potentials' own variation does not change the
+# value), exactly geomloss's "last extrapolation". Cheap in memory, and the gradient geomloss gives.
+
+
+def _half_sq_dist(x, y):
+    """C[i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [I, N, D] and y [J, M, D]: every token of every x
+    set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
+    (I, N, D), (J, M, _) = x.shape, y.shape
+    xy = (x.reshape(I * N, D) @ y.reshape(J * M, D).T).view(I, N, J, M).permute(0, 2, 1, 3)
+    return (x.pow(2).sum(-1)[:, None, :, None] + y.pow(2).sum(-1)[None, :, None, :]) / 2 - xy
+
+
+def _half_sq_dist_within(x, x2):
+    """C[i, n, m] = |x[i, n] - x2[i, m]|^2 / 2, set by set: [I, N, N] (x2 is x, detached or not)."""
+    return (x.pow(2).sum(-1)[:, :, None] + x2.pow(2).sum(-1)[:, None, :]) / 2 - x @ x2.transpose(1, 2)
+
+
+def _logsumexp(z):
+    """log sum exp over the last axis, shifted by the max for stability. Terms more than 80 below the max
+    are clamped there: they cannot change a float32 (or float64) sum, and at eps = blur^2 most terms are
+    hundreds below it, where CPUs compute exp 10-30x slower (the result underflows). Same value as
+    torch.logsumexp, at a fraction of the time on a CPU. The one differentiated step uses torch's own op,
+    whose backward keeps fewer tensors alive."""
+    if z.requires_grad:
+        return torch.logsumexp(z, -1)
+    m = z.amax(-1, keepdim=True)
+    return m.squeeze(-1) + (z - m).clamp(min=-80).exp().sum(-1).log()
+
+
+def _softmin(eps, C, h):
+    """The soft c-transform f_n = -eps * log sum_m exp(h_m - C[n, m] / eps), over the last axis of C [..., N, M]
+    with h [..., M] = log-weights + potential / eps of the other side."""
+    return -eps * _logsumexp(torch.add(h.unsqueeze(-2), C, alpha=-1 / eps))  # one fused pass for h - C/eps
+
+
+def _epsilon_schedule(diameter, blur, scaling):
+    """eps for each iteration (p = 2): diameter^2, then diameter^2 * scaling^(2k) while above blur^2, then
+    blur^2. Few iterations (8-12 for unit vectors): the annealing is what makes them enough."""
+    start, stop, step = 2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling)
+    n = max(0, math.ceil((stop - start) / step))
+    return [diameter**2] + [math.exp(start + k * step) for k in range(n)] + [blur**2]
+
+
+def _diameter(x, x_mask, y, y_mask):
+    """Diagonal of the bounding box of all valid points, x and y together (geomloss' starting scale)."""
+    points = torch.cat([x[x_mask], y[y_mask]])
+    return (points.max(0).values - points.min(0).values).norm().item()
+
+
+def _log_weights(mask):
+    """Uniform weights over the valid tokens, as logs: log(1/n) there, -inf at padding (weight 0)."""
+    n = mask.sum(1, keepdim=True).float()
+    return torch.where(mask, -n.log(), float("-inf"))
+
+
+def _trim(x, mask):
+    """Drop the time steps that are padding in every set of the batch (they would only cost time)."""
+    keep = int(mask.any(0).nonzero().max()) + 1
+    return torch.where(mask[:, :keep, None], x[:, :keep], 0), mask[:, :keep]  # padding: harmless zeros
+
+
+def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None):
+    """Debiased Sinkhorn divergence between every pair of token sets: x [Bx, N, D] with bool x_mask [Bx, N]
+    against y [By, M, D] with y_mask [By, M]. Returns [Bx, By] (float32 if the inputs are). Follows geomloss's
+    SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling); one epsilon schedule serves the whole batch,
+    its diameter taken over all valid points (as geomloss does for a batch), unless `diameter` is given."""
+    if not (x_mask.any(1).all() and y_mask.any(1).all()):
+        raise ValueError("every token set needs at least one valid token")
+    (x, x_mask), (y, y_mask) = _trim(x, x_mask), _trim(y, y_mask)
+    a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)  # [Bx, N], [By, M]
+    if diameter is None:
+        diameter = _diameter(x.detach(), x_mask, y.detach(), y_mask)
+    eps_list = _epsilon_schedule(diameter, blur, scaling)
+
+    # Cost matrices, each built once. For the gradient (see the last step), x may only be seen through f and
+    # y only through g, and in OT(a, a) only through the first argument of the cost (that is where the 1/2
+    # of -OT(a, a)/2 goes): hence the detach()es. Only the speech side y needs gradients in the loss.
+    xd, yd = x.detach(), y.detach()
+    C_g = _half_sq_dist(xd, y).transpose(2, 3)  # [Bx, By, M, N], every pair at once; y's gradient path
+    C_f = _half_sq_dist(x, yd) if x.requires_grad else C_g.detach().transpose(2, 3)  # [Bx, By, N, M]
+    C_aa, C_bb = _half_sq_dist_within(x, xd), _half_sq_dist_within(y, yd)  # [Bx, N, N], [By, M, M]
+
+    with torch.no_grad():
+        C_xy, C_yx = C_f.detach().contiguous(), C_g.detach().contiguous()
+        C_xx, C_yy = C_aa.detach(), C_bb.detach()
+        h_a, h_b = a_log[:, None, :], b_log[None, :, :]  # broadcast over the pairs [Bx, By, .]
+        # f: potential on x's tokens, g: on y's, for OT(x_i, y_j); f_aa, g_bb: for OT(x_i, x_i), OT(y_j, y_j)
+        eps = eps_list[0]
+        f, g = _softmin(eps, C_xy, h_b), _softmin(eps, C_yx, h_a)
+        f_aa, g_bb = _softmin(eps, C_xx, a_log), _softmin(eps, C_yy, b_log)
+        for eps in eps_list:
+            # symmetric updates: both new potentials come from the old ones, then old and new are averaged
+            f_new, g_new = _softmin(eps, C_xy, h_b + g / eps), _softmin(eps, C_yx, h_a + f / eps)
+            f_aa_new, g_bb_new = _softmin(eps, C_xx, a_log + f_aa / eps), _softmin(eps, C_yy, b_log + g_bb / eps)
+            f, g = (f + f_new) / 2, (g + g_new) / 2
+            f_aa, g_bb = (f_aa + f_aa_new) / 2, (g_bb + g_bb_new) / 2
+
+    # The last, full step at eps = blur^2 with the potentials frozen, differentiated through the costs only
+    # (geomloss's "last extrapolation"; by the envelope theorem this is the gradient of the divergence).
+    eps = eps_list[-1]
+    f, g = _softmin(eps, C_f, h_b + g / eps), _softmin(eps, C_g, h_a + f / eps)
+    f_aa, g_bb = _softmin(eps, C_aa, a_log + f_aa / eps), _softmin(eps, C_bb, b_log + g_bb / eps)
+
+    a, b = a_log.exp(), b_log.exp()  # the weights themselves: 1/n, or 0 at padding
+    return (a[:, None, :] * (f - f_aa[:, None, :])).sum(-1) + (b[None, :, :] * (g - g_bb[None, :, :])).sum(-1)
+
+
+def wasserstein_logits(text_states, text_mask, speech_states, speech_mask, temperature=0.1):
+    """[L, B, B] logits -SinkhornDivergence(text_i, speech_j) / temperature per layer, every token vector
+    L2-normalised first (float32), as the authors. Rows = text, columns = speech."""
+    logits = []
+    for t, s in zip(_as_layers(text_states), _as_layers(speech_states), strict=True):
+        t, s = F.normalize(t.float(), dim=-1), F.normalize(s.float(), dim=-1)
+        logits.append(-sinkhorn_divergence(t, text_mask, s, speech_mask) / temperature)
+    return torch.stack(logits)
+
+
+# -----------------------------------------------------------------------------
+# InfoNCE and the full loss
+
+
+def info_nce(logits, symmetric=False):
+    """Per-layer InfoNCE, Tensor[L]: cross-entropy of every text row against the speech columns with its own
+    speech (the diagonal) as the target. symmetric=True averages it with the speech -> text direction."""
+    text_to_speech = -logits.log_softmax(-1).diagonal(dim1=1, dim2=2).mean(-1)
+    if not symmetric:
+        return text_to_speech
+    speech_to_text = -logits.log_softmax(-2).diagonal(dim1=1, dim2=2).mean(-1)
+    return (text_to_speech + speech_to_text) / 2
+
+
+def retrieval_accuracy(logits):
+    """Speech -> text R@1 within the batch, per layer: the fraction of speech columns whose best-scoring
+    text row is their own transcript. Tensor[L]."""
+    target = torch.arange(logits.shape[-1], device=logits.device)
+    return (logits.argmax(1) == target).float().mean(-1)
+
+
+def contrastive_loss(text_states, text_mask, speech_states, speech_mask, sim="cos", temperature=0.1,
+                     symmetric=False, center=False, kernel="torch", return_logits=False):
+    """The paper's loss summed over layers. text/speech_states: list of L [B, T, D] or [L, B, T, D] (any
+    dtype), masks: bool [B, T]. sim: "cos" | "wasserstein". Returns (total, per_layer[L]) and the logits
+    [L, B, B] too when return_logits. The text side never gets a gradient.
+    Text cache: with text_mask=None, text_states is the already pooled, unnormalised float32 [L, B, D]
+    (what masked_mean returns), for sim="cos" only.
+    center (see cos_logits) and kernel (the pooling: "torch" | "triton" | "auto") apply to sim="cos" only;
+    the Wasserstein score compares the token sets themselves and ignores them."""
+    if sim == "cos":
+        if text_mask is None:
+            text = text_states.detach().float()
+        else:
+            with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
+                text = pool(text_states, text_mask, normalize=False, kernel=kernel)
+        speech = pool(speech_states, speech_mask, normalize=False, kernel=kernel)
+        if text.shape[0] != speech.shape[0]:
+            raise ValueError(f"{text.shape[0]} text layers vs {speech.shape[0]} speech layers")
+        logits = cos_logits(text, speech, temperature, center)
+    elif sim == "wasserstein":
+        if text_mask is None:
+            raise ValueError("sim='wasserstein' compares token sets: it needs the text hidden states and their mask, not pooled text")
+        text = [h.detach() for h in _as_layers(text_states)]
+        logits = wasserstein_logits(text, text_mask, speech_states, speech_mask, temperature)
+    else:
+        raise ValueError(f"sim must be 'cos' or 'wasserstein', got {sim!r}")
+    per_layer = info_nce(logits, symmetric)
+    total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
+    return (total, per_layer, logits) if return_logits else (total, per_layer)
+
+
+# -----------------------------------------------------------------------------
+# Optional Triton kernel: masked mean pooling of every layer in one launch, forward and backward.
+#
+# Why a kernel: pooling is pure memory traffic. For the paper's shapes the speech side alone is
+# 7 layers x 10 utterances x ~250 steps x 4096 features; the kernel reads each hidden state once (and skips
+# padding entirely), and its backward writes each gradient element once, with no temporary copies.
+#
+# Layout: the stacked states [L, B, T, D] (any strides), the pooling weights w [B, T] (float32, 1/count at
+# valid steps, 0 at padding: the same weights as masked_mean), the output [L, B, D] float32.
+# The L2 normalisation of the small [L, B, D] result is left to PyTorch (F.normalize in `pool`): fusing it
+# would need a whole D-row per program instance, giving up the parallelism over D-blocks for a tiny op.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _pool_fwd_kernel(x_ptr, w_ptr, out_ptr, B, T, D, stride_l, stride_b, stride_t, stride_d,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program instance = one (layer, utterance) row and one block of BLOCK_D features; it walks
+        # down the time axis BLOCK_T steps at a time, accumulating sum_t w[b, t] * x[l, b, t, d] in fp32.
+        row = tl.program_id(0).to(tl.int64)  # row = l * B + b; int64 so offsets cannot overflow
+        layer, b = row // B, row % B
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            w = tl.load(w_ptr + b * T + t, mask=t < T, other=0.0)  # [BLOCK_T]
+            # Masking: a padded step (w == 0) is never even loaded, so padding costs no bandwidth and its
+            # contents (even NaN) cannot leak in; out-of-range t and d are masked the same way.
+            keep = (w != 0)[:, None] & d_ok[None, :]
+            ptrs = x_ptr + layer * stride_l + b * stride_b + t[:, None] * stride_t + d[None, :] * stride_d
+            x = tl.load(ptrs, mask=keep, other=0.0).to(tl.float32)  # any input dtype -> fp32 (bf16 too)
+            acc += tl.sum(x * w[:, None], axis=0)
+        tl.store(out_ptr + row * D + d, acc, mask=d_ok)
+
+    @triton.jit
+    def _pool_bwd_kernel(g_ptr, w_ptr, gx_ptr, B, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # d mean / d x[l, b, t, :] = w[b, t], so grad_x[l, b, t, d] = w[b, t] * grad_out[l, b, d]: the pooled
+        # gradient broadcast over the valid steps (divided by their count), exactly 0 at padding. One program
+        # instance writes one [BLOCK_T, BLOCK_D] tile of the contiguous gradient [L, B, T, D].
+        row = tl.program_id(0).to(tl.int64)
+        b = row % B
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        t_ok, d_ok = t < T, d < D
+        g = tl.load(g_ptr + row * D + d, mask=d_ok, other=0.0)  # [BLOCK_D] fp32
+        w = tl.load(w_ptr + b * T + t, mask=t_ok, other=0.0)  # [BLOCK_T]
+        gx = w[:, None] * g[None, :]
+        ptrs = gx_ptr + row * T * D + t[:, None] * D + d[None, :]
+        tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+    # Tile sizes. 128 contiguous features per tile: 256-512 bytes per time step, full coalesced memory
+    # transactions. 32 time steps per tile: a [32, 128] fp32 tile is 32 registers per thread with 4 warps,
+    # enough work per loop iteration to hide the loads' latency without spilling. (Module constants so the
+    # tests can shrink them and cover several tiles per row with tiny tensors.)
+    BLOCK_T, BLOCK_D = 32, 128
+
+    def _blocks(T, D):
+        # capped at the tensor's size (powers of two, as tl.arange requires): tiny shapes stay cheap
+        return min(BLOCK_T, triton.next_power_of_2(T)), min(BLOCK_D, triton.next_power_of_2(D))
+
+    class _TritonMaskedMean(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, states, weights):  # states [L, B, T, D], weights [B, T] float32
+            L, B, T, D = states.shape
+            out = torch.empty(L, B, D, device=states.device, dtype=torch.float32)
+            BLOCK_T, BLOCK_D = _blocks(T, D)
+            grid = (L * B, triton.cdiv(D, BLOCK_D))
+            _pool_fwd_kernel[grid](states, weights, out, B, T, D, *states.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            ctx.save_for_backward(weights)
+            ctx.shape, ctx.dtype = states.shape, states.dtype
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (weights,) = ctx.saved_tensors
+            L, B, T, D = ctx.shape
+            grad = torch.empty(ctx.shape, device=grad_out.device, dtype=ctx.dtype)
+            BLOCK_T, BLOCK_D = _blocks(T, D)
+            grid = (L * B, triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
+            _pool_bwd_kernel[grid](grad_out.float().contiguous(), weights, grad, B, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            return grad, None
+
+
+def triton_masked_mean(states, mask):
+    """masked_mean as one Triton launch over all layers (with a Triton backward). A list of layers is
+    stacked first (one copy); the model's hidden_states already returns the stacked [L, B, T, D] tensor."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    states = torch.stack(_as_layers(states)) if not torch.is_tensor(states) else states
+    if states.dim() != 4 or mask.shape != states.shape[1:3]:
+        raise ValueError(f"states must be [L, B, T, D] with mask [B, T]; got {tuple(states.shape)} and {tuple(mask.shape)}")
+    weights = _mean_weights(mask).to(states.device).contiguous()
+    return _TritonMaskedMean.apply(states, weights)
