@@ -169,7 +169,7 @@ class Collator:
     log-mel for Whisper) with a mask, and the transcript tokens as the paper's text side of the
     contrastive pair: transcript tokens only, no BOS, no chat template, no EOS."""
 
-    def __init__(self, feature_extractor, tokenizer):
+    def __init__(self, feature_extractor, tokenizer=None):
         self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
         self.is_whisper = type(feature_extractor).__name__ == "WhisperFeatureExtractor"
 
@@ -185,17 +185,13 @@ class Collator:
             feats = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
                                            return_attention_mask=True)
             inputs, input_mask = feats.input_values, feats.attention_mask.bool()
-        texts = [ex["text"] for ex in examples]
-        ids = [torch.tensor(self.tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.long) for t in texts]
-        lengths = torch.tensor([len(i) for i in ids])
-        return {
-            "speech_inputs": inputs,
-            "speech_input_mask": input_mask,
-            "text_ids": torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0),
-            "text_mask": torch.arange(int(lengths.max()))[None] < lengths[:, None],
-            "keys": [ex["key"] for ex in examples],
-            "examples": examples,
-        }
+        batch = {"speech_inputs": inputs, "speech_input_mask": input_mask, "keys": [ex["key"] for ex in examples], "examples": examples}
+        if self.tokenizer is not None:
+            ids = [torch.tensor(self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long) for ex in examples]
+            lengths = torch.tensor([len(i) for i in ids])
+            batch["text_ids"] = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)
+            batch["text_mask"] = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+        return batch
 
 
 def to_device(batch, device):
