@@ -4,6 +4,8 @@ common.py: the training machinery pretrain.py and finetune.py share, so each of 
 - distributed setup for torchrun (nanoGPT style, inline, no framework) and print0
 - the data order: a seeded permutation per epoch, cut into global batches, sharded over ranks, resumable
 - the optimiser and the paper's schedule (AdamW, cosine with linear warmup)
+- the pieces of one optimiser step: DDP around the projector, gradient sync on the last micro-step only,
+  clip + non-finite guard + step
 - checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
   written atomically (temporary folder, then rename), the last few kept
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import unwrap
 
@@ -141,6 +144,45 @@ class NonFiniteGuard:
             raise SystemExit(f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
                              "intact; try a lower --lr, --dtype float32, or check the data.")
         return False
+
+
+# -----------------------------------------------------------------------------
+# One optimiser step, as both loops take it:
+#
+#     for micro in range(grad_accum):
+#         with common.grad_sync(model, micro, grad_accum), common.autocast(device, dtype):
+#             (loss / grad_accum).backward()
+#     grad_norm = common.clip_and_step(optimizer, params, grad_clip, guard, step, out)
+
+
+def wrap_ddp(model, device, world):
+    """Under torchrun, DDP around the projector only: the frozen encoder and LLM have nothing to synchronise."""
+    if world > 1:
+        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return model
+
+
+def grad_sync(model, micro, grad_accum):
+    """Under DDP, all-reduce the gradients only on the last micro-step of an optimiser step (nanoGPT's
+    trick): the earlier micro-steps just accumulate locally."""
+    if micro == grad_accum - 1 or not isinstance(model.projector, DDP):
+        return nullcontext()
+    return model.projector.no_sync()
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_step(optimizer, params, grad_clip, guard, step, out):
+    """Clip the gradient norm, take the step unless the norm is inf/NaN (NonFiniteGuard), clear the
+    gradients. Returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if guard.ok(grad_norm, step, out):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # -----------------------------------------------------------------------------

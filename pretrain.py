@@ -15,11 +15,9 @@ transcripts in the batch (contrastive.py). Only the projector trains.
 
 import argparse
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -233,8 +231,7 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    if world > 1:  # DDP around the projector only: the frozen parts have nothing to synchronise
-        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    model = common.wrap_ddp(model, device, world)  # under torchrun: DDP around the projector only
     guard, log = common.NonFiniteGuard(), common.JsonLog(args.out, enabled=master)
     params = [p for p in model.projector.parameters() if p.requires_grad]
 
@@ -245,8 +242,7 @@ def main(argv=None):
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
         lr = args.emb_lr if warm else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        common.set_lr(optimizer, lr)
 
         if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
             plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
@@ -260,15 +256,10 @@ def main(argv=None):
         for micro in range(args.grad_accum):
             batch = to_device(collate([rows[i] for i in next(order)]), device)
             # under DDP, synchronise gradients only on the last micro-step (nanoGPT's trick)
-            last = micro == args.grad_accum - 1
-            sync = nullcontext() if world == 1 or last else model.projector.no_sync()
-            with sync, common.autocast(device, dtype):
+            with common.grad_sync(model, micro, args.grad_accum), common.autocast(device, dtype):
                 loss, logs = train_step_loss(model, batch, step_layers, args, text_cache)
                 (loss / args.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if guard.ok(grad_norm, step, args.out):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.clip_and_step(optimizer, params, args.grad_clip, guard, step, args.out)
 
         if master:
             seconds = time.time() - t0
