@@ -540,20 +540,25 @@ class SpeechLLM(nn.Module):
         meta = json.loads((ckpt / "meta.json").read_text())
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
-            if meta.get(key) != mine[key]:
-                raise SystemExit(f"Checkpoint {ckpt} does not fit this model: {key} is {meta.get(key)} there, "
-                                 f"{mine[key]} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')}).")
+            theirs, ours = meta.get(key), mine[key]
+            if key == "qformer":  # the dropout rate is no part of the shape: fine-tuning may change it
+                theirs, ours = ({k: v for k, v in (c or {}).items() if k != "dropout"} for c in (theirs, ours))
+            if theirs != ours:
+                raise SystemExit(f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
+                                 f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')}).")
         unwrap(self.projector).load_state_dict(load_file(ckpt / "projector.safetensors"))
         return meta
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dtype=torch.float32):
-        """Rebuild the SpeechLLM a checkpoint was trained with and load its projector."""
+    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None):
+        """Rebuild the SpeechLLM a checkpoint was trained with and load its projector.
+        dropout: a new dropout rate for further training (default: the checkpoint's)."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
             raise SystemExit(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
         meta = json.loads(path.read_text())
-        model = cls(meta["llm"], meta["encoder"], QFormerConfig(**meta["qformer"]), dtype, meta.get("sink_token", False))
+        qformer = QFormerConfig(**{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})})
+        model = cls(meta["llm"], meta["encoder"], qformer, dtype, meta.get("sink_token", False))
         model.load_projector(ckpt)
         return model, meta
 
