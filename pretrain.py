@@ -37,7 +37,7 @@ RECIPES = {
                   sink_token=False, center=False, match_embedding_rms=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
     "demo": dict(encoder="whisper-tiny", lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
                  qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4, window=17, window_pos=True,
-                 sink_token=True, center=True, match_embedding_rms=True, emb_steps=400, emb_lr=1e-3, eval_every=50),
+                 sink_token=True, center=True, match_embedding_rms=True, emb_steps=400, emb_lr=1e-3, eval_every=100),
 }
 
 

