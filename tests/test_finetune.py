@@ -1,0 +1,170 @@
+"""finetune.py: only the answer is supervised, --frac draws the same subset every time and of the right
+size, the CLI runs from scratch (--init none) and from a stage-1 checkpoint (whose projector it really
+starts from), and a wrong --llm / --encoder / shape flag against that checkpoint fails clearly.
+
+    PYTHONPATH=.:tests python3 -m pytest -q tests/test_finetune.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import finetune
+import pretrain
+from data import Collator, read_manifest, task_examples
+from model import QFormerConfig, SpeechLLM
+from tiny import tiny_models, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """12 utterances: 8 sentences with a German translation (ASR + ST examples) and 4 QA passages."""
+    extra = {i: {"translation": f"satz {i}", "tgt_lang": "de"} for i in range(8)}
+    extra.update({i: {"task": "qa", "question": f"what is number {i}?", "answer": ["anna", "Anna B."]} for i in range(8, 12)})
+    return write_manifest(tmp_path_factory.mktemp("data"), n=12, extra=extra)
+
+
+def ft_args(paths, manifest, out, *extra):
+    """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training file."""
+    return ["--data", str(manifest), "--dev-data", str(manifest), "--out", str(out), "--batch-size", "2",
+            "--grad-accum", "1", "--device", "cpu", "--no-cache-features", *extra]
+
+
+def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeypatch):
+    torch.manual_seed(0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).eval()
+    examples = task_examples(read_manifest(manifest), "mix")
+    batch = Collator(model.encoder.feature_extractor)([examples[0], examples[9], examples[-1]])  # asr, st, qa
+    seen = {}
+    real_lm_loss = model.lm_loss
+
+    def spy(embeds, mask, labels):
+        seen.update(embeds=embeds, mask=mask, labels=labels)
+        return real_lm_loss(embeds, mask, labels)
+
+    monkeypatch.setattr(model, "lm_loss", spy)
+    loss = finetune.answer_loss(model, batch)
+
+    labels, mask = seen["labels"], seen["mask"]
+    eot = model.prompt_ids("x")[2]
+    for i, ex in enumerate(batch["examples"]):
+        answer = model.tokenizer(ex["target"], add_special_tokens=False).input_ids + [eot]
+        supervised = (labels[i] != -100).nonzero().flatten()
+        n = int(mask[i].sum())  # right padding: the sequence is positions 0..n-1, the answer its last tokens
+        assert supervised.tolist() == list(range(n - len(answer), n))
+        assert labels[i, supervised].tolist() == answer
+        # everything before is the prompt: chat header, speech, then the instruction (with the QA question)
+        before, after, _ = model.prompt_ids(ex["instruction"])
+        speech_len = n - len(answer) - len(before) - len(after)
+        assert speech_len > 0 and model.tokenizer.decode(after).strip().endswith("assistant")
+        assert ex["instruction"] in model.tokenizer.decode(after)
+    assert batch["examples"][2]["task"] == "qa" and "what is number" in batch["examples"][2]["instruction"]
+    # the loss is the mean cross-entropy over those positions and no others
+    with torch.no_grad():
+        logits = model.llm(inputs_embeds=seen["embeds"], attention_mask=mask.long()).logits
+    keep = labels[:, 1:] != -100
+    expected = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_frac_subset_is_deterministic_and_sized(paths, manifest):
+    def draw(*extra):
+        args = finetune.get_args(ft_args(paths, manifest, "unused", "--task", "mix", *extra))
+        return [(ex["task"], ex["audio"]) for ex in finetune.load_data(args)[0]]
+
+    everything = draw()
+    assert len(everything) == 8 + 8 + 4  # asr + st (the sentences) + qa (the passages), in the authors' order
+    half = draw("--frac", "0.5")
+    assert half == draw("--frac", "0.5")  # seed 42: the same subset every run...
+    assert len(half) == 10 and set(half) <= set(everything)  # ...of int(0.5 * 20) examples of the mix
+    assert half != draw("--frac", "0.5", "--frac-seed", "1")
+    assert draw("--frac", "0.5", "--seed", "7") == half  # the training seed does not move the subset
+    per_task = draw("--frac", "0.5", "--stratify")
+    assert sorted(t for t, _ in per_task) == ["asr"] * 4 + ["qa"] * 2 + ["st"] * 4
+    with pytest.raises(SystemExit):
+        finetune.get_args(["--task", "qa", "--stratify"])  # stratify needs the mix
+
+
+def test_cli_from_scratch(paths, manifest, tmp_path):
+    """The real entry point: `python finetune.py --init none`."""
+    out = tmp_path / "scratch"
+    cmd = [sys.executable, "finetune.py", *ft_args(paths, manifest, out, "--task", "qa", "--init", "none", "--llm", paths["llm"],
+                                                 "--encoder", paths["hubert"], *TINY_PROJECTOR, "--max-steps", "2")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final dev loss" in result.stdout and "python evaluate.py --ckpt" in result.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage"] == "finetune" and meta["task"] == "qa" and meta["init"] == "none" and meta["step"] == 2
+    assert meta["qformer"]["dim"] == 32 and meta["args"]["lr"] == 1e-4 and meta["args"]["epochs"] == 2  # the paper's recipe
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and "dev_loss" in log[-1]
+    assert (out / "ckpt-0000002" / "train_state.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def stage1(paths, manifest, tmp_path_factory):
+    """A stage-1 checkpoint made by pretrain.py itself (2 steps)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain.main(["--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest), "--out", str(out),
+                   *TINY_PROJECTOR, "--layers", "0,5,10", "--batch-size", "4", "--grad-accum", "1", "--device", "cpu",
+                   "--max-steps", "2", "--no-cache-features"])
+    return out
+
+
+def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
+    out = tmp_path / "ft"
+    # lr 0: the fine-tuned projector must be exactly the stage-1 one it started from
+    finetune.main(ft_args(paths, manifest, out, "--task", "mix", "--frac", "0.5", "--init", str(stage1), "--max-steps", "2",
+                          "--lr", "0", "--dropout", "0.0"))
+    before, after = load_file(stage1 / "projector.safetensors"), load_file(out / "projector.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    meta, stage1_meta = json.loads((out / "meta.json").read_text()), json.loads((stage1 / "meta.json").read_text())
+    assert meta["llm"] == stage1_meta["llm"] and meta["encoder"] == stage1_meta["encoder"]  # taken from the checkpoint
+    assert meta["qformer"] == {**stage1_meta["qformer"], "dropout": 0.0}
+    assert meta["init"] == str(stage1) and meta["task"] == "mix"
+
+
+def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, stage1, tmp_path):
+    run = lambda *extra: finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(stage1), "--max-steps", "1", *extra))  # noqa: E731
+    with pytest.raises(SystemExit, match="--llm tiny does not match the --init checkpoint"):
+        run("--llm", "tiny")
+    with pytest.raises(SystemExit, match="--encoder tiny-whisper does not match"):
+        run("--encoder", "tiny-whisper")
+    with pytest.raises(SystemExit, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
+        run("--qformer-dim", "64")
+    with pytest.raises(SystemExit, match="no stage-1 checkpoint there.*--init none"):
+        finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(tmp_path / "nowhere")))
+
+
+def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, manifest):
+    torch.manual_seed(0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
+    frozen = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    batch = Collator(model.encoder.feature_extractor)(task_examples(read_manifest(manifest), "qa"))
+    optimizer = torch.optim.AdamW(model.projector.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = finetune.answer_loss(model, batch)
+        loss.backward()
+        assert all(p.grad is None for p in model.llm.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    # A random 64-wide LLM can only be steered so far through its input (5.34 -> ~5.05 here), but it moves.
+    assert losses[-1] < losses[0] - 0.15, losses
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in frozen.items())
