@@ -7,6 +7,7 @@ starts from), and a wrong --llm / --encoder / shape flag against that checkpoint
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,39 @@ def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, m
     # A random 64-wide LLM can only be steered so far through its input (5.34 -> ~5.05 here), but it moves.
     assert losses[-1] < losses[0] - 0.15, losses
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
+    """A run stopped after its step-2 checkpoint and resumed ends with the projector of an uninterrupted
+    run (same data order, optimiser state and dropout RNG: common.resume, shared with pretrain.py)."""
+    run = lambda out, *extra: finetune.main(ft_args(paths, manifest, out, "--task", "mix", "--init", str(stage1), "--lr", "1e-3",  # noqa: E731
+                                                    "--max-steps", "4", "--save-every", "2", "--eval-every", "0", *extra))
+    run(tmp_path / "straight")
+    run(tmp_path / "stopped")
+    for leftover in ("projector.safetensors", "meta.json"):  # as if killed after the step-2 checkpoint
+        (tmp_path / "stopped" / leftover).unlink()
+    shutil.rmtree(tmp_path / "stopped" / "ckpt-0000004")
+    run(tmp_path / "stopped", "--resume")
+    a, b = load_file(tmp_path / "straight" / "projector.safetensors"), load_file(tmp_path / "stopped" / "projector.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
+    """torchrun with 2 ranks x batch 2 == 1 process with batch 2 x 2 accumulation steps (the answer loss is a
+    per-micro-batch mean, and DDP averages the ranks' gradients)."""
+    common = ["--task", "mix", "--init", "none", "--llm", paths["llm"], "--encoder", paths["hubert"], *TINY_PROJECTOR,
+              "--max-steps", "3", "--dropout", "0", "--lr", "1e-3", "--eval-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py"]
+    for cmd in (torchrun + ft_args(paths, manifest, tmp_path / "ddp", *common),
+                [sys.executable, "finetune.py", *ft_args(paths, manifest, tmp_path / "one", *common), "--grad-accum", "2"]):
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    a, b = load_file(tmp_path / "ddp" / "projector.safetensors"), load_file(tmp_path / "one" / "projector.safetensors")
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("in_proj_bias"):  # the key bias's true gradient is 0: Adam amplifies round-off (see test_robustness)
+            d = len(x) // 3
+            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=k)
