@@ -292,6 +292,9 @@ def main(argv=None):
             result = evaluate_task(model, task, rows, args, device, dtype)
         results[task] = {"ckpt": str(args.ckpt), "data": data, **result}
         print_results(results[task], args.show)
+    if len(results) > 1:
+        print("\nsummary:  " + "   ".join(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
+                                      for task, r in results.items()))
     out = Path(args.out or Path(args.ckpt) / f"eval-{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results if args.task == "all" else results[args.task], indent=2, ensure_ascii=False))

@@ -180,6 +180,16 @@ def test_cli_generation_task(finetuned, manifest, capsys):
     assert "bleu" in capsys.readouterr().out
 
 
+def test_cli_all_tasks_of_a_mix_checkpoint(model, manifest, tmp_path, monkeypatch, capsys):
+    model.save_projector(tmp_path, step=1, stage="finetune", task="mix", init="none")
+    monkeypatch.setattr(evaluate, "default_data", lambda task: str(manifest))  # instead of the demo's test splits
+    evaluate.main(["--ckpt", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"])  # a mix -> all three tasks
+    saved = json.loads((tmp_path / "eval-all.json").read_text())
+    assert {task: r["n"] for task, r in saved.items()} == {"asr": 3, "st": 3, "qa": 3}
+    assert "wer" in saved["asr"]["metrics"] and "bleu" in saved["st"]["metrics"] and "f1" in saved["qa"]["metrics"]
+    assert "summary:" in capsys.readouterr().out
+
+
 def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
     results = evaluate.main(["--ckpt", str(stage1), "--data", str(manifest), "--device", "cpu"])  # default task: retrieval
     metrics = results["retrieval"]["metrics"]
