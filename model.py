@@ -496,9 +496,14 @@ class SpeechLLM(nn.Module):
         return embeds, mask, label_ids
 
     def lm_loss(self, embeds, mask, labels):
-        """Mean next-token cross-entropy over the supervised (answer) tokens of the batch."""
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM head runs
+        only where a next token is supervised: a few answer tokens instead of every position (the logits
+        over a 50k-128k vocabulary would otherwise cost more memory than the rest of the step)."""
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised])
+        return F.cross_entropy(logits.float(), targets[supervised])
 
     @torch.no_grad()
     def generate(self, batch, instructions, max_new_tokens=200):

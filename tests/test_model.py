@@ -148,3 +148,16 @@ def test_missing_model_says_what_and_why(tmp_path, monkeypatch):
     empty.mkdir()
     with pytest.raises(SystemExit, match="(?s)Could not load the LLM's tokenizer.*empty-folder"):
         SpeechLLM(str(empty), "tiny")
+
+
+def test_lm_loss_equals_cross_entropy_over_full_logits(model):
+    """lm_loss runs the LM head only at supervised positions; the value must be the usual one."""
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(2, 12, 64), torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    labels = torch.full((2, 12), -100)
+    labels[0, 8:11], labels[1, 5:8] = torch.tensor([5, 6, 7]), torch.tensor([9, 10, 257])
+    with torch.no_grad():
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask.long()).logits
+        reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        torch.testing.assert_close(model.lm_loss(embeds, mask, labels), reference)
