@@ -89,7 +89,6 @@ def get_args(argv=None):
     # system
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default="out/pretrain", help="checkpoints, final projector, log.jsonl")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
