@@ -103,11 +103,13 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
                          + HOW_TO_GET_MODELS) from None
 
 
-def _save_atomically(save_fn, folder):
-    """Build a model folder under a temporary name, then rename: a killed build never looks complete."""
+def _save_atomically(folder, *parts):
+    """save_pretrained every part (a model, its tokenizer or feature extractor) into a temporary folder,
+    then rename it: a killed build never looks complete."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    save_fn(tmp)
+    for part in parts:
+        part.save_pretrained(tmp)
     if folder.exists():  # another process built it meanwhile
         shutil.rmtree(tmp)
     else:
@@ -152,11 +154,7 @@ def build_tiny_llm(folder, seed=0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
 
-    def save(tmp):
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-    _save_atomically(save, folder)
+    _save_atomically(folder, model, tok)
     return str(folder)
 
 
@@ -173,11 +171,7 @@ def build_tiny_hubert(folder, seed=0):
         model = HubertModel(cfg)
     fe = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
 
-    def save(tmp):
-        model.save_pretrained(tmp)
-        fe.save_pretrained(tmp)
-
-    _save_atomically(save, folder)
+    _save_atomically(folder, model, fe)
     return str(folder)
 
 
@@ -194,11 +188,7 @@ def build_tiny_whisper(folder, seed=0):
         model = WhisperModel(cfg)
     fe = WhisperFeatureExtractor(feature_size=80)
 
-    def save(tmp):
-        model.save_pretrained(tmp)
-        fe.save_pretrained(tmp)
-
-    _save_atomically(save, folder)
+    _save_atomically(folder, model, fe)
     return str(folder)
 
 

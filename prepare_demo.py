@@ -407,7 +407,7 @@ def passage(rng):
     questions = [
         (f"Who does {a} meet in {c2}?", b), (f"Where does {a} travel to?", c2), (f"Where does {a} travel from?", c1),
         (f"On which day does {a} travel?", day), (f"How does {a} travel to {c2}?", f"by {vehicle}"),
-        (f"Where do {a} and {b} meet?", f"at the {place}"), (f"At what time do they meet?", f"{hour} o'clock"),
+        (f"Where do {a} and {b} meet?", f"at the {place}"), ("At what time do they meet?", f"{hour} o'clock"),
         ("What do they buy?", obj), (f"How many {obj} do they buy?", n),
     ]
     return text, rng.sample(questions, 3)

@@ -17,3 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def paths(tmp_path_factory):
+    """The tiny random models (a Llama with its tokenizer, a HuBERT, a Whisper encoder), built once per
+    session and saved to a temporary folder; tests load them through from_pretrained like real ones."""
+    from tiny import tiny_models
+
+    return tiny_models(tmp_path_factory.mktemp("models"))

@@ -1,6 +1,5 @@
 """data.py: manifest checking (bad lines name the file and line), audio conversion, tasks, subsets, batches."""
 
-import json
 
 import numpy as np
 import pytest
@@ -45,7 +44,7 @@ def test_long_audio_is_skipped_and_counted(tmp_path):
     logged = []
     rows = read_manifest(write_manifest(tmp_path, n=6), max_seconds=1.0, log=logged.append)
     assert 0 < len(rows) < 6 and all(r["duration"] <= 1.0 for r in rows)
-    assert f"longer than 1.0 s" in logged[-1]
+    assert "longer than 1.0 s" in logged[-1]
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])

@@ -20,7 +20,7 @@ import torch
 import evaluate
 from data import Collator, load_audio, read_manifest
 from model import QFormerConfig, SpeechLLM
-from tiny import tiny_models, write_manifest
+from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,11 +82,6 @@ def test_unique_questions_pool_their_answers():
 
 # -----------------------------------------------------------------------------
 # Generation on a tiny model, steered token by token through a hook on its LM head
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,10 @@ import finetune
 import pretrain
 from data import Collator, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM
-from tiny import tiny_models, write_manifest
+from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2"]
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,7 @@ import torch
 
 from data import Collator, load_audio, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM, WindowQFormer
-from tiny import tiny_models, write_manifest
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
+from tiny import write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import pretrain
-from tiny import tiny_models, write_manifest
+from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
