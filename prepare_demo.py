@@ -376,7 +376,7 @@ def render(template, s):
     D, C1, C2, H, N, O = DAYS[day], CITIES[c1], CITIES[s["c2"]], HOURS[hour], COUNTS[n], OBJECTS[obj]
     return [
         (f"{a} meets {b} at the {place} in {c1} on {day}.", f"{a} trifft {b} am {D} {at} in {C1}."),
-        (f"{a} buys {n} {obj} at the {place} at {hour} o'clock.", f"{a} kauft um {H} Uhr {N} {O} {at}."),
+        (f"{a} buys {n} {obj} at the {place} at {hour} o'clock.", f"{a} kauft um {'ein' if hour == 'one' else H} Uhr {N} {O} {at}."),
         (f"On {day}, {a} travels from {c1} to {s['c2']} by {vehicle}.", f"Am {D} reist {a} mit dem {v_de} von {C1} nach {C2}."),
         (f"{a} calls {b} at {hour} in the {pod}.", f"{a} ruft {b} am {PARTS_OF_DAY[pod]} um {H} an."),
         (f"{a} gives {b} {n} {obj} for the trip to {c1}.", f"{a} gibt {b} {N} {O} für die Reise nach {C1}."),
@@ -488,7 +488,7 @@ def build_corpus(out, size="full", seed=0, workers=2):
     manifests = {}
     for job, seconds in zip(jobs, durations):
         split, kind, stem, text, voice, speed, pitch, extra = job
-        row = {"audio": f"audio/{stem}.wav", "text": text, "speaker": f"{voice}@{pitch}", "duration": round(seconds, 3)}
+        row = {"audio": f"audio/{stem}.wav", "text": text, "speaker": voice, "duration": round(seconds, 3)}
         lines = manifests.setdefault(f"{kind}_{split}.jsonl", [])
         if kind == "sentences":
             lines.append({**row, **extra})

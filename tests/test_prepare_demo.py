@@ -33,6 +33,7 @@ SLOTS = dict(a="Anna", b="Ben", c1="Paris", c2="Vienna", day="Monday", hour="ten
 def test_hand_checked_german(template, en, de):
     assert pd.render(template, SLOTS) == (en, de)
     assert pd.render(1, {**SLOTS, "place": "station"})[1] == "Anna kauft um zehn Uhr drei Schlüssel am Bahnhof."
+    assert pd.render(1, {**SLOTS, "hour": "one"})[1] == "Anna kauft um ein Uhr drei Schlüssel im Krankenhaus."  # not "eins Uhr"
 
 
 def test_qa_answers_are_spans_of_the_passage():
