@@ -93,15 +93,56 @@ def _mean_weights(mask):
     return m / m.sum(1, keepdim=True).clamp(min=1)
 
 
+def _valid_spans(mask):
+    """[(start, end)] per row when every row's valid steps form one run (right padding, or a dropped first
+    position as with the sink token; an empty row gives (0, 0)); None when some row has holes."""
+    count = mask.sum(1)
+    start = torch.where(count > 0, mask.int().argmax(1), 0)  # first valid step
+    spans = list(zip(start.tolist(), (start + count).tolist()))
+    run = torch.arange(mask.shape[1], device=mask.device)[None]
+    one_run = mask.equal((run >= start[:, None]) & (run < (start + count)[:, None]))
+    return spans if one_run else None
+
+
+class _SpanMean(torch.autograd.Function):
+    """The mean over each example's valid run of steps, states [..., B, T, D] -> float32 [..., B, D], for
+    all leading dimensions (the layers) at once. It reads only the valid states (padding is never touched)
+    and its backward writes every gradient element exactly once (1/n on the run, 0 elsewhere); autograd's
+    own backward of B slices would build B zero-filled copies of the whole gradient and add them up."""
+
+    @staticmethod
+    def forward(ctx, states, spans):
+        ctx.spans, ctx.shape, ctx.dtype = spans, states.shape, states.dtype
+        means = states.new_zeros(*states.shape[:-2], states.shape[-1], dtype=torch.float32)  # [..., B, D]
+        for b, (start, end) in enumerate(spans):
+            if end > start:  # one matrix-vector product per example: [1, n] @ [..., n, D]
+                run = states[..., b, start:end, :].float()
+                means[..., b, :] = (run.new_full((1, end - start), 1 / (end - start)) @ run).squeeze(-2)
+        return means
+
+    @staticmethod
+    def backward(ctx, grad_means):
+        grad = grad_means.new_empty(ctx.shape, dtype=ctx.dtype)
+        for b, (start, end) in enumerate(ctx.spans):
+            grad[..., b, :start, :] = 0
+            grad[..., b, end:, :] = 0
+            if end > start:
+                grad[..., b, start:end, :] = (grad_means[..., b, None, :] / (end - start)).to(ctx.dtype)
+        return grad, None
+
+
 def masked_mean(states, mask):
     """Mean over the valid time steps, for every layer at once. states: list of L [B, T, D] or [L, B, T, D];
     mask: bool [B, T]. Returns float32 [L, B, D]. The reference implementation (pure PyTorch)."""
     layers = _as_layers(states)  # (views: checks the shapes of either form)
     if mask.shape != layers[0].shape[:2]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}")
+    spans = _valid_spans(mask)
+    if spans is not None:  # the usual case: pool each example's run, never reading the padding
+        return _SpanMean.apply(states, spans) if torch.is_tensor(states) else torch.stack([_SpanMean.apply(h, spans) for h in layers])
+    # Any mask: a batched matrix-vector product reads every hidden state exactly once and never builds a
+    # masked copy; padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
     w = _mean_weights(mask).to(layers[0].device)[:, None, :]  # [B, 1, T]
-    # A batched matrix-vector product reads every hidden state exactly once and never builds a masked copy;
-    # padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
     if torch.is_tensor(states):  # [L, B, T, D] as ONE product, so the backward writes one [L, B, T, D] gradient
         L, B, T, D = states.shape  # (unbinding into layers would cost an extra copy to stack their gradients)
         return torch.bmm(w.repeat(L, 1, 1), states.float().reshape(L * B, T, D)).view(L, B, D)
@@ -159,24 +200,30 @@ def cos_logits(text_pooled, speech_pooled, temperature=0.1, center=False):
 # C(x, y) = |x - y|^2 / 2 and the entropic temperature eps = blur^2, as geomloss. The solver is geomloss's
 # symmetric log-domain Sinkhorn loop with epsilon-scaling: eps starts at diameter^2 and shrinks by scaling^2
 # per iteration down to blur^2; each iteration averages the old and the new dual potentials. The divergence
-# is debiased:  S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2,  and OT(a, a), OT(b, b) depend on one set
-# only, so they are solved once per set (B + B problems), not once per pair.
+# is debiased:
+#     S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2 = [<a, f> + <b, g>] - <a, f_aa> - <b, g_bb>
+# and the three problems are independent: the cross term needs one problem per (text, speech) pair, the
+# self terms one per set (B + B problems, not B^2).
 # Gradients: the loop runs without autograd, then one last full Sinkhorn step with the potentials frozen is
 # differentiated (the envelope theorem: at the optimum the potentials' own variation does not change the
 # value), exactly geomloss's "last extrapolation". Cheap in memory, and the gradient geomloss gives.
+# Speed: the cost of every iteration is an exp over every (token, token) pair of every problem, so padding
+# is wasted work. The sets are sorted by length and cut into buckets of similar lengths; each (text
+# bucket, speech bucket) block of pairs is one batched problem padded only to its own longest sets.
+# Leading dimensions (the layers) are batched too: one problem per block for all layers at once.
 
 
 def _half_sq_dist(x, y):
-    """C[i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [I, N, D] and y [J, M, D]: every token of every x
-    set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
-    (I, N, D), (J, M, _) = x.shape, y.shape
-    xy = (x.reshape(I * N, D) @ y.reshape(J * M, D).T).view(I, N, J, M).permute(0, 2, 1, 3)
-    return (x.pow(2).sum(-1)[:, None, :, None] + y.pow(2).sum(-1)[None, :, None, :]) / 2 - xy
+    """C[..., i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [..., I, N, D] and y [..., J, M, D]: every token of
+    every x set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
+    (*lead, I, N, D), (J, M) = x.shape, y.shape[-3:-1]
+    xy = (x.reshape(*lead, I * N, D) @ y.reshape(*lead, J * M, D).transpose(-1, -2)).view(*lead, I, N, J, M)
+    return (x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]) / 2 - xy.transpose(-3, -2)
 
 
 def _half_sq_dist_within(x, x2):
-    """C[i, n, m] = |x[i, n] - x2[i, m]|^2 / 2, set by set: [I, N, N] (x2 is x, detached or not)."""
-    return (x.pow(2).sum(-1)[:, :, None] + x2.pow(2).sum(-1)[:, None, :]) / 2 - x @ x2.transpose(1, 2)
+    """C[..., i, n, m] = |x[i, n] - x2[i, m]|^2 / 2, set by set: [..., I, N, N] (x2 is x, detached or not)."""
+    return (x.pow(2).sum(-1)[..., :, None] + x2.pow(2).sum(-1)[..., None, :]) / 2 - x @ x2.transpose(-1, -2)
 
 
 def _logsumexp(z):
@@ -188,7 +235,7 @@ def _logsumexp(z):
     if z.requires_grad:
         return torch.logsumexp(z, -1)
     m = z.amax(-1, keepdim=True)
-    return m.squeeze(-1) + (z - m).clamp(min=-80).exp().sum(-1).log()
+    return m.squeeze(-1) + (z - m).clamp_(min=-80).exp_().sum(-1).log()
 
 
 def _softmin(eps, C, h):
@@ -206,9 +253,12 @@ def _epsilon_schedule(diameter, blur, scaling):
 
 
 def _diameter(x, x_mask, y, y_mask):
-    """Diagonal of the bounding box of all valid points, x and y together (geomloss' starting scale)."""
-    points = torch.cat([x[x_mask], y[y_mask]])
-    return (points.max(0).values - points.min(0).values).norm().item()
+    """Diagonal of the bounding box of all valid points, x and y together (geomloss' starting scale); with
+    leading dimensions (layers), the largest one, so that one schedule serves them all."""
+    x_valid, y_valid = x_mask[..., None], y_mask[..., None]
+    lo = torch.minimum(x.masked_fill(~x_valid, math.inf).amin((-3, -2)), y.masked_fill(~y_valid, math.inf).amin((-3, -2)))
+    hi = torch.maximum(x.masked_fill(~x_valid, -math.inf).amax((-3, -2)), y.masked_fill(~y_valid, -math.inf).amax((-3, -2)))
+    return (hi - lo).norm(dim=-1).max().item()
 
 
 def _log_weights(mask):
@@ -217,66 +267,88 @@ def _log_weights(mask):
     return torch.where(mask, -n.log(), float("-inf"))
 
 
+def _length_buckets(lengths, waste=1.3):
+    """Set indices sorted by length, cut into runs ("buckets") whose padded size (count x longest) stays
+    within `waste` x their real size. Returns a list of index lists, shortest sets first."""
+    buckets, total = [[]], 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if buckets[-1] and (len(buckets[-1]) + 1) * lengths[i] > waste * (total + lengths[i]):
+            buckets.append([])
+            total = 0
+        buckets[-1].append(i)
+        total += lengths[i]
+    return buckets
+
+
 def _trim(x, mask):
-    """Drop the time steps that are padding in every set of the batch (they would only cost time)."""
+    """Drop the time steps that are padding in every set (they would only cost time); zero the padding."""
     keep = int(mask.any(0).nonzero().max()) + 1
-    return torch.where(mask[:, :keep, None], x[:, :keep], 0), mask[:, :keep]  # padding: harmless zeros
+    return torch.where(mask[:, :keep, None], x[..., :keep, :], 0), mask[:, :keep]
 
 
-def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None):
-    """Debiased Sinkhorn divergence between every pair of token sets: x [Bx, N, D] with bool x_mask [Bx, N]
-    against y [By, M, D] with y_mask [By, M]. Returns [Bx, By] (float32 if the inputs are). Follows geomloss's
-    SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling); one epsilon schedule serves the whole batch,
-    its diameter taken over all valid points (as geomloss does for a batch), unless `diameter` is given."""
+def _ot_self(x, x_mask, eps_list):
+    """<a, f_aa> for OT(x_i, x_i) of every set x_i: [..., I]. x [..., I, N, D] (trimmed), x_mask [I, N]."""
+    a_log = _log_weights(x_mask)
+    C = _half_sq_dist_within(x, x.detach())  # x seen only through the first argument (the 1/2 of OT(a, a) / 2)
+    with torch.no_grad():
+        C_ = C.detach()
+        f = _softmin(eps_list[0], C_, a_log)
+        for eps in eps_list:
+            f = (f + _softmin(eps, C_, a_log + f / eps)) / 2
+    eps = eps_list[-1]
+    f = _softmin(eps, C, a_log + f / eps)  # the differentiated last step
+    return (a_log.exp() * f).sum(-1)
+
+
+def _ot_cross(x, x_mask, y, y_mask, eps_list):
+    """<a, f> + <b, g> for OT(x_i, y_j) of every pair: [..., I, J]. x [..., I, N, D], y [..., J, M, D]."""
+    a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)
+    h_a, h_b = a_log[:, None, :], b_log[None, :, :]  # broadcast over the pairs [I, J, .]
+    # For the gradient, x may only be seen through f and y only through g: hence the detach()es.
+    C_g = _half_sq_dist(x.detach(), y).transpose(-1, -2)  # [..., I, J, M, N]; y's gradient path
+    C_f = _half_sq_dist(x, y.detach()) if x.requires_grad else C_g.detach().transpose(-1, -2)  # [..., I, J, N, M]
+    with torch.no_grad():
+        C_xy, C_yx = C_f.detach().contiguous(), C_g.detach().contiguous()  # each softmin reduces its last axis
+        eps = eps_list[0]
+        f, g = _softmin(eps, C_xy, h_b), _softmin(eps, C_yx, h_a)
+        for eps in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
+            f, g = (f + _softmin(eps, C_xy, h_b + g / eps)) / 2, (g + _softmin(eps, C_yx, h_a + f / eps)) / 2
+    eps = eps_list[-1]
+    f, g = _softmin(eps, C_f, h_b + g / eps), _softmin(eps, C_g, h_a + f / eps)  # the differentiated last step
+    return (a_log.exp()[:, None, :] * f).sum(-1) + (b_log.exp()[None, :, :] * g).sum(-1)
+
+
+def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None, waste=1.3):
+    """Debiased Sinkhorn divergence between every pair of token sets: x [..., Bx, N, D] with bool x_mask
+    [Bx, N] against y [..., By, M, D] with y_mask [By, M]; leading dimensions (layers) share the masks.
+    Returns [..., Bx, By] (float32 if the inputs are). Follows geomloss's SamplesLoss("sinkhorn", p=2,
+    blur=blur, scaling=scaling); one epsilon schedule serves the whole batch, its diameter taken over all
+    valid points (as geomloss does for a batch), unless `diameter` is given. waste: see _length_buckets
+    (1 = one bucket per distinct length; inf = no buckets, everything padded to the longest set)."""
     if not (x_mask.any(1).all() and y_mask.any(1).all()):
         raise ValueError("every token set needs at least one valid token")
-    (x, x_mask), (y, y_mask) = _trim(x, x_mask), _trim(y, y_mask)
-    a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)  # [Bx, N], [By, M]
     if diameter is None:
         diameter = _diameter(x.detach(), x_mask, y.detach(), y_mask)
     eps_list = _epsilon_schedule(diameter, blur, scaling)
 
-    # Cost matrices, each built once. For the gradient (see the last step), x may only be seen through f and
-    # y only through g, and in OT(a, a) only through the first argument of the cost (that is where the 1/2
-    # of -OT(a, a)/2 goes): hence the detach()es. Only the speech side y needs gradients in the loss.
-    xd, yd = x.detach(), y.detach()
-    C_g = _half_sq_dist(xd, y).transpose(2, 3)  # [Bx, By, M, N], every pair at once; y's gradient path
-    C_f = _half_sq_dist(x, yd) if x.requires_grad else C_g.detach().transpose(2, 3)  # [Bx, By, N, M]
-    C_aa, C_bb = _half_sq_dist_within(x, xd), _half_sq_dist_within(y, yd)  # [Bx, N, N], [By, M, M]
+    def buckets(z, z_mask):  # [(indices, trimmed states, trimmed mask)] per bucket of similar lengths
+        return [(idx, *_trim(z[..., idx, :, :], z_mask[idx])) for idx in _length_buckets(z_mask.sum(1).tolist(), waste)]
 
-    with torch.no_grad():
-        C_xy, C_yx = C_f.detach().contiguous(), C_g.detach().contiguous()
-        C_xx, C_yy = C_aa.detach(), C_bb.detach()
-        h_a, h_b = a_log[:, None, :], b_log[None, :, :]  # broadcast over the pairs [Bx, By, .]
-        # f: potential on x's tokens, g: on y's, for OT(x_i, y_j); f_aa, g_bb: for OT(x_i, x_i), OT(y_j, y_j)
-        eps = eps_list[0]
-        f, g = _softmin(eps, C_xy, h_b), _softmin(eps, C_yx, h_a)
-        f_aa, g_bb = _softmin(eps, C_xx, a_log), _softmin(eps, C_yy, b_log)
-        for eps in eps_list:
-            # symmetric updates: both new potentials come from the old ones, then old and new are averaged
-            f_new, g_new = _softmin(eps, C_xy, h_b + g / eps), _softmin(eps, C_yx, h_a + f / eps)
-            f_aa_new, g_bb_new = _softmin(eps, C_xx, a_log + f_aa / eps), _softmin(eps, C_yy, b_log + g_bb / eps)
-            f, g = (f + f_new) / 2, (g + g_new) / 2
-            f_aa, g_bb = (f_aa + f_aa_new) / 2, (g_bb + g_bb_new) / 2
-
-    # The last, full step at eps = blur^2 with the potentials frozen, differentiated through the costs only
-    # (geomloss's "last extrapolation"; by the envelope theorem this is the gradient of the divergence).
-    eps = eps_list[-1]
-    f, g = _softmin(eps, C_f, h_b + g / eps), _softmin(eps, C_g, h_a + f / eps)
-    f_aa, g_bb = _softmin(eps, C_aa, a_log + f_aa / eps), _softmin(eps, C_bb, b_log + g_bb / eps)
-
-    a, b = a_log.exp(), b_log.exp()  # the weights themselves: 1/n, or 0 at padding
-    return (a[:, None, :] * (f - f_aa[:, None, :])).sum(-1) + (b[None, :, :] * (g - g_bb[None, :, :])).sum(-1)
+    xs, ys = buckets(x, x_mask), buckets(y, y_mask)
+    self_x = torch.cat([_ot_self(xb, mb, eps_list) for _, xb, mb in xs], -1)  # [..., Bx] in bucket order
+    self_y = torch.cat([_ot_self(yb, mb, eps_list) for _, yb, mb in ys], -1)
+    cross = torch.cat([torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1) for _, xb, xm in xs], -2)
+    S = cross - self_x[..., :, None] - self_y[..., None, :]
+    x_order, y_order = [i for idx, _, _ in xs for i in idx], [j for idx, _, _ in ys for j in idx]
+    x_back, y_back = torch.tensor(x_order).argsort(), torch.tensor(y_order).argsort()  # bucket order -> input order
+    return S[..., x_back.to(S.device), :][..., y_back.to(S.device)]
 
 
 def wasserstein_logits(text_states, text_mask, speech_states, speech_mask, temperature=0.1):
     """[L, B, B] logits -SinkhornDivergence(text_i, speech_j) / temperature per layer, every token vector
-    L2-normalised first (float32), as the authors. Rows = text, columns = speech."""
-    logits = []
-    for t, s in zip(_as_layers(text_states), _as_layers(speech_states), strict=True):
-        t, s = F.normalize(t.float(), dim=-1), F.normalize(s.float(), dim=-1)
-        logits.append(-sinkhorn_divergence(t, text_mask, s, speech_mask) / temperature)
-    return torch.stack(logits)
+    L2-normalised first (float32), as the authors. Rows = text, columns = speech. All layers in one call."""
+    text, speech = (F.normalize(torch.stack(_as_layers(s)).float(), dim=-1) for s in (text_states, speech_states))
+    return -sinkhorn_divergence(text, text_mask, speech, speech_mask) / temperature
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ The references are written like the authors' code: unpad each example, mean, nor
 cross-entropy with the diagonal as targets, one layer at a time; geomloss per (text, speech) pair.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,13 +49,20 @@ def authors_cos(text_layers, text_mask, speech_layers, speech_mask, temperature=
     return sum(per_layer), per_layer
 
 
+def all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask):
+    """The diameter that starts the batched call's epsilon schedule: over all layers' normalised tokens."""
+    t, s = (F.normalize(torch.stack(list(x)).detach().float(), dim=-1) for x in (text_layers, speech_layers))
+    return C._diameter(t, text_mask, s, speech_mask)
+
+
 def pairwise_sinkhorn(text_layers, text_mask, speech_layers, speech_mask, temperature=0.1):
     """Logits from one sinkhorn_divergence call per (layer, text, speech) pair, with the same epsilon
-    schedule as the batched call (same diameter), so the two must agree to rounding."""
+    schedule as the batched call (same diameter, the largest over the layers), so the two must agree to
+    rounding."""
+    diameter = all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask)
     logits = []
     for text, speech in zip(text_layers, speech_layers):
         t, s = F.normalize(text.detach().float(), dim=-1), F.normalize(speech.float(), dim=-1)
-        diameter = C._diameter(t, text_mask, s.detach(), speech_mask)
         rows = [torch.cat([sinkhorn_divergence(t[i:i + 1], text_mask[i:i + 1], s[j:j + 1], speech_mask[j:j + 1],
                                                diameter=diameter)[0] for j in range(len(s))]) for i in range(len(t))]
         logits.append(-torch.stack(rows) / temperature)
@@ -107,6 +116,37 @@ def test_masked_mean_list_stacked_and_loop():
     ref = torch.stack([torch.stack([h[b][mask[b]].mean(0) for b in range(5)]) for h in layers])
     assert close(out, ref)
     assert torch.equal(out[:, 0], torch.stack(layers)[:, 0, 6])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mean_of_runs_reads_only_the_runs(dtype):
+    """Masks whose valid steps form one run per row (right padding; the sink position dropped; an empty
+    row) take the span path: the values and gradients of the slow loop, and padding is never read."""
+    layers, mask = ragged(L=3, B=5, T=9, dtype=dtype, seed=23)
+    mask[1, 0] = False  # a run that starts later (the sink token left out of the pool)
+    mask[2] = False  # no valid step
+    assert C._valid_spans(mask) is not None
+    states = torch.stack(layers).requires_grad_()
+    poisoned = states.detach().clone()
+    poisoned[:, ~mask] = float("nan")  # padding that is read would show
+    assert not masked_mean(poisoned, mask).isnan().any()
+    out = masked_mean(states, mask)
+    assert out.dtype == torch.float32 and torch.equal(out[:, 2], torch.zeros(3, 16))
+    ref = torch.stack([torch.stack([h[b][mask[b]].float().mean(0) if mask[b].any() else torch.zeros(16) for b in range(5)])
+                       for h in states.unbind(0)])
+    assert close(out, ref)
+    assert close(out, masked_mean([h.detach() for h in layers], mask))  # a list of layers: the same
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad((out * weights).sum(), states)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), states)
+    assert grad.dtype == dtype and close(grad.float(), ref_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(grad[:, ~mask], torch.zeros_like(grad[:, ~mask]))
+
+
+def test_valid_spans():
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    assert C._valid_spans(mask) == [(0, 2), (1, 3), (0, 0)]
+    assert C._valid_spans(torch.tensor([[1, 0, 1]], dtype=torch.bool)) is None  # a hole: the general path
 
 
 def test_pool_normalizes_and_empty_rows_are_zero():
@@ -248,6 +288,29 @@ def test_wasserstein_batched_equals_a_per_pair_loop():
         assert close(g, r, rtol=1e-3, atol=1e-5)
 
 
+def test_length_buckets():
+    assert C._length_buckets([5, 40, 6, 38, 5]) == [[0, 4, 2], [3, 1]]  # sorted by length, cut where padding grows
+    assert C._length_buckets([7, 3, 9], waste=math.inf) == [[1, 0, 2]]  # one bucket: plain padding
+    assert C._length_buckets([4, 4, 5], waste=1.0) == [[0, 1], [2]]  # only equal lengths share a bucket
+
+
+def test_sinkhorn_buckets_change_nothing_but_the_speed():
+    """Padding each block of pairs only to its own longest sets must give the numbers of padding everything."""
+    text, text_mask = ragged(L=2, B=5, T=11, D=8, seed=21)
+    speech, speech_mask = ragged(L=2, B=6, T=30, D=8, seed=22, grad=True)
+
+    def divergences(waste):
+        t, s = F.normalize(torch.stack(text), dim=-1), F.normalize(torch.stack(speech), dim=-1)
+        return sinkhorn_divergence(t, text_mask, s, speech_mask, waste=waste)
+
+    padded = divergences(math.inf)
+    for waste in (1.0, 1.3):
+        bucketed = divergences(waste)
+        assert close(bucketed, padded, rtol=1e-5, atol=1e-6)
+        for g, r in zip(torch.autograd.grad(bucketed.sum(), speech), torch.autograd.grad(padded.sum(), speech, retain_graph=True)):
+            assert close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def clustered(n, D, seed, centers=3, jitter=0.03):
     """n unit vectors around a few centres: neighbours within the Sinkhorn blur, so that the transport
     plans (OT(a, a)'s included) are not trivial permutations and gradients test something."""
@@ -272,10 +335,10 @@ def test_sinkhorn_value_and_gradient_match_geomloss():
 def geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diameter):
     """The authors' loop: one SamplesLoss call per (layer, text, speech) pair, tokens L2-normalised in
     float32. same_diameter: start every pair's epsilon schedule where our batched call starts it."""
+    d = all_layers_diameter(text, text_mask, speech, speech_mask) if same_diameter else None
     logits = []
     for t, s in zip(text, speech):
         t, s = F.normalize(t.float(), dim=-1), F.normalize(s.float(), dim=-1)
-        d = C._diameter(t, text_mask, s.detach(), speech_mask) if same_diameter else None
         sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, diameter=d)
         logits.append(torch.stack([torch.stack([-sinkhorn(t[i][text_mask[i]], s[j][speech_mask[j]]) / 0.1
                                                 for j in range(len(s))]) for i in range(len(t))]))
