@@ -127,21 +127,55 @@ def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=
 
 def retrieval_r1(text_pooled, speech_pooled, center=False):
     """Speech->text R@1 per layer from pooled [L, N, D] states (cosine similarity; chance = 1/N).
-    center=True first subtracts each side's mean over the N items (for models trained with --center)."""
-    if center:
-        text_pooled = text_pooled - text_pooled.mean(1, keepdim=True)
-        speech_pooled = speech_pooled - speech_pooled.mean(1, keepdim=True)
+    For models trained with --center: center=True first subtracts each side's mean over these N items;
+    center=(text_mean, speech_mean), each [L, D], subtracts the means stored by pretraining instead (what a
+    single query needs: it has no set to average over)."""
+    if center is True:
+        center = (text_pooled.mean(1), speech_pooled.mean(1))
+    if center is not False and center is not None:
+        text_pooled = text_pooled - center[0][:, None].to(text_pooled)
+        speech_pooled = speech_pooled - center[1][:, None].to(speech_pooled)
     t = torch.nn.functional.normalize(text_pooled.float(), dim=-1)
     s = torch.nn.functional.normalize(speech_pooled.float(), dim=-1)
     nearest = (s @ t.transpose(1, 2)).argmax(-1)  # [L, N]: for each utterance, the closest transcript
     return (nearest == torch.arange(s.shape[1], device=s.device)).float().mean(-1)
 
 
-def evaluate_retrieval(model, rows, layers, batch_size, device, dtype):
-    """R@1 per layer in percent, plain and centred, on the first utterances of a manifest."""
+CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
+
+
+def save_centers(folder, text_mean, speech_mean, layers, items):
+    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
+    from safetensors.torch import save_file
+
+    tmp = Path(folder) / f"{CENTERS}.tmp"
+    save_file({"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}, str(tmp),
+              metadata={"layers": json.dumps(layers), "items": str(items)})
+    tmp.replace(Path(folder) / CENTERS)  # atomic: a reader never sees half a file
+
+
+def load_centers(folder, layers):
+    """(text_mean, speech_mean) stored by pretraining for exactly these layers, else None."""
+    from safetensors import safe_open
+
+    path = Path(folder) / CENTERS
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if json.loads(f.metadata()["layers"]) != list(layers):
+            return None
+        return f.get_tensor("text"), f.get_tensor("speech")
+
+
+def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
+    """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
+    means, and (when the checkpoint stored them) centred by the training means."""
     text, speech = pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
-    return {"layers": layers, "r1": (100 * retrieval_r1(text, speech)).tolist(),
-            "r1_centred": (100 * retrieval_r1(text, speech, center=True)).tolist(), "chance": 100 / len(rows)}
+    metrics = {"layers": layers, "r1": (100 * retrieval_r1(text, speech)).tolist(),
+               "r1_centred": (100 * retrieval_r1(text, speech, center=True)).tolist(), "chance": 100 / len(rows)}
+    if centers is not None:
+        metrics["r1_centred_train"] = (100 * retrieval_r1(text, speech, center=centers)).tolist()
+    return metrics
 
 
 # -----------------------------------------------------------------------------
@@ -259,9 +293,11 @@ def print_results(result, show):
     task, metrics = result["task"], result["metrics"]
     print(f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} from {result['data']}")
     if task == "retrieval":
-        print(f"  {'layer':>5}  {'R@1':>6}  {'R@1 centred':>11}   (speech->text, %, chance {metrics['chance']:.2f})")
-        for layer, r1, centred in zip(metrics["layers"], metrics["r1"], metrics["r1_centred"]):
-            print(f"  {layer:>5}  {r1:6.2f}  {centred:11.2f}")
+        train = metrics.get("r1_centred_train")
+        print(f"  {'layer':>5}  {'R@1':>6}  {'centred':>8}" + (f"  {'centred (train means)':>21}" if train else "")
+              + f"   (speech->text, %, chance {metrics['chance']:.2f}; centred: by this set's means)")
+        for i, (layer, r1, centred) in enumerate(zip(metrics["layers"], metrics["r1"], metrics["r1_centred"])):
+            print(f"  {layer:>5}  {r1:6.2f}  {centred:8.2f}" + (f"  {train[i]:21.2f}" if train else ""))
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
@@ -287,7 +323,8 @@ def main(argv=None):
         rows = read_manifest(data)[: args.limit]
         if task == "retrieval":
             layers = select_layers(args.layers, model.num_layers) if args.layers else meta.get("layers") or select_layers("all", model.num_layers)
-            result = {"task": task, "n": len(rows), "metrics": evaluate_retrieval(model, rows, layers, args.batch_size, device, dtype)}
+            metrics = evaluate_retrieval(model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers))
+            result = {"task": task, "n": len(rows), "metrics": metrics}
         else:
             result = evaluate_task(model, task, rows, args, device, dtype)
         results[task] = {"ckpt": str(args.ckpt), "data": data, **result}

@@ -14,6 +14,7 @@ transcripts in the batch (contrastive.py). Only the projector trains.
 """
 
 import argparse
+import random
 import time
 
 import torch
@@ -62,6 +63,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="centre pooled states per batch before normalising (demo)")
+    p.add_argument("--center-items", type=int, default=256, help="with --center: training pairs whose mean pooled states are stored for retrieval")
     p.add_argument("--sink-token", action=argparse.BooleanOptionalAction, default=None, help="shared BOS in front of both sides, left out of the pool (demo)")
     p.add_argument("--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)")
     p.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
@@ -189,12 +191,26 @@ def load_data(args):
     return rows, dev
 
 
-def dev_retrieval(model, dev, layers, args, device, dtype):
-    """Speech->text R@1 per layer on the dev set, plain and with each side centred by its dev-set mean."""
+def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
+    """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
+    (given the stored training means) centred by those."""
     from evaluate import pooled_pairs, retrieval_r1
 
     text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
-    return retrieval_r1(text, speech), retrieval_r1(text, speech, center=True)
+    results = [retrieval_r1(text, speech), retrieval_r1(text, speech, center=True)]
+    return results + ([retrieval_r1(text, speech, center=centers)] if centers is not None else [])
+
+
+def store_training_means(model, rows, layers, args, device, dtype):
+    """--center trains on per-batch centred states, so retrieval must centre too; a single query has no set
+    to average over, so the per-layer means over --center-items training pairs (a seeded sample, pooled
+    with the final projector) are stored next to it, in centers.safetensors. Returns (text, speech) [L, D]."""
+    from evaluate import pooled_pairs, save_centers
+
+    sample = random.Random(args.seed).sample(rows, min(args.center_items, len(rows)))
+    text, speech = pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
+    save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
+    return text.mean(1), speech.mean(1)
 
 
 def fmt(values):
@@ -277,11 +293,13 @@ def main(argv=None):
         common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
         model.save_projector(args.out, step=step, args=vars(args), layers=layers)  # the final projector
         model.save_feature_cache(args.feature_cache_file)
+        centers = store_training_means(model, rows, layers, args, device, dtype) if args.center else None
         if dev:
-            plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
-            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
+            plain, centred, *train = dev_retrieval(model, dev, layers, args, device, dtype, centers)
+            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers, **({"dev_r1_centred_train": train[0]} if train else {}))
             print0(f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
-                   f"  plain   {fmt(plain)}\n  centred {fmt(centred)}")
+                   f"  plain                        {fmt(plain)}\n  centred (dev-set means)      {fmt(centred)}"
+                   + (f"\n  centred (stored train means) {fmt(train[0])}" if train else ""))
         print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}")
     if world > 1:
         dist.destroy_process_group()

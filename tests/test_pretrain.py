@@ -2,6 +2,7 @@
 becomes perfect when overfitting a tiny batch, and the CLI runs end to end."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,25 @@ def test_cli_smoke_and_outputs(paths, manifest, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     assert len(log[0]["per_layer"]) == 3 and len(log[0]["acc"]) == 3
+
+
+def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_path, capsys):
+    """--center: the per-layer means of the pooled training pairs are stored next to the projector, equal
+    to a recomputation with the saved projector, and evaluate.py centres a retrieval with them."""
+    import evaluate
+
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "1", "--center", "--center-items", "5"))
+    assert "centred (stored train means)" in capsys.readouterr().out
+    model, meta = SpeechLLM.from_checkpoint(out)
+    layers = meta["layers"]
+    text_mean, speech_mean = evaluate.load_centers(out, layers)
+    assert text_mean.shape == speech_mean.shape == (len(layers), model.llm.config.hidden_size)
+    sample = random.Random(42).sample(read_manifest(manifest), 5)
+    text, speech = evaluate.pooled_pairs(model, sample, layers)
+    assert torch.allclose(text.mean(1), text_mean, atol=1e-4) and torch.allclose(speech.mean(1), speech_mean, atol=1e-4)  # other batches: other padding
+    assert evaluate.load_centers(out, layers[:-1]) is None  # stored for other layers: not used
+    metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu"])["retrieval"]["metrics"]
+    rows = read_manifest(manifest)
+    text, speech = evaluate.pooled_pairs(model, rows, layers)
+    assert metrics["r1_centred_train"] == pytest.approx((100 * evaluate.retrieval_r1(text, speech, center=(text_mean, speech_mean))).tolist())

@@ -52,7 +52,10 @@ def assert_same_projector(a, b, tol=1e-5):
             # +-lr steps. Compare the query and value biases only.
             d = len(x) // 3
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
-        torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=k)
+        # Likewise any weight whose gradient is ~0 at some step: its sign is round-off, and Adam makes it a
+        # step of ~lr. A few such elements (one in a thousand) are allowed; a real difference moves most.
+        differ = ~torch.isclose(x, y, atol=tol, rtol=tol)
+        assert differ.sum() <= max(1, x.numel() // 1000), f"{k}: {differ.sum()} of {x.numel()} elements differ"
 
 
 @pytest.mark.parametrize("gather", [False, True])
