@@ -8,10 +8,11 @@ bench.py: speed and memory, measured side by side, printed as one markdown table
 
 Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7 layers,
 D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the authors' loop (per
-layer, unpad every example, mean, normalise, similarity, cross-entropy). On a GPU with Triton, also the
-Triton pooling kernel. Section 2: the Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn
-against a loop of the same Sinkhorn per (text, speech) pair, and against geomloss per pair (the authors'
-code) when it is installed. Times are medians over --repeats runs after one warm-up run.
+layer, unpad every example, mean, normalise, similarity, cross-entropy); on a GPU with Triton, also the
+Triton pooling kernel; and the floor of any implementation on this device, a plain copy of the speech
+states (the loss must read each of them once and write each of their gradients once). Section 2: the
+Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn against a loop of the same Sinkhorn
+per (text, speech) pair, and against geomloss per pair (the authors' code) when it is installed. Times are medians over --repeats runs after one warm-up run.
 
 Memory ("peak extra"): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call.
 On the CPU there is no allocator statistic, so the torch profiler's allocation events are replayed in order

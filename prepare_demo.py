@@ -1,7 +1,7 @@
 """
 prepare_demo.py: the offline plumbing of the built-in demo, kept out of the tutorial files.
 
-    python prepare_demo.py                      # build everything once (about 6 min on 2 CPU cores)
+    python prepare_demo.py                      # build everything once (about 4 min on 2 CPU cores)
     python prepare_demo.py --only models        # just the two models
     python prepare_demo.py --only corpus        # just the spoken corpus
     python prepare_demo.py --small              # models + a small corpus for smoke tests and CI (seconds)

@@ -5,7 +5,7 @@ Speech and its transcript both go through the frozen LLM; at the embedding layer
 the last, the mean-pooled speech states are pulled towards their own transcript's and away from the other
 transcripts in the batch (contrastive.py). Only the projector trains.
 
-    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en + TTS corpus (~15 min)
+    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en + TTS corpus (~8 min on 2 cores)
     python pretrain.py --llm llama --encoder hubert --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
     python pretrain.py --loss asr             # the ASR-pretraining baseline
     torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl      # several GPUs (DDP)
