@@ -255,10 +255,8 @@ def _epsilon_schedule(diameter, blur, scaling):
 def _diameter(x, x_mask, y, y_mask):
     """Diagonal of the bounding box of all valid points, x and y together (geomloss' starting scale); with
     leading dimensions (layers), the largest one, so that one schedule serves them all."""
-    x_valid, y_valid = x_mask[..., None], y_mask[..., None]
-    lo = torch.minimum(x.masked_fill(~x_valid, math.inf).amin((-3, -2)), y.masked_fill(~y_valid, math.inf).amin((-3, -2)))
-    hi = torch.maximum(x.masked_fill(~x_valid, -math.inf).amax((-3, -2)), y.masked_fill(~y_valid, -math.inf).amax((-3, -2)))
-    return (hi - lo).norm(dim=-1).max().item()
+    points = torch.cat([x[..., x_mask, :], y[..., y_mask, :]], -2)  # [..., valid tokens, D]
+    return (points.amax(-2) - points.amin(-2)).norm(dim=-1).max().item()
 
 
 def _log_weights(mask):
@@ -267,9 +265,11 @@ def _log_weights(mask):
     return torch.where(mask, -n.log(), float("-inf"))
 
 
-def _length_buckets(lengths, waste=1.3):
+def _length_buckets(lengths, waste=1.15):
     """Set indices sorted by length, cut into runs ("buckets") whose padded size (count x longest) stays
-    within `waste` x their real size. Returns a list of index lists, shortest sets first."""
+    within `waste` x their real size. Returns a list of index lists, shortest sets first. More buckets mean
+    less padding but more, smaller problems: 1.15 was the fastest of 1, 1.15, 1.3, 1.6, 2 on the bench's
+    batches (B = 10, ragged lengths) on a CPU."""
     buckets, total = [[]], 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         if buckets[-1] and (len(buckets[-1]) + 1) * lengths[i] > waste * (total + lengths[i]):
@@ -318,7 +318,7 @@ def _ot_cross(x, x_mask, y, y_mask, eps_list):
     return (a_log.exp()[:, None, :] * f).sum(-1) + (b_log.exp()[None, :, :] * g).sum(-1)
 
 
-def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None, waste=1.3):
+def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None, waste=1.15):
     """Debiased Sinkhorn divergence between every pair of token sets: x [..., Bx, N, D] with bool x_mask
     [Bx, N] against y [..., By, M, D] with y_mask [By, M]; leading dimensions (layers) share the masks.
     Returns [..., Bx, By] (float32 if the inputs are). Follows geomloss's SamplesLoss("sinkhorn", p=2,
