@@ -270,10 +270,22 @@ def test_sinkhorn_basic_properties():
         sinkhorn_divergence(x, empty, x, x_mask)
 
 
-def test_clamped_logsumexp_equals_torch():
+def test_logsumexp_read_off_log_softmax_equals_torch():
     z = 500 * torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(21))  # terms hundreds apart
-    z[..., 7:] = float("-inf")  # padding
-    assert torch.equal(C._logsumexp(z), torch.logsumexp(z, -1))
+    z[..., 7:] = float("-inf")  # padding (packed to the right: the first entry stays finite)
+    assert close(C._logsumexp(z, -1), torch.logsumexp(z.double(), -1).float(), rtol=0, atol=1e-4)  # ~ulp(500)
+    assert close(C._logsumexp(z.transpose(1, 2), 1), torch.logsumexp(z.double(), -1).float(), rtol=0, atol=1e-4)
+
+
+def test_buckets_hold_every_sets_valid_tokens_first_in_order():
+    x = torch.arange(2 * 3 * 5 * 1, dtype=torch.float).view(2, 3, 5, 1)  # [layers, sets, steps, D]
+    mask = torch.tensor([[0, 1, 0, 1, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    buckets = C._buckets(x, mask, waste=1.0)  # one bucket per length: sets 2 (1 token), 0 (2), 1 (3)
+    assert [group for group, _, _ in buckets] == [[2], [0], [1]]
+    assert [xb[1, :, :, 0].tolist() for _, xb, _ in buckets] == [[[29]], [[16, 18]], [[20, 21, 22]]]
+    group, xb, mb = C._buckets(x, mask, waste=float("inf"))[0]  # all in one: padding repeats the first token
+    assert group == [2, 0, 1] and mb.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert xb[1, :, :, 0].tolist() == [[29, 29, 29], [16, 18, 16], [20, 21, 22]]
 
 
 def test_wasserstein_batched_equals_a_per_pair_loop():
@@ -309,6 +321,31 @@ def test_sinkhorn_buckets_change_nothing_but_the_speed():
         assert close(bucketed, padded, rtol=1e-5, atol=1e-6)
         for g, r in zip(torch.autograd.grad(bucketed.sum(), speech), torch.autograd.grad(padded.sum(), speech, retain_graph=True)):
             assert close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_reads_no_padding_whatever_the_pattern():
+    """Valid steps scattered anywhere (in order) and NaN at padding: the divergences and gradients of right padding."""
+    text, text_mask = ragged(L=2, B=4, T=9, D=8, seed=23)
+    speech, speech_mask = ragged(L=2, B=5, T=20, D=8, seed=24)
+    t, s = F.normalize(torch.stack(text), dim=-1), F.normalize(torch.stack(speech), dim=-1).requires_grad_()
+    right = sinkhorn_divergence(t, text_mask, s, speech_mask)
+    g = torch.Generator().manual_seed(25)
+    scattered, holes = torch.full_like(s, float("nan")), torch.zeros_like(speech_mask)
+    for j, n in enumerate(speech_mask.sum(1).tolist()):
+        steps = torch.randperm(20, generator=g)[:n].sort().values  # n random steps, in order
+        scattered[:, j, steps], holes[j, steps] = s[:, j, :n], True
+    scattered_div = sinkhorn_divergence(t, text_mask, scattered, holes)
+    assert close(scattered_div, right, rtol=1e-5, atol=1e-6)
+    (g_right,), (g_scattered,) = torch.autograd.grad(right.sum(), s), torch.autograd.grad(scattered_div.sum(), s)
+    assert close(g_scattered, g_right, rtol=1e-5, atol=1e-6)
+
+
+def test_unit_vectors_gradient_equals_f_normalize():
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(C._UnitVectors.apply, (x,))
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    (ours,), (ref,) = torch.autograd.grad(C._UnitVectors.apply(x), x, g), torch.autograd.grad(F.normalize(x, dim=-1), x, g)
+    assert close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def clustered(n, D, seed, centers=3, jitter=0.03):
