@@ -4,7 +4,7 @@ bench.py: speed and memory, measured side by side, printed as one markdown table
     python bench.py                   # everything
     python bench.py --only loss       # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
     python bench.py --only step       # section 3: one pretraining step, broken down
-    python bench.py --only loss --repeats 3 --threads 2
+    python bench.py --only loss --repeats 3 --threads 1   # one CPU thread (the default: all cores)
 
 Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7 layers,
 D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the authors' loop (per
@@ -343,7 +343,8 @@ def bench_step(args, device):
     model = SpeechLLM("smollm2", demo.encoder, qformer).to(device)
     model.match_embedding_rms()
     model.feature_cache = {}
-    rows = read_manifest(prepare_demo.corpus_path() / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
+    corpus = prepare_demo.corpus_path(small=args.small_corpus)
+    rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]
     layers = pretrain.select_layers("all", model.num_layers)
@@ -415,12 +416,15 @@ def main():
     p.add_argument("--only", choices=["loss", "step", "all"], default="all", help="which sections to run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: quiet, reproducible)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's default, all cores; "
+                   "every implementation gets the same; 1 is the most repeatable)")
+    p.add_argument("--small-corpus", action="store_true", help="section 3 reads the small smoke-test corpus (the tests' quick run)")
     p.add_argument("--no-malloc-cache", action="store_true", help="CPU: let glibc return freed memory to the OS (page faults included in the timings)")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.malloc_cache = device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()
     rows, args.notes = [], []
     if args.only in ("loss", "all"):

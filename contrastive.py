@@ -236,13 +236,15 @@ def _logsumexp(z, dim):
     return z.select(dim, 0) - torch.log_softmax(z, dim).select(dim, 0)
 
 
-def _softmin(eps, C, h, dim=-1):
-    """The soft c-transform over axis `dim` of the costs C: f = -eps * log sum_dim exp(h - C / eps), with
-    h = log-weights + potential / eps of the other side, shaped to broadcast along `dim`. Both potentials
-    of a pair reduce the same C [..., N, M], one over M (dim -1), the other over N (dim -2): no transposed
-    copy, and torch's log_softmax over dim -2 runs along the contiguous M, fast even when N is short.
-    h never carries a gradient (the potentials come from the no-grad loop); C may (the last step)."""
-    z = torch.add(h, C.detach(), alpha=-1 / eps)  # one fused pass for h - C/eps
+def _softmin(eps, C, log_w, potential=None, dim=-1):
+    """The soft c-transform over axis `dim` of the costs C [..., N, M]: -eps * log sum_dim exp(h - C / eps),
+    with h = log_w + potential / eps, the log-weights and the current potential of the side being summed
+    over (shaped like C without its other token axis). Both potentials of a pair reduce the same C, one
+    over M (dim -1), the other over N (dim -2): no transposed copy, and torch's log_softmax over dim -2
+    runs along the contiguous M, fast even when N is short.
+    The potential never carries a gradient (it comes from the no-grad loop); C may (the last step)."""
+    h = log_w if potential is None else torch.add(log_w, potential, alpha=1 / eps)
+    z = torch.add(h.unsqueeze(-2 if dim == -1 else -1), C.detach(), alpha=-1 / eps)  # one fused pass for h - C/eps
     f = -eps * _logsumexp(z, dim)
     if not (torch.is_grad_enabled() and C.requires_grad):
         return f
@@ -319,13 +321,11 @@ def _ot_self(x, x_mask, eps_list):
     """<a, f_aa> for OT(x_i, x_i) of every set x_i: [..., I]. x [..., I, N, D] (packed), x_mask [I, N]."""
     a_log = _log_weights(x_mask)
     C = _half_sq_dist_within(x, x.detach())  # x seen only through the first argument (the 1/2 of OT(a, a) / 2)
-    h = lambda f, eps: (a_log + f / eps).unsqueeze(-2)  # noqa: E731  broadcast along the reduced axis
     with torch.no_grad():
-        f = _softmin(eps_list[0], C, a_log.unsqueeze(-2))
+        f = _softmin(eps_list[0], C, a_log)
         for eps in eps_list:
-            f = (f + _softmin(eps, C, h(f, eps))) / 2
-    eps = eps_list[-1]
-    f = _softmin(eps, C, h(f, eps))  # the differentiated last step
+            f = torch.lerp(f, _softmin(eps, C, a_log, f), 0.5)  # (f + new f) / 2
+    f = _softmin(eps_list[-1], C, a_log, f)  # the differentiated last step
     return (a_log.exp() * f).sum(-1)
 
 
@@ -333,19 +333,18 @@ def _ot_cross(x, x_mask, y, y_mask, eps_list):
     """<a, f> + <b, g> for OT(x_i, y_j) of every pair: [..., I, J]. x [..., I, N, D], y [..., J, M, D]."""
     a_log, b_log = _log_weights(x_mask)[:, None, :], _log_weights(y_mask)[None, :, :]  # [I, 1, N], [1, J, M]
     # The potentials f [..., I, J, N] and g [..., I, J, M] of every pair both come from C [..., I, J, N, M]:
-    # f reduces over M (dim -1), g over N (dim -2), each with the other side's h broadcast along it.
-    h_for_f = lambda g, eps: (b_log + g / eps).unsqueeze(-2)  # noqa: E731
-    h_for_g = lambda f, eps: (a_log + f / eps).unsqueeze(-1)  # noqa: E731
+    # f sums over y's tokens (dim -1) with y's weights and g; g over x's tokens (dim -2) with x's and f.
     # For the gradient, x may only be seen through f and y only through g: hence the detach()es.
     C_g = _half_sq_dist(x.detach(), y)  # y's gradient path
     C_f = _half_sq_dist(x, y.detach()) if x.requires_grad else C_g.detach()
     with torch.no_grad():
         eps = eps_list[0]
-        f, g = _softmin(eps, C_g, b_log.unsqueeze(-2), -1), _softmin(eps, C_g, a_log.unsqueeze(-1), -2)
+        f, g = _softmin(eps, C_g, b_log, dim=-1), _softmin(eps, C_g, a_log, dim=-2)
         for eps in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
-            f, g = (f + _softmin(eps, C_g, h_for_f(g, eps), -1)) / 2, (g + _softmin(eps, C_g, h_for_g(f, eps), -2)) / 2
+            f, g = (torch.lerp(f, _softmin(eps, C_g, b_log, g, dim=-1), 0.5),
+                    torch.lerp(g, _softmin(eps, C_g, a_log, f, dim=-2), 0.5))
     eps = eps_list[-1]
-    f, g = _softmin(eps, C_f, h_for_f(g, eps), -1), _softmin(eps, C_g, h_for_g(f, eps), -2)  # the differentiated last step
+    f, g = _softmin(eps, C_f, b_log, g, dim=-1), _softmin(eps, C_g, a_log, f, dim=-2)  # the differentiated last step
     return (a_log.exp() * f).sum(-1) + (b_log.exp() * g).sum(-1)
 
 
