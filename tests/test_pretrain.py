@@ -100,3 +100,13 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     rows = read_manifest(manifest)
     text, speech = evaluate.pooled_pairs(model, rows, layers)
     assert metrics["r1_centred_train"] == pytest.approx((100 * evaluate.retrieval_r1(text, speech, center=(text_mean, speech_mean))).tolist())
+
+def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
+    """--sim wasserstein through the real entry point: the batched Sinkhorn on the LLM's token states (the
+    text cache of pooled vectors is off for it: pretrain.py keeps it for cos), a finite loss per layer."""
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "2", "--sim", "wasserstein"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(torch.isfinite(torch.tensor(r["per_layer"])).all() for r in steps)
+    assert json.loads((out / "meta.json").read_text())["args"]["sim"] == "wasserstein"
