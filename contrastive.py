@@ -228,7 +228,7 @@ def _half_sq_dist_within(x, x2):
 
 def _logsumexp(z, dim):
     """log sum exp over axis `dim`, for rows whose first entry is finite (token sets are packed to the left,
-    see _pack). Read off torch's fused log_softmax: log_softmax(z)_0 = z_0 - logsumexp(z), so
+    see _packed_steps). Read off torch's fused log_softmax: log_softmax(z)_0 = z_0 - logsumexp(z), so
     logsumexp(z) = z_0 - log_softmax(z)_0. On a CPU that is twice as fast as torch.logsumexp's separate max,
     subtract, exp and sum passes (and 10x at eps = blur^2, where most terms underflow and the plain exp
     slows down), and as accurate as float32 allows: the error is one rounding of |z_0 - max|, i.e. of C / eps,
@@ -350,7 +350,8 @@ def _ot_cross(x, x_mask, y, y_mask, eps_list):
 
 def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None, waste=1.15):
     """Debiased Sinkhorn divergence between every pair of token sets: x [..., Bx, N, D] with bool x_mask
-    [Bx, N] against y [..., By, M, D] with y_mask [By, M] (any padding pattern); leading dimensions (layers) share the masks.
+    [Bx, N] against y [..., By, M, D] with y_mask [By, M] (any padding pattern); leading dimensions
+    (layers) share the masks.
     Returns [..., Bx, By] (float32 if the inputs are). Follows geomloss's SamplesLoss("sinkhorn", p=2,
     blur=blur, scaling=scaling); one epsilon schedule serves the whole batch, its diameter taken over all
     valid points (as geomloss does for a batch), unless `diameter` is given. waste: see _length_buckets
