@@ -9,15 +9,19 @@ evaluate.py: score a trained projector with the metrics the field uses.
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --prompt "What is said in this audio?"
 
-Generation is greedy, batched with left padding, and stops at the LLM's end-of-turn token or after
---max-new-tokens (the authors: 200); as the authors, an answer ends at its first newline. The table, a few
-hypotheses next to their references, and a JSON file of everything (default <ckpt>/eval-<task>.json).
+Generation is greedy, batched with left padding, and stops at the LLM's end-of-turn token, at a length cap
+that follows the input (--max-new-tokens auto: 16 tokens + 8 per second of audio for ASR/ST, 32 for QA), or
+when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the same few tokens; one is
+kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the authors, an answer ends at its
+first newline. The table (with how many answers the cap or the guard cut), a few hypotheses next to their
+references, and a JSON file of everything (default <ckpt>/eval-<task>.json).
 
 Sections: metrics | retrieval (stage 1) | generation | the command line.
 """
 
 import argparse
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -29,7 +33,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 import common
 from contrastive import masked_mean, select_layers
-from data import INSTRUCTIONS, LANGUAGES, Collator, read_manifest, task_examples, to_device
+from data import INSTRUCTIONS, LANGUAGES, SAMPLE_RATE, Collator, load_audio, read_manifest, task_examples, to_device
 from model import SpeechLLM
 
 # -----------------------------------------------------------------------------
@@ -62,10 +66,15 @@ WER_TEXT = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.
 
 def word_error_rates(hypotheses, references):
     """wer: corpus-level (all errors / all reference words), the usual number.
-    wer_mean: the mean of the per-utterance WERs, which is what the authors report."""
+    wer_mean: the mean of the per-utterance WERs, which is what the authors report.
+    wer_median and exact (the share of utterances with no error): one runaway answer can double the
+    corpus WER, so these two say what a typical utterance looks like."""
     wer = lambda refs, hyps: jiwer.wer(refs, hyps, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT)  # noqa: E731
-    per_utterance = [wer(r, h) for r, h in zip(references, hypotheses)]
-    return {"wer": 100 * wer(list(references), list(hypotheses)), "wer_mean": 100 * sum(per_utterance) / len(per_utterance)}
+    per_utterance = sorted(wer(r, h) for r, h in zip(references, hypotheses))
+    n = len(per_utterance)
+    median = (per_utterance[(n - 1) // 2] + per_utterance[n // 2]) / 2
+    return {"wer": 100 * wer(list(references), list(hypotheses)), "wer_mean": 100 * sum(per_utterance) / n,
+            "wer_median": 100 * median, "exact": 100 * sum(e == 0 for e in per_utterance) / n}
 
 
 def bleu_chrf(hypotheses, golds):
@@ -196,22 +205,42 @@ def unique_questions(examples):
     return list(merged.values())
 
 
-def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype, progress=True):
-    """Greedy answers for every example (batched, longest first to keep the padding small), in input order."""
+# The length cap on a generated answer (--max-new-tokens auto). Greedy decoding of a weak model can run on
+# past the sentence until the cap, so the cap follows the input: a transcript or translation is at most
+# a few tokens per second of speech (English speech is ~3-4 tokens/s, German text takes ~1.5x the tokens
+# of English), a spoken-QA answer is a short span. The authors: 200 tokens for everything.
+CAP_TOKENS = 16  # asr/st: this many tokens ...
+CAP_TOKENS_PER_SECOND = 8  # ... plus this many per second of audio
+QA_CAP_TOKENS = 32
+
+
+def answer_cap(task, seconds, max_new_tokens="auto"):
+    """The token cap for one answer: max_new_tokens if it is a number, else the rule above."""
+    if max_new_tokens != "auto":
+        return int(max_new_tokens)
+    return QA_CAP_TOKENS if task == "qa" else math.ceil(CAP_TOKENS + CAP_TOKENS_PER_SECOND * seconds)
+
+
+def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype, progress=True, loop_repeats=0,
+                     stop_reasons=False):
+    """Greedy answers for every example (batched, longest first to keep the padding small), in input order.
+    max_new_tokens: a number, or "auto" (answer_cap). With stop_reasons, also why each answer ended
+    (end of turn, the cap, or the loop guard: model.generate)."""
     from tqdm import tqdm
 
     collate = Collator(model.encoder.feature_extractor)
     order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
-    answers = [None] * len(examples)
+    answers, reasons = [None] * len(examples), [None] * len(examples)
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start : start + batch_size]
         batch = to_device(collate([examples[i] for i in idx]), device)
+        caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
         with common.autocast(device, dtype):
-            out = model.generate(batch, [examples[i]["instruction"] for i in idx], max_new_tokens)
-        for i, text in zip(idx, out):
-            answers[i] = text.split("\n")[0].strip()  # as the authors (stop string "\n")
-    return answers
+            out, why = model.generate(batch, [examples[i]["instruction"] for i in idx], caps, loop_repeats, stop_reasons=True)
+        for i, text, reason in zip(idx, out, why):
+            answers[i], reasons[i] = text.split("\n")[0].strip(), reason  # as the authors (stop string "\n")
+    return (answers, reasons) if stop_reasons else answers
 
 
 def evaluate_task(model, task, rows, args, device, dtype):
@@ -219,12 +248,15 @@ def evaluate_task(model, task, rows, args, device, dtype):
     examples = task_examples(rows, task)
     if task == "qa":
         examples = unique_questions(examples)
-    hypotheses = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device, dtype)
+    hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device, dtype,
+                                           loop_repeats=args.loop_repeats, stop_reasons=True)
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
     metrics = compute_metrics(task, hypotheses, references)
-    outputs = [{"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h, "references": ex["references"]}
-               for ex, h in zip(examples, hypotheses)]
-    return {"task": task, "n": len(examples), "metrics": metrics, "outputs": outputs}
+    decoding = {"max_new_tokens": args.max_new_tokens, "loop_repeats": args.loop_repeats,
+                "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")}}
+    outputs = [{"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h, "references": ex["references"], "stop": why}
+               for ex, h, why in zip(examples, hypotheses, reasons)]
+    return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding, "outputs": outputs}
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +271,10 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="test manifest (default: the demo corpus's test split for the task)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=200, help="cap on the generated answer (the authors: 200)")
+    p.add_argument("--max-new-tokens", type=max_tokens, default="auto",
+                   help="cap on a generated answer: a number (the authors: 200), or auto = 16 + 8 per second of audio for asr/st, 32 for qa")
+    p.add_argument("--loop-repeats", type=int, default=3,
+                   help="stop an answer that ends in this many copies of the same 1-12 tokens and keep one copy (0 = off, the authors)")
     p.add_argument("--layers", default=None, help="retrieval: emb | all | a comma list (default: the checkpoint's contrastive layers)")
     p.add_argument("--show", type=int, default=5, help="sample hypotheses to print next to their references")
     p.add_argument("--out", default=None, help="results JSON (default: <ckpt>/eval-<task>.json)")
@@ -252,6 +287,14 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     return p.parse_args(argv)
+
+
+def max_tokens(value):
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {value!r}")
+    return int(value)
 
 
 def default_task(meta):
@@ -283,8 +326,9 @@ def answer_one(model, args, device, dtype):
     if not Path(args.audio).is_file():
         raise SystemExit(f"--audio {args.audio}: no such file")
     batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
+    cap = answer_cap(args.task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
-        answer = model.generate(batch, [instruction], args.max_new_tokens)[0]
+        answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
     print(answer if args.prompt else answer.split("\n")[0].strip())
     return answer
 
@@ -301,6 +345,10 @@ def print_results(result, show):
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
+    stopped = result["decoding"]["stopped"]
+    print(f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
+          f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
+          f"--loop-repeats {result['decoding']['loop_repeats']})")
     for out in result["outputs"][:show]:
         print(f"  ref: {' | '.join(out['references'])}\n  hyp: {out['hypothesis']}")
 

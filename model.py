@@ -496,16 +496,30 @@ class SpeechLLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[supervised])
 
     @torch.no_grad()
-    def generate(self, batch, instructions, max_new_tokens=200):
-        """Greedy decoding of the answer for every utterance in a collated batch; returns strings."""
+    def generate(self, batch, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
+        """Greedy decoding of the answer for every utterance in a collated batch; returns strings.
+        max_new_tokens: one cap for all, or a list with one cap per utterance.
+        loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens, and
+        keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end" (the
+        end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
+        from transformers import StoppingCriteriaList
+
         speech, speech_mask = self.encode_speech(batch)
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
+        caps = [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        guard = Stops(caps, loop_repeats, eot)
         out = self.llm.generate(
-            inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+            inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask.long(), max_new_tokens=max(caps),
             do_sample=False, eos_token_id=eot, pad_token_id=self.tokenizer.pad_token_id or eot,
+            stopping_criteria=StoppingCriteriaList([guard]),
         )
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts, reasons = [], []
+        for i, ids in enumerate(out.tolist()):
+            ids = ids[: guard.keep[i]] if guard.keep[i] is not None else ids
+            reasons.append(guard.reason[i] or "cap")
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return (texts, reasons) if stop_reasons else texts
 
     # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
 
@@ -561,3 +575,37 @@ class SpeechLLM(nn.Module):
 def unwrap(module):
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
+
+
+class Stops:
+    """A stopping criterion for transformers' generate: each sequence stops at its own length cap, or, with
+    loop_repeats=k > 0, as soon as its last tokens are k copies of one span of 1-12 tokens (greedy
+    decoding of a weak model loops: "in Dublin in Dublin in Dublin ..."). Records why and where."""
+
+    MAX_PERIOD = 12
+
+    def __init__(self, caps, loop_repeats=0, end_token=None):
+        self.caps, self.repeats, self.end_token = caps, loop_repeats, end_token
+        self.reason, self.keep = [None] * len(caps), [None] * len(caps)  # keep: tokens kept (cap, loop)
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        n = input_ids.shape[1]  # with inputs_embeds, input_ids holds only the generated tokens
+        for i, ids in enumerate(input_ids.tolist()):
+            if self.reason[i] is not None:
+                done[i] = True
+            elif ids[-1] == self.end_token:
+                self.reason[i], done[i] = "end", True
+            elif n >= self.caps[i]:
+                self.reason[i], self.keep[i], done[i] = "cap", self.caps[i], True
+            elif self.repeats and (period := loop_period(ids, self.repeats, self.MAX_PERIOD)):
+                self.reason[i], self.keep[i], done[i] = "loop", n - (self.repeats - 1) * period, True
+        return done
+
+
+def loop_period(ids, repeats, max_period):
+    """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens, else 0."""
+    for p in range(1, max_period + 1):
+        if len(ids) >= repeats * p and all(ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p] for k in range(2, repeats + 1)):
+            return p
+    return 0

@@ -19,6 +19,7 @@ import torch
 
 import evaluate
 from data import Collator, load_audio, read_manifest
+import model as model_lib
 from model import QFormerConfig, SpeechLLM
 from tiny import write_manifest
 
@@ -141,6 +142,59 @@ def test_generation_stops_at_end_of_turn_or_the_cap(model, manifest):
         assert evaluate.generate_answers(model, examples, 3, 8, torch.device("cpu"), torch.float32, progress=False) == ["ab"] * 3
     finally:
         handle.remove()
+
+
+def test_a_looping_model_stops_at_the_guard_and_keeps_one_copy(model, manifest):
+    rows = read_manifest(manifest)[:3]
+    batch = Collator(model.encoder.feature_extractor)(rows)
+    instructions = ["Can you transcribe this audio?"] * 3
+    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731  (byte tokens)
+    loop = [tok("x"), tok("a"), tok("b"), tok("c")] + [tok("a"), tok("b"), tok("c")] * 20  # "xabcabcabc..."
+    handle = steered(model, loop)
+    try:
+        texts, why = model.generate(batch, instructions, max_new_tokens=40, loop_repeats=3, stop_reasons=True)
+        assert texts == ["xabc"] * 3 and why == ["loop"] * 3  # stopped after 3 copies, one kept
+    finally:
+        handle.remove()
+    handle = steered(model, loop)
+    try:  # the guard off (the authors): it runs to the cap
+        texts, why = model.generate(batch, instructions, max_new_tokens=13, loop_repeats=0, stop_reasons=True)
+        assert texts == ["xabcabcabcabc"] * 3 and why == ["cap"] * 3
+    finally:
+        handle.remove()
+    handle = steered(model, [tok("a")])
+    try:  # one cap per utterance: each answer stops at its own
+        texts, why = model.generate(batch, instructions, max_new_tokens=[2, 5, 3], stop_reasons=True)
+        assert texts == ["aa", "aaaaa", "aaa"] and why == ["cap"] * 3
+    finally:
+        handle.remove()
+    eot = model.prompt_ids(instructions[0])[2]
+    handle = steered(model, [tok("a"), tok("b"), eot])
+    try:
+        assert model.generate(batch, instructions, max_new_tokens=8, loop_repeats=3, stop_reasons=True) == (["ab"] * 3, ["end"] * 3)
+    finally:
+        handle.remove()
+
+
+def test_loop_period_by_hand():
+    assert model_lib.loop_period([1, 2, 3, 2, 3, 2, 3], repeats=3, max_period=12) == 2
+    assert model_lib.loop_period([5, 5, 5], repeats=3, max_period=12) == 1
+    assert model_lib.loop_period([1, 2, 3, 2, 3], repeats=3, max_period=12) == 0  # only two copies
+    assert model_lib.loop_period([1, 2, 1, 2, 1, 2], repeats=3, max_period=1) == 0  # period longer than allowed
+
+
+def test_answer_cap_follows_the_audio():
+    assert evaluate.answer_cap("asr", 3.0) == 16 + 24
+    assert evaluate.answer_cap("st", 2.01) == 33  # ceil(16 + 16.08)
+    assert evaluate.answer_cap("qa", 30.0) == 32  # a short answer, whatever the passage's length
+    assert evaluate.answer_cap("asr", 3.0, 200) == 200  # a fixed cap (the authors')
+
+
+def test_wer_median_and_exact_by_hand():
+    scores = evaluate.compute_metrics("asr", ["a b", "a x", "x y", "a b c"], ["a b", "a b", "a b", "a b c"])
+    assert scores["exact"] == pytest.approx(50.0)  # 2 of 4 without an error
+    assert scores["wer_median"] == pytest.approx(25.0)  # per utterance 0, 50, 100, 0: median (0 + 50) / 2
+    assert scores["wer_mean"] == pytest.approx(37.5)
 
 
 # -----------------------------------------------------------------------------
