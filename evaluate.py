@@ -234,22 +234,51 @@ def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype,
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start : start + batch_size]
-        batch = to_device(collate([examples[i] for i in idx]), device)
         caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
+        instructions = [examples[i]["instruction"] for i in idx]
         with common.autocast(device, dtype):
-            out, why = model.generate(batch, [examples[i]["instruction"] for i in idx], caps, loop_repeats, stop_reasons=True)
+            if "heard" in examples[idx[0]]:  # --read transcript|whisper: a text's token embeddings in the speech's place
+                heard, heard_mask = embed_texts(model, [examples[i]["heard"] for i in idx], device)
+                out, why = model.generate_from(heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True)
+            else:
+                batch = to_device(collate([examples[i] for i in idx]), device)
+                out, why = model.generate(batch, instructions, caps, loop_repeats, stop_reasons=True)
         for i, text, reason in zip(idx, out, why):
             answers[i], reasons[i] = text.split("\n")[0].strip(), reason  # as the authors (stop string "\n")
     return (answers, reasons) if stop_reasons else answers
 
 
+def embed_texts(model, texts, device):
+    """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]."""
+    ids = [model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id] for t in texts]
+    lengths = torch.tensor([len(i) for i in ids], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True).to(device)
+    return model.embed_tokens(padded), torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
+
+
+def whisper_transcripts(asr_model, examples, batch_size):
+    """A Whisper model's own transcript of each example's audio (the cascade's first stage)."""
+    import prepare_demo
+
+    folder = prepare_demo.whisper_tiny_path() if asr_model == "demo" else asr_model
+    return prepare_demo.transcribe(str(folder), [load_audio(ex["audio"]) for ex in examples], batch_size)
+
+
 def evaluate_task(model, task, rows, args, device, dtype):
-    """Generate and score one task on the rows of a manifest; returns the results as a dict."""
+    """Generate and score one task on the rows of a manifest; returns the results as a dict.
+    --read transcript: the LLM reads each reference transcript instead of the speech (the text topline);
+    --read whisper: it reads Whisper's transcript (a cascade; for ASR, Whisper's transcript is the answer)."""
     examples = task_examples(rows, task)
     if task == "qa":
         examples = unique_questions(examples)
-    hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device, dtype,
-                                           loop_repeats=args.loop_repeats, stop_reasons=True)
+    if args.read != "speech":
+        heard = [ex["text"] for ex in examples] if args.read == "transcript" else whisper_transcripts(args.asr_model, examples, args.batch_size)
+        examples = [{**ex, "heard": h} for ex, h in zip(examples, heard)]
+    if args.read == "whisper" and task == "asr":
+        hypotheses, reasons = [ex["heard"] for ex in examples], ["end"] * len(examples)
+    else:
+        hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device, dtype,
+                                               loop_repeats=args.loop_repeats, stop_reasons=True)
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
     metrics = compute_metrics(task, hypotheses, references)
     decoding = {"max_new_tokens": args.max_new_tokens, "loop_repeats": args.loop_repeats,
@@ -265,7 +294,7 @@ def evaluate_task(model, task, rows, args, device, dtype):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint folder (projector.safetensors + meta.json) from pretrain.py or finetune.py")
+    p.add_argument("--ckpt", default=None, help="a checkpoint folder (projector.safetensors + meta.json) from pretrain.py or finetune.py")
     p.add_argument("--task", choices=["asr", "st", "qa", "all", "retrieval"], default=None,
                    help="default: the checkpoint's fine-tuning task (all for a mix), retrieval for a stage-1 checkpoint")
     p.add_argument("--data", default=None, help="test manifest (default: the demo corpus's test split for the task)")
@@ -278,6 +307,13 @@ def get_args(argv=None):
     p.add_argument("--layers", default=None, help="retrieval: emb | all | a comma list (default: the checkpoint's contrastive layers)")
     p.add_argument("--show", type=int, default=5, help="sample hypotheses to print next to their references")
     p.add_argument("--out", default=None, help="results JSON (default: <ckpt>/eval-<task>.json)")
+    # toplines: no projector, the LLM reads text in the speech's place
+    p.add_argument("--read", choices=["speech", "transcript", "whisper"], default="speech",
+                   help="transcript: the reference transcript's token embeddings replace the speech (text topline); "
+                        "whisper: Whisper's transcript does (a cascade); both need no --ckpt")
+    p.add_argument("--llm", default="smollm2", help="with --read transcript|whisper: the LLM (default: the demo's)")
+    p.add_argument("--encoder", default="whisper-tiny", help="with --read transcript|whisper: the encoder to build the model with (not run)")
+    p.add_argument("--asr-model", default="demo", help="with --read whisper: a Whisper folder or hub id (default: the demo's tiny.en)")
     # one recording
     p.add_argument("--audio", default=None, help="answer for this one recording (any format and sample rate) instead of a test set")
     p.add_argument("--question", default=None, help="with --audio --task qa: the question about the recording")
@@ -357,7 +393,15 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
+    if args.read != "speech":  # the LLM alone reads text; the encoder and projector stay unused
+        if args.task not in ("asr", "st", "qa"):
+            raise SystemExit(f"--read {args.read} needs --task asr, st or qa")
+        model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype), {}
+        args.ckpt = args.ckpt or f"out/read-{args.read}"
+    elif args.ckpt is None:
+        raise SystemExit("--ckpt is required (or --read transcript|whisper for the toplines)")
+    else:
+        model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
     model = model.to(device).eval()
     args.task = args.task or default_task(meta)
     if args.audio:

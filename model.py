@@ -502,9 +502,15 @@ class SpeechLLM(nn.Module):
         loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens, and
         keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end" (the
         end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
+        speech, speech_mask = self.encode_speech(batch)
+        return self.generate_from(speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons)
+
+    @torch.no_grad()
+    def generate_from(self, speech, speech_mask, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
+        """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the projector's
+        outputs, or (evaluate.py --read) a transcript's own token embeddings."""
         from transformers import StoppingCriteriaList
 
-        speech, speech_mask = self.encode_speech(batch)
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
         caps = [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else list(max_new_tokens)

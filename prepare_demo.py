@@ -346,7 +346,7 @@ def build_whisper_tiny(out):
     check_whisper(out)
 
 
-def transcribe(folder, audios):
+def transcribe(folder, audios, batch_size=8):
     """Standard transformers Whisper inference (30 s log-mel features, greedy) on a list of 16 kHz arrays."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -357,8 +357,8 @@ def transcribe(folder, audios):
     texts, verbosity = [], logging.get_verbosity()
     logging.set_verbosity_error()  # transformers' Whisper generate warns about its own internal arguments
     try:
-        for i in range(0, len(audios), 8):
-            features = processor(audios[i:i + 8], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        for i in range(0, len(audios), batch_size):
+            features = processor(audios[i:i + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             with torch.no_grad():
                 ids = model.generate(features)  # prompt and limits from the generation config; greedy
             texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]

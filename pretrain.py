@@ -99,7 +99,9 @@ def get_args(argv=None):
     args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, 0 if key == "emb_steps" and args.loss == "asr" else value)  # no contrastive warm start for pure ASR
+    if args.loss == "asr" and args.emb_steps:
+        p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
     return args
 
 
@@ -161,14 +163,15 @@ def asr_step(model, batch, speech=None, speech_mask=None):
     return model.lm_loss(embeds, mask, labels)
 
 
-def train_step_loss(model, batch, layers, args, text_cache):
-    """Dispatch on --loss; returns (loss to backpropagate, dict of things to log incl. the loss value)."""
+def train_step_loss(model, batch, layers, args, text_cache, objective):
+    """Dispatch on the objective (--loss); returns (loss to backpropagate, dict of things to log incl. the
+    loss value)."""
     loss, logs = 0.0, {"loss": 0.0}
-    if args.loss in ("contrastive", "contrastive+asr"):
+    if objective in ("contrastive", "contrastive+asr"):
         contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
         loss = loss + contrastive
         logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
-    if args.loss in ("asr", "contrastive+asr"):
+    if objective in ("asr", "contrastive+asr"):
         asr = asr_step(model, batch)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
@@ -253,7 +256,7 @@ def main(argv=None):
     model.train()
     progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc="pretrain")
     for step in progress:
-        # the demo's warm start: the layer-0 loss alone (no LLM pass) before the all-layer loss
+        # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass) before the full objective
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
         lr = args.emb_lr if warm else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
@@ -272,7 +275,7 @@ def main(argv=None):
             batch = to_device(collate([rows[i] for i in next(order)]), device)
             # under DDP, synchronise gradients only on the last micro-step (nanoGPT's trick)
             with common.grad_sync(model, micro, args.grad_accum), common.autocast(device, dtype):
-                loss, logs = train_step_loss(model, batch, step_layers, args, text_cache)
+                loss, logs = train_step_loss(model, batch, step_layers, args, text_cache, "contrastive" if warm else args.loss)
                 (loss / args.grad_accum).backward()
         grad_norm = common.clip_and_step(optimizer, params, args.grad_clip, guard, step, args.out)
 

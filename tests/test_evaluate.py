@@ -249,6 +249,23 @@ def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
     assert json.loads((stage1 / "eval-retrieval.json").read_text())["metrics"] == metrics
 
 
+def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkeypatch):
+    """--read transcript: no checkpoint; the LLM gets each transcript's token embeddings where the speech
+    would be, and answers the same as generate_from on those embeddings."""
+    out = tmp_path / "topline.json"
+    evaluate.main(["--read", "transcript", "--task", "asr", "--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest),
+                   "--max-new-tokens", "3", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 3 and "wer" in saved["metrics"] and sum(saved["decoding"]["stopped"].values()) == 3  # the ASR rows
+    model = SpeechLLM(paths["llm"], paths["hubert"]).eval()
+    rows = read_manifest(manifest)[:3]
+    heard, mask = evaluate.embed_texts(model, [r["text"] for r in rows], torch.device("cpu"))
+    expected = model.generate_from(heard, mask, ["Can you transcribe this audio?"] * len(rows), 3, loop_repeats=3)
+    assert [o["hypothesis"] for o in saved["outputs"]] == [e.split("\n")[0].strip() for e in expected]
+    with pytest.raises(SystemExit, match="--ckpt is required"):
+        evaluate.main(["--task", "asr", "--data", str(manifest)])
+
+
 def test_cli_one_recording(model, finetuned, tmp_path):
     """`python evaluate.py --audio` on a 44.1 kHz stereo FLAC: the answer equals the in-process one on the
     same audio (resampled to 16 kHz mono by data.load_audio)."""

@@ -1,0 +1,333 @@
+"""
+compare.py: the paper's comparison in one command. Stage-1 variants (none, ASR pretraining, contrastive
+at the embedding layer or at all layers, cosine or Wasserstein, contrastive + ASR) -> fine-tuning of each
+on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the task-specialised model
+the paper compares against) -> test scores, next to a text topline and a Whisper cascade.
+
+    python compare.py                          # the demo grid on 2 CPU cores (about 2.5 h); rerun to continue
+    python compare.py --quick                  # the whole grid with tiny budgets, in minutes (a smoke test)
+    python compare.py --corpus /data/mine      # another corpus in the demo's layout (below)
+    python compare.py --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44   # the paper's setup (GPU)
+
+It runs the scripts as a user would (`python pretrain.py ...`, `python finetune.py ...`, `python
+evaluate.py ...`), one cell at a time, and records each finished cell in <out>/cells/<name>.json (its
+command, wall time and metrics); a rerun skips finished cells, so a killed grid continues where it stopped.
+At the end (and after every cell) it writes <out>/results.md (the table), results.json, and two figures:
+r1_per_layer.png (dev R@1 per layer over the stage-1 steps) and metrics.png (test metrics per variant,
+toplines as lines).
+
+The corpus folder holds sentences_{train,dev,test}.jsonl (ASR; stage 1 trains on sentences_train) and
+qa_{train,dev,test}.jsonl (spoken QA), in data.py's manifest format, as the demo's does.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# The grid: stage-1 variants (pretrain.py flags on top of its recipe), then fine-tuning cells
+
+VARIANTS = {
+    "none": None,  # no stage 1: fine-tuning starts from a fresh projector
+    "asr": ["--loss", "asr"],  # ASR pretraining (the paper's baseline)
+    "cos-emb": ["--layers", "emb"],  # contrastive, embedding layer only
+    "cos-all": [],  # contrastive, layers 0, 5, ..., last (the paper's best; pretrain.py's default)
+    "wass-all": ["--sim", "wasserstein"],
+    "cos-all+asr": ["--loss", "contrastive+asr"],
+}
+KEY_VARIANTS = ["cos-all", "asr", "none"]  # run with every --seeds; the others with the first seed only
+TASKS = {"asr": "sentences", "qa": "qa"}  # fine-tuning task -> the corpus's manifests
+FULL_DATA = 1.0  # the no-pretraining model on all the data: the task-specialised model
+METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher")}  # the headline metric of each task
+
+# Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
+DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
+QUICK = {  # tiny budgets: every cell runs, nothing learns
+    "pretrain": ["--max-steps", "3", "--emb-steps", "1", "--eval-every", "2", "--dev-size", "4", "--batch-size", "4",
+                 "--grad-accum", "1", "--center-items", "8"],
+    "pretrain_asr": ["--max-steps", "2", "--dev-size", "4", "--batch-size", "4", "--grad-accum", "1", "--center-items", "8"],
+    "finetune": ["--max-steps", "2", "--dev-size", "4", "--batch-size", "4", "--grad-accum", "1"],
+    "evaluate": ["--limit", "4"],
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)")
+    p.add_argument("--out", default="out/compare", help="cells, tables, figures")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of the key cells (cos-all, asr, none)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="stage-1 variants to run")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--frac", type=float, default=0.1, help="fine-tuning fraction of every variant")
+    p.add_argument("--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes")
+    p.add_argument("--llm", default=None, help="passed to pretrain.py / finetune.py (default: their default, the demo's)")
+    p.add_argument("--encoder", default=None, help="passed to pretrain.py / finetune.py")
+    p.add_argument("--pretrain-args", default="", help="extra flags for every pretrain.py run, one string")
+    p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py run, one string")
+    p.add_argument("--evaluate-args", default="--batch-size 16", help="extra flags for every evaluate.py run, one string")
+    p.add_argument("--toplines", nargs="*", default=["transcript", "whisper"], choices=["transcript", "whisper"],
+                   help="also score the LLM reading the transcript (text topline) and Whisper's transcript (cascade; the demo's "
+                        "Whisper tiny.en, or --evaluate-args '--asr-model ...'); none: --toplines with no value")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Cells: one script run each, recorded when it finishes
+
+
+def run_cell(out, name, command, log):
+    """Run one command unless its cell is recorded; returns the record {command, seconds, ...}."""
+    record = out / "cells" / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    log.write(f"\n=== {name}: {shlex.join(command)}\n")
+    log.flush()
+    t0 = time.time()
+    result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"compare.py: cell {name} failed (exit {result.returncode}); its output is in {log.name}")
+    done = {"name": name, "command": "python " + shlex.join(command), "seconds": round(time.time() - t0, 1)}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.with_suffix(".tmp").write_text(json.dumps(done, indent=2))
+    record.with_suffix(".tmp").replace(record)  # atomic: a killed run never records a half-finished cell
+    return done
+
+
+def corpus_files(args):
+    if args.corpus:
+        corpus = Path(args.corpus)
+    else:
+        import prepare_demo
+
+        corpus = prepare_demo.corpus_path()
+    return {split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")} for split in ("train", "dev", "test")}, corpus
+
+
+def model_flags(args):
+    return [*(["--llm", args.llm] if args.llm else []), *(["--encoder", args.encoder] if args.encoder else [])]
+
+
+def stage1(args, out, files, variant, seed, log):
+    """pretrain.py for one variant and seed; returns (its folder, its cell record)."""
+    folder = out / "stage1" / f"{variant}-s{seed}"
+    demo = args.llm in (None, "smollm2")
+    budget = (QUICK["pretrain_asr"] if variant == "asr" else QUICK["pretrain"]) if args.quick else DEMO_BUDGET.get(variant, []) if demo else []
+    command = ["pretrain.py", *VARIANTS[variant], *model_flags(args), "--data", files["train"]["sentences"],
+               "--dev-data", files["dev"]["sentences"], "--seed", str(seed), "--out", str(folder), *budget,
+               *args.feature_flags, *shlex.split(args.pretrain_args)]
+    return folder, run_cell(out, f"stage1-{variant}-s{seed}", command, log)
+
+
+def finetune_and_score(args, out, files, variant, seed, task, frac, init, log):
+    """finetune.py on one task from one start, then evaluate.py on the task's test split."""
+    name = f"{variant}-s{seed}-{task}-{frac:g}"
+    folder = out / "finetune" / name
+    budget = QUICK["finetune"] if args.quick else []
+    kind = TASKS[task]
+    command = ["finetune.py", "--task", task, "--frac", str(frac), "--init", str(init) if init else "none",
+               *(model_flags(args) if init is None else []), "--data", files["train"][kind], "--dev-data", files["dev"][kind],
+               "--seed", str(seed), "--out", str(folder), *budget, *args.feature_flags, *shlex.split(args.finetune_args)]
+    trained = run_cell(out, f"finetune-{name}", command, log)
+    score = ["evaluate.py", "--ckpt", str(folder), "--task", task, "--data", files["test"][kind], "--out", str(folder / "eval.json"),
+             *(QUICK["evaluate"] if args.quick else []), *shlex.split(args.evaluate_args)]
+    scored = run_cell(out, f"evaluate-{name}", score, log)
+    return {"variant": variant, "seed": seed, "task": task, "frac": frac, "finetune_seconds": trained["seconds"],
+            "evaluate_seconds": scored["seconds"], "commands": [trained["command"], scored["command"]], **read_eval(folder / "eval.json")}
+
+
+def topline(args, out, files, read, task, log):
+    """The LLM reading the reference transcript, or Whisper's transcript, instead of the speech."""
+    kind, folder = TASKS[task], out / "toplines" / f"{read}-{task}"
+    command = ["evaluate.py", "--read", read, "--task", task, "--data", files["test"][kind], "--ckpt", str(folder),
+               "--out", str(folder / "eval.json"), *model_flags(args),
+               *(QUICK["evaluate"] if args.quick else []), *shlex.split(args.evaluate_args)]
+    scored = run_cell(out, f"topline-{read}-{task}", command, log)
+    return {"variant": f"read-{read}", "task": task, "evaluate_seconds": scored["seconds"], "commands": [scored["command"]],
+            **read_eval(folder / "eval.json")}
+
+
+def read_eval(path):
+    result = json.loads(Path(path).read_text())
+    return {"metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+            "stopped": result["decoding"]["stopped"], "n": result["n"], "samples": result["outputs"][:3]}
+
+
+# -----------------------------------------------------------------------------
+# The table: one row per start, the headline metrics with their spread over seeds
+
+
+def spread(values):
+    """'mean' for one value, 'mean ± half the range' for several (range = max - min over the seeds)."""
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def table(cells, stage1_seconds, args):
+    rows = {}
+    for c in cells:
+        rows.setdefault((c["variant"], c.get("frac")), []).append(c)
+    columns = [("asr", "wer", "ASR WER"), ("asr", "exact", "ASR exact"), ("asr", "wer_median", "ASR median WER"),
+               ("qa", "f1", "QA F1"), ("qa", "em", "QA EM")]
+    columns = [c for c in columns if c[0] in args.tasks]
+    lines = ["| start | fine-tuning data | " + " | ".join(c[2] for c in columns) + " | seeds | stage-1 time | fine-tune time |",
+             "|---" * (len(columns) + 5) + "|"]
+    for (variant, frac), group in rows.items():
+        values = []
+        for task, metric, _ in columns:
+            found = [c["metrics"][metric] for c in group if c["task"] == task and metric in c["metrics"]]
+            values.append(spread(found) if found else "-")
+        seeds = sorted({c["seed"] for c in group if "seed" in c})
+        s1 = [stage1_seconds[(variant, s)] for s in seeds if (variant, s) in stage1_seconds]
+        ft = [c["finetune_seconds"] for c in group if "finetune_seconds" in c]
+        data = "-" if frac is None else f"{frac:.0%}"
+        lines.append(f"| {variant} | {data} | " + " | ".join(values) + f" | {len(seeds) or '-'} | "
+                     + (f"{sum(s1) / len(s1) / 60:.1f} min" if s1 else "-") + " | "
+                     + (f"{sum(ft) / len(ft) / 60:.1f} min" if ft else "-") + " |")
+    return "\n".join(lines)
+
+
+def machine():
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_results(out, cells, stage1_seconds, args, started):
+    md = table(cells, stage1_seconds, args)
+    info = machine()
+    wall = sum(stage1_seconds.values()) + sum(c.get("finetune_seconds", 0) + c.get("evaluate_seconds", 0) for c in cells)
+    text = (f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
+            f"ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split; QA: SQuAD F1 / EM (%). "
+            f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}"
+            f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: {wall / 60:.0f} min.\n")
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"cells": cells, "stage1_seconds": {f"{v}-s{s}": t for (v, s), t in stage1_seconds.items()},
+                                                  "machine": info, "args": vars(args), "started": started}, indent=2))
+    plots(out, cells, args)
+    return text
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+
+def plots(out, cells, args):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    logs = sorted((out / "stage1").glob("*/log.jsonl"))
+    curves = {}
+    for path in logs:
+        name = path.parent.name
+        if name.startswith("asr-"):
+            continue
+        points = [json.loads(line) for line in path.read_text().splitlines()]
+        points = [p for p in points if "dev_r1_centred" in p or "dev_r1" in p]
+        if points:
+            curves[name] = points
+    if curves:
+        layers = curves[next(iter(curves))][-1]["layers"]
+        fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False)
+        for name, points in curves.items():
+            for ax, (i, layer) in zip(axes[0], enumerate(layers)):
+                key = "dev_r1_centred" if "dev_r1_centred" in points[-1] else "dev_r1"
+                xs = [p["step"] for p in points if key in p and i < len(p[key])]
+                ax.plot(xs, [p[key][i] for p in points if key in p and i < len(p[key])], marker=".", label=name)
+                ax.set_title(f"layer {layer}")
+                ax.set_xlabel("stage-1 step")
+        axes[0][0].set_ylabel("dev R@1 (centred)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "r1_per_layer.png", dpi=110)
+        plt.close(fig)
+
+    tasks = [t for t in args.tasks if any(c["task"] == t for c in cells)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric, _ = METRIC[task]
+        starts = []
+        for c in cells:
+            if c["task"] == task and not c["variant"].startswith("read-"):
+                label = f"{c['variant']}\n{c['frac']:.0%}"
+                if label not in starts:
+                    starts.append(label)
+        values = [[c["metrics"][metric] for c in cells if c["task"] == task and f"{c['variant']}\n{c.get('frac', 0):.0%}" == s]
+                  for s in starts]
+        means = [sum(v) / len(v) for v in values]
+        ax.bar(range(len(starts)), means, color="tab:blue")
+        for x, v in enumerate(values):
+            ax.plot([x] * len(v), v, "k.", ms=4)  # every seed
+        for c in cells:
+            if c["task"] == task and c["variant"].startswith("read-"):
+                ax.axhline(c["metrics"][metric], ls="--", color="tab:red" if "transcript" in c["variant"] else "tab:green",
+                           label=f"{c['variant'][5:]} ({c['metrics'][metric]:.1f})")
+        ax.set_xticks(range(len(starts)), starts, fontsize=7)
+        ax.set_ylabel(f"{task.upper()} test {metric.upper()} (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The grid, in the order that gives the key comparison first
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, corpus = corpus_files(args)
+    # the frozen encoder's outputs, computed once for the whole grid (the demo keeps them inside its corpus)
+    cache = (corpus if args.corpus is None else out) / f"features-{(args.encoder or 'whisper-tiny').replace('/', '_')}.pt"
+    args.feature_flags = ["--feature-cache-file", str(cache)]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    log = open(out / "grid.log", "a")
+    cells, stage1_seconds = [], {}
+
+    def start(variant, seed):
+        if VARIANTS[variant] is None:
+            return None
+        folder, record = stage1(args, out, files, variant, seed, log)
+        stage1_seconds[(variant, seed)] = record["seconds"]
+        return folder
+
+    plan = [(v, s) for s in args.seeds for v in KEY_VARIANTS if v in args.variants]
+    plan[len(KEY_VARIANTS):len(KEY_VARIANTS)] = [(v, args.seeds[0]) for v in args.variants if v not in KEY_VARIANTS]
+    for i, (variant, seed) in enumerate(plan):
+        init = start(variant, seed)
+        for task in args.tasks:
+            cells.append(finetune_and_score(args, out, files, variant, seed, task, args.frac, init, log))
+            write_results(out, cells, stage1_seconds, args, started)
+        if variant == "none" and seed == args.seeds[0]:  # the task-specialised model: no pretraining, all the data
+            for task in args.tasks:
+                cells.append(finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log))
+                write_results(out, cells, stage1_seconds, args, started)
+        if i == 0:
+            for read in args.toplines:
+                for task in args.tasks:
+                    cells.append(topline(args, out, files, read, task, log))
+    print(write_results(out, cells, stage1_seconds, args, started))
+    print(f"wrote {out}/results.md, results.json, r1_per_layer.png, metrics.png")
+
+
+if __name__ == "__main__":
+    main()
