@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import unwrap
+from model import unwrap, write_folder_atomically
 
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
@@ -193,16 +193,16 @@ def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
     """Everything a run needs to continue exactly. Written to a temporary folder and renamed, so a kill
     mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
     out = Path(out)
-    final, tmp = out / f"ckpt-{step:07d}", out / f".tmp-ckpt-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_projector(tmp, step=step, args=vars(args), **meta)
-    torch.save({
-        "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp):
+        model.save_projector(tmp, step=step, args=vars(args), **meta)
+        torch.save({
+            "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }, tmp / "train_state.pt")
+
+    final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
     for old in sorted(out.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -30,7 +30,7 @@ from sacrebleu.metrics import BLEU, CHRF
 import common
 from contrastive import masked_mean, select_layers
 from data import INSTRUCTIONS, LANGUAGES, Collator, read_manifest, task_examples, to_device
-from model import SpeechLLM
+from model import SpeechLLM, write_atomically
 
 # -----------------------------------------------------------------------------
 # Metrics, in percent: WER for ASR, BLEU and chrF for ST, SQuAD EM and F1 for spoken QA
@@ -148,10 +148,9 @@ def save_centers(folder, text_mean, speech_mean, layers, items):
     """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
     from safetensors.torch import save_file
 
-    tmp = Path(folder) / f"{CENTERS}.tmp"
-    save_file({"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}, str(tmp),
-              metadata={"layers": json.dumps(layers), "items": str(items)})
-    tmp.replace(Path(folder) / CENTERS)  # atomic: a reader never sees half a file
+    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
+    metadata = {"layers": json.dumps(layers), "items": str(items)}
+    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_centers(folder, layers):

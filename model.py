@@ -104,16 +104,13 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
 
 
 def _save_atomically(folder, *parts):
-    """save_pretrained every part (a model, its tokenizer or feature extractor) into a temporary folder,
-    then rename it: a killed build never looks complete."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    for part in parts:
-        part.save_pretrained(tmp)
-    if folder.exists():  # another process built it meanwhile
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)
+    """save_pretrained every part (a model, its tokenizer or feature extractor) into `folder`, atomically."""
+
+    def save(tmp):
+        for part in parts:
+            part.save_pretrained(tmp)
+
+    write_folder_atomically(folder, save)
 
 
 def build_tiny_tokenizer():
@@ -377,8 +374,7 @@ class SpeechLLM(nn.Module):
     def save_feature_cache(self, path):
         if path and self.feature_cache is not None and len(self.feature_cache) > self._cached_on_disk:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.feature_cache, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            write_atomically(path, lambda tmp: torch.save(self.feature_cache, tmp))
             self._cached_on_disk = len(self.feature_cache)
 
     def encode_speech(self, batch):
@@ -520,10 +516,9 @@ class SpeechLLM(nn.Module):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()}
-        save_file(state, out / "projector.safetensors.tmp")
-        os.replace(out / "projector.safetensors.tmp", out / "projector.safetensors")
-        (out / "meta.json.tmp").write_text(json.dumps({**self.meta(), **extra}, indent=2, default=str))
-        os.replace(out / "meta.json.tmp", out / "meta.json")
+        write_atomically(out / "projector.safetensors", lambda tmp: save_file(state, tmp))
+        meta = json.dumps({**self.meta(), **extra}, indent=2, default=str)
+        write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
 
     def load_projector(self, ckpt):
         """Load a projector saved by save_projector, checking it was built for these models' widths."""
@@ -561,3 +556,36 @@ class SpeechLLM(nn.Module):
 def unwrap(module):
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
+
+
+# -----------------------------------------------------------------------------
+# Writing a file or a folder atomically: a reader, or a run killed half way, never sees half of one.
+# One writer at a time (rank 0, or under a lock as demokit.build_once takes).
+
+
+def write_atomically(path, write):
+    """write(tmp) to `path` + ".tmp", then rename it to `path` (os.replace is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_folder_atomically(folder, write):
+    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of `folder`
+    (replacing an older one, e.g. a checkpoint of the same step saved again). A killed write leaves only the
+    hidden folder, which the next write removes."""
+    folder = Path(folder)
+    for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder

@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -53,6 +52,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from model import write_folder_atomically
 
 REPO = Path(__file__).resolve().parent
 SAMPLE_RATE = 16000
@@ -97,7 +98,7 @@ def file_lock(path):
     """Hold an exclusive lock on `path` (two DDP ranks asking for the same folder: one builds, one waits)."""
     try:
         import fcntl
-    except ImportError:  # Windows: no locking; a concurrent build then fails at the final rename
+    except ImportError:  # Windows: no locking; two concurrent builds of one folder then collide
         yield
         return
     with open(path, "w") as f:
@@ -118,17 +119,9 @@ def build_once(folder, build, what):
     with file_lock(folder.parent / f".{folder.name}.lock"):
         if folder.is_dir():  # another process built it while we waited for the lock
             return folder
-        for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
         log(f"building {what} in {folder} (once)")
         t0 = time.time()
-        try:
-            build(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        os.replace(tmp, folder)
+        write_folder_atomically(folder, build)
         log(f"built {what} in {time.time() - t0:.0f} s: {folder}")
     return folder
 
