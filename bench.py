@@ -331,7 +331,7 @@ def bench_step(args, device):
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
 
-    import prepare_demo
+    import demokit
     import pretrain
     from contrastive import masked_mean
     from data import Collator, read_manifest, to_device
@@ -343,7 +343,7 @@ def bench_step(args, device):
     model = SpeechLLM("smollm2", demo.encoder, qformer).to(device)
     model.match_embedding_rms()
     model.feature_cache = {}
-    corpus = prepare_demo.corpus_path(small=args.small_corpus)
+    corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]

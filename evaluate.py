@@ -260,9 +260,9 @@ def default_task(meta):
 
 
 def default_data(task):
-    import prepare_demo
+    import demokit
 
-    return str(prepare_demo.corpus_path() / f"{'qa' if task == 'qa' else 'sentences'}_test.jsonl")
+    return str(demokit.corpus_path() / f"{'qa' if task == 'qa' else 'sentences'}_test.jsonl")
 
 
 def answer_one(model, args, device, dtype):

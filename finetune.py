@@ -46,7 +46,7 @@ RECIPES = {
 # --flag -> QFormerConfig field: the projector's shape, for --init none
 SHAPE = {"qformer_dim": "dim", "qformer_heads": "heads", "qformer_layers": "layers", "queries": "queries",
          "window": "window", "window_pos": "window_pos"}
-# the demo corpus's manifests of each task (prepare_demo.py): <name>_{train,dev,test}.jsonl
+# the demo corpus's manifests of each task (demokit): <name>_{train,dev,test}.jsonl
 DEMO_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
 
 
@@ -160,9 +160,9 @@ def build_model(args, dtype):
 def load_data(args):
     """Returns (training examples, dev examples). With no --data: the demo corpus's manifests of the task."""
     if args.data is None:
-        import prepare_demo
+        import demokit
 
-        corpus = prepare_demo.corpus_path()
+        corpus = demokit.corpus_path()
         args.data = [str(corpus / f"{name}_train.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.dev_data = args.dev_data or [str(corpus / f"{name}_dev.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")

@@ -37,12 +37,12 @@ REPO = Path(__file__).resolve().parent
 
 LLM_PRESETS = {
     "llama": "meta-llama/Llama-3.1-8B-Instruct",  # the paper (gated: needs `huggingface-cli login`)
-    "smollm2": "demo:smollm2",  # SmolLM2-135M-Instruct, converted offline by prepare_demo.py
+    "smollm2": "demo:smollm2",  # SmolLM2-135M-Instruct, converted offline by demokit
     "tiny": "tiny:llm",  # a 10-layer random Llama with a byte-level tokenizer, for tests
 }
 ENCODER_PRESETS = {
     "hubert": "facebook/hubert-large-ls960-ft",  # the paper
-    "whisper-tiny": "demo:whisper-tiny",  # Whisper tiny.en's encoder, converted offline by prepare_demo.py
+    "whisper-tiny": "demo:whisper-tiny",  # Whisper tiny.en's encoder, converted offline by demokit
     "tiny": "tiny:hubert",  # a 2-layer random HuBERT (raw waveform in), for tests
     "tiny-whisper": "tiny:whisper",  # a 2-layer random Whisper encoder (log-mel in), for tests
 }
@@ -63,9 +63,9 @@ def resolve(name, presets):
             {"llm": build_tiny_llm, "hubert": build_tiny_hubert, "whisper": build_tiny_whisper}[kind](folder)
         return str(folder)
     if target.startswith("demo:"):
-        import prepare_demo  # the offline plumbing lives outside the tutorial files
+        import demokit  # the offline plumbing lives outside the tutorial files
 
-        return str({"smollm2": prepare_demo.smollm2_path, "whisper-tiny": prepare_demo.whisper_tiny_path}[target[5:]]())
+        return str({"smollm2": demokit.smollm2_path, "whisper-tiny": demokit.whisper_tiny_path}[target[5:]]())
     if not Path(target).exists():
         check_hub(target)
     return target

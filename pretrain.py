@@ -181,9 +181,9 @@ def train_step_loss(model, batch, layers, args, text_cache):
 
 def load_data(args):
     if args.data is None:  # the built-in demo corpus, synthesised offline on first use
-        import prepare_demo
+        import demokit
 
-        corpus = prepare_demo.corpus_path()
+        corpus = demokit.corpus_path()
         args.data, args.dev_data = str(corpus / "sentences_train.jsonl"), args.dev_data or str(corpus / "sentences_dev.jsonl")
         args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")
     rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
