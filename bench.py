@@ -331,6 +331,7 @@ def bench_step(args, device):
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
 
+    import common
     import demokit
     import pretrain
     from contrastive import masked_mean
@@ -340,7 +341,7 @@ def bench_step(args, device):
     demo = pretrain.get_args([])  # the demo recipe's projector and batch size
     qformer = QFormerConfig(dim=demo.qformer_dim, heads=demo.qformer_heads, layers=demo.qformer_layers,
                             queries=demo.queries, window=demo.window, window_pos=demo.window_pos)
-    model = SpeechLLM("smollm2", demo.encoder, qformer).to(device)
+    model = SpeechLLM("smollm2", demo.encoder, qformer, resolve=common.resolve_model).to(device)
     model.match_embedding_rms()
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)

@@ -308,7 +308,7 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
+    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=common.resolve_model)
     model = model.to(device).eval()
     args.task = args.task or default_task(meta)
     if args.audio:

@@ -133,7 +133,7 @@ def build_model(args, dtype):
             if given is not None and given != meta["qformer"][field]:
                 raise SystemExit(f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
                                  f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out.")
-        model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout)
+        model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout, resolve=common.resolve_model)
         args.llm, args.encoder = meta["llm"], meta["encoder"]
         args.dropout = model.projector.cfg.dropout
         for flag, field in SHAPE.items():
@@ -147,7 +147,7 @@ def build_model(args, dtype):
             setattr(args, flag, shape[flag])
     args.dropout = 0.1 if args.dropout is None else args.dropout
     qformer = QFormerConfig(**{field: getattr(args, flag) for flag, field in SHAPE.items()}, dropout=args.dropout)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"])
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"], resolve=common.resolve_model)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model

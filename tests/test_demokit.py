@@ -1,15 +1,18 @@
 """demokit without downloads or TTS: the text world and its German, the QA spans, the splits, the
-manifest lines, the atomic build, the wheel hash check, and the CTranslate2 -> transformers Whisper
-converter (round trip through a tiny random Whisper). Seconds on a CPU:
+manifest lines, the atomic build, the wheel hash check, the CTranslate2 -> transformers Whisper
+converter (round trip through a tiny random Whisper), the demo's presets, and imports that run one way.
+Seconds on a CPU:
 
     python -m pytest -q tests/test_demokit.py
     python -m pytest -q -m slow tests/test_demokit.py   # + the real TTS engines and a small corpus
 """
 
+import ast
 import collections
 import json
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ import torch
 import demokit
 from demokit import models, tts, world
 from demokit.corpus import build_corpus, manifest_lines
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------
 # The text
@@ -278,6 +283,48 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
         expected = reference(input_features=features, decoder_input_ids=tokens).logits
         got = converted(input_features=features, decoder_input_ids=tokens).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The demo's presets, and the imports
+
+
+def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkeypatch):
+    """--llm tiny --encoder tiny: common.resolve_model builds the tiny models in the demo folder once; the
+    checkpoint records the names as given, and from_checkpoint rebuilds the model through the same resolver."""
+    import common
+    from model import QFormerConfig, SpeechLLM
+
+    monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path / "cache"))
+    assert common.resolve_model("tiny", "llm") == str((tmp_path / "cache" / "models" / "tiny-llm").resolve())
+    model = SpeechLLM("tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=common.resolve_model)
+    model.save_projector(tmp_path / "ckpt")
+    again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=common.resolve_model)
+    assert (meta["llm"], meta["encoder"]) == ("tiny", "tiny")
+    assert again.encoder.name == common.resolve_model("tiny", "encoder") == str(tmp_path / "cache" / "models" / "tiny-hubert")
+    assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(tmp_path / "ckpt")  # a folder passes through
+
+
+def project_imports(path):
+    """The project's own modules that the file imports, anywhere in it (imports inside functions included)."""
+    own = {p.stem for p in REPO.glob("*.py")} | {"demokit"}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & own - {path.stem}
+
+
+def test_imports_run_one_way():
+    """data.py, contrastive.py and model.py import none of the project's modules; common.py and demokit only
+    those below them. So model.py never reaches the demo's plumbing; the scripts sit on top."""
+    for name in ("data", "contrastive", "model"):
+        assert project_imports(REPO / f"{name}.py") == set(), name
+    assert project_imports(REPO / "common.py") == {"model", "demokit"}
+    for path in sorted((REPO / "demokit").glob("*.py")):
+        assert project_imports(path) <= {"model", "demokit"}, path.name
 
 
 # -----------------------------------------------------------------------------
