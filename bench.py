@@ -331,7 +331,8 @@ def bench_step(args, device):
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
 
-    import prepare_demo
+    import common
+    import demokit
     import pretrain
     from contrastive import masked_mean
     from data import Collator, read_manifest, to_device
@@ -340,10 +341,10 @@ def bench_step(args, device):
     demo = pretrain.get_args([])  # the demo recipe's projector and batch size
     qformer = QFormerConfig(dim=demo.qformer_dim, heads=demo.qformer_heads, layers=demo.qformer_layers,
                             queries=demo.queries, window=demo.window, window_pos=demo.window_pos)
-    model = SpeechLLM("smollm2", demo.encoder, qformer).to(device)
+    model = SpeechLLM("smollm2", demo.encoder, qformer, resolve=common.resolve_model).to(device)
     model.match_embedding_rms()
     model.feature_cache = {}
-    corpus = prepare_demo.corpus_path(small=args.small_corpus)
+    corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]

@@ -8,6 +8,7 @@ common.py: the training machinery pretrain.py and finetune.py share, so each of 
   clip + non-finite guard + step
 - checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
   written atomically (temporary folder, then rename), the last few kept
+- the one place where a --llm / --encoder name becomes a folder or hub id, demo presets included (resolve_model)
 """
 
 import json
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import unwrap
+from model import resolve, unwrap, write_folder_atomically
 
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
@@ -69,6 +70,20 @@ def resolve_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# -----------------------------------------------------------------------------
+# Models by name: the paper's presets, hub ids and folders (model.resolve), and the demo's presets (demokit)
+
+
+def resolve_model(name, kind):
+    """--llm / --encoder (kind "llm" | "encoder") -> the hub id or folder to load; SpeechLLM(..., resolve=this).
+    The demo's presets ('smollm2', 'whisper-tiny', and 'tiny', 'tiny-whisper': small random models for smoke
+    runs) are folders that demokit builds on first use; every other name goes to model.resolve."""
+    import demokit  # the demo's plumbing, outside the tutorial files: imported only here
+
+    build = demokit.PRESETS[kind].get(name)
+    return str(build()) if build else resolve(name, kind)
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +208,16 @@ def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
     """Everything a run needs to continue exactly. Written to a temporary folder and renamed, so a kill
     mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
     out = Path(out)
-    final, tmp = out / f"ckpt-{step:07d}", out / f".tmp-ckpt-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_projector(tmp, step=step, args=vars(args), **meta)
-    torch.save({
-        "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp):
+        model.save_projector(tmp, step=step, args=vars(args), **meta)
+        torch.save({
+            "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }, tmp / "train_state.pt")
+
+    final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
     for old in sorted(out.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -110,9 +110,9 @@ def corpus_files(args):
     if args.corpus:
         corpus = Path(args.corpus)
     else:
-        import prepare_demo
+        import demokit
 
-        corpus = prepare_demo.corpus_path()
+        corpus = demokit.corpus_path()
     return {split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")} for split in ("train", "dev", "test")}, corpus
 
 

@@ -34,7 +34,7 @@ from sacrebleu.metrics import BLEU, CHRF
 import common
 from contrastive import masked_mean, select_layers
 from data import INSTRUCTIONS, LANGUAGES, SAMPLE_RATE, Collator, load_audio, read_manifest, task_examples, to_device
-from model import SpeechLLM
+from model import SpeechLLM, write_atomically
 
 # -----------------------------------------------------------------------------
 # Metrics, in percent: WER for ASR, BLEU and chrF for ST, SQuAD EM and F1 for spoken QA
@@ -157,10 +157,9 @@ def save_centers(folder, text_mean, speech_mean, layers, items):
     """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
     from safetensors.torch import save_file
 
-    tmp = Path(folder) / f"{CENTERS}.tmp"
-    save_file({"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}, str(tmp),
-              metadata={"layers": json.dumps(layers), "items": str(items)})
-    tmp.replace(Path(folder) / CENTERS)  # atomic: a reader never sees half a file
+    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
+    metadata = {"layers": json.dumps(layers), "items": str(items)}
+    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_centers(folder, layers):
@@ -258,10 +257,11 @@ def embed_texts(model, texts, device):
 
 def whisper_transcripts(asr_model, examples, batch_size):
     """A Whisper model's own transcript of each example's audio (the cascade's first stage)."""
-    import prepare_demo
+    import demokit
+    from demokit.models import transcribe
 
-    folder = prepare_demo.whisper_tiny_path() if asr_model == "demo" else asr_model
-    return prepare_demo.transcribe(str(folder), [load_audio(ex["audio"]) for ex in examples], batch_size)
+    folder = demokit.whisper_tiny_path() if asr_model == "demo" else asr_model
+    return transcribe(str(folder), [load_audio(ex["audio"]) for ex in examples], batch_size)
 
 
 def evaluate_task(model, task, rows, args, device, dtype):
@@ -340,9 +340,9 @@ def default_task(meta):
 
 
 def default_data(task):
-    import prepare_demo
+    import demokit
 
-    return str(prepare_demo.corpus_path() / f"{'qa' if task == 'qa' else 'sentences'}_test.jsonl")
+    return str(demokit.corpus_path() / f"{'qa' if task == 'qa' else 'sentences'}_test.jsonl")
 
 
 def answer_one(model, args, device, dtype):
@@ -396,12 +396,12 @@ def main(argv=None):
     if args.read != "speech":  # the LLM alone reads text; the encoder and projector stay unused
         if args.task not in ("asr", "st", "qa"):
             raise SystemExit(f"--read {args.read} needs --task asr, st or qa")
-        model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype), {}
+        model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype, resolve=common.resolve_model), {}
         args.ckpt = args.ckpt or f"out/read-{args.read}"
     elif args.ckpt is None:
         raise SystemExit("--ckpt is required (or --read transcript|whisper for the toplines)")
     else:
-        model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
+        model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=common.resolve_model)
     model = model.to(device).eval()
     args.task = args.task or default_task(meta)
     if args.audio:

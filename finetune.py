@@ -46,7 +46,7 @@ RECIPES = {
 # --flag -> QFormerConfig field: the projector's shape, for --init none
 SHAPE = {"qformer_dim": "dim", "qformer_heads": "heads", "qformer_layers": "layers", "queries": "queries",
          "window": "window", "window_pos": "window_pos"}
-# the demo corpus's manifests of each task (prepare_demo.py): <name>_{train,dev,test}.jsonl
+# the demo corpus's manifests of each task (demokit): <name>_{train,dev,test}.jsonl
 DEMO_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
 
 
@@ -133,7 +133,7 @@ def build_model(args, dtype):
             if given is not None and given != meta["qformer"][field]:
                 raise SystemExit(f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
                                  f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out.")
-        model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout)
+        model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout, resolve=common.resolve_model)
         args.llm, args.encoder = meta["llm"], meta["encoder"]
         args.dropout = model.projector.cfg.dropout
         for flag, field in SHAPE.items():
@@ -147,7 +147,7 @@ def build_model(args, dtype):
             setattr(args, flag, shape[flag])
     args.dropout = 0.1 if args.dropout is None else args.dropout
     qformer = QFormerConfig(**{field: getattr(args, flag) for flag, field in SHAPE.items()}, dropout=args.dropout)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"])
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"], resolve=common.resolve_model)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model
@@ -160,9 +160,9 @@ def build_model(args, dtype):
 def load_data(args):
     """Returns (training examples, dev examples). With no --data: the demo corpus's manifests of the task."""
     if args.data is None:
-        import prepare_demo
+        import demokit
 
-        corpus = prepare_demo.corpus_path()
+        corpus = demokit.corpus_path()
         args.data = [str(corpus / f"{name}_train.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.dev_data = args.dev_data or [str(corpus / f"{name}_dev.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")

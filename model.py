@@ -9,12 +9,12 @@ Only the projector (the Q-Former in the middle) ever trains; the encoder and the
 Hugging Face ids or local folders through transformers' Auto classes and stay frozen.
 
     from model import SpeechLLM
-    m = SpeechLLM(llm="tiny", encoder="tiny")        # small random models, built in code
     m = SpeechLLM(llm="llama", encoder="hubert")      # the paper: Llama-3.1-8B-Instruct + HuBERT-large
     m = SpeechLLM(llm="/path/to/any/causal/lm", encoder="/path/to/any/hubert/or/whisper")
+    m = SpeechLLM("smollm2", "whisper-tiny", resolve=common.resolve_model)   # the demo's models (demokit/)
 
-Sections: presets and tiny models | speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings,
-text -> embeddings, selected hidden states, the chat prompt, generation, checkpoints).
+Sections: presets | speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings,
+selected hidden states, the chat prompt, generation, checkpoints) | writing files atomically.
 """
 
 import json
@@ -30,42 +30,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent
-
 # -----------------------------------------------------------------------------
-# Presets: a short name for the models people actually use; anything else is a hub id or a folder.
+# Presets: a short name for the paper's models; anything else is a hub id or a local folder. (The demo's own
+# presets, 'smollm2', 'whisper-tiny' and the 'tiny' test models, are folders that demokit builds; the scripts
+# reach them through common.resolve_model.)
 
 LLM_PRESETS = {
     "llama": "meta-llama/Llama-3.1-8B-Instruct",  # the paper (gated: needs `huggingface-cli login`)
-    "smollm2": "demo:smollm2",  # SmolLM2-135M-Instruct, converted offline by prepare_demo.py
-    "tiny": "tiny:llm",  # a 10-layer random Llama with a byte-level tokenizer, for tests
 }
 ENCODER_PRESETS = {
     "hubert": "facebook/hubert-large-ls960-ft",  # the paper
-    "whisper-tiny": "demo:whisper-tiny",  # Whisper tiny.en's encoder, converted offline by prepare_demo.py
-    "tiny": "tiny:hubert",  # a 2-layer random HuBERT (raw waveform in), for tests
-    "tiny-whisper": "tiny:whisper",  # a 2-layer random Whisper encoder (log-mel in), for tests
 }
 
 
-def tiny_dir():
-    """Where the tiny random models are saved once (git-ignored)."""
-    return Path(os.environ.get("SPEECHLLM_DEMO_DIR", REPO / "demo")) / "models"
-
-
-def resolve(name, presets):
-    """Preset name -> hub id or local folder (building the demo/tiny models on first use)."""
-    target = presets.get(name, name)
-    if target.startswith("tiny:"):
-        kind = target.split(":")[1]
-        folder = tiny_dir() / f"tiny-{kind}"
-        if not (folder / "config.json").exists():
-            {"llm": build_tiny_llm, "hubert": build_tiny_hubert, "whisper": build_tiny_whisper}[kind](folder)
-        return str(folder)
-    if target.startswith("demo:"):
-        import prepare_demo  # the offline plumbing lives outside the tutorial files
-
-        return str({"smollm2": prepare_demo.smollm2_path, "whisper-tiny": prepare_demo.whisper_tiny_path}[target[5:]]())
+def resolve(name, kind):
+    """A preset name (LLM_PRESETS for kind "llm", ENCODER_PRESETS for "encoder") -> its hub id. Hub ids and
+    local folders pass through; a hub id that is neither cached nor reachable fails at once (check_hub)."""
+    target = {"llm": LLM_PRESETS, "encoder": ENCODER_PRESETS}[kind].get(name, name)
     if not Path(target).exists():
         check_hub(target)
     return target
@@ -101,95 +82,6 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
     except (OSError, ValueError) as e:
         raise SystemExit(f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
                          + HOW_TO_GET_MODELS) from None
-
-
-def _save_atomically(folder, *parts):
-    """save_pretrained every part (a model, its tokenizer or feature extractor) into a temporary folder,
-    then rename it: a killed build never looks complete."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    for part in parts:
-        part.save_pretrained(tmp)
-    if folder.exists():  # another process built it meanwhile
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)
-
-
-def build_tiny_tokenizer():
-    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens and chat template,
-    so the tiny path exercises the same tokenizer and chat-template code as a real LLM."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        chat_template=chat_template,
-    )
-
-
-def build_tiny_llm(folder, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-
-    _save_atomically(folder, model, tok)
-    return str(folder)
-
-
-def build_tiny_hubert(folder, seed=0):
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
-
-    cfg = HubertConfig(  # HuBERT-large's conv stack (320-sample stride = 50 Hz), everything else tiny
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = HubertModel(cfg)
-    fe = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
-
-    _save_atomically(folder, model, fe)
-    return str(folder)
-
-
-def build_tiny_whisper(folder, seed=0):
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
-
-    cfg = WhisperConfig(
-        d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-        decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64, max_source_positions=1500,
-        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = WhisperModel(cfg)
-    fe = WhisperFeatureExtractor(feature_size=80)
-
-    _save_atomically(folder, model, fe)
-    return str(folder)
 
 
 # -----------------------------------------------------------------------------
@@ -326,18 +218,21 @@ AUDIO = "<|audio|>"  # placeholder in the chat prompt, replaced by the projector
 
 
 class SpeechLLM(nn.Module):
-    def __init__(self, llm="tiny", encoder="tiny", qformer=QFormerConfig(), dtype=torch.float32, sink_token=False):
-        """llm / encoder: a preset name (LLM_PRESETS, ENCODER_PRESETS), a hub id or a local folder.
+    def __init__(self, llm="llama", encoder="hubert", qformer=QFormerConfig(), dtype=torch.float32, sink_token=False,
+                 resolve=resolve):
+        """llm / encoder: a preset name (LLM_PRESETS, ENCODER_PRESETS), a hub id or a local folder, kept as given
+        (the checkpoint's meta.json records it). resolve(name, kind) -> the hub id or folder to load; the scripts
+        pass common.resolve_model, which knows the demo's presets too ('smollm2', 'whisper-tiny', 'tiny').
         sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in contrastive
         training (see pretrain.py --sink-token); the paper does not (False)."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.llm_name, self.encoder_name = llm, encoder
-        llm_path = resolve(llm, LLM_PRESETS)
+        llm_path = resolve(llm, "llm")
         self.tokenizer = load_pretrained(AutoTokenizer, llm_path, "LLM's tokenizer")
         self.llm = load_pretrained(AutoModelForCausalLM, llm_path, "LLM", dtype=dtype)
-        self.encoder = SpeechEncoder(resolve(encoder, ENCODER_PRESETS), dtype=dtype)
+        self.encoder = SpeechEncoder(resolve(encoder, "encoder"), dtype=dtype)
         self.llm.requires_grad_(False)
         self.llm.eval()
         self.num_layers = self.llm.config.num_hidden_layers
@@ -377,8 +272,7 @@ class SpeechLLM(nn.Module):
     def save_feature_cache(self, path):
         if path and self.feature_cache is not None and len(self.feature_cache) > self._cached_on_disk:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.feature_cache, f"{path}.tmp")
-            os.replace(f"{path}.tmp", path)
+            write_atomically(path, lambda tmp: torch.save(self.feature_cache, tmp))
             self._cached_on_disk = len(self.feature_cache)
 
     def encode_speech(self, batch):
@@ -540,10 +434,9 @@ class SpeechLLM(nn.Module):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()}
-        save_file(state, out / "projector.safetensors.tmp")
-        os.replace(out / "projector.safetensors.tmp", out / "projector.safetensors")
-        (out / "meta.json.tmp").write_text(json.dumps({**self.meta(), **extra}, indent=2, default=str))
-        os.replace(out / "meta.json.tmp", out / "meta.json")
+        write_atomically(out / "projector.safetensors", lambda tmp: save_file(state, tmp))
+        meta = json.dumps({**self.meta(), **extra}, indent=2, default=str)
+        write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
 
     def load_projector(self, ckpt):
         """Load a projector saved by save_projector, checking it was built for these models' widths."""
@@ -565,15 +458,15 @@ class SpeechLLM(nn.Module):
         return meta
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None):
+    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve):
         """Rebuild the SpeechLLM a checkpoint was trained with and load its projector.
-        dropout: a new dropout rate for further training (default: the checkpoint's)."""
+        dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as for __init__."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
             raise SystemExit(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
         meta = json.loads(path.read_text())
         qformer = QFormerConfig(**{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})})
-        model = cls(meta["llm"], meta["encoder"], qformer, dtype, meta.get("sink_token", False))
+        model = cls(meta["llm"], meta["encoder"], qformer, dtype, meta.get("sink_token", False), resolve=resolve)
         model.load_projector(ckpt)
         return model, meta
 
@@ -581,6 +474,39 @@ class SpeechLLM(nn.Module):
 def unwrap(module):
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
+
+
+# -----------------------------------------------------------------------------
+# Writing a file or a folder atomically: a reader, or a run killed half way, never sees half of one.
+# One writer at a time (rank 0, or under a lock as demokit.build_once takes).
+
+
+def write_atomically(path, write):
+    """write(tmp) to `path` + ".tmp", then rename it to `path` (os.replace is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_folder_atomically(folder, write):
+    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of `folder`
+    (replacing an older one, e.g. a checkpoint of the same step saved again). A killed write leaves only the
+    hidden folder, which the next write removes."""
+    folder = Path(folder)
+    for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 class Stops:

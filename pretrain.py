@@ -163,9 +163,10 @@ def asr_step(model, batch, speech=None, speech_mask=None):
     return model.lm_loss(embeds, mask, labels)
 
 
-def train_step_loss(model, batch, layers, args, text_cache, objective):
-    """Dispatch on the objective (--loss); returns (loss to backpropagate, dict of things to log incl. the
-    loss value)."""
+def train_step_loss(model, batch, layers, args, text_cache, objective=None):
+    """Dispatch on the objective (default: --loss); returns (loss to backpropagate, dict of things to log
+    incl. the loss value)."""
+    objective = objective or args.loss
     loss, logs = 0.0, {"loss": 0.0}
     if objective in ("contrastive", "contrastive+asr"):
         contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
@@ -184,9 +185,9 @@ def train_step_loss(model, batch, layers, args, text_cache, objective):
 
 def load_data(args):
     if args.data is None:  # the built-in demo corpus, synthesised offline on first use
-        import prepare_demo
+        import demokit
 
-        corpus = prepare_demo.corpus_path()
+        corpus = demokit.corpus_path()
         args.data, args.dev_data = str(corpus / "sentences_train.jsonl"), args.dev_data or str(corpus / "sentences_dev.jsonl")
         args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")
     rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
@@ -232,7 +233,7 @@ def main(argv=None):
 
     qformer = QFormerConfig(dim=args.qformer_dim, heads=args.qformer_heads, layers=args.qformer_layers,
                             queries=args.queries, window=args.window, dropout=args.dropout, window_pos=args.window_pos)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token).to(device)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token, resolve=common.resolve_model).to(device)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     layers = select_layers(args.layers, model.num_layers)

