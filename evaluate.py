@@ -118,9 +118,9 @@ def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=
     for i in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[i : i + batch_size]), device)
         with autocast or torch.autocast("cpu", enabled=False):
-            speech, speech_mask, speech_pool, text, text_mask, text_pool = model.contrastive_inputs(batch)
-            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool))
-            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool))
+            speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
+            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool_mask))
+            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool_mask))
     model.train(was_training)
     return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
 
