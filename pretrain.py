@@ -212,11 +212,11 @@ def load_data(args):
 def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
     """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
     (given the stored training means) centred by those."""
-    from evaluate import pooled_pairs, retrieval_r1
+    from evaluate import pooled_pairs
 
     text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
-    results = [retrieval_r1(text, speech), retrieval_r1(text, speech, center=True)]
-    return results + ([retrieval_r1(text, speech, center=centers)] if centers is not None else [])
+    results = [retrieval_r1(cos_logits(text, speech)), retrieval_r1(cos_logits(text, speech, center=True))]
+    return results + ([retrieval_r1(cos_logits(text, speech, center=centers))] if centers is not None else [])
 
 
 def store_training_means(model, rows, layers, args, device, dtype):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pretrain
+from contrastive import cos_logits, retrieval_r1
 from data import Collator, read_manifest
 from model import QFormerConfig, SpeechLLM
 from tiny import write_manifest
@@ -124,7 +125,7 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu"])["retrieval"]["metrics"]
     rows = read_manifest(manifest)
     text, speech = evaluate.pooled_pairs(model, rows, layers)
-    assert metrics["r1_centred_train"] == pytest.approx((100 * evaluate.retrieval_r1(text, speech, center=(text_mean, speech_mean))).tolist())
+    assert metrics["r1_centred_train"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist())
 
 def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
     """--sim wasserstein through the real entry point: the batched Sinkhorn on the LLM's token states (the
