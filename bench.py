@@ -13,6 +13,8 @@ Triton pooling kernel; and the floor of any implementation on this device, a pla
 states (the loss must read each of them once and write each of their gradients once). Section 2: the
 Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn against a loop of the same Sinkhorn
 per (text, speech) pair, and against geomloss per pair (the authors' code) when it is installed. Times are medians over --repeats runs after one warm-up run.
+"Ours" is contrastive_fast.py, the loss pretrain.py runs by default (contrastive.py, the reference written
+for reading, gives the same numbers more slowly).
 
 Memory ("peak extra"): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call.
 On the CPU there is no allocator statistic, so the torch profiler's allocation events are replayed in order
@@ -30,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from contrastive import HAS_TRITON, contrastive_loss, sinkhorn_divergence, wasserstein_logits
+from contrastive_fast import HAS_TRITON, contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
 
 # -----------------------------------------------------------------------------
 # Measuring
@@ -264,8 +266,6 @@ class Stopwatch:
 def step_ours(model, batch, layers, optimizer, text_cache, watch):
     """Our step: encoder features from the cache, transcripts' pooled states from the cache, the speech
     pass without the LM head keeping only the selected states, the batched loss."""
-    from contrastive import masked_mean
-
     with watch("encoder (frozen)"):
         frames, frame_mask = model.speech_frames(batch)
     with watch("projector"):
@@ -281,7 +281,7 @@ def step_ours(model, batch, layers, optimizer, text_cache, watch):
     with watch("LLM speech pass (fwd)"):
         states = model.hidden_states(speech, speech_mask, layers)
     with watch("loss (fwd)"):
-        loss = contrastive_loss(text_pooled, None, states, speech_mask)[0]
+        loss = contrastive_loss(None, None, states, speech_mask, text_pooled=text_pooled)[0]
     with watch("backward"):
         loss.backward()
     with watch("optimiser"):
@@ -334,7 +334,6 @@ def bench_step(args, device):
     import common
     import demokit
     import pretrain
-    from contrastive import masked_mean
     from data import Collator, read_manifest, to_device
     from model import QFormerConfig, SpeechLLM
 

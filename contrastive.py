@@ -1,5 +1,5 @@
 """
-contrastive.py: the paper's all-layer contrastive loss, written out by hand.
+contrastive.py: the paper's all-layer contrastive loss, written out by hand to be read top to bottom.
 
 The speech side (projector outputs) and the text side (the transcript's token embeddings) both go through
 the frozen LLM. At a few of its hidden states ("layers") every speech utterance in the batch is compared
@@ -19,7 +19,11 @@ with every transcript, and an InfoNCE loss asks each transcript to pick out its 
              total = plain sum over the layers (not the mean). tau = 0.1, fixed.
 
 Only the speech side learns: the text side has no trainable parameter, so it is detached (and may even be
-pooled once and cached). All the loss math runs in float32 whatever the model's dtype.
+pooled once and cached: text_pooled=). All the loss math runs in float32 whatever the model's dtype.
+
+This file is the reference: plain PyTorch, nothing in it exists for speed. contrastive_fast.py has the same
+functions with the same signatures and the same numbers, faster (what pretrain.py runs unless given
+--loss-impl reference); tests/test_contrastive_fast.py holds the two equal.
 
     import torch
     from contrastive import contrastive_loss, select_layers
@@ -29,23 +33,14 @@ pooled once and cached). All the loss math runs in float32 whatever the model's 
     total, per_layer = contrastive_loss(text, text_mask, speech, speech_mask)              # scalar, [L]
     total.backward()                                                 # gradients reach the speech side only
 
-Sections: which layers | masked mean pooling | cosine logits | batched Sinkhorn divergence | InfoNCE and the
-full loss | an optional Triton kernel for the pooling (forward + backward), used with kernel="triton".
+Sections: which layers | masked mean pooling | centring, cosine logits and retrieval | batched Sinkhorn
+divergence | InfoNCE and the full loss.
 """
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
-
-try:  # Triton is optional: the pure PyTorch path below is the default and the reference.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 # -----------------------------------------------------------------------------
 # Which layers
@@ -78,180 +73,72 @@ def select_layers(spec, num_layers):
 # Masked mean pooling: the mean over the valid time steps of every selected layer
 
 
-def _as_layers(states):
-    """A python list/tuple of L tensors [B, T, D], or one stacked tensor [L, B, T, D] -> list of [B, T, D]."""
-    layers = list(states.unbind(0)) if torch.is_tensor(states) else list(states)
-    if not layers or any(h.dim() != 3 for h in layers):
-        raise ValueError("states must be a list of [B, T, D] tensors or one [L, B, T, D] tensor")
-    return layers
-
-
-def _mean_weights(mask):
-    """[B, T] float32: 1/count at the valid positions, 0 at padding, so mean = sum_t weight[t] * h[t].
-    A row with no valid position pools to 0 instead of NaN."""
-    m = mask.float()
-    return m / m.sum(1, keepdim=True).clamp(min=1)
-
-
-def _valid_spans(mask):
-    """[(start, end)] per row when every row's valid steps form one run (right padding, or a dropped first
-    position as with the sink token; an empty row gives (0, 0)); None when some row has holes."""
-    count = mask.sum(1)
-    start = torch.where(count > 0, mask.int().argmax(1), 0)  # first valid step
-    spans = list(zip(start.tolist(), (start + count).tolist()))
-    run = torch.arange(mask.shape[1], device=mask.device)[None]
-    one_run = mask.equal((run >= start[:, None]) & (run < (start + count)[:, None]))
-    return spans if one_run else None
-
-
-class _SpanMean(torch.autograd.Function):
-    """The mean over each example's valid run of steps, states [..., B, T, D] -> float32 [..., B, D], for
-    all leading dimensions (the layers) at once. It reads only the valid states (padding is never touched)
-    and its backward writes every gradient element exactly once (1/n on the run, 0 elsewhere); autograd's
-    own backward of B slices would build B zero-filled copies of the whole gradient and add them up."""
-
-    @staticmethod
-    def forward(ctx, states, spans):
-        ctx.spans, ctx.shape, ctx.dtype = spans, states.shape, states.dtype
-        means = states.new_zeros(*states.shape[:-2], states.shape[-1], dtype=torch.float32)  # [..., B, D]
-        for b, (start, end) in enumerate(spans):
-            if end > start:  # one matrix-vector product per example: [1, n] @ [..., n, D]
-                run = states[..., b, start:end, :].float()
-                means[..., b, :] = (run.new_full((1, end - start), 1 / (end - start)) @ run).squeeze(-2)
-        return means
-
-    @staticmethod
-    def backward(ctx, grad_means):
-        grad = grad_means.new_empty(ctx.shape, dtype=ctx.dtype)
-        for b, (start, end) in enumerate(ctx.spans):
-            grad[..., b, :start, :] = 0
-            grad[..., b, end:, :] = 0
-            if end > start:
-                grad[..., b, start:end, :] = (grad_means[..., b, None, :] / (end - start)).to(ctx.dtype)
-        return grad, None
+def _stacked(states):
+    """The selected hidden states as one [L, B, T, D] tensor, from that tensor or from a list of L [B, T, D]
+    tensors (the form transformers' output_hidden_states returns)."""
+    states = torch.stack(list(states)) if isinstance(states, (list, tuple)) else states
+    if states.dim() != 4:
+        raise ValueError(f"states must be [L, B, T, D] or a list of [B, T, D] tensors, got shape {tuple(states.shape)}")
+    return states
 
 
 def masked_mean(states, mask):
-    """Mean over the valid time steps, for every layer at once. states: list of L [B, T, D] or [L, B, T, D];
-    mask: bool [B, T]. Returns float32 [L, B, D]. The reference implementation (pure PyTorch)."""
-    layers = _as_layers(states)  # (views: checks the shapes of either form)
-    if mask.shape != layers[0].shape[:2]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}")
-    spans = _valid_spans(mask)
-    if spans is not None:  # the usual case: pool each example's run, never reading the padding
-        return _SpanMean.apply(states, spans) if torch.is_tensor(states) else torch.stack([_SpanMean.apply(h, spans) for h in layers])
-    # Any mask: a batched matrix-vector product reads every hidden state exactly once and never builds a
-    # masked copy; padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
-    w = _mean_weights(mask).to(layers[0].device)[:, None, :]  # [B, 1, T]
-    if torch.is_tensor(states):  # [L, B, T, D] as ONE product, so the backward writes one [L, B, T, D] gradient
-        L, B, T, D = states.shape  # (unbinding into layers would cost an extra copy to stack their gradients)
-        return torch.bmm(w.repeat(L, 1, 1), states.float().reshape(L * B, T, D)).view(L, B, D)
-    return torch.stack([torch.bmm(w, h.float()).squeeze(1) for h in layers])
-
-
-def _resolve_kernel(kernel, states):
-    """'torch' | 'triton' | 'auto' (Triton when it is installed and the states live on a GPU)."""
-    device = states.device if torch.is_tensor(states) else states[0].device
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if kernel == "auto":
-        return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
-    if kernel == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("kernel='triton' needs `pip install -r requirements-triton.txt`")
-        if device.type != "cuda" and not interpreted:
-            raise RuntimeError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
-        return "triton"
-    if kernel != "torch":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
-    return "torch"
-
-
-def pool(states, mask, normalize=True, kernel="torch"):
-    """Masked mean over time of every layer, then (if normalize) L2-normalised. float32 [L, B, D].
-    kernel="triton" runs the mean as one Triton launch over all layers (the normalisation of the small
-    [L, B, D] result stays in PyTorch)."""
-    if _resolve_kernel(kernel, states) == "triton":
-        pooled = triton_masked_mean(states, mask)
-    else:
-        pooled = masked_mean(states, mask)
-    return F.normalize(pooled, dim=-1) if normalize else pooled
+    """Mean over the valid time steps, every layer at once: states [L, B, T, D] (or a list of L [B, T, D]),
+    bool mask [B, T] (True = counts) -> float32 [L, B, D]. Padding is replaced by 0 before the sum, so
+    whatever it holds never counts; a row with no valid step pools to 0 instead of NaN."""
+    states = _stacked(states)
+    if mask.shape != states.shape[1:3]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(states.shape[1:3])}")
+    kept = torch.where(mask[:, :, None], states.float(), 0.0)  # [L, B, T, D]
+    count = mask.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+    return kept.sum(2) / count
 
 
 # -----------------------------------------------------------------------------
-# Cosine logits ("cos" in the authors' run names, "average" in their code)
+# Centring, cosine logits ("cos" in the authors' run names, "average" in their code) and retrieval
+
+
+def center_pooled(pooled, mean=None):
+    """Pooled states [L, N, D] minus a per-layer mean [L, D], by default their own mean over the N items.
+    The pooled states of an LLM share a large common direction that makes every cosine close to 1;
+    subtracting it leaves what tells the items apart (the demo's --center)."""
+    mean = pooled.mean(1) if mean is None else mean.to(pooled)
+    return pooled - mean[:, None]
 
 
 def cos_logits(text_pooled, speech_pooled, temperature=0.1, center=False):
-    """[L, B, B] cosine similarities / temperature between UNnormalised pooled states [L, B, D]:
-    rows = text, columns = speech. center=True subtracts each side's batch mean per layer first (the pooled
-    states of an LLM share a large common direction that makes every cosine close to 1); off = the paper."""
+    """[L, B, B] cosine similarities / temperature between UNnormalised pooled states [L, B, D]: rows = text,
+    columns = speech. center: False (the paper) | True (each side minus its own batch mean per layer) |
+    (text_mean, speech_mean), each [L, D] (minus given means: the training means stored by --center, which a
+    single retrieval query needs, having no set to average over)."""
     t, s = text_pooled.float(), speech_pooled.float()
-    if center:
-        t, s = t - t.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
-    t, s = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
-    return t @ s.transpose(1, 2) / temperature
+    if center is True:
+        t, s = center_pooled(t), center_pooled(s)
+    elif center is not False and center is not None:
+        t, s = center_pooled(t, center[0]), center_pooled(s, center[1])
+    return F.normalize(t, dim=-1) @ F.normalize(s, dim=-1).transpose(1, 2) / temperature
+
+
+def retrieval_r1(logits):
+    """Speech -> text R@1 per layer from logits [L, N, N] with rows = text and columns = speech (as
+    cos_logits and contrastive_loss return them): the fraction of speech columns whose best-scoring text row
+    is their own transcript. Tensor[L]; chance = 1/N. From pooled states: retrieval_r1(cos_logits(t, s))."""
+    target = torch.arange(logits.shape[-1], device=logits.device)
+    return (logits.argmax(1) == target).float().mean(-1)
 
 
 # -----------------------------------------------------------------------------
 # Batched Sinkhorn divergence ("wasserstein" / "wasser" in the authors' code, which calls geomloss's
-# SamplesLoss("sinkhorn", p=2, blur=0.05) once per (text, speech) pair: B^2 solves per layer).
+# SamplesLoss("sinkhorn", p=2, blur=0.05) once per (text, speech) pair)
 #
-# Here all B^2 pairs are solved together. Each set is a uniform measure over its valid tokens. The cost is
-# C(x, y) = |x - y|^2 / 2 and the entropic temperature eps = blur^2, as geomloss. The solver is geomloss's
-# symmetric log-domain Sinkhorn loop with epsilon-scaling: eps starts at diameter^2 and shrinks by scaling^2
-# per iteration down to blur^2; each iteration averages the old and the new dual potentials. The divergence
-# is debiased:
-#     S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2 = [<a, f> + <b, g>] - <a, f_aa> - <b, g_bb>
-# and the three problems are independent: the cross term needs one problem per (text, speech) pair, the
-# self terms one per set (B + B problems, not B^2).
-# Gradients: the loop runs without autograd, then one last full Sinkhorn step with the potentials frozen is
-# differentiated (the envelope theorem: at the optimum the potentials' own variation does not change the
-# value), exactly geomloss's "last extrapolation". Cheap in memory, and the gradient geomloss gives.
-# Speed: the cost of every iteration is an exp over every (token, token) pair of every problem, so padding
-# is wasted work. The sets are sorted by length and cut into buckets of similar lengths; each (text
-# bucket, speech bucket) block of pairs is one batched problem padded only to its own longest sets.
-# Leading dimensions (the layers) are batched too: one problem per block for all layers at once.
-
-
-def _half_sq_dist(x, y):
-    """C[..., i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [..., I, N, D] and y [..., J, M, D]: every token of
-    every x set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
-    (*lead, I, N, D), (J, M) = x.shape, y.shape[-3:-1]
-    xy = (x.reshape(*lead, I * N, D) @ y.reshape(*lead, J * M, D).transpose(-1, -2)).view(*lead, I, N, J, M)
-    return (x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]) / 2 - xy.transpose(-3, -2)
-
-
-def _half_sq_dist_within(x, x2):
-    """C[..., i, n, m] = |x[i, n] - x2[i, m]|^2 / 2, set by set: [..., I, N, N] (x2 is x, detached or not)."""
-    return (x.pow(2).sum(-1)[..., :, None] + x2.pow(2).sum(-1)[..., None, :]) / 2 - x @ x2.transpose(-1, -2)
-
-
-def _logsumexp(z, dim):
-    """log sum exp over axis `dim`, for rows whose first entry is finite (token sets are packed to the left,
-    see _packed_steps). Read off torch's fused log_softmax: log_softmax(z)_0 = z_0 - logsumexp(z), so
-    logsumexp(z) = z_0 - log_softmax(z)_0. On a CPU that is twice as fast as torch.logsumexp's separate max,
-    subtract, exp and sum passes (and 10x at eps = blur^2, where most terms underflow and the plain exp
-    slows down), and as accurate as float32 allows: the error is one rounding of |z_0 - max|, i.e. of C / eps,
-    which the softmin multiplies back by eps."""
-    return z.select(dim, 0) - torch.log_softmax(z, dim).select(dim, 0)
-
-
-def _softmin(eps, C, log_w, potential=None, dim=-1):
-    """The soft c-transform over axis `dim` of the costs C [..., N, M]: -eps * log sum_dim exp(h - C / eps),
-    with h = log_w + potential / eps, the log-weights and the current potential of the side being summed
-    over (shaped like C without its other token axis). Both potentials of a pair reduce the same C, one
-    over M (dim -1), the other over N (dim -2): no transposed copy, and torch's log_softmax over dim -2
-    runs along the contiguous M, fast even when N is short.
-    The potential never carries a gradient (it comes from the no-grad loop); C may (the last step)."""
-    h = log_w if potential is None else torch.add(log_w, potential, alpha=1 / eps)
-    z = torch.add(h.unsqueeze(-2 if dim == -1 else -1), C.detach(), alpha=-1 / eps)  # one fused pass for h - C/eps
-    f = -eps * _logsumexp(z, dim)
-    if not (torch.is_grad_enabled() and C.requires_grad):
-        return f
-    # d f_n / d C[n, m] = softmax_m(z)[n, m]. Attach that gradient to the value above (the added term is 0):
-    # cheaper than autograd through a logsumexp, whose exp slows down on the many underflowing terms.
-    P = torch.softmax(z, dim)
-    return f + (P * (C - C.detach())).sum(dim)
+# Each token set is a uniform measure over its valid tokens. As geomloss: the cost is C(x, y) = |x - y|^2 / 2
+# and the solver is the symmetric log-domain Sinkhorn loop with epsilon-scaling: the entropic temperature eps
+# starts at diameter^2 and shrinks by scaling^2 per iteration down to blur^2, and each iteration averages the
+# old and the new dual potentials. The divergence is debiased, so that S(a, a) = 0:
+#     S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2,    OT(a, b) = <a, f> + <b, g>  (f, g: the potentials)
+# Gradients, as geomloss: the loop runs without autograd, then one last Sinkhorn step from the frozen
+# potentials is differentiated (at the optimum the potentials' own variation does not change the value: the
+# envelope theorem). In that step x is seen only through f and y only through g, hence the detach()es.
 
 
 def _epsilon_schedule(diameter, blur, scaling):
@@ -275,126 +162,56 @@ def _log_weights(mask):
     return torch.where(mask, -n.log(), float("-inf"))
 
 
-def _length_buckets(lengths, waste=1.15):
-    """Set indices sorted by length, cut into runs ("buckets") whose padded size (count x longest) stays
-    within `waste` x their real size. Returns a list of index lists, shortest sets first. More buckets mean
-    less padding but more, smaller problems: 1.15 was the fastest of 1, 1.15, 1.3, 1.6, 2 on the bench's
-    batches (B = 10, ragged lengths) on a CPU."""
-    buckets, total = [[]], 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if buckets[-1] and (len(buckets[-1]) + 1) * lengths[i] > waste * (total + lengths[i]):
-            buckets.append([])
-            total = 0
-        buckets[-1].append(i)
-        total += lengths[i]
-    return buckets
+def _half_sq_dist(x, y):
+    """C[..., n, m] = |x[..., n, :] - y[..., m, :]|^2 / 2 for x [..., N, D] and y [..., M, D] (leading
+    dimensions broadcast), from one matrix product: |x|^2 / 2 + |y|^2 / 2 - <x, y>."""
+    return (x.pow(2).sum(-1)[..., :, None] + y.pow(2).sum(-1)[..., None, :]) / 2 - x @ y.transpose(-1, -2)
 
 
-def _packed_steps(mask):
-    """For token sets with bool mask [I, T] (any padding pattern): the steps [I, N] that list each set's
-    valid tokens first, in order, and the packed mask [I, N] (N = the longest set). Every set's first slot
-    is valid, which _logsumexp relies on; padding slots repeat it (finite values with weight 0: they
-    change no value and get no gradient, and no padding is read, whatever it holds)."""
-    counts = mask.sum(1)
-    steps = mask.int().argsort(dim=1, descending=True, stable=True)[:, :int(counts.max())]
-    packed_mask = torch.arange(steps.shape[1], device=mask.device) < counts[:, None]
-    return torch.where(packed_mask, steps, steps[:, :1]), packed_mask
+def _softmin(eps, C, h):
+    """The soft minimum over the last axis of C [..., N, M]: -eps * log sum_m exp(h[..., m] - C[..., n, m] / eps),
+    with h = the other side's log-weights + its potential / eps."""
+    return -eps * torch.logsumexp(h[..., None, :] - C / eps, dim=-1)
 
 
-def _buckets(x, mask, waste):
-    """[(set indices, packed states [..., n, N, D], packed mask [n, N])] for each bucket of sets of similar
-    lengths (see _length_buckets), each packed to its own longest set. x [..., I, T, D], mask [I, T].
-    All buckets come from one gather (its backward: one scatter) of the flattened tokens."""
-    groups = _length_buckets(mask.sum(1).tolist(), waste)
-    T = mask.shape[1]
-    indices, masks = [], []
-    for group in groups:
-        steps, packed_mask = _packed_steps(mask[group])
-        indices.append((torch.tensor(group, device=mask.device)[:, None] * T + steps).flatten())
-        masks.append(packed_mask)
-    tokens = x.flatten(-3, -2)[..., torch.cat(indices), :]  # [..., all buckets' slots, D]
-    pieces = tokens.split([len(index) for index in indices], -2)
-    return [(group, piece.unflatten(-2, m.shape), m) for group, piece, m in zip(groups, pieces, masks)]
-
-
-def _ot_self(x, x_mask, eps_list):
-    """<a, f_aa> for OT(x_i, x_i) of every set x_i: [..., I]. x [..., I, N, D] (packed), x_mask [I, N]."""
-    a_log = _log_weights(x_mask)
-    C = _half_sq_dist_within(x, x.detach())  # x seen only through the first argument (the 1/2 of OT(a, a) / 2)
+def _entropic_ot(x, a_log, y, b_log, eps_list):
+    """OT(a, b) = <a, f> + <b, g> between the token sets x [..., N, D] with log-weights a_log [..., N] and
+    y [..., M, D] with b_log [..., M]; leading dimensions broadcast (all pairs of sets, all layers)."""
+    C_xy, C_yx = _half_sq_dist(x, y.detach()), _half_sq_dist(y, x.detach())  # [..., N, M], [..., M, N]
     with torch.no_grad():
-        f = _softmin(eps_list[0], C, a_log)
-        for eps in eps_list:
-            f = torch.lerp(f, _softmin(eps, C, a_log, f), 0.5)  # (f + new f) / 2
-    f = _softmin(eps_list[-1], C, a_log, f)  # the differentiated last step
-    return (a_log.exp() * f).sum(-1)
-
-
-def _ot_cross(x, x_mask, y, y_mask, eps_list):
-    """<a, f> + <b, g> for OT(x_i, y_j) of every pair: [..., I, J]. x [..., I, N, D], y [..., J, M, D]."""
-    a_log, b_log = _log_weights(x_mask)[:, None, :], _log_weights(y_mask)[None, :, :]  # [I, 1, N], [1, J, M]
-    # The potentials f [..., I, J, N] and g [..., I, J, M] of every pair both come from C [..., I, J, N, M]:
-    # f sums over y's tokens (dim -1) with y's weights and g; g over x's tokens (dim -2) with x's and f.
-    # For the gradient, x may only be seen through f and y only through g: hence the detach()es.
-    C_g = _half_sq_dist(x.detach(), y)  # y's gradient path
-    C_f = _half_sq_dist(x, y.detach()) if x.requires_grad else C_g.detach()
-    with torch.no_grad():
-        eps = eps_list[0]
-        f, g = _softmin(eps, C_g, b_log, dim=-1), _softmin(eps, C_g, a_log, dim=-2)
-        for eps in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
-            f, g = (torch.lerp(f, _softmin(eps, C_g, b_log, g, dim=-1), 0.5),
-                    torch.lerp(g, _softmin(eps, C_g, a_log, f, dim=-2), 0.5))
+        f, g = _softmin(eps_list[0], C_xy, b_log), _softmin(eps_list[0], C_yx, a_log)
+        for eps in eps_list:  # both new potentials from the old ones, each averaged with its old value
+            f, g = (f + _softmin(eps, C_xy, b_log + g / eps)) / 2, (g + _softmin(eps, C_yx, a_log + f / eps)) / 2
     eps = eps_list[-1]
-    f, g = _softmin(eps, C_f, b_log, g, dim=-1), _softmin(eps, C_g, a_log, f, dim=-2)  # the differentiated last step
+    f, g = _softmin(eps, C_xy, b_log + g / eps), _softmin(eps, C_yx, a_log + f / eps)  # the differentiated step
     return (a_log.exp() * f).sum(-1) + (b_log.exp() * g).sum(-1)
 
 
-def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None, waste=1.15):
+def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=None):
     """Debiased Sinkhorn divergence between every pair of token sets: x [..., Bx, N, D] with bool x_mask
-    [Bx, N] against y [..., By, M, D] with y_mask [By, M] (any padding pattern); leading dimensions
-    (layers) share the masks.
-    Returns [..., Bx, By] (float32 if the inputs are). Follows geomloss's SamplesLoss("sinkhorn", p=2,
-    blur=blur, scaling=scaling); one epsilon schedule serves the whole batch, its diameter taken over all
-    valid points (as geomloss does for a batch), unless `diameter` is given. waste: see _length_buckets
-    (1 = one bucket per distinct length; inf = no buckets, everything padded to the longest set)."""
+    [Bx, N] against y [..., By, M, D] with y_mask [By, M] (any padding pattern); leading dimensions (the
+    layers) share the masks. Returns [..., Bx, By] (float32 if the inputs are). Follows geomloss's
+    SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling); one epsilon schedule serves the whole batch,
+    its diameter taken over all valid points (as geomloss does for a batch), unless `diameter` is given."""
     if not (x_mask.any(1).all() and y_mask.any(1).all()):
         raise ValueError("every token set needs at least one valid token")
     if diameter is None:
         diameter = _diameter(x.detach(), x_mask, y.detach(), y_mask)
     eps_list = _epsilon_schedule(diameter, blur, scaling)
-
-    xs, ys = _buckets(x, x_mask, waste), _buckets(y, y_mask, waste)
-    self_x = torch.cat([_ot_self(xb, mb, eps_list) for _, xb, mb in xs], -1)  # [..., Bx] in bucket order
-    self_y = torch.cat([_ot_self(yb, mb, eps_list) for _, yb, mb in ys], -1)
-    cross = torch.cat([torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1) for _, xb, xm in xs], -2)
-    S = cross - self_x[..., :, None] - self_y[..., None, :]
-    x_order, y_order = [i for idx, _, _ in xs for i in idx], [j for idx, _, _ in ys for j in idx]
-    x_back, y_back = torch.tensor(x_order).argsort(), torch.tensor(y_order).argsort()  # bucket order -> input order
-    return S[..., x_back.to(S.device), :][..., y_back.to(S.device)]
+    x, y = torch.where(x_mask[:, :, None], x, 0.0), torch.where(y_mask[:, :, None], y, 0.0)  # padding: weight 0, and finite
+    a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)  # [Bx, N], [By, M]
+    # every x set against every y set: x [..., Bx, 1, N, D] and y [..., 1, By, M, D] broadcast to the pairs
+    cross = _entropic_ot(x[..., :, None, :, :], a_log[:, None], y[..., None, :, :, :], b_log[None], eps_list)
+    self_x = _entropic_ot(x, a_log, x, a_log, eps_list) / 2  # [..., Bx]: OT(a, a) / 2, one problem per set
+    self_y = _entropic_ot(y, b_log, y, b_log, eps_list) / 2  # [..., By]
+    return cross - self_x[..., :, None] - self_y[..., None, :]
 
 
-class _UnitVectors(torch.autograd.Function):
-    """x / |x| over the last axis, as F.normalize (eps 1e-12), with its backward written out: the gradient
-    of y = x / |x| is (g - y <y, g>) / |x|, three passes over the states instead of the eight that autograd
-    makes through F.normalize's norm and division (on a CPU they were a quarter of the Wasserstein loss)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
-        y = x / norm
-        ctx.save_for_backward(y, norm)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, norm = ctx.saved_tensors
-        return torch.addcmul(g, y, (g * y).sum(-1, keepdim=True), value=-1).div_(norm)
-
-
-def wasserstein_logits(text_states, text_mask, speech_states, speech_mask, temperature=0.1):
+def wasserstein_logits(text_states, text_pool_mask, speech_states, speech_pool_mask, temperature=0.1):
     """[L, B, B] logits -SinkhornDivergence(text_i, speech_j) / temperature per layer, every token vector
     L2-normalised first (float32), as the authors. Rows = text, columns = speech. All layers in one call."""
-    text, speech = (_UnitVectors.apply(torch.stack(_as_layers(s)).float()) for s in (text_states, speech_states))
-    return -sinkhorn_divergence(text, text_mask, speech, speech_mask) / temperature
+    text, speech = (F.normalize(_stacked(s).float(), dim=-1) for s in (text_states, speech_states))
+    return -sinkhorn_divergence(text, text_pool_mask, speech, speech_pool_mask) / temperature
 
 
 # -----------------------------------------------------------------------------
@@ -411,135 +228,34 @@ def info_nce(logits, symmetric=False):
     return (text_to_speech + speech_to_text) / 2
 
 
-def retrieval_accuracy(logits):
-    """Speech -> text R@1 within the batch, per layer: the fraction of speech columns whose best-scoring
-    text row is their own transcript. Tensor[L]."""
-    target = torch.arange(logits.shape[-1], device=logits.device)
-    return (logits.argmax(1) == target).float().mean(-1)
-
-
-def contrastive_loss(text_states, text_mask, speech_states, speech_mask, sim="cos", temperature=0.1,
-                     symmetric=False, center=False, kernel="torch", return_logits=False):
-    """The paper's loss summed over layers. text/speech_states: list of L [B, T, D] or [L, B, T, D] (any
-    dtype), masks: bool [B, T]. sim: "cos" | "wasserstein". Returns (total, per_layer[L]) and the logits
-    [L, B, B] too when return_logits. The text side never gets a gradient.
-    Text cache: with text_mask=None, text_states is the already pooled, unnormalised float32 [L, B, D]
-    (what masked_mean returns), for sim="cos" only.
-    center (see cos_logits) and kernel (the pooling: "torch" | "triton" | "auto") apply to sim="cos" only;
-    the Wasserstein score compares the token sets themselves and ignores them."""
-    if sim == "cos":
-        if text_mask is None:
-            text = text_states.detach().float()
-        else:
-            with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
-                text = pool(text_states, text_mask, normalize=False, kernel=kernel)
-        speech = pool(speech_states, speech_mask, normalize=False, kernel=kernel)
-        if text.shape[0] != speech.shape[0]:
-            raise ValueError(f"{text.shape[0]} text layers vs {speech.shape[0]} speech layers")
-        logits = cos_logits(text, speech, temperature, center)
-    elif sim == "wasserstein":
-        if text_mask is None:
-            raise ValueError("sim='wasserstein' compares token sets: it needs the text hidden states and their mask, not pooled text")
-        text = [h.detach() for h in _as_layers(text_states)]
-        logits = wasserstein_logits(text, text_mask, speech_states, speech_mask, temperature)
-    else:
+def _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_states):
+    """ValueError for a contrastive_loss call that cannot mean anything."""
+    if sim not in ("cos", "wasserstein"):
         raise ValueError(f"sim must be 'cos' or 'wasserstein', got {sim!r}")
+    if text_pooled is not None and (text_states is not None or text_pool_mask is not None):
+        raise ValueError("give the text side once: text_states with text_pool_mask, or text_pooled (then both None)")
+    if sim == "wasserstein" and text_pooled is not None:
+        raise ValueError("sim='wasserstein' compares token sets: it needs text_states and text_pool_mask, not text_pooled")
+    if len(text_states if text_pooled is None else text_pooled) != len(speech_states):
+        raise ValueError("the text and the speech side need the same number of layers")
+
+
+def contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mask, sim="cos", temperature=0.1,
+                     symmetric=False, center=False, return_logits=False, text_pooled=None):
+    """The paper's loss summed over layers. *_states: [L, B, T, D] or a list of L [B, T, D] (any dtype);
+    *_pool_mask: bool [B, T], True at the positions that count. sim: "cos" | "wasserstein"; center: see
+    cos_logits (cos only). Returns (total, per_layer [L]), and the logits [L, B, B] too when return_logits.
+    The text side never gets a gradient.
+    text_pooled: the text side already pooled, float32 [L, B, D] as masked_mean returns it, given INSTEAD
+    of text_states and text_pool_mask (pass None for both); cos only (pretrain.py caches it per transcript)."""
+    _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_states)
+    if sim == "cos":
+        if text_pooled is None:
+            with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
+                text_pooled = masked_mean(text_states, text_pool_mask)
+        logits = cos_logits(text_pooled.detach(), masked_mean(speech_states, speech_pool_mask), temperature, center)
+    else:
+        logits = wasserstein_logits(_stacked(text_states).detach(), text_pool_mask, speech_states, speech_pool_mask, temperature)
     per_layer = info_nce(logits, symmetric)
     total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
     return (total, per_layer, logits) if return_logits else (total, per_layer)
-
-
-# -----------------------------------------------------------------------------
-# Optional Triton kernel: masked mean pooling of every layer in one launch, forward and backward.
-#
-# Why a kernel: pooling is pure memory traffic. For the paper's shapes the speech side alone is
-# 7 layers x 10 utterances x ~250 steps x 4096 features; the kernel reads each hidden state once (and skips
-# padding entirely), and its backward writes each gradient element once, with no temporary copies.
-#
-# Layout: the stacked states [L, B, T, D] (any strides), the pooling weights w [B, T] (float32, 1/count at
-# valid steps, 0 at padding: the same weights as masked_mean), the output [L, B, D] float32.
-# The L2 normalisation of the small [L, B, D] result is left to PyTorch (F.normalize in `pool`): fusing it
-# would need a whole D-row per program instance, giving up the parallelism over D-blocks for a tiny op.
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _pool_fwd_kernel(x_ptr, w_ptr, out_ptr, B, T, D, stride_l, stride_b, stride_t, stride_d,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        # One program instance = one (layer, utterance) row and one block of BLOCK_D features; it walks
-        # down the time axis BLOCK_T steps at a time, accumulating sum_t w[b, t] * x[l, b, t, d] in fp32.
-        row = tl.program_id(0).to(tl.int64)  # row = l * B + b; int64 so offsets cannot overflow
-        layer, b = row // B, row % B
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            w = tl.load(w_ptr + b * T + t, mask=t < T, other=0.0)  # [BLOCK_T]
-            # Masking: a padded step (w == 0) is never even loaded, so padding costs no bandwidth and its
-            # contents (even NaN) cannot leak in; out-of-range t and d are masked the same way.
-            keep = (w != 0)[:, None] & d_ok[None, :]
-            ptrs = x_ptr + layer * stride_l + b * stride_b + t[:, None] * stride_t + d[None, :] * stride_d
-            x = tl.load(ptrs, mask=keep, other=0.0).to(tl.float32)  # any input dtype -> fp32 (bf16 too)
-            acc += tl.sum(x * w[:, None], axis=0)
-        tl.store(out_ptr + row * D + d, acc, mask=d_ok)
-
-    @triton.jit
-    def _pool_bwd_kernel(g_ptr, w_ptr, gx_ptr, B, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        # d mean / d x[l, b, t, :] = w[b, t], so grad_x[l, b, t, d] = w[b, t] * grad_out[l, b, d]: the pooled
-        # gradient broadcast over the valid steps (divided by their count), exactly 0 at padding. One program
-        # instance writes one [BLOCK_T, BLOCK_D] tile of the contiguous gradient [L, B, T, D].
-        row = tl.program_id(0).to(tl.int64)
-        b = row % B
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        t_ok, d_ok = t < T, d < D
-        g = tl.load(g_ptr + row * D + d, mask=d_ok, other=0.0)  # [BLOCK_D] fp32
-        w = tl.load(w_ptr + b * T + t, mask=t_ok, other=0.0)  # [BLOCK_T]
-        gx = w[:, None] * g[None, :]
-        ptrs = gx_ptr + row * T * D + t[:, None] * D + d[None, :]
-        tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
-
-    # Tile sizes. 128 contiguous features per tile: 256-512 bytes per time step, full coalesced memory
-    # transactions. 32 time steps per tile: a [32, 128] fp32 tile is 32 registers per thread with 4 warps,
-    # enough work per loop iteration to hide the loads' latency without spilling. (Module constants so the
-    # tests can shrink them and cover several tiles per row with tiny tensors.)
-    BLOCK_T, BLOCK_D = 32, 128
-
-    def _blocks(T, D):
-        # capped at the tensor's size (powers of two, as tl.arange requires): tiny shapes stay cheap
-        return min(BLOCK_T, triton.next_power_of_2(T)), min(BLOCK_D, triton.next_power_of_2(D))
-
-    class _TritonMaskedMean(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, states, weights):  # states [L, B, T, D], weights [B, T] float32
-            L, B, T, D = states.shape
-            out = torch.empty(L, B, D, device=states.device, dtype=torch.float32)
-            BLOCK_T, BLOCK_D = _blocks(T, D)
-            grid = (L * B, triton.cdiv(D, BLOCK_D))
-            _pool_fwd_kernel[grid](states, weights, out, B, T, D, *states.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
-            ctx.save_for_backward(weights)
-            ctx.shape, ctx.dtype = states.shape, states.dtype
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            (weights,) = ctx.saved_tensors
-            L, B, T, D = ctx.shape
-            grad = torch.empty(ctx.shape, device=grad_out.device, dtype=ctx.dtype)
-            BLOCK_T, BLOCK_D = _blocks(T, D)
-            grid = (L * B, triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
-            _pool_bwd_kernel[grid](grad_out.float().contiguous(), weights, grad, B, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
-            return grad, None
-
-
-def triton_masked_mean(states, mask):
-    """masked_mean as one Triton launch over all layers (with a Triton backward). A list of layers is
-    stacked first (one copy); the model's hidden_states already returns the stacked [L, B, T, D] tensor."""
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed")
-    states = torch.stack(_as_layers(states)) if not torch.is_tensor(states) else states
-    if states.dim() != 4 or mask.shape != states.shape[1:3]:
-        raise ValueError(f"states must be [L, B, T, D] with mask [B, T]; got {tuple(states.shape)} and {tuple(mask.shape)}")
-    weights = _mean_weights(mask).to(states.device).contiguous()
-    return _TritonMaskedMean.apply(states, weights)

@@ -32,7 +32,7 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 import common
-from contrastive import masked_mean, select_layers
+from contrastive import cos_logits, masked_mean, retrieval_r1, select_layers
 from data import INSTRUCTIONS, LANGUAGES, SAMPLE_RATE, Collator, load_audio, read_manifest, task_examples, to_device
 from model import SpeechLLM, write_atomically
 
@@ -127,27 +127,11 @@ def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=
     for i in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[i : i + batch_size]), device)
         with autocast or torch.autocast("cpu", enabled=False):
-            speech, speech_mask, speech_pool, text, text_mask, text_pool = model.contrastive_inputs(batch)
-            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool))
-            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool))
+            speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
+            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool_mask))
+            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool_mask))
     model.train(was_training)
     return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
-
-
-def retrieval_r1(text_pooled, speech_pooled, center=False):
-    """Speech->text R@1 per layer from pooled [L, N, D] states (cosine similarity; chance = 1/N).
-    For models trained with --center: center=True first subtracts each side's mean over these N items;
-    center=(text_mean, speech_mean), each [L, D], subtracts the means stored by pretraining instead (what a
-    single query needs: it has no set to average over)."""
-    if center is True:
-        center = (text_pooled.mean(1), speech_pooled.mean(1))
-    if center is not False and center is not None:
-        text_pooled = text_pooled - center[0][:, None].to(text_pooled)
-        speech_pooled = speech_pooled - center[1][:, None].to(speech_pooled)
-    t = torch.nn.functional.normalize(text_pooled.float(), dim=-1)
-    s = torch.nn.functional.normalize(speech_pooled.float(), dim=-1)
-    nearest = (s @ t.transpose(1, 2)).argmax(-1)  # [L, N]: for each utterance, the closest transcript
-    return (nearest == torch.arange(s.shape[1], device=s.device)).float().mean(-1)
 
 
 CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
@@ -177,12 +161,12 @@ def load_centers(folder, layers):
 
 def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
-    means, and (when the checkpoint stored them) centred by the training means."""
+    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center)."""
     text, speech = pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
-    metrics = {"layers": layers, "r1": (100 * retrieval_r1(text, speech)).tolist(),
-               "r1_centred": (100 * retrieval_r1(text, speech, center=True)).tolist(), "chance": 100 / len(rows)}
+    metrics = {"layers": layers, "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
+               "r1_centred": (100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist(), "chance": 100 / len(rows)}
     if centers is not None:
-        metrics["r1_centred_train"] = (100 * retrieval_r1(text, speech, center=centers)).tolist()
+        metrics["r1_centred_train"] = (100 * retrieval_r1(cos_logits(text, speech, center=centers))).tolist()
     return metrics
 
 

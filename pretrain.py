@@ -14,6 +14,7 @@ transcripts in the batch (contrastive.py). Only the projector trains.
 """
 
 import argparse
+import functools
 import random
 import time
 
@@ -23,7 +24,9 @@ from tqdm import tqdm
 
 import common
 from common import print0
-from contrastive import contrastive_loss, cos_logits, info_nce, masked_mean, retrieval_accuracy, select_layers
+import contrastive
+import contrastive_fast
+from contrastive import cos_logits, info_nce, retrieval_r1, select_layers
 from data import INSTRUCTIONS, Collator, read_manifest, to_device
 from model import QFormerConfig, SpeechLLM
 
@@ -68,7 +71,8 @@ def get_args(argv=None):
     p.add_argument("--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)")
     p.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
     p.add_argument("--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)")
-    p.add_argument("--kernel", choices=["torch", "triton", "auto"], default="torch", help="pooling kernel of the contrastive loss")
+    p.add_argument("--loss-impl", choices=["fast", "reference"], default="fast", help="contrastive_fast.py, or contrastive.py: the same loss written for reading (slower)")
+    p.add_argument("--kernel", choices=["torch", "triton", "auto"], default="torch", help="pooling kernel of the fast contrastive loss")
     p.add_argument("--text-cache", action=argparse.BooleanOptionalAction, default=True, help="cos: pool each transcript's states once and reuse them")
     # projector
     p.add_argument("--qformer-dim", type=int, default=None)
@@ -96,6 +100,8 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = p.parse_args(argv)
+    if args.loss_impl == "reference" and args.kernel != "torch":
+        p.error("--kernel picks the pooling kernel of --loss-impl fast")
     args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
@@ -109,36 +115,48 @@ def get_args(argv=None):
 # The losses of one micro-batch
 
 
+def loss_functions(args):
+    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (the default, with its pooling
+    --kernel) or from contrastive.py, the reference written for reading. The same numbers either way."""
+    if args.loss_impl == "reference":
+        return contrastive.masked_mean, contrastive.contrastive_loss
+    return (functools.partial(contrastive_fast.masked_mean, kernel=args.kernel),
+            functools.partial(contrastive_fast.contrastive_loss, kernel=args.kernel))
+
+
 def contrastive_step(model, batch, layers, args, text_cache):
     """The paper's loss: text side through the frozen LLM without gradients, speech side with gradients
     into the projector, contrastive loss summed over layers. Returns (loss, per-layer losses, R@1 in batch,
     speech embeddings and mask for a combined ASR loss)."""
-    speech, speech_mask, speech_pool, text, text_mask, text_pool = model.contrastive_inputs(batch)
+    speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
+    masked_mean, contrastive_loss = loss_functions(args)
     keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]  # the text side depends on nothing else
+    text_pooled = None  # cos with the text cache: the pooled text [L, B, D] instead of its states and mask
     if text_cache is not None and all(k in text_cache for k in keys):
-        text_states, text_pool = torch.stack([text_cache[k] for k in keys], 1), None  # pooled [L, B, D]
+        text_states, text_pool_mask, text_pooled = None, None, torch.stack([text_cache[k] for k in keys], 1)
     else:
         with torch.no_grad():
             text_states = model.hidden_states(text, text_mask, layers)
         if text_cache is not None:
-            pooled = masked_mean(text_states, text_pool)
+            pooled = masked_mean(text_states, text_pool_mask)
             text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
-            text_states, text_pool = pooled, None
+            text_states, text_pool_mask, text_pooled = None, None, pooled
     speech_states = model.hidden_states(speech, speech_mask, layers)
     if args.gather_negatives and dist.is_initialized():
-        return gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args)
-    total, per_layer, logits = contrastive_loss(text_states, text_pool, speech_states, speech_pool, sim=args.sim,
+        return gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args)
+    total, per_layer, logits = contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mask, sim=args.sim,
                                                 temperature=args.temperature, symmetric=args.symmetric,
-                                                center=args.center, kernel=args.kernel, return_logits=True)
-    return total, per_layer, retrieval_accuracy(logits)
+                                                center=args.center, return_logits=True, text_pooled=text_pooled)
+    return total, per_layer, retrieval_r1(logits)
 
 
-def gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args):
+def gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args):
     """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
     loss but differentiates only through its own slice (the others arrive without gradients); DDP then
     averages the world's partial gradients, so scaling the loss by the world size gives exactly the
     gradient of the global loss."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    masked_mean, _ = loss_functions(args)
 
     def gather(x):
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -146,11 +164,11 @@ def gathered_cos_step(text_states, text_pool, speech_states, speech_pool, args):
         parts[rank] = x  # our own slice keeps its graph
         return torch.cat(parts, dim=1)
 
-    text = gather(text_states if text_pool is None else masked_mean(text_states, text_pool))
-    speech = gather(masked_mean(speech_states, speech_pool))
+    text = gather(text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask))
+    speech = gather(masked_mean(speech_states, speech_pool_mask))
     logits = cos_logits(text, speech, args.temperature, args.center)
     per_layer = info_nce(logits, args.symmetric)
-    return per_layer.sum() * world, per_layer, retrieval_accuracy(logits)
+    return per_layer.sum() * world, per_layer, retrieval_r1(logits)
 
 
 def asr_step(model, batch, speech=None, speech_mask=None):
@@ -198,11 +216,11 @@ def load_data(args):
 def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
     """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
     (given the stored training means) centred by those."""
-    from evaluate import pooled_pairs, retrieval_r1
+    from evaluate import pooled_pairs
 
     text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
-    results = [retrieval_r1(text, speech), retrieval_r1(text, speech, center=True)]
-    return results + ([retrieval_r1(text, speech, center=centers)] if centers is not None else [])
+    results = [retrieval_r1(cos_logits(text, speech)), retrieval_r1(cos_logits(text, speech, center=True))]
+    return results + ([retrieval_r1(cos_logits(text, speech, center=centers))] if centers is not None else [])
 
 
 def store_training_means(model, rows, layers, args, device, dtype):

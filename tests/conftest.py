@@ -1,7 +1,7 @@
 """Shared pytest setup. Runs before any test module is imported.
 
 - TRITON_INTERPRET=1: Triton kernels run on the CPU through Triton's interpreter. Triton reads this when
-  `@triton.jit` decorates a kernel, i.e. when contrastive.py is first imported, so it must be set here.
+  `@triton.jit` decorates a kernel, i.e. when contrastive_fast.py is first imported, so it must be set here.
 - One torch thread: the tests' tensors are tiny, and two threads fighting another process for 2 cores can
   run far slower than one.
 - The repository root on sys.path, so `import contrastive` works however pytest is started.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pretrain
+from contrastive import cos_logits, retrieval_r1
 from data import Collator, read_manifest
 from model import QFormerConfig, SpeechLLM
 from tiny import write_manifest
@@ -47,6 +48,31 @@ def test_step_changes_projector_only(paths, manifest):
     after = dict(list(model.llm.state_dict().items()) + list(model.encoder.state_dict().items()))
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], v) for k, v in model.projector.state_dict().items() if "norm" not in k and "ln" not in k)
+
+
+@pytest.mark.parametrize("sim", ["cos", "wasserstein"])
+def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
+    """--loss-impl reference (contrastive.py) and fast (contrastive_fast.py, the default) in a real step: the
+    same loss, in-batch R@1 and projector gradients; with the text cache (cos), also on the cached text."""
+    torch.manual_seed(0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
+    batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
+    results = {}
+    for impl in ("fast", "reference"):
+        args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim))
+        text_cache = {} if sim == "cos" else None
+        for step in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
+            loss, per_layer, acc = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
+            grads = torch.autograd.grad(loss, [p for p in model.projector.parameters() if p.requires_grad])
+            results.setdefault(impl, []).append((loss, per_layer, acc, *grads))
+    for fast, reference in zip(results["fast"], results["reference"]):
+        (loss, per_layer, acc, *grads), (ref_loss, ref_per_layer, ref_acc, *ref_grads) = fast, reference
+        assert torch.allclose(loss, ref_loss, rtol=1e-5) and torch.allclose(per_layer, ref_per_layer, rtol=1e-5)
+        assert torch.equal(acc, ref_acc)
+        for g, r in zip(grads, ref_grads):  # through the projector: float32 round-off of the two orders of sums
+            assert torch.allclose(g, r, rtol=1e-3, atol=1e-5)
+    with pytest.raises(SystemExit):  # --kernel is an option of the fast loss only
+        pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", "reference", "--kernel", "triton"))
 
 
 def test_overfit_tiny_batch_retrieval_becomes_perfect(paths, manifest):
@@ -99,7 +125,7 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu"])["retrieval"]["metrics"]
     rows = read_manifest(manifest)
     text, speech = evaluate.pooled_pairs(model, rows, layers)
-    assert metrics["r1_centred_train"] == pytest.approx((100 * evaluate.retrieval_r1(text, speech, center=(text_mean, speech_mean))).tolist())
+    assert metrics["r1_centred_train"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist())
 
 def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
     """--sim wasserstein through the real entry point: the batched Sinkhorn on the LLM's token states (the

@@ -1,4 +1,4 @@
-"""The Triton pooling kernel against the PyTorch reference (forward and backward).
+"""The Triton pooling kernel of contrastive_fast.py against its PyTorch pooling (forward and backward).
 
     python -m pytest -q tests/test_triton.py            # on the CPU through TRITON_INTERPRET=1 (conftest.py)
     python -m pytest -q -m slow tests/test_triton.py    # the larger shapes too (several tiles per row)
@@ -14,8 +14,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import contrastive  # noqa: E402
-from contrastive import contrastive_loss, masked_mean, pool, triton_masked_mean  # noqa: E402
+import contrastive_fast  # noqa: E402
+from contrastive_fast import contrastive_loss, masked_mean, triton_masked_mean  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
@@ -56,8 +56,8 @@ def test_pooling_forward_backward_parity(dtype):
 
 
 def test_pooling_several_tiles_per_row(monkeypatch):
-    monkeypatch.setattr(contrastive, "BLOCK_T", 8)
-    monkeypatch.setattr(contrastive, "BLOCK_D", 16)
+    monkeypatch.setattr(contrastive_fast, "BLOCK_T", 8)
+    monkeypatch.setattr(contrastive_fast, "BLOCK_D", 16)
     check_parity(L=2, B=3, T=37, D=40, seed=1)  # 5 time tiles and 3 feature blocks, the last ones partial
 
 
@@ -100,7 +100,7 @@ def test_full_loss_triton_equals_torch(center):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_kernel_and_pool():
+def test_auto_kernel():
     x, mask = ragged(2, 3, 9, 16, seed=7)
-    torch.testing.assert_close(pool(x, mask, kernel="triton"), pool(x, mask, kernel="torch"))
-    torch.testing.assert_close(pool(x, mask, kernel="auto"), pool(x, mask))  # torch on the CPU, Triton on a GPU
+    torch.testing.assert_close(masked_mean(x, mask, kernel="triton"), masked_mean(x, mask, kernel="torch"))
+    torch.testing.assert_close(masked_mean(x, mask, kernel="auto"), masked_mean(x, mask))  # torch on the CPU, Triton on a GPU
