@@ -41,7 +41,7 @@ from model import ENCODER_PRESETS, LLM_PRESETS, QFormerConfig, SpeechLLM
 
 RECIPES = {
     "paper": dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000),
-    "demo": dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=3, warmup_ratio=0.03, eval_every=50),
+    "demo": dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
 }
 # --flag -> QFormerConfig field: the projector's shape, for --init none
 SHAPE = {"qformer_dim": "dim", "qformer_heads": "heads", "qformer_layers": "layers", "queries": "queries",
