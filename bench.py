@@ -12,7 +12,8 @@ layer, unpad every example, mean, normalise, similarity, cross-entropy); on a GP
 Triton pooling kernel; and the floor of any implementation on this device, a plain copy of the speech
 states (the loss must read each of them once and write each of their gradients once). Section 2: the
 Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn against a loop of the same Sinkhorn
-per (text, speech) pair, and against geomloss per pair (the authors' code) when it is installed. Times are medians over --repeats runs after one warm-up run.
+per (text, speech) pair, and against geomloss per pair (the authors' code) when it is installed.
+Times are medians over --repeats runs after one warm-up run.
 "Ours" is contrastive_fast.py, the loss pretrain.py runs by default (contrastive.py, the reference written
 for reading, gives the same numbers more slowly).
 
@@ -84,7 +85,9 @@ def peak_extra_bytes(fn, device):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for e in events:  # nbytes > 0: an allocation, < 0: a free
         live += e.nbytes()
@@ -138,7 +141,9 @@ def per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, div
         unpad_text = [F.normalize(t[m].float(), p=2, dim=-1) for t, m in zip(text, text_mask)]
         unpad_speech = [F.normalize(s[m].float(), p=2, dim=-1) for s, m in zip(speech, speech_mask)]
         B = len(unpad_text)
-        layers.append(torch.stack([torch.stack([divergence(unpad_text[i], unpad_speech[j]) for j in range(B)]) for i in range(B)]))
+        layers.append(
+            torch.stack([torch.stack([divergence(unpad_text[i], unpad_speech[j]) for j in range(B)]) for i in range(B)])
+        )
     return torch.stack(layers)
 
 
@@ -147,7 +152,9 @@ def per_pair_wasserstein_loss(text_layers, text_mask, speech_layers, speech_mask
     distances = per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, divergence)
     L, B, _ = distances.shape
     target = torch.arange(B, device=distances.device).repeat(L)
-    return F.cross_entropy((-distances / temperature).reshape(L * B, B), target, reduction="none").view(L, B).mean(1).sum()
+    return (
+        F.cross_entropy((-distances / temperature).reshape(L * B, B), target, reduction="none").view(L, B).mean(1).sum()
+    )
 
 
 def our_sinkhorn_one_pair(x, y):
@@ -161,14 +168,22 @@ def measure(section, shape, runs, device, repeats, reference):
     Speed-ups are against the section's first run, loss differences against the run named `reference`."""
     rows, values = [], {}
     for name, (loss_fn, speech) in runs.items():
-        def run():
-            loss = loss_fn()
-            torch.autograd.grad(loss, speech)  # forward + backward into the speech states
+
+        def run():  # noqa: B023  (called within this iteration only)
+            loss = loss_fn()  # noqa: B023
+            torch.autograd.grad(loss, speech)  # noqa: B023  forward + backward into the speech states
             return loss.detach()
 
-        values[name] = run()
-        rows.append(dict(section=section, shape=shape, what=name, ms=median_ms(run, device, repeats),
-                         mem=peak_extra_bytes(run, device)))
+        values[name] = run()  # run() is used within this iteration only
+        rows.append(
+            dict(
+                section=section,
+                shape=shape,
+                what=name,
+                ms=median_ms(run, device, repeats),
+                mem=peak_extra_bytes(run, device),
+            )
+        )
     for r in rows:
         r["speedup"] = rows[0]["ms"] / r["ms"]
         r["diff"] = rel_diff(values[r["what"]], values[reference])
@@ -196,21 +211,35 @@ def bench_loss(args, device):
     st, ss = torch.stack(text).detach(), torch.stack(speech).detach().requires_grad_()
     runs["ours, kernel=torch, stacked input"] = (lambda: contrastive_loss(st, text_mask, ss, speech_mask)[0], ss)
     if device.type == "cuda" and HAS_TRITON:
-        runs["ours, kernel=triton, stacked input"] = (lambda: contrastive_loss(st, text_mask, ss, speech_mask, kernel="triton")[0], ss)
+        runs["ours, kernel=triton, stacked input"] = (
+            lambda: contrastive_loss(st, text_mask, ss, speech_mask, kernel="triton")[0],
+            ss,
+        )
     rows = measure("1. cos loss, fwd+bwd", shape, runs, device, args.repeats, reference=authors)
     # The floor of ANY implementation: pooling must read every speech state once, and the backward must
     # write a gradient for every one of them. A plain copy of the stacked states does exactly that traffic
     # (into a buffer allocated once: a fresh 250 MB allocation can cost more in page faults than the copy).
     buffer = torch.empty_like(ss)
     floor = median_ms(lambda: buffer.copy_(ss.detach()), device, args.repeats)
-    rows.append(dict(section=rows[0]["section"], shape=shape, what="floor: one read of the speech states + one write (a copy)",
-                     ms=floor, speedup=rows[0]["ms"] / floor, mem=None, diff=None))
+    rows.append(
+        dict(
+            section=rows[0]["section"],
+            shape=shape,
+            what="floor: one read of the speech states + one write (a copy)",
+            ms=floor,
+            speedup=rows[0]["ms"] / floor,
+            mem=None,
+            diff=None,
+        )
+    )
     grad_bytes = sum(s.numel() * s.element_size() for s in speech)
-    args.notes.append(f"section 1: the gradient of the speech states alone takes {fmt_mb(grad_bytes)}; the rest of "
-                      "the peak is what each implementation allocates on top. The floor's speed-up is the most any "
-                      f"implementation can reach on this device: {rows[0]['ms'] / floor:.1f}x; ours (stacked) is "
-                      f"{rows[2]['ms'] / floor:.2f}x the floor ({2 * grad_bytes / 1e6 / floor:.1f} GB/s moved by the copy)")
-    del text, speech, st, ss, runs
+    args.notes.append(
+        f"section 1: the gradient of the speech states alone takes {fmt_mb(grad_bytes)}; the rest of "
+        "the peak is what each implementation allocates on top. The floor's speed-up is the most any "
+        f"implementation can reach on this device: {rows[0]['ms'] / floor:.1f}x; ours (stacked) is "
+        f"{rows[2]['ms'] / floor:.2f}x the floor ({2 * grad_bytes / 1e6 / floor:.1f} GB/s moved by the copy)"
+    )
+    text = speech = st = ss = runs = None  # free section 1's tensors before section 2
 
     # --- 2. Wasserstein, D = 256 -------------------------------------------------------------------
     D = 256
@@ -225,16 +254,23 @@ def bench_loss(args, device):
     except ImportError:
         print("geomloss is not installed (pip install -r requirements-dev.txt): skipping its row")
     per_pair["our Sinkhorn, one call per pair"] = our_sinkhorn_one_pair
-    runs = {name: (lambda fn=fn: per_pair_wasserstein_loss(text, text_mask, speech, speech_mask, fn), speech)
-            for name, fn in per_pair.items()}
-    runs["ours: all pairs batched"] = (lambda: contrastive_loss(text, text_mask, speech, speech_mask, sim="wasserstein")[0], speech)
+    runs = {
+        name: (lambda fn=fn: per_pair_wasserstein_loss(text, text_mask, speech, speech_mask, fn), speech)
+        for name, fn in per_pair.items()
+    }
+    runs["ours: all pairs batched"] = (
+        lambda: contrastive_loss(text, text_mask, speech, speech_mask, sim="wasserstein")[0],
+        speech,
+    )
     reference = next(iter(per_pair))  # geomloss when installed
     rows += measure("2. wasserstein loss, fwd+bwd", shape, runs, device, max(1, args.repeats // 2), reference)
     with torch.no_grad():  # the divergences themselves, not just the loss
         ours = -wasserstein_logits(text, text_mask, speech, speech_mask, temperature=1.0)
         theirs = per_pair_divergences(text, text_mask, speech, speech_mask, per_pair[reference])
-    args.notes.append(f"section 2: the {ours.numel()} divergences (L x B x B), ours batched vs {reference}: "
-                      f"max relative difference {rel_diff(ours, theirs):.1e}")
+    args.notes.append(
+        f"section 2: the {ours.numel()} divergences (L x B x B), ours batched vs {reference}: "
+        f"max relative difference {rel_diff(ours, theirs):.1e}"
+    )
     return rows
 
 
@@ -300,13 +336,20 @@ def step_naive(model, batch, layers, optimizer, watch):
         speech, speech_mask = model.projector(frames.float(), frame_mask)
     with watch("LLM text pass (no grad)"):
         with torch.no_grad():
-            text = model.llm(inputs_embeds=model.embed_tokens(batch["text_ids"]), attention_mask=batch["text_mask"].long(),
-                             output_hidden_states=True)
+            text = model.llm(
+                inputs_embeds=model.embed_tokens(batch["text_ids"]),
+                attention_mask=batch["text_mask"].long(),
+                output_hidden_states=True,
+            )
     with watch("LLM speech pass (fwd)"):
         out = model.llm(inputs_embeds=speech, attention_mask=speech_mask.long(), output_hidden_states=True)
     with watch("loss (fwd)"):
-        loss = authors_cos_loss([text.hidden_states[i] for i in layers], batch["text_mask"],
-                                [out.hidden_states[i] for i in layers], speech_mask)
+        loss = authors_cos_loss(
+            [text.hidden_states[i] for i in layers],
+            batch["text_mask"],
+            [out.hidden_states[i] for i in layers],
+            speech_mask,
+        )
     with watch("backward"):
         loss.backward()
     with watch("optimiser"):
@@ -338,8 +381,14 @@ def bench_step(args, device):
     from model import QFormerConfig, SpeechLLM
 
     demo = pretrain.get_args([])  # the demo recipe's projector and batch size
-    qformer = QFormerConfig(dim=demo.qformer_dim, heads=demo.qformer_heads, layers=demo.qformer_layers,
-                            queries=demo.queries, window=demo.window, window_pos=demo.window_pos)
+    qformer = QFormerConfig(
+        dim=demo.qformer_dim,
+        heads=demo.qformer_heads,
+        layers=demo.qformer_layers,
+        queries=demo.queries,
+        window=demo.window,
+        window_pos=demo.window_pos,
+    )
     model = SpeechLLM("smollm2", demo.encoder, qformer, resolve=common.resolve_model).to(device)
     model.match_embedding_rms()
     model.feature_cache = {}
@@ -354,7 +403,9 @@ def bench_step(args, device):
         with torch.no_grad():
             model.speech_frames(b)
             keys = [ex["text"] for ex in b["examples"]]
-            pooled = masked_mean(model.hidden_states(model.embed_tokens(b["text_ids"]), b["text_mask"], layers), b["text_mask"])
+            pooled = masked_mean(
+                model.hidden_states(model.embed_tokens(b["text_ids"]), b["text_mask"], layers), b["text_mask"]
+            )
             text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
     for name in ("naive", "ours"):
         proj = copy.deepcopy(model.projector.state_dict())
@@ -363,7 +414,11 @@ def bench_step(args, device):
         for i, batch in enumerate(batches):
             watch = Stopwatch(device)
             t0 = time.perf_counter()
-            loss = step_ours(model, batch, layers, optimizer, text_cache, watch) if name == "ours" else step_naive(model, batch, layers, optimizer, watch)
+            loss = (
+                step_ours(model, batch, layers, optimizer, text_cache, watch)
+                if name == "ours"
+                else step_naive(model, batch, layers, optimizer, watch)
+            )
             losses.setdefault(name, loss)
             if i > 0 or len(batches) == 1:  # the first step warms up
                 totals.append((time.perf_counter() - t0) * 1e3)
@@ -376,21 +431,51 @@ def bench_step(args, device):
         speech_pass_floor(model, batch, layers, watch)
         floors.append(watch.parts["floor"])
     floor = statistics.median(floors)
-    mem = {name: peak_extra_bytes(lambda: fn(model, batches[-1], layers, torch.optim.AdamW(model.projector.parameters(), lr=0.0), *extra),
-                                   device) for name, fn, extra in (("naive", step_naive, (Stopwatch(device),)),
-                                                                   ("ours", step_ours, (text_cache, Stopwatch(device))))}
+    mem = {
+        name: peak_extra_bytes(
+            lambda: fn(model, batches[-1], layers, torch.optim.AdamW(model.projector.parameters(), lr=0.0), *extra),  # noqa: B023
+            device,
+        )
+        for name, fn, extra in (
+            ("naive", step_naive, (Stopwatch(device),)),
+            ("ours", step_ours, (text_cache, Stopwatch(device))),
+        )
+    }
     rows_out = []
     for name in ("naive", "ours"):
         total, parts = results[name]
-        rows_out.append(dict(section="3. pretraining step", shape=shape, what=f"{name} step", ms=total,
-                             speedup=results["naive"][0] / total, mem=mem[name], diff=rel_diff(losses[name], losses["naive"])))
-        args.notes.append(f"section 3, {name} step ({total / 1e3:.2f} s, {demo.batch_size / total * 1e3:.1f} samples/s): "
-                          + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in parts.items()))
-    rows_out.append(dict(section="3. pretraining step", shape=shape, what="floor: the LLM speech pass, fwd+bwd", ms=floor,
-                         speedup=results["naive"][0] / floor, mem=None, diff=None))
+        rows_out.append(
+            dict(
+                section="3. pretraining step",
+                shape=shape,
+                what=f"{name} step",
+                ms=total,
+                speedup=results["naive"][0] / total,
+                mem=mem[name],
+                diff=rel_diff(losses[name], losses["naive"]),
+            )
+        )
+        args.notes.append(
+            f"section 3, {name} step ({total / 1e3:.2f} s, {demo.batch_size / total * 1e3:.1f} samples/s): "
+            + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in parts.items())
+        )
+    rows_out.append(
+        dict(
+            section="3. pretraining step",
+            shape=shape,
+            what="floor: the LLM speech pass, fwd+bwd",
+            ms=floor,
+            speedup=results["naive"][0] / floor,
+            mem=None,
+            diff=None,
+        )
+    )
     ours_total, ours_parts = results["ours"]
-    args.notes.append(f"section 3: ours / floor = {ours_total / floor:.2f} (target <= 1.15); loss share of our step = "
-                      f"{ours_parts['loss (fwd)'] / ours_total:.1%} forward (target <= 5%); naive / ours = {results['naive'][0] / ours_total:.2f}")
+    args.notes.append(
+        f"section 3: ours / floor = {ours_total / floor:.2f} (target <= 1.15); loss share of our step = "
+        f"{ours_parts['loss (fwd)'] / ours_total:.1%} forward (target <= 5%); "
+        f"naive / ours = {results['naive'][0] / ours_total:.2f}"
+    )
     return rows_out
 
 
@@ -404,25 +489,46 @@ def print_table(rows, device, args):
     for r in rows:
         speedup = f"{r['speedup']:.1f}x" if r.get("speedup") is not None else ""
         diff = f"{r['diff']:.1e}" if r.get("diff") is not None else ""
-        print(f"| {r['section']} | {r['shape']} | {r['what']} | {r['ms']:.1f} | {speedup} | {fmt_mb(r.get('mem'))} | {diff} |")
+        print(
+            f"| {r['section']} | {r['shape']} | {r['what']} | {r['ms']:.1f} | {speedup} | "
+            f"{fmt_mb(r.get('mem'))} | {diff} |"
+        )
     for note in args.notes:
         print(f"\n{note}")
-    print("\nspeed-up: against the first row of its section. loss rel. diff: section 1 against the authors' loop, "
-          "section 2 against geomloss per pair (our per-pair loop when geomloss is absent).")
+    print(
+        "\nspeed-up: against the first row of its section. loss rel. diff: section 1 against the authors' loop, "
+        "section 2 against geomloss per pair (our per-pair loop when geomloss is absent)."
+    )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", choices=["loss", "step", "all"], default="all", help="which sections to run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's default, all cores; "
-                   "every implementation gets the same; 1 is the most repeatable)")
-    p.add_argument("--small-corpus", action="store_true", help="section 3 reads the small smoke-test corpus (the tests' quick run)")
-    p.add_argument("--no-malloc-cache", action="store_true", help="CPU: let glibc return freed memory to the OS (page faults included in the timings)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (default 0: torch's default, all cores; "
+        "every implementation gets the same; 1 is the most repeatable)",
+    )
+    p.add_argument(
+        "--small-corpus", action="store_true", help="section 3 reads the small smoke-test corpus (the tests' quick run)"
+    )
+    p.add_argument(
+        "--no-malloc-cache",
+        action="store_true",
+        help="CPU: let glibc return freed memory to the OS (page faults included in the timings)",
+    )
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     args.malloc_cache = device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()

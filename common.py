@@ -99,7 +99,14 @@ class BatchOrder:
     position (epoch, batch) is all a checkpoint needs to continue the same order."""
 
     def __init__(self, n, batch_size, rank=0, world=1, seed=0, shuffle=True):
-        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = n, batch_size, rank, world, seed, shuffle
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = (
+            n,
+            batch_size,
+            rank,
+            world,
+            seed,
+            shuffle,
+        )
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
             raise ValueError(f"{n} examples are fewer than one global batch ({batch_size} x {world} ranks)")
@@ -111,7 +118,11 @@ class BatchOrder:
     def __next__(self):
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle else torch.arange(self.n)
+        order = (
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            if self.shuffle
+            else torch.arange(self.n)
+        )
         start = (self.index * self.world + self.rank) * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
@@ -156,8 +167,10 @@ class NonFiniteGuard:
         self.skipped += 1
         print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), step skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.patience:
-            raise SystemExit(f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
-                             "intact; try a lower --lr, --dtype float32, or check the data.")
+            raise SystemExit(
+                f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
+                "intact; try a lower --lr, --dtype float32, or check the data."
+            )
         return False
 
 
@@ -173,7 +186,9 @@ class NonFiniteGuard:
 def wrap_ddp(model, device, world):
     """Under torchrun, DDP around the projector only: the frozen encoder and LLM have nothing to synchronise."""
     if world > 1:
-        model.projector = DDP(model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model.projector = DDP(
+            model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     return model
 
 
@@ -211,11 +226,20 @@ def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
 
     def write(tmp):
         model.save_projector(tmp, step=step, args=vars(args), **meta)
-        torch.save({
-            "optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        }, tmp / "train_state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "order": order.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            },
+            tmp / "train_state.pt",
+        )
 
     final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
     for old in sorted(out.glob("ckpt-*"))[:-keep]:

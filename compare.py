@@ -53,9 +53,34 @@ METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher")}  # the headline metri
 # Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
 DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
 QUICK = {  # tiny budgets: every cell runs, nothing learns
-    "pretrain": ["--max-steps", "3", "--emb-steps", "1", "--eval-every", "2", "--dev-size", "4", "--batch-size", "4",
-                 "--grad-accum", "1", "--center-items", "8"],
-    "pretrain_asr": ["--max-steps", "2", "--dev-size", "4", "--batch-size", "4", "--grad-accum", "1", "--center-items", "8"],
+    "pretrain": [
+        "--max-steps",
+        "3",
+        "--emb-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--dev-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--center-items",
+        "8",
+    ],
+    "pretrain_asr": [
+        "--max-steps",
+        "2",
+        "--dev-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--center-items",
+        "8",
+    ],
     "finetune": ["--max-steps", "2", "--dev-size", "4", "--batch-size", "4", "--grad-accum", "1"],
     "evaluate": ["--limit", "4"],
 }
@@ -63,21 +88,36 @@ QUICK = {  # tiny budgets: every cell runs, nothing learns
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)")
+    p.add_argument(
+        "--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)"
+    )
     p.add_argument("--out", default="out/compare", help="cells, tables, figures")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of the key cells (cos-all, asr, none)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="stage-1 variants to run")
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="stage-1 variants to run"
+    )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--frac", type=float, default=0.1, help="fine-tuning fraction of every variant")
-    p.add_argument("--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes")
-    p.add_argument("--llm", default=None, help="passed to pretrain.py / finetune.py (default: their default, the demo's)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes"
+    )
+    p.add_argument(
+        "--llm", default=None, help="passed to pretrain.py / finetune.py (default: their default, the demo's)"
+    )
     p.add_argument("--encoder", default=None, help="passed to pretrain.py / finetune.py")
     p.add_argument("--pretrain-args", default="", help="extra flags for every pretrain.py run, one string")
     p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py run, one string")
-    p.add_argument("--evaluate-args", default="--batch-size 16", help="extra flags for every evaluate.py run, one string")
-    p.add_argument("--toplines", nargs="*", default=["transcript", "whisper"], choices=["transcript", "whisper"],
-                   help="also score the LLM reading the transcript (text topline) and Whisper's transcript (cascade; the demo's "
-                        "Whisper tiny.en, or --evaluate-args '--asr-model ...'); none: --toplines with no value")
+    p.add_argument(
+        "--evaluate-args", default="--batch-size 16", help="extra flags for every evaluate.py run, one string"
+    )
+    p.add_argument(
+        "--toplines",
+        nargs="*",
+        default=["transcript", "whisper"],
+        choices=["transcript", "whisper"],
+        help="also score the LLM reading the transcript (text topline) and Whisper's transcript (cascade; the demo's "
+        "Whisper tiny.en, or --evaluate-args '--asr-model ...'); none: --toplines with no value",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
@@ -113,7 +153,10 @@ def corpus_files(args):
         import demokit
 
         corpus = demokit.corpus_path()
-    return {split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")} for split in ("train", "dev", "test")}, corpus
+    return {
+        split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
+        for split in ("train", "dev", "test")
+    }, corpus
 
 
 def model_flags(args):
@@ -124,10 +167,29 @@ def stage1(args, out, files, variant, seed, log):
     """pretrain.py for one variant and seed; returns (its folder, its cell record)."""
     folder = out / "stage1" / f"{variant}-s{seed}"
     demo = args.llm in (None, "smollm2")
-    budget = (QUICK["pretrain_asr"] if variant == "asr" else QUICK["pretrain"]) if args.quick else DEMO_BUDGET.get(variant, []) if demo else []
-    command = ["pretrain.py", *VARIANTS[variant], *model_flags(args), "--data", files["train"]["sentences"],
-               "--dev-data", files["dev"]["sentences"], "--seed", str(seed), "--out", str(folder), *budget,
-               *args.feature_flags, *shlex.split(args.pretrain_args)]
+    budget = (
+        (QUICK["pretrain_asr"] if variant == "asr" else QUICK["pretrain"])
+        if args.quick
+        else DEMO_BUDGET.get(variant, [])
+        if demo
+        else []
+    )
+    command = [
+        "pretrain.py",
+        *VARIANTS[variant],
+        *model_flags(args),
+        "--data",
+        files["train"]["sentences"],
+        "--dev-data",
+        files["dev"]["sentences"],
+        "--seed",
+        str(seed),
+        "--out",
+        str(folder),
+        *budget,
+        *args.feature_flags,
+        *shlex.split(args.pretrain_args),
+    ]
     return folder, run_cell(out, f"stage1-{variant}-s{seed}", command, log)
 
 
@@ -141,15 +203,52 @@ def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, s
     if same_steps and not args.quick:
         budget = ["--epochs", f"{finetune_epochs(args) * args.frac / frac:g}"]
     kind = TASKS[task]
-    command = ["finetune.py", "--task", task, "--frac", str(frac), "--init", str(init) if init else "none",
-               *(model_flags(args) if init is None else []), "--data", files["train"][kind], "--dev-data", files["dev"][kind],
-               "--seed", str(seed), "--out", str(folder), *budget, *args.feature_flags, *shlex.split(args.finetune_args)]
+    command = [
+        "finetune.py",
+        "--task",
+        task,
+        "--frac",
+        str(frac),
+        "--init",
+        str(init) if init else "none",
+        *(model_flags(args) if init is None else []),
+        "--data",
+        files["train"][kind],
+        "--dev-data",
+        files["dev"][kind],
+        "--seed",
+        str(seed),
+        "--out",
+        str(folder),
+        *budget,
+        *args.feature_flags,
+        *shlex.split(args.finetune_args),
+    ]
     trained = run_cell(out, f"finetune-{name}", command, log)
-    score = ["evaluate.py", "--ckpt", str(folder), "--task", task, "--data", files["test"][kind], "--out", str(folder / "eval.json"),
-             *(QUICK["evaluate"] if args.quick else []), *shlex.split(args.evaluate_args)]
+    score = [
+        "evaluate.py",
+        "--ckpt",
+        str(folder),
+        "--task",
+        task,
+        "--data",
+        files["test"][kind],
+        "--out",
+        str(folder / "eval.json"),
+        *(QUICK["evaluate"] if args.quick else []),
+        *shlex.split(args.evaluate_args),
+    ]
     scored = run_cell(out, f"evaluate-{name}", score, log)
-    return {"variant": variant, "seed": seed, "task": task, "frac": frac, "finetune_seconds": trained["seconds"],
-            "evaluate_seconds": scored["seconds"], "commands": [trained["command"], scored["command"]], **read_eval(folder / "eval.json")}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "task": task,
+        "frac": frac,
+        "finetune_seconds": trained["seconds"],
+        "evaluate_seconds": scored["seconds"],
+        "commands": [trained["command"], scored["command"]],
+        **read_eval(folder / "eval.json"),
+    }
 
 
 def finetune_epochs(args):
@@ -163,18 +262,40 @@ def finetune_epochs(args):
 def topline(args, out, files, read, task, log):
     """The LLM reading the reference transcript, or Whisper's transcript, instead of the speech."""
     kind, folder = TASKS[task], out / "toplines" / f"{read}-{task}"
-    command = ["evaluate.py", "--read", read, "--task", task, "--data", files["test"][kind], "--ckpt", str(folder),
-               "--out", str(folder / "eval.json"), *model_flags(args),
-               *(QUICK["evaluate"] if args.quick else []), *shlex.split(args.evaluate_args)]
+    command = [
+        "evaluate.py",
+        "--read",
+        read,
+        "--task",
+        task,
+        "--data",
+        files["test"][kind],
+        "--ckpt",
+        str(folder),
+        "--out",
+        str(folder / "eval.json"),
+        *model_flags(args),
+        *(QUICK["evaluate"] if args.quick else []),
+        *shlex.split(args.evaluate_args),
+    ]
     scored = run_cell(out, f"topline-{read}-{task}", command, log)
-    return {"variant": f"read-{read}", "task": task, "evaluate_seconds": scored["seconds"], "commands": [scored["command"]],
-            **read_eval(folder / "eval.json")}
+    return {
+        "variant": f"read-{read}",
+        "task": task,
+        "evaluate_seconds": scored["seconds"],
+        "commands": [scored["command"]],
+        **read_eval(folder / "eval.json"),
+    }
 
 
 def read_eval(path):
     result = json.loads(Path(path).read_text())
-    return {"metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-            "stopped": result["decoding"]["stopped"], "n": result["n"], "samples": result["outputs"][:3]}
+    return {
+        "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+        "stopped": result["decoding"]["stopped"],
+        "n": result["n"],
+        "samples": result["outputs"][:3],
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -191,11 +312,20 @@ def table(cells, stage1_seconds, args):
     rows = {}
     for c in cells:
         rows.setdefault((c["variant"], c.get("frac")), []).append(c)
-    columns = [("asr", "wer", "ASR WER"), ("asr", "exact", "ASR exact"), ("asr", "wer_median", "ASR median WER"),
-               ("qa", "f1", "QA F1"), ("qa", "em", "QA EM")]
+    columns = [
+        ("asr", "wer", "ASR WER"),
+        ("asr", "exact", "ASR exact"),
+        ("asr", "wer_median", "ASR median WER"),
+        ("qa", "f1", "QA F1"),
+        ("qa", "em", "QA EM"),
+    ]
     columns = [c for c in columns if c[0] in args.tasks]
-    lines = ["| start | fine-tuning data | " + " | ".join(c[2] for c in columns) + " | seeds | stage-1 time | fine-tune time |",
-             "|---" * (len(columns) + 5) + "|"]
+    lines = [
+        "| start | fine-tuning data | "
+        + " | ".join(c[2] for c in columns)
+        + " | seeds | stage-1 time | fine-tune time |",
+        "|---" * (len(columns) + 5) + "|",
+    ]
     for (variant, frac), group in rows.items():
         values = []
         for task, metric, _ in columns:
@@ -205,29 +335,55 @@ def table(cells, stage1_seconds, args):
         s1 = [stage1_seconds[(variant, s)] for s in seeds if (variant, s) in stage1_seconds]
         ft = [c["finetune_seconds"] for c in group if "finetune_seconds" in c]
         data = "-" if frac is None else f"{frac:.0%}"
-        lines.append(f"| {variant} | {data} | " + " | ".join(values) + f" | {len(seeds) or '-'} | "
-                     + (f"{sum(s1) / len(s1) / 60:.1f} min" if s1 else "-") + " | "
-                     + (f"{sum(ft) / len(ft) / 60:.1f} min" if ft else "-") + " |")
+        lines.append(
+            f"| {variant} | {data} | "
+            + " | ".join(values)
+            + f" | {len(seeds) or '-'} | "
+            + (f"{sum(s1) / len(s1) / 60:.1f} min" if s1 else "-")
+            + " | "
+            + (f"{sum(ft) / len(ft) / 60:.1f} min" if ft else "-")
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def machine():
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def write_results(out, cells, stage1_seconds, args, started):
     md = table(cells, stage1_seconds, args)
     info = machine()
-    wall = sum(stage1_seconds.values()) + sum(c.get("finetune_seconds", 0) + c.get("evaluate_seconds", 0) for c in cells)
-    text = (f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
-            f"ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split; QA: SQuAD F1 / EM (%). "
-            f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}"
-            f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: {wall / 60:.0f} min.\n")
+    wall = sum(stage1_seconds.values()) + sum(
+        c.get("finetune_seconds", 0) + c.get("evaluate_seconds", 0) for c in cells
+    )
+    text = (
+        f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
+        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split; "
+        "QA: SQuAD F1 / EM (%). "
+        f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}"
+        f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: {wall / 60:.0f} min.\n"
+    )
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"cells": cells, "stage1_seconds": {f"{v}-s{s}": t for (v, s), t in stage1_seconds.items()},
-                                                  "machine": info, "args": vars(args), "started": started}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "cells": cells,
+                "stage1_seconds": {f"{v}-s{s}": t for (v, s), t in stage1_seconds.items()},
+                "machine": info,
+                "args": vars(args),
+                "started": started,
+            },
+            indent=2,
+        )
+    )
     plots(out, cells, args)
     return text
 
@@ -280,16 +436,26 @@ def plots(out, cells, args):
                 label = f"{c['variant']}\n{c['frac']:.0%}"
                 if label not in starts:
                     starts.append(label)
-        values = [[c["metrics"][metric] for c in cells if c["task"] == task and f"{c['variant']}\n{c.get('frac', 0):.0%}" == s]
-                  for s in starts]
+        values = [
+            [
+                c["metrics"][metric]
+                for c in cells
+                if c["task"] == task and f"{c['variant']}\n{c.get('frac', 0):.0%}" == s
+            ]
+            for s in starts
+        ]
         means = [sum(v) / len(v) for v in values]
         ax.bar(range(len(starts)), means, color="tab:blue")
         for x, v in enumerate(values):
             ax.plot([x] * len(v), v, "k.", ms=4)  # every seed
         for c in cells:
             if c["task"] == task and c["variant"].startswith("read-"):
-                ax.axhline(c["metrics"][metric], ls="--", color="tab:red" if "transcript" in c["variant"] else "tab:green",
-                           label=f"{c['variant'][5:]} ({c['metrics'][metric]:.1f})")
+                ax.axhline(
+                    c["metrics"][metric],
+                    ls="--",
+                    color="tab:red" if "transcript" in c["variant"] else "tab:green",
+                    label=f"{c['variant'][5:]} ({c['metrics'][metric]:.1f})",
+                )
         ax.set_xticks(range(len(starts)), starts, fontsize=7)
         ax.set_ylabel(f"{task.upper()} test {metric.upper()} (%)")
         if ax.get_legend_handles_labels()[0]:
@@ -309,7 +475,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     files, corpus = corpus_files(args)
     # the frozen encoder's outputs, computed once for the whole grid (the demo keeps them inside its corpus)
-    cache = (corpus if args.corpus is None else out) / f"features-{(args.encoder or 'whisper-tiny').replace('/', '_')}.pt"
+    cache = (
+        corpus if args.corpus is None else out
+    ) / f"features-{(args.encoder or 'whisper-tiny').replace('/', '_')}.pt"
     args.feature_flags = ["--feature-cache-file", str(cache)]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     log = open(out / "grid.log", "a")
@@ -323,12 +491,16 @@ def main(argv=None):
         return folder
 
     plan = [(v, s) for s in args.seeds for v in KEY_VARIANTS if v in args.variants]
-    plan[len(KEY_VARIANTS):len(KEY_VARIANTS)] = [(v, args.seeds[0]) for v in args.variants if v not in KEY_VARIANTS]
-    for t, task in enumerate(args.tasks):  # task by task: the first task's whole comparison comes first
+    plan[len(KEY_VARIANTS) : len(KEY_VARIANTS)] = [(v, args.seeds[0]) for v in args.variants if v not in KEY_VARIANTS]
+    for task in args.tasks:  # task by task: the first task's whole comparison comes first
         for variant, seed in plan:
-            cells.append(finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log))
+            cells.append(
+                finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log)
+            )
             if variant == "none" and seed == args.seeds[0]:  # the task-specialised model: no pretraining, all the data
-                cells.append(finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True))
+                cells.append(
+                    finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True)
+                )
             write_results(out, cells, stage1_seconds, args, started)
         for read in args.toplines:
             cells.append(topline(args, out, files, read, task, log))

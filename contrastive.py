@@ -10,7 +10,8 @@ with every transcript, and an InfoNCE loss asks each transcript to pick out its 
              Index 0 = input embeddings, index k = output of decoder layer k, index num_layers = after the
              final norm (transformers' `hidden_states` convention).
     score    "cos":         S[i, j] = < normalize(mean_t text_i), normalize(mean_t speech_j) > / tau
-             "wasserstein": S[i, j] = -SinkhornDivergence({normalized text_i tokens}, {normalized speech_j tokens}) / tau
+             "wasserstein": S[i, j] = -SinkhornDivergence({normalized text_i tokens},
+                                                           {normalized speech_j tokens}) / tau
              (means and token sets over valid positions only; padding never counts). The Sinkhorn
              divergence follows geomloss's SamplesLoss("sinkhorn", p=2, blur=0.05), which the authors call
              once per pair; here all B x B pairs are solved in one batched computation.
@@ -61,9 +62,14 @@ def select_layers(spec, num_layers):
     try:
         layers = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise ValueError(f"layer spec {spec!r}: expected 'emb', 'all' or a comma list of integers like '0,3,7'") from None
+        raise ValueError(
+            f"layer spec {spec!r}: expected 'emb', 'all' or a comma list of integers like '0,3,7'"
+        ) from None
     if any(not 0 <= i <= num_layers for i in layers):
-        raise ValueError(f"layer spec {spec!r}: indices must lie in 0..{num_layers} (0 = embeddings, {num_layers} = after the final norm)")
+        raise ValueError(
+            f"layer spec {spec!r}: indices must lie in 0..{num_layers} "
+            f"(0 = embeddings, {num_layers} = after the final norm)"
+        )
     if any(a >= b for a, b in zip(layers, layers[1:])):
         raise ValueError(f"layer spec {spec!r}: indices must be increasing and unique")
     return layers
@@ -198,7 +204,10 @@ def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=N
     if diameter is None:
         diameter = _diameter(x.detach(), x_mask, y.detach(), y_mask)
     eps_list = _epsilon_schedule(diameter, blur, scaling)
-    x, y = torch.where(x_mask[:, :, None], x, 0.0), torch.where(y_mask[:, :, None], y, 0.0)  # padding: weight 0, and finite
+    x, y = (
+        torch.where(x_mask[:, :, None], x, 0.0),
+        torch.where(y_mask[:, :, None], y, 0.0),
+    )  # padding: weight 0, and finite
     a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)  # [Bx, N], [By, M]
     # every x set against every y set: x [..., Bx, 1, N, D] and y [..., 1, By, M, D] broadcast to the pairs
     cross = _entropic_ot(x[..., :, None, :, :], a_log[:, None], y[..., None, :, :, :], b_log[None], eps_list)
@@ -235,13 +244,25 @@ def _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_
     if text_pooled is not None and (text_states is not None or text_pool_mask is not None):
         raise ValueError("give the text side once: text_states with text_pool_mask, or text_pooled (then both None)")
     if sim == "wasserstein" and text_pooled is not None:
-        raise ValueError("sim='wasserstein' compares token sets: it needs text_states and text_pool_mask, not text_pooled")
+        raise ValueError(
+            "sim='wasserstein' compares token sets: it needs text_states and text_pool_mask, not text_pooled"
+        )
     if len(text_states if text_pooled is None else text_pooled) != len(speech_states):
         raise ValueError("the text and the speech side need the same number of layers")
 
 
-def contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mask, sim="cos", temperature=0.1,
-                     symmetric=False, center=False, return_logits=False, text_pooled=None):
+def contrastive_loss(
+    text_states,
+    text_pool_mask,
+    speech_states,
+    speech_pool_mask,
+    sim="cos",
+    temperature=0.1,
+    symmetric=False,
+    center=False,
+    return_logits=False,
+    text_pooled=None,
+):
     """The paper's loss summed over layers. *_states: [L, B, T, D] or a list of L [B, T, D] (any dtype);
     *_pool_mask: bool [B, T], True at the positions that count. sim: "cos" | "wasserstein"; center: see
     cos_logits (cos only). Returns (total, per_layer [L]), and the logits [L, B, B] too when return_logits.
@@ -255,7 +276,9 @@ def contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mas
                 text_pooled = masked_mean(text_states, text_pool_mask)
         logits = cos_logits(text_pooled.detach(), masked_mean(speech_states, speech_pool_mask), temperature, center)
     else:
-        logits = wasserstein_logits(_stacked(text_states).detach(), text_pool_mask, speech_states, speech_pool_mask, temperature)
+        logits = wasserstein_logits(
+            _stacked(text_states).detach(), text_pool_mask, speech_states, speech_pool_mask, temperature
+        )
     per_layer = info_nce(logits, symmetric)
     total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
     return (total, per_layer, logits) if return_logits else (total, per_layer)

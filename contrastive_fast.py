@@ -102,7 +102,9 @@ def _resolve_kernel(kernel, states):
         if not HAS_TRITON:
             raise RuntimeError("kernel='triton' needs `pip install -r requirements-triton.txt`")
         if device.type != "cuda" and not interpreted:
-            raise RuntimeError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU, slowly)")
+            raise RuntimeError(
+                "kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on the CPU, slowly)"
+            )
         return "triton"
     if kernel != "torch":
         raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
@@ -121,7 +123,11 @@ def masked_mean(states, mask, kernel="torch"):
         raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}")
     spans = _valid_spans(mask)
     if spans is not None:  # the usual case: pool each example's run, never reading the padding
-        return _SpanMean.apply(states, spans) if torch.is_tensor(states) else torch.stack([_SpanMean.apply(h, spans) for h in layers])
+        return (
+            _SpanMean.apply(states, spans)
+            if torch.is_tensor(states)
+            else torch.stack([_SpanMean.apply(h, spans) for h in layers])
+        )
     # Any mask: a batched matrix-vector product reads every hidden state exactly once and never builds a
     # masked copy; padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
     w = _mean_weights(mask).to(layers[0].device)[:, None, :]  # [B, 1, T]
@@ -143,9 +149,11 @@ def masked_mean(states, mask, kernel="torch"):
 def _half_sq_dist(x, y):
     """C[..., i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [..., I, N, D] and y [..., J, M, D]: every token of
     every x set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
-    (*lead, I, N, D), (J, M) = x.shape, y.shape[-3:-1]
+    (*lead, I, N, D), (J, M) = x.shape, y.shape[-3:-1]  # noqa: E741  (I, J: set counts, as in the docstring)
     xy = (x.reshape(*lead, I * N, D) @ y.reshape(*lead, J * M, D).transpose(-1, -2)).view(*lead, I, N, J, M)
-    return (x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]) / 2 - xy.transpose(-3, -2)
+    return (x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]) / 2 - xy.transpose(
+        -3, -2
+    )
 
 
 def _half_sq_dist_within(x, x2):
@@ -201,7 +209,7 @@ def _packed_steps(mask):
     is valid, which _logsumexp relies on; padding slots repeat it (finite values with weight 0: they
     change no value and get no gradient, and no padding is read, whatever it holds)."""
     counts = mask.sum(1)
-    steps = mask.int().argsort(dim=1, descending=True, stable=True)[:, :int(counts.max())]
+    steps = mask.int().argsort(dim=1, descending=True, stable=True)[:, : int(counts.max())]
     packed_mask = torch.arange(steps.shape[1], device=mask.device) < counts[:, None]
     return torch.where(packed_mask, steps, steps[:, :1]), packed_mask
 
@@ -246,8 +254,10 @@ def _ot_cross(x, x_mask, y, y_mask, eps_list):
         eps = eps_list[0]
         f, g = _softmin(eps, C_g, b_log, dim=-1), _softmin(eps, C_g, a_log, dim=-2)
         for eps in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
-            f, g = (torch.lerp(f, _softmin(eps, C_g, b_log, g, dim=-1), 0.5),
-                    torch.lerp(g, _softmin(eps, C_g, a_log, f, dim=-2), 0.5))
+            f, g = (
+                torch.lerp(f, _softmin(eps, C_g, b_log, g, dim=-1), 0.5),
+                torch.lerp(g, _softmin(eps, C_g, a_log, f, dim=-2), 0.5),
+            )
     eps = eps_list[-1]
     f, g = _softmin(eps, C_f, b_log, g, dim=-1), _softmin(eps, C_g, a_log, f, dim=-2)  # the differentiated last step
     return (a_log.exp() * f).sum(-1) + (b_log.exp() * g).sum(-1)
@@ -270,7 +280,9 @@ def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=N
     xs, ys = _buckets(x, x_mask, waste), _buckets(y, y_mask, waste)
     self_x = torch.cat([_ot_self(xb, mb, eps_list) for _, xb, mb in xs], -1)  # [..., Bx] in bucket order
     self_y = torch.cat([_ot_self(yb, mb, eps_list) for _, yb, mb in ys], -1)
-    cross = torch.cat([torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1) for _, xb, xm in xs], -2)
+    cross = torch.cat(
+        [torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1) for _, xb, xm in xs], -2
+    )
     S = cross - self_x[..., :, None] - self_y[..., None, :]
     x_order, y_order = [i for idx, _, _ in xs for i in idx], [j for idx, _, _ in ys for j in idx]
     x_back, y_back = torch.tensor(x_order).argsort(), torch.tensor(y_order).argsort()  # bucket order -> input order
@@ -306,8 +318,19 @@ def wasserstein_logits(text_states, text_pool_mask, speech_states, speech_pool_m
 # The loss: contrastive.contrastive_loss on the functions above
 
 
-def contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mask, sim="cos", temperature=0.1,
-                     symmetric=False, center=False, return_logits=False, text_pooled=None, kernel="torch"):
+def contrastive_loss(
+    text_states,
+    text_pool_mask,
+    speech_states,
+    speech_pool_mask,
+    sim="cos",
+    temperature=0.1,
+    symmetric=False,
+    center=False,
+    return_logits=False,
+    text_pooled=None,
+    kernel="torch",
+):
     """contrastive.contrastive_loss (the same arguments and results: see there), plus kernel, the pooling
     of sim="cos": "torch" | "triton" | "auto" (see masked_mean); the Wasserstein score ignores it."""
     _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_states)
@@ -340,8 +363,20 @@ def contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mas
 if HAS_TRITON:
 
     @triton.jit
-    def _pool_fwd_kernel(x_ptr, w_ptr, out_ptr, B, T, D, stride_l, stride_b, stride_t, stride_d,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _pool_fwd_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        B,
+        T,
+        D,
+        stride_l,
+        stride_b,
+        stride_t,
+        stride_d,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # One program instance = one (layer, utterance) row and one block of BLOCK_D features; it walks
         # down the time axis BLOCK_T steps at a time, accumulating sum_t w[b, t] * x[l, b, t, d] in fp32.
         row = tl.program_id(0).to(tl.int64)  # row = l * B + b; int64 so offsets cannot overflow
@@ -405,7 +440,9 @@ if HAS_TRITON:
             grad = torch.empty(ctx.shape, device=grad_out.device, dtype=ctx.dtype)
             BLOCK_T, BLOCK_D = _blocks(T, D)
             grid = (L * B, triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
-            _pool_bwd_kernel[grid](grad_out.float().contiguous(), weights, grad, B, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            _pool_bwd_kernel[grid](
+                grad_out.float().contiguous(), weights, grad, B, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+            )
             return grad, None
 
 
@@ -416,6 +453,8 @@ def triton_masked_mean(states, mask):
         raise RuntimeError("triton is not installed")
     states = torch.stack(_as_layers(states)) if not torch.is_tensor(states) else states
     if states.dim() != 4 or mask.shape != states.shape[1:3]:
-        raise ValueError(f"states must be [L, B, T, D] with mask [B, T]; got {tuple(states.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"states must be [L, B, T, D] with mask [B, T]; got {tuple(states.shape)} and {tuple(mask.shape)}"
+        )
     weights = _mean_weights(mask).to(states.device).contiguous()
     return _TritonMaskedMean.apply(states, weights)

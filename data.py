@@ -69,8 +69,10 @@ def _check_row(row, root):
     for field in ("translation", "tgt_lang", "question", "task", "speaker"):
         if field in row and not isinstance(row[field], str):
             raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
-    if "answer" in row and not (isinstance(row["answer"], str) or (isinstance(row["answer"], list) and row["answer"]
-                                                                   and all(isinstance(a, str) for a in row["answer"]))):
+    if "answer" in row and not (
+        isinstance(row["answer"], str)
+        or (isinstance(row["answer"], list) and row["answer"] and all(isinstance(a, str) for a in row["answer"]))
+    ):
         raise ValueError("field 'answer' must be a string or a non-empty list of strings")
     path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else root / row["audio"]
     if not path.is_file():
@@ -82,8 +84,12 @@ def _check_row(row, root):
     if info.frames == 0:
         raise ValueError(f"audio file is empty (0 samples): {path}")
     stat = path.stat()  # the key of the frozen-encoder feature cache: this file, as it is now
-    return {**row, "audio": str(path), "duration": info.frames / info.samplerate,
-            "key": f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"}
+    return {
+        **row,
+        "audio": str(path),
+        "duration": info.frames / info.samplerate,
+        "key": f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
+    }
 
 
 def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
@@ -127,21 +133,39 @@ def task_examples(rows, task):
     tasks = ("asr", "st", "qa") if task == "mix" else (task,)
     examples = [ex for t in tasks for row in rows if (ex := _example(row, t))]
     if not examples:
-        raise ManifestError(f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs 'question' and 'answer')")
+        raise ManifestError(
+            f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs 'question' and 'answer')"
+        )
     return examples
 
 
 def _example(row, task):
     if task == "asr" and row.get("task", "asr") == "asr":
-        return {**row, "task": "asr", "instruction": INSTRUCTIONS["asr"], "target": row["text"], "references": [row["text"]]}
+        return {
+            **row,
+            "task": "asr",
+            "instruction": INSTRUCTIONS["asr"],
+            "target": row["text"],
+            "references": [row["text"]],
+        }
     if task == "st" and "translation" in row:
         language = LANGUAGES.get(row.get("tgt_lang", "de"), row.get("tgt_lang", "de"))
-        return {**row, "task": "st", "instruction": INSTRUCTIONS["st"].format(language=language),
-                "target": row["translation"], "references": [row["translation"]]}
+        return {
+            **row,
+            "task": "st",
+            "instruction": INSTRUCTIONS["st"].format(language=language),
+            "target": row["translation"],
+            "references": [row["translation"]],
+        }
     if task == "qa" and "question" in row and "answer" in row:
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
-        return {**row, "task": "qa", "instruction": INSTRUCTIONS["qa"].format(question=row["question"]),
-                "target": answers[0], "references": answers}
+        return {
+            **row,
+            "task": "qa",
+            "instruction": INSTRUCTIONS["qa"].format(question=row["question"]),
+            "target": answers[0],
+            "references": answers,
+        }
     return None
 
 
@@ -177,19 +201,32 @@ class Collator:
         waves = [load_audio(ex["audio"]) for ex in examples]
         if self.is_whisper:
             # Pad to the longest clip, not to Whisper's 30 s: the encoder runs on the true length.
-            inputs = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest").input_features
+            inputs = self.feature_extractor(
+                waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest"
+            ).input_features
             # A clip of n samples has n // hop log-mel frames (the extractor's own mask rounds up by one).
             lengths = torch.tensor([len(w) // self.feature_extractor.hop_length for w in waves])
             input_mask = torch.arange(inputs.shape[-1])[None] < lengths[:, None]
         else:
-            feats = self.feature_extractor(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
-                                           return_attention_mask=True)
+            feats = self.feature_extractor(
+                waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True, return_attention_mask=True
+            )
             inputs, input_mask = feats.input_values, feats.attention_mask.bool()
-        batch = {"speech_inputs": inputs, "speech_input_mask": input_mask, "keys": [ex["key"] for ex in examples], "examples": examples}
+        batch = {
+            "speech_inputs": inputs,
+            "speech_input_mask": input_mask,
+            "keys": [ex["key"] for ex in examples],
+            "examples": examples,
+        }
         if self.tokenizer is not None:
-            ids = [torch.tensor(self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long) for ex in examples]
+            ids = [
+                torch.tensor(self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long)
+                for ex in examples
+            ]
             lengths = torch.tensor([len(i) for i in ids])
-            batch["text_ids"] = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0)
+            batch["text_ids"] = torch.nn.utils.rnn.pad_sequence(
+                ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0
+            )
             batch["text_mask"] = torch.arange(int(lengths.max()))[None] < lengths[:, None]
         return batch
 

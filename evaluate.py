@@ -2,7 +2,7 @@
 evaluate.py: score a trained projector with the metrics the field uses.
 
     python evaluate.py --ckpt out/finetune-qa                 # its task on the demo's test split (QA: EM / F1)
-    python evaluate.py --ckpt out/finetune-mix --task all     # ASR (WER), ST (BLEU / chrF) and QA, each on its test split
+    python evaluate.py --ckpt out/finetune-mix --task all     # ASR (WER), ST (BLEU / chrF), QA, each on its test split
     python evaluate.py --ckpt runs/ft --task st --data mustc_en-de_test.jsonl --batch-size 16
     python evaluate.py --ckpt out/pretrain --task retrieval   # stage 1: speech->text R@1 per contrastive layer
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"   # one recording
@@ -60,8 +60,15 @@ def compute_metrics(task, hypotheses, references):
 
 # The authors' WER normalisation (jiwer): lower-case, strip all Unicode punctuation ("don't" -> "dont"),
 # collapse and strip spaces; then words.
-WER_TEXT = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
-                          jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+WER_TEXT = jiwer.Compose(
+    [
+        jiwer.ToLowerCase(),
+        jiwer.RemovePunctuation(),
+        jiwer.RemoveMultipleSpaces(),
+        jiwer.Strip(),
+        jiwer.ReduceToListOfListOfWords(),
+    ]
+)
 
 
 def word_error_rates(hypotheses, references):
@@ -73,8 +80,12 @@ def word_error_rates(hypotheses, references):
     per_utterance = sorted(wer(r, h) for r, h in zip(references, hypotheses))
     n = len(per_utterance)
     median = (per_utterance[(n - 1) // 2] + per_utterance[n // 2]) / 2
-    return {"wer": 100 * wer(list(references), list(hypotheses)), "wer_mean": 100 * sum(per_utterance) / n,
-            "wer_median": 100 * median, "exact": 100 * sum(e == 0 for e in per_utterance) / n}
+    return {
+        "wer": 100 * wer(list(references), list(hypotheses)),
+        "wer_mean": 100 * sum(per_utterance) / n,
+        "wer_median": 100 * median,
+        "exact": 100 * sum(e == 0 for e in per_utterance) / n,
+    }
 
 
 def bleu_chrf(hypotheses, golds):
@@ -84,8 +95,12 @@ def bleu_chrf(hypotheses, golds):
         raise ValueError("ST: every hypothesis needs the same number of reference translations")
     streams = [list(refs) for refs in zip(*golds)]  # sacrebleu wants one list per reference "stream"
     bleu, chrf = BLEU(), CHRF()
-    return {"bleu": bleu.corpus_score(hypotheses, streams).score, "chrf": chrf.corpus_score(hypotheses, streams).score,
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    return {
+        "bleu": bleu.corpus_score(hypotheses, streams).score,
+        "chrf": chrf.corpus_score(hypotheses, streams).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
 
 
 def squad_normalize(text):
@@ -163,8 +178,12 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
     means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center)."""
     text, speech = pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
-    metrics = {"layers": layers, "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
-               "r1_centred": (100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist(), "chance": 100 / len(rows)}
+    metrics = {
+        "layers": layers,
+        "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
+        "r1_centred": (100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist(),
+        "chance": 100 / len(rows),
+    }
     if centers is not None:
         metrics["r1_centred_train"] = (100 * retrieval_r1(cos_logits(text, speech, center=centers))).tolist()
     return metrics
@@ -204,8 +223,9 @@ def answer_cap(task, seconds, max_new_tokens="auto"):
     return QA_CAP_TOKENS if task == "qa" else math.ceil(CAP_TOKENS + CAP_TOKENS_PER_SECOND * seconds)
 
 
-def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype, progress=True, loop_repeats=0,
-                     stop_reasons=False):
+def generate_answers(
+    model, examples, batch_size, max_new_tokens, device, dtype, progress=True, loop_repeats=0, stop_reasons=False
+):
     """Greedy answers for every example (batched, longest first to keep the padding small), in input order.
     max_new_tokens: a number, or "auto" (answer_cap). With stop_reasons, also why each answer ended
     (end of turn, the cap, or the loop guard: model.generate)."""
@@ -220,7 +240,9 @@ def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype,
         caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
         instructions = [examples[i]["instruction"] for i in idx]
         with common.autocast(device, dtype):
-            if "heard" in examples[idx[0]]:  # --read transcript|whisper: a text's token embeddings in the speech's place
+            if (
+                "heard" in examples[idx[0]]
+            ):  # --read transcript|whisper: a text's token embeddings in the speech's place
                 heard, heard_mask = embed_texts(model, [examples[i]["heard"] for i in idx], device)
                 out, why = model.generate_from(heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True)
             else:
@@ -256,19 +278,42 @@ def evaluate_task(model, task, rows, args, device, dtype):
     if task == "qa":
         examples = unique_questions(examples)
     if args.read != "speech":
-        heard = [ex["text"] for ex in examples] if args.read == "transcript" else whisper_transcripts(args.asr_model, examples, args.batch_size)
+        heard = (
+            [ex["text"] for ex in examples]
+            if args.read == "transcript"
+            else whisper_transcripts(args.asr_model, examples, args.batch_size)
+        )
         examples = [{**ex, "heard": h} for ex, h in zip(examples, heard)]
     if args.read == "whisper" and task == "asr":
         hypotheses, reasons = [ex["heard"] for ex in examples], ["end"] * len(examples)
     else:
-        hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device, dtype,
-                                               loop_repeats=args.loop_repeats, stop_reasons=True)
+        hypotheses, reasons = generate_answers(
+            model,
+            examples,
+            args.batch_size,
+            args.max_new_tokens,
+            device,
+            dtype,
+            loop_repeats=args.loop_repeats,
+            stop_reasons=True,
+        )
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
     metrics = compute_metrics(task, hypotheses, references)
-    decoding = {"max_new_tokens": args.max_new_tokens, "loop_repeats": args.loop_repeats,
-                "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")}}
-    outputs = [{"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h, "references": ex["references"], "stop": why}
-               for ex, h, why in zip(examples, hypotheses, reasons)]
+    decoding = {
+        "max_new_tokens": args.max_new_tokens,
+        "loop_repeats": args.loop_repeats,
+        "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
+    }
+    outputs = [
+        {
+            "audio": ex["audio"],
+            "instruction": ex["instruction"],
+            "hypothesis": h,
+            "references": ex["references"],
+            "stop": why,
+        }
+        for ex, h, why in zip(examples, hypotheses, reasons)
+    ]
     return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding, "outputs": outputs}
 
 
@@ -278,28 +323,64 @@ def evaluate_task(model, task, rows, args, device, dtype):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="a checkpoint folder (projector.safetensors + meta.json) from pretrain.py or finetune.py")
-    p.add_argument("--task", choices=["asr", "st", "qa", "all", "retrieval"], default=None,
-                   help="default: the checkpoint's fine-tuning task (all for a mix), retrieval for a stage-1 checkpoint")
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        help="a checkpoint folder (projector.safetensors + meta.json) from pretrain.py or finetune.py",
+    )
+    p.add_argument(
+        "--task",
+        choices=["asr", "st", "qa", "all", "retrieval"],
+        default=None,
+        help="default: the checkpoint's fine-tuning task (all for a mix), retrieval for a stage-1 checkpoint",
+    )
     p.add_argument("--data", default=None, help="test manifest (default: the demo corpus's test split for the task)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=max_tokens, default="auto",
-                   help="cap on a generated answer: a number (the authors: 200), or auto = 16 + 8 per second of audio for asr/st, 32 for qa")
-    p.add_argument("--loop-repeats", type=int, default=3,
-                   help="stop an answer that ends in this many copies of the same 1-12 tokens and keep one copy (0 = off, the authors)")
-    p.add_argument("--layers", default=None, help="retrieval: emb | all | a comma list (default: the checkpoint's contrastive layers)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=max_tokens,
+        default="auto",
+        help="cap on a generated answer: a number (the authors: 200), or auto = 16 + 8 per second of audio "
+        "for asr/st, 32 for qa",
+    )
+    p.add_argument(
+        "--loop-repeats",
+        type=int,
+        default=3,
+        help="stop an answer that ends in this many copies of the same 1-12 tokens and keep one copy "
+        "(0 = off, the authors)",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="retrieval: emb | all | a comma list (default: the checkpoint's contrastive layers)",
+    )
     p.add_argument("--show", type=int, default=5, help="sample hypotheses to print next to their references")
     p.add_argument("--out", default=None, help="results JSON (default: <ckpt>/eval-<task>.json)")
     # toplines: no projector, the LLM reads text in the speech's place
-    p.add_argument("--read", choices=["speech", "transcript", "whisper"], default="speech",
-                   help="transcript: the reference transcript's token embeddings replace the speech (text topline); "
-                        "whisper: Whisper's transcript does (a cascade); both need no --ckpt")
+    p.add_argument(
+        "--read",
+        choices=["speech", "transcript", "whisper"],
+        default="speech",
+        help="transcript: the reference transcript's token embeddings replace the speech (text topline); "
+        "whisper: Whisper's transcript does (a cascade); both need no --ckpt",
+    )
     p.add_argument("--llm", default="smollm2", help="with --read transcript|whisper: the LLM (default: the demo's)")
-    p.add_argument("--encoder", default="whisper-tiny", help="with --read transcript|whisper: the encoder to build the model with (not run)")
-    p.add_argument("--asr-model", default="demo", help="with --read whisper: a Whisper folder or hub id (default: the demo's tiny.en)")
+    p.add_argument(
+        "--encoder",
+        default="whisper-tiny",
+        help="with --read transcript|whisper: the encoder to build the model with (not run)",
+    )
+    p.add_argument(
+        "--asr-model",
+        default="demo",
+        help="with --read whisper: a Whisper folder or hub id (default: the demo's tiny.en)",
+    )
     # one recording
-    p.add_argument("--audio", default=None, help="answer for this one recording (any format and sample rate) instead of a test set")
+    p.add_argument(
+        "--audio", default=None, help="answer for this one recording (any format and sample rate) instead of a test set"
+    )
     p.add_argument("--question", default=None, help="with --audio --task qa: the question about the recording")
     p.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language (de, fr, it, es, ...)")
     p.add_argument("--prompt", default=None, help="with --audio: any instruction instead of a task's")
@@ -358,17 +439,22 @@ def print_results(result, show):
     print(f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} from {result['data']}")
     if task == "retrieval":
         train = metrics.get("r1_centred_train")
-        print(f"  {'layer':>5}  {'R@1':>6}  {'centred':>8}" + (f"  {'centred (train means)':>21}" if train else "")
-              + f"   (speech->text, %, chance {metrics['chance']:.2f}; centred: by this set's means)")
+        print(
+            f"  {'layer':>5}  {'R@1':>6}  {'centred':>8}"
+            + (f"  {'centred (train means)':>21}" if train else "")
+            + f"   (speech->text, %, chance {metrics['chance']:.2f}; centred: by this set's means)"
+        )
         for i, (layer, r1, centred) in enumerate(zip(metrics["layers"], metrics["r1"], metrics["r1_centred"])):
             print(f"  {layer:>5}  {r1:6.2f}  {centred:8.2f}" + (f"  {train[i]:21.2f}" if train else ""))
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
     stopped = result["decoding"]["stopped"]
-    print(f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
-          f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
-          f"--loop-repeats {result['decoding']['loop_repeats']})")
+    print(
+        f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
+        f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
+        f"--loop-repeats {result['decoding']['loop_repeats']})"
+    )
     for out in result["outputs"][:show]:
         print(f"  ref: {' | '.join(out['references'])}\n  hyp: {out['hypothesis']}")
 
@@ -398,16 +484,27 @@ def main(argv=None):
         data = args.data or default_data(task)
         rows = read_manifest(data)[: args.limit]
         if task == "retrieval":
-            layers = select_layers(args.layers, model.num_layers) if args.layers else meta.get("layers") or select_layers("all", model.num_layers)
-            metrics = evaluate_retrieval(model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers))
+            layers = (
+                select_layers(args.layers, model.num_layers)
+                if args.layers
+                else meta.get("layers") or select_layers("all", model.num_layers)
+            )
+            metrics = evaluate_retrieval(
+                model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers)
+            )
             result = {"task": task, "n": len(rows), "metrics": metrics}
         else:
             result = evaluate_task(model, task, rows, args, device, dtype)
         results[task] = {"ckpt": str(args.ckpt), "data": data, **result}
         print_results(results[task], args.show)
     if len(results) > 1:
-        print("\nsummary:  " + "   ".join(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
-                                      for task, r in results.items()))
+        print(
+            "\nsummary:  "
+            + "   ".join(
+                f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
+                for task, r in results.items()
+            )
+        )
     out = Path(args.out or Path(args.ckpt) / f"eval-{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results if args.task == "all" else results[args.task], indent=2, ensure_ascii=False))

@@ -11,7 +11,8 @@ and the end-of-turn token only. Only the projector trains; the encoder and the L
     python finetune.py --task mix --frac 0.1 --stratify  # 10% of each task of the ASR+ST+QA mix
     python finetune.py --llm llama --task mix --frac 0.1 --data mustc_train.jsonl spoken_squad_train.jsonl \\
         --init runs/contr-cos-all --out runs/ft           # the paper's setup (GPU)
-    torchrun --standalone --nproc_per_node=4 finetune.py --llm llama --task mix --data mix.jsonl --init runs/contr-cos-all
+    torchrun --standalone --nproc_per_node=4 finetune.py --llm llama --task mix --data mix.jsonl \\
+        --init runs/contr-cos-all
     python finetune.py --task qa --out out/finetune-qa --resume   # continue a killed run
     python evaluate.py --ckpt out/finetune-qa            # then score it (EM / F1 on the test split)
 """
@@ -44,8 +45,14 @@ RECIPES = {
     "demo": dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
 }
 # --flag -> QFormerConfig field: the projector's shape, for --init none
-SHAPE = {"qformer_dim": "dim", "qformer_heads": "heads", "qformer_layers": "layers", "queries": "queries",
-         "window": "window", "window_pos": "window_pos"}
+SHAPE = {
+    "qformer_dim": "dim",
+    "qformer_heads": "heads",
+    "qformer_layers": "layers",
+    "queries": "queries",
+    "window": "window",
+    "window_pos": "window_pos",
+}
 # the demo corpus's manifests of each task (demokit): <name>_{train,dev,test}.jsonl
 DEMO_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
 
@@ -53,38 +60,106 @@ DEMO_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix"
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # task and data
-    p.add_argument("--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix = ASR + ST + QA, concatenated as the authors (default)")
-    p.add_argument("--frac", type=float, default=1.0, help="fraction of the training examples to use (the paper: 1.0 or 0.1)")
+    p.add_argument(
+        "--task",
+        choices=["asr", "st", "qa", "mix"],
+        default="mix",
+        help="mix = ASR + ST + QA, concatenated as the authors (default)",
+    )
+    p.add_argument(
+        "--frac", type=float, default=1.0, help="fraction of the training examples to use (the paper: 1.0 or 0.1)"
+    )
     p.add_argument("--frac-seed", type=int, default=42, help="seed of the --frac draw (the authors: random.seed(42))")
-    p.add_argument("--stratify", action="store_true", help="with --task mix: draw --frac from each task (the authors: from the whole mix)")
-    p.add_argument("--data", nargs="+", default=None, help="training manifest(s), concatenated (default: the demo corpus's for the task)")
-    p.add_argument("--dev-data", nargs="+", default=None, help="dev manifest(s) for the dev loss (default: the demo's dev split when --data is default)")
+    p.add_argument(
+        "--stratify",
+        action="store_true",
+        help="with --task mix: draw --frac from each task (the authors: from the whole mix)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="training manifest(s), concatenated (default: the demo corpus's for the task)",
+    )
+    p.add_argument(
+        "--dev-data",
+        nargs="+",
+        default=None,
+        help="dev manifest(s) for the dev loss (default: the demo's dev split when --data is default)",
+    )
     p.add_argument("--dev-size", type=int, default=100, help="dev examples (a seeded sample) for the dev loss")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
-    p.add_argument("--max-audio-seconds", type=float, default=150.0, help="skip longer audio (counted); the paper: 45 s for MuST-C, 150 s for Spoken-SQuAD")
-    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True, help="keep the frozen encoder's outputs in memory across epochs")
-    p.add_argument("--feature-cache-file", default=None, help="also keep them in this file across runs (default: inside the demo corpus for the demo)")
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=150.0,
+        help="skip longer audio (counted); the paper: 45 s for MuST-C, 150 s for Spoken-SQuAD",
+    )
+    p.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the frozen encoder's outputs in memory across epochs",
+    )
+    p.add_argument(
+        "--feature-cache-file",
+        default=None,
+        help="also keep them in this file across runs (default: inside the demo corpus for the demo)",
+    )
     # models and the starting projector
-    p.add_argument("--init", default="out/pretrain", help="stage-1 checkpoint folder to start from, or 'none' for a fresh projector (default: out/pretrain)")
-    p.add_argument("--llm", default=None, help="llama | smollm2 | tiny | a hub id | a folder (default: the --init checkpoint's; smollm2 with --init none)")
-    p.add_argument("--encoder", default=None, help="hubert | whisper-tiny | tiny | a hub id | a folder (default: the checkpoint's; by pretrain's recipe with --init none)")
-    p.add_argument("--recipe", choices=["paper", "demo"], default=None, help="optimisation defaults (default: demo for smollm2, else paper)")
+    p.add_argument(
+        "--init",
+        default="out/pretrain",
+        help="stage-1 checkpoint folder to start from, or 'none' for a fresh projector (default: out/pretrain)",
+    )
+    p.add_argument(
+        "--llm",
+        default=None,
+        help="llama | smollm2 | tiny | a hub id | a folder (default: the --init checkpoint's; "
+        "smollm2 with --init none)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="hubert | whisper-tiny | tiny | a hub id | a folder (default: the checkpoint's; "
+        "by pretrain's recipe with --init none)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=["paper", "demo"],
+        default=None,
+        help="optimisation defaults (default: demo for smollm2, else paper)",
+    )
     # projector shape: --init none only (a checkpoint brings its own)
     p.add_argument("--qformer-dim", type=int, default=None)
     p.add_argument("--qformer-heads", type=int, default=None)
     p.add_argument("--qformer-layers", type=int, default=None)
     p.add_argument("--queries", type=int, default=None, help="query tokens per window")
     p.add_argument("--window", type=int, default=None, help="encoder frames per window (17 = 0.34 s)")
-    p.add_argument("--window-pos", action=argparse.BooleanOptionalAction, default=None, help="learned position within the window")
-    p.add_argument("--match-embedding-rms", action=argparse.BooleanOptionalAction, default=None, help="start a fresh projector's outputs at the LLM's embedding scale")
-    p.add_argument("--dropout", type=float, default=None, help="the projector's dropout (default: the checkpoint's; 0.1 with --init none)")
+    p.add_argument(
+        "--window-pos", action=argparse.BooleanOptionalAction, default=None, help="learned position within the window"
+    )
+    p.add_argument(
+        "--match-embedding-rms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start a fresh projector's outputs at the LLM's embedding scale",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="the projector's dropout (default: the checkpoint's; 0.1 with --init none)",
+    )
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 4)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (paper: 5)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 1e-4)")
     p.add_argument("--epochs", type=float, default=None, help="paper: 2")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)")
+    p.add_argument(
+        "--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)"
+    )
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     # system
@@ -119,20 +194,26 @@ def build_model(args, dtype):
         path = Path(args.init) / "meta.json"
         if not path.exists():
             hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
-            raise SystemExit(f"--init {args.init}: no stage-1 checkpoint there, expected {path}{hint}. "
-                             "Use --init none for the no-pretraining baseline.")
+            raise SystemExit(
+                f"--init {args.init}: no stage-1 checkpoint there, expected {path}{hint}. "
+                "Use --init none for the no-pretraining baseline."
+            )
         meta = json.loads(path.read_text())
         # the checkpoint decides the models and the projector's shape: a flag that says otherwise is a mistake
         for flag, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS)):
             given = getattr(args, flag)
             if given is not None and not same_model(given, meta[flag], presets):
-                raise SystemExit(f"--{flag} {given} does not match the --init checkpoint {args.init}, which was trained "
-                                 f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch.")
+                raise SystemExit(
+                    f"--{flag} {given} does not match the --init checkpoint {args.init}, which was trained "
+                    f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch."
+                )
         for flag, field in SHAPE.items():
             given = getattr(args, flag)
             if given is not None and given != meta["qformer"][field]:
-                raise SystemExit(f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
-                                 f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out.")
+                raise SystemExit(
+                    f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
+                    f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out."
+                )
         model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout, resolve=common.resolve_model)
         args.llm, args.encoder = meta["llm"], meta["encoder"]
         args.dropout = model.projector.cfg.dropout
@@ -147,7 +228,9 @@ def build_model(args, dtype):
             setattr(args, flag, shape[flag])
     args.dropout = 0.1 if args.dropout is None else args.dropout
     qformer = QFormerConfig(**{field: getattr(args, flag) for flag, field in SHAPE.items()}, dropout=args.dropout)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"], resolve=common.resolve_model)
+    model = SpeechLLM(
+        args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"], resolve=common.resolve_model
+    )
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model
@@ -165,10 +248,16 @@ def load_data(args):
         corpus = demokit.corpus_path()
         args.data = [str(corpus / f"{name}_train.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.dev_data = args.dev_data or [str(corpus / f"{name}_dev.jsonl") for name in DEMO_MANIFESTS[args.task]]
-        args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")
+        args.feature_cache_file = args.feature_cache_file or str(
+            corpus / f"features-{args.encoder.replace('/', '_')}.pt"
+        )
 
     def examples(paths):
-        rows = [row for path in paths for row in read_manifest(path, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)]
+        rows = [
+            row
+            for path in paths
+            for row in read_manifest(path, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
+        ]
         return task_examples(rows, args.task)
 
     train = frac_subset(examples(args.data), args.frac, seed=args.frac_seed, stratify=args.stratify)
@@ -194,7 +283,9 @@ def answer_loss(model, batch):
     are supervised (model.chat_batch masks everything else with -100)."""
     examples = batch["examples"]
     speech, speech_mask = model.encode_speech(batch)
-    embeds, mask, labels = model.chat_batch(speech, speech_mask, [ex["instruction"] for ex in examples], [ex["target"] for ex in examples])
+    embeds, mask, labels = model.chat_batch(
+        speech, speech_mask, [ex["instruction"] for ex in examples], [ex["target"] for ex in examples]
+    )
     return model.lm_loss(embeds, mask, labels)
 
 
@@ -228,9 +319,11 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     examples, dev = load_data(args)
-    print0(f"task {args.task}, recipe {args.recipe}, init {args.init}: {len(examples)} training examples "
-           f"({count(examples)}; --frac {args.frac}{' per task' if args.stratify else ''}), {len(dev)} dev, "
-           f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters")
+    print0(
+        f"task {args.task}, recipe {args.recipe}, init {args.init}: {len(examples)} training examples "
+        f"({count(examples)}; --frac {args.frac}{' per task' if args.stratify else ''}), {len(dev)} dev, "
+        f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters"
+    )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
 
@@ -246,7 +339,9 @@ def main(argv=None):
     meta = dict(stage="finetune", task=args.task, init=args.init)
 
     model.train()
-    progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc=f"finetune {args.task}")
+    progress = tqdm(
+        range(step, total_steps), initial=step, total=total_steps, disable=not master, desc=f"finetune {args.task}"
+    )
     for step in progress:
         lr = common.cosine_lr(step, total_steps, args.lr, warmup_steps)
         common.set_lr(optimizer, lr)
@@ -283,8 +378,10 @@ def main(argv=None):
             loss = dev_loss(model, dev, collate, args.batch_size, device, dtype)
             log(step=step, dev_loss=loss)
             print0(f"final dev loss ({len(dev)} examples): {loss:.3f}")
-        print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}\n"
-               f"score it: python evaluate.py --ckpt {args.out}")
+        print0(
+            f"saved the projector to {args.out}; skipped steps: {guard.skipped}\n"
+            f"score it: python evaluate.py --ckpt {args.out}"
+        )
     if world > 1:
         dist.destroy_process_group()
 

@@ -66,13 +66,15 @@ def check_hub(repo_id):
     except OSError as e:
         raise SystemExit(
             f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
-            f"({host}) is out of reach ({e}).\n" + HOW_TO_GET_MODELS) from None
+            f"({host}) is out of reach ({e}).\n" + HOW_TO_GET_MODELS
+        ) from None
 
 
 HOW_TO_GET_MODELS = (
     "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also\n"
     "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU.\n"
-    "`python pretrain.py` with no arguments runs the offline CPU demo instead.")
+    "`python pretrain.py` with no arguments runs the offline CPU demo instead."
+)
 
 
 def load_pretrained(auto_class, name_or_path, what, **kwargs):
@@ -80,8 +82,10 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
-                         + HOW_TO_GET_MODELS) from None
+        raise SystemExit(
+            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
+            + HOW_TO_GET_MODELS
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -99,7 +103,9 @@ class SpeechEncoder(nn.Module):
         from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
         self.name = name_or_path
-        self.feature_extractor = load_pretrained(AutoFeatureExtractor, name_or_path, "speech encoder's feature extractor")
+        self.feature_extractor = load_pretrained(
+            AutoFeatureExtractor, name_or_path, "speech encoder's feature extractor"
+        )
         config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
         self.is_whisper = config.model_type == "whisper"
         model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
@@ -162,14 +168,18 @@ class QFormerBlock(nn.Module):
         super().__init__()
         d = cfg.dim
         self.self_attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True, kdim=enc_dim, vdim=enc_dim)
+        self.cross_attn = nn.MultiheadAttention(
+            d, cfg.heads, dropout=cfg.dropout, batch_first=True, kdim=enc_dim, vdim=enc_dim
+        )
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.norms = nn.ModuleList([nn.LayerNorm(d, eps=1e-12) for _ in range(3)])
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, q, frames, key_padding_mask):
         q = self.norms[0](q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
-        q = self.norms[1](q + self.drop(self.cross_attn(q, frames, frames, key_padding_mask=key_padding_mask, need_weights=False)[0]))
+        q = self.norms[1](
+            q + self.drop(self.cross_attn(q, frames, frames, key_padding_mask=key_padding_mask, need_weights=False)[0])
+        )
         return self.norms[2](q + self.drop(self.ffn(q)))
 
 
@@ -179,9 +189,9 @@ class WindowQFormer(nn.Module):
     The time axis is cut into non-overlapping windows; every window is read independently by the same
     learned queries, so the output length grows linearly with the audio (unlike a global Q-Former)."""
 
-    def __init__(self, enc_dim, llm_dim, cfg=QFormerConfig()):
+    def __init__(self, enc_dim, llm_dim, cfg=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or QFormerConfig()
         self.ln_speech = nn.LayerNorm(enc_dim)
         self.window_pos = nn.Parameter(torch.zeros(cfg.window, enc_dim)) if cfg.window_pos else None
         self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.dim) * 0.02)
@@ -218,8 +228,15 @@ AUDIO = "<|audio|>"  # placeholder in the chat prompt, replaced by the projector
 
 
 class SpeechLLM(nn.Module):
-    def __init__(self, llm="llama", encoder="hubert", qformer=QFormerConfig(), dtype=torch.float32, sink_token=False,
-                 resolve=resolve):
+    def __init__(
+        self,
+        llm="llama",
+        encoder="hubert",
+        qformer=None,
+        dtype=torch.float32,
+        sink_token=False,
+        resolve=resolve,
+    ):
         """llm / encoder: a preset name (LLM_PRESETS, ENCODER_PRESETS), a hub id or a local folder, kept as given
         (the checkpoint's meta.json records it). resolve(name, kind) -> the hub id or folder to load; the scripts
         pass common.resolve_model, which knows the demo's presets too ('smollm2', 'whisper-tiny', 'tiny').
@@ -383,7 +400,9 @@ class SpeechLLM(nn.Module):
         """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM head runs
         only where a next token is supervised: a few answer tokens instead of every position (the logits
         over a 50k-128k vocabulary would otherwise cost more memory than the rest of the step)."""
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != -100
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised])
@@ -410,8 +429,12 @@ class SpeechLLM(nn.Module):
         caps = [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         guard = Stops(caps, loop_repeats, eot)
         out = self.llm.generate(
-            inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask.long(), max_new_tokens=max(caps),
-            do_sample=False, eos_token_id=eot, pad_token_id=self.tokenizer.pad_token_id or eot,
+            inputs_embeds=embeds.to(self.llm.dtype),
+            attention_mask=mask.long(),
+            max_new_tokens=max(caps),
+            do_sample=False,
+            eos_token_id=eot,
+            pad_token_id=self.tokenizer.pad_token_id or eot,
             stopping_criteria=StoppingCriteriaList([guard]),
         )
         texts, reasons = [], []
@@ -424,8 +447,14 @@ class SpeechLLM(nn.Module):
     # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
 
     def meta(self):
-        return {"llm": self.llm_name, "encoder": self.encoder_name, "qformer": asdict(unwrap(self.projector).cfg),
-                "sink_token": self.sink_token, "llm_dim": self.llm.config.hidden_size, "encoder_dim": self.encoder.dim}
+        return {
+            "llm": self.llm_name,
+            "encoder": self.encoder_name,
+            "qformer": asdict(unwrap(self.projector).cfg),
+            "sink_token": self.sink_token,
+            "llm_dim": self.llm.config.hidden_size,
+            "encoder_dim": self.encoder.dim,
+        }
 
     def save_projector(self, out, **extra):
         """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are never copied."""
@@ -452,8 +481,10 @@ class SpeechLLM(nn.Module):
             if key == "qformer":  # the dropout rate is no part of the shape: fine-tuning may change it
                 theirs, ours = ({k: v for k, v in (c or {}).items() if k != "dropout"} for c in (theirs, ours))
             if theirs != ours:
-                raise SystemExit(f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
-                                 f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')}).")
+                raise SystemExit(
+                    f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
+                    f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')})."
+                )
         unwrap(self.projector).load_state_dict(load_file(ckpt / "projector.safetensors"))
         return meta
 
@@ -538,6 +569,8 @@ class Stops:
 def loop_period(ids, repeats, max_period):
     """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens, else 0."""
     for p in range(1, max_period + 1):
-        if len(ids) >= repeats * p and all(ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p] for k in range(2, repeats + 1)):
+        if len(ids) >= repeats * p and all(
+            ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p] for k in range(2, repeats + 1)
+        ):
             return p
     return 0

@@ -5,7 +5,7 @@ Speech and its transcript both go through the frozen LLM; at the embedding layer
 the last, the mean-pooled speech states are pulled towards their own transcript's and away from the other
 transcripts in the batch (contrastive.py). Only the projector trains.
 
-    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en + TTS corpus (~8 min on 2 cores)
+    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~7 min, 2 cores)
     python pretrain.py --llm llama --encoder hubert --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
     python pretrain.py --loss asr             # the ASR-pretraining baseline
     torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl      # several GPUs (DDP)
@@ -23,9 +23,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
-from common import print0
 import contrastive
 import contrastive_fast
+from common import print0
 from contrastive import cos_logits, info_nce, retrieval_r1, select_layers
 from data import INSTRUCTIONS, Collator, read_manifest, to_device
 from model import QFormerConfig, SpeechLLM
@@ -36,60 +36,176 @@ from model import QFormerConfig, SpeechLLM
 # flag of its own and is measured in the README ("What the demo changes, and why").
 
 RECIPES = {
-    "paper": dict(encoder="hubert", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=None, warmup_ratio=0.03,
-                  qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17, window_pos=False,
-                  sink_token=False, center=False, match_embedding_rms=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
-    "demo": dict(encoder="whisper-tiny", lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
-                 qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4, window=17, window_pos=True,
-                 sink_token=True, center=True, match_embedding_rms=True, emb_steps=400, emb_lr=1e-3, eval_every=100),
+    "paper": dict(
+        encoder="hubert",
+        lr=1e-4,
+        batch_size=10,
+        grad_accum=2,
+        epochs=5,
+        max_steps=None,
+        warmup_ratio=0.03,
+        qformer_dim=768,
+        qformer_heads=12,
+        qformer_layers=4,
+        queries=4,
+        window=17,
+        window_pos=False,
+        sink_token=False,
+        center=False,
+        match_embedding_rms=False,
+        emb_steps=0,
+        emb_lr=1e-3,
+        eval_every=1000,
+    ),
+    "demo": dict(
+        encoder="whisper-tiny",
+        lr=3e-4,
+        batch_size=16,
+        grad_accum=1,
+        epochs=100,
+        max_steps=500,
+        warmup_ratio=0.01,
+        qformer_dim=256,
+        qformer_heads=4,
+        qformer_layers=2,
+        queries=4,
+        window=17,
+        window_pos=True,
+        sink_token=True,
+        center=True,
+        match_embedding_rms=True,
+        emb_steps=400,
+        emb_lr=1e-3,
+        eval_every=100,
+    ),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # models
-    p.add_argument("--llm", default="smollm2", help="llama | smollm2 | tiny | a hub id | a local folder (default: smollm2, the demo)")
-    p.add_argument("--encoder", default=None, help="hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a folder (default: by recipe)")
-    p.add_argument("--recipe", choices=["paper", "demo"], default=None, help="defaults for the flags below (default: demo for smollm2, else paper)")
+    p.add_argument(
+        "--llm",
+        default="smollm2",
+        help="llama | smollm2 | tiny | a hub id | a local folder (default: smollm2, the demo)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a folder (default: by recipe)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=["paper", "demo"],
+        default=None,
+        help="defaults for the flags below (default: demo for smollm2, else paper)",
+    )
     # data
     p.add_argument("--data", default=None, help="training manifest (JSONL; default: the demo corpus)")
-    p.add_argument("--dev-data", default=None, help="dev manifest for retrieval R@1 (default: the demo dev set when --data is default)")
+    p.add_argument(
+        "--dev-data",
+        default=None,
+        help="dev manifest for retrieval R@1 (default: the demo dev set when --data is default)",
+    )
     p.add_argument("--dev-size", type=int, default=100, help="dev utterances used for retrieval R@1")
     p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
-    p.add_argument("--max-audio-seconds", type=float, default=45.0, help="skip longer audio (counted); the paper keeps 1-45 s")
-    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True, help="keep the frozen encoder's outputs in memory across epochs")
-    p.add_argument("--feature-cache-file", default=None, help="also keep them in this file across runs (default: inside the demo corpus for the demo)")
+    p.add_argument(
+        "--max-audio-seconds", type=float, default=45.0, help="skip longer audio (counted); the paper keeps 1-45 s"
+    )
+    p.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the frozen encoder's outputs in memory across epochs",
+    )
+    p.add_argument(
+        "--feature-cache-file",
+        default=None,
+        help="also keep them in this file across runs (default: inside the demo corpus for the demo)",
+    )
     # objective
     p.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
-    p.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence")
-    p.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list of hidden-state indices")
+    p.add_argument(
+        "--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence"
+    )
+    p.add_argument(
+        "--layers", default="all", help="emb | all (0, every 5th, last) | a comma list of hidden-state indices"
+    )
     p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)")
-    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None, help="centre pooled states per batch before normalising (demo)")
-    p.add_argument("--center-items", type=int, default=256, help="with --center: training pairs whose mean pooled states are stored for retrieval")
-    p.add_argument("--sink-token", action=argparse.BooleanOptionalAction, default=None, help="shared BOS in front of both sides, left out of the pool (demo)")
-    p.add_argument("--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)")
+    p.add_argument(
+        "--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)"
+    )
+    p.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="centre pooled states per batch before normalising (demo)",
+    )
+    p.add_argument(
+        "--center-items",
+        type=int,
+        default=256,
+        help="with --center: training pairs whose mean pooled states are stored for retrieval",
+    )
+    p.add_argument(
+        "--sink-token",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shared BOS in front of both sides, left out of the pool (demo)",
+    )
+    p.add_argument(
+        "--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)"
+    )
     p.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
-    p.add_argument("--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)")
-    p.add_argument("--loss-impl", choices=["fast", "reference"], default="fast", help="contrastive_fast.py, or contrastive.py: the same loss written for reading (slower)")
-    p.add_argument("--kernel", choices=["torch", "triton", "auto"], default="torch", help="pooling kernel of the fast contrastive loss")
-    p.add_argument("--text-cache", action=argparse.BooleanOptionalAction, default=True, help="cos: pool each transcript's states once and reuse them")
+    p.add_argument(
+        "--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)"
+    )
+    p.add_argument(
+        "--loss-impl",
+        choices=["fast", "reference"],
+        default="fast",
+        help="contrastive_fast.py, or contrastive.py: the same loss written for reading (slower)",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=["torch", "triton", "auto"],
+        default="torch",
+        help="pooling kernel of the fast contrastive loss",
+    )
+    p.add_argument(
+        "--text-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cos: pool each transcript's states once and reuse them",
+    )
     # projector
     p.add_argument("--qformer-dim", type=int, default=None)
     p.add_argument("--qformer-heads", type=int, default=None)
     p.add_argument("--qformer-layers", type=int, default=None)
     p.add_argument("--queries", type=int, default=None, help="query tokens per window")
     p.add_argument("--window", type=int, default=None, help="encoder frames per window (17 = 0.34 s)")
-    p.add_argument("--window-pos", action=argparse.BooleanOptionalAction, default=None, help="learned position within the window (demo)")
+    p.add_argument(
+        "--window-pos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="learned position within the window (demo)",
+    )
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--match-embedding-rms", action=argparse.BooleanOptionalAction, default=None, help="start the projector's outputs at the LLM's embedding scale (demo)")
+    p.add_argument(
+        "--match-embedding-rms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start the projector's outputs at the LLM's embedding scale (demo)",
+    )
     # optimisation
     p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 10)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (paper: 2)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 1e-4)")
     p.add_argument("--epochs", type=float, default=None, help="paper: 5")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)")
+    p.add_argument(
+        "--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)"
+    )
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     # system
@@ -105,7 +221,9 @@ def get_args(argv=None):
     args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
-            setattr(args, key, 0 if key == "emb_steps" and args.loss == "asr" else value)  # no contrastive warm start for pure ASR
+            setattr(
+                args, key, 0 if key == "emb_steps" and args.loss == "asr" else value
+            )  # no contrastive warm start for pure ASR
     if args.loss == "asr" and args.emb_steps:
         p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
     return args
@@ -120,8 +238,10 @@ def loss_functions(args):
     --kernel) or from contrastive.py, the reference written for reading. The same numbers either way."""
     if args.loss_impl == "reference":
         return contrastive.masked_mean, contrastive.contrastive_loss
-    return (functools.partial(contrastive_fast.masked_mean, kernel=args.kernel),
-            functools.partial(contrastive_fast.contrastive_loss, kernel=args.kernel))
+    return (
+        functools.partial(contrastive_fast.masked_mean, kernel=args.kernel),
+        functools.partial(contrastive_fast.contrastive_loss, kernel=args.kernel),
+    )
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
@@ -144,9 +264,18 @@ def contrastive_step(model, batch, layers, args, text_cache):
     speech_states = model.hidden_states(speech, speech_mask, layers)
     if args.gather_negatives and dist.is_initialized():
         return gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args)
-    total, per_layer, logits = contrastive_loss(text_states, text_pool_mask, speech_states, speech_pool_mask, sim=args.sim,
-                                                temperature=args.temperature, symmetric=args.symmetric,
-                                                center=args.center, return_logits=True, text_pooled=text_pooled)
+    total, per_layer, logits = contrastive_loss(
+        text_states,
+        text_pool_mask,
+        speech_states,
+        speech_pool_mask,
+        sim=args.sim,
+        temperature=args.temperature,
+        symmetric=args.symmetric,
+        center=args.center,
+        return_logits=True,
+        text_pooled=text_pooled,
+    )
     return total, per_layer, retrieval_r1(logits)
 
 
@@ -206,10 +335,21 @@ def load_data(args):
         import demokit
 
         corpus = demokit.corpus_path()
-        args.data, args.dev_data = str(corpus / "sentences_train.jsonl"), args.dev_data or str(corpus / "sentences_dev.jsonl")
-        args.feature_cache_file = args.feature_cache_file or str(corpus / f"features-{args.encoder.replace('/', '_')}.pt")
+        args.data, args.dev_data = (
+            str(corpus / "sentences_train.jsonl"),
+            args.dev_data or str(corpus / "sentences_dev.jsonl"),
+        )
+        args.feature_cache_file = args.feature_cache_file or str(
+            corpus / f"features-{args.encoder.replace('/', '_')}.pt"
+        )
     rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
-    dev = read_manifest(args.dev_data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)[: args.dev_size] if args.dev_data else []
+    dev = (
+        read_manifest(args.dev_data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)[
+            : args.dev_size
+        ]
+        if args.dev_data
+        else []
+    )
     return rows, dev
 
 
@@ -249,15 +389,26 @@ def main(argv=None):
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
 
-    qformer = QFormerConfig(dim=args.qformer_dim, heads=args.qformer_heads, layers=args.qformer_layers,
-                            queries=args.queries, window=args.window, dropout=args.dropout, window_pos=args.window_pos)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token, resolve=common.resolve_model).to(device)
+    qformer = QFormerConfig(
+        dim=args.qformer_dim,
+        heads=args.qformer_heads,
+        layers=args.qformer_layers,
+        queries=args.queries,
+        window=args.window,
+        dropout=args.dropout,
+        window_pos=args.window_pos,
+    )
+    model = SpeechLLM(
+        args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token, resolve=common.resolve_model
+    ).to(device)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     layers = select_layers(args.layers, model.num_layers)
     rows, dev = load_data(args)
-    print0(f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
-           f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters")
+    print0(
+        f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
+        f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters"
+    )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
     text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
@@ -278,7 +429,11 @@ def main(argv=None):
         # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass) before the full objective
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
-        lr = args.emb_lr if warm else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
+        lr = (
+            args.emb_lr
+            if warm
+            else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
+        )
         common.set_lr(optimizer, lr)
 
         if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
@@ -294,7 +449,9 @@ def main(argv=None):
             batch = to_device(collate([rows[i] for i in next(order)]), device)
             # under DDP, synchronise gradients only on the last micro-step (nanoGPT's trick)
             with common.grad_sync(model, micro, args.grad_accum), common.autocast(device, dtype):
-                loss, logs = train_step_loss(model, batch, step_layers, args, text_cache, "contrastive" if warm else args.loss)
+                loss, logs = train_step_loss(
+                    model, batch, step_layers, args, text_cache, "contrastive" if warm else args.loss
+                )
                 (loss / args.grad_accum).backward()
         grad_norm = common.clip_and_step(optimizer, params, args.grad_clip, guard, step, args.out)
 
@@ -318,10 +475,18 @@ def main(argv=None):
         centers = store_training_means(model, rows, layers, args, device, dtype) if args.center else None
         if dev:
             plain, centred, *train = dev_retrieval(model, dev, layers, args, device, dtype, centers)
-            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers, **({"dev_r1_centred_train": train[0]} if train else {}))
-            print0(f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
-                   f"  plain                        {fmt(plain)}\n  centred (dev-set means)      {fmt(centred)}"
-                   + (f"\n  centred (stored train means) {fmt(train[0])}" if train else ""))
+            log(
+                step=step,
+                dev_r1=plain,
+                dev_r1_centred=centred,
+                layers=layers,
+                **({"dev_r1_centred_train": train[0]} if train else {}),
+            )
+            print0(
+                f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
+                f"  plain                        {fmt(plain)}\n  centred (dev-set means)      {fmt(centred)}"
+                + (f"\n  centred (stored train means) {fmt(train[0])}" if train else "")
+            )
         print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}")
     if world > 1:
         dist.destroy_process_group()

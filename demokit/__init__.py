@@ -115,8 +115,11 @@ def corpus_path(small=False):
     from demokit.corpus import build_corpus
 
     folder = demo_dir() / ("corpus-small" if small else "corpus")
-    return build_once(folder, lambda out: build_corpus(out, "small" if small else "full"),
-                      f"the {'small ' if small else ''}spoken corpus")
+    return build_once(
+        folder,
+        lambda out: build_corpus(out, "small" if small else "full"),
+        f"the {'small ' if small else ''}spoken corpus",
+    )
 
 
 def tiny_path(kind):
@@ -130,5 +133,9 @@ def tiny_path(kind):
 # (The paper's presets are hub ids: model.LLM_PRESETS and model.ENCODER_PRESETS.)
 PRESETS = {
     "llm": {"smollm2": smollm2_path, "tiny": lambda: tiny_path("llm")},
-    "encoder": {"whisper-tiny": whisper_tiny_path, "tiny": lambda: tiny_path("hubert"), "tiny-whisper": lambda: tiny_path("whisper")},
+    "encoder": {
+        "whisper-tiny": whisper_tiny_path,
+        "tiny": lambda: tiny_path("hubert"),
+        "tiny-whisper": lambda: tiny_path("whisper"),
+    },
 }

@@ -10,10 +10,18 @@ from demokit import corpus_path, demo_dir, log, smollm2_path, whisper_tiny_path
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m demokit", description=demokit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["models", "corpus"], default=None, help="build only the models or only the corpus")
-    p.add_argument("--small", action="store_true", help="build the small corpus (corpus-small/) instead of the full one")
-    p.add_argument("--demo-dir", default=None, help="the cache folder (default: $SPEECHLLM_DEMO_DIR, else demo/ in the repo)")
+    p = argparse.ArgumentParser(
+        prog="python -m demokit", description=demokit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--only", choices=["models", "corpus"], default=None, help="build only the models or only the corpus"
+    )
+    p.add_argument(
+        "--small", action="store_true", help="build the small corpus (corpus-small/) instead of the full one"
+    )
+    p.add_argument(
+        "--demo-dir", default=None, help="the cache folder (default: $SPEECHLLM_DEMO_DIR, else demo/ in the repo)"
+    )
     args = p.parse_args(argv)
     if args.demo_dir:
         os.environ["SPEECHLLM_DEMO_DIR"] = str(Path(args.demo_dir).expanduser().resolve())

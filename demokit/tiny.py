@@ -45,9 +45,17 @@ def build_tiny_llm(folder, seed=0):
 
     tok = build_tiny_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=10,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -59,9 +67,16 @@ def build_tiny_hubert(folder, seed=0):
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
     cfg = HubertConfig(  # HuBERT-large's conv stack (320-sample stride = 50 Hz), everything else tiny
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        mask_time_prob=0.0,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -74,9 +89,21 @@ def build_tiny_whisper(folder, seed=0):
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
     cfg = WhisperConfig(
-        d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-        decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64, max_source_positions=1500,
-        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        vocab_size=64,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

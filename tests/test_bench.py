@@ -18,7 +18,9 @@ def test_bench_prints_every_row_and_our_wasserstein_matches_geomloss():
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d\. ", line)]
-    assert [row.split(" | ")[0] for row in rows] == ["| 1. cos loss, fwd+bwd"] * 4 + ["| 2. wasserstein loss, fwd+bwd"] * 3 + ["| 3. pretraining step"] * 3
+    assert [row.split(" | ")[0] for row in rows] == ["| 1. cos loss, fwd+bwd"] * 4 + [
+        "| 2. wasserstein loss, fwd+bwd"
+    ] * 3 + ["| 3. pretraining step"] * 3
     for row in rows:  # a time in every row; the losses agree with their section's reference
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3]) > 0

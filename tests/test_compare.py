@@ -4,9 +4,9 @@ rerun skips the cells that finished."""
 import json
 
 import pytest
+from tiny import write_manifest
 
 import compare
-from tiny import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,36 @@ def corpus(tmp_path_factory):
 
 
 def grid(corpus, out, *extra):
-    return compare.main(["--quick", "--corpus", str(corpus), "--out", str(out), "--llm", "tiny", "--encoder", "tiny",
-                         "--evaluate-args", "--batch-size 4", *extra])
+    return compare.main(
+        [
+            "--quick",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--llm",
+            "tiny",
+            "--encoder",
+            "tiny",
+            "--evaluate-args",
+            "--batch-size 4",
+            *extra,
+        ]
+    )
 
 
 def test_the_table_spreads_over_seeds():
-    cells = [{"variant": "cos-all", "frac": 0.1, "seed": s, "task": "asr", "finetune_seconds": 60,
-              "metrics": {"wer": w, "exact": 50.0, "wer_median": 0.0}} for s, w in ((42, 4.0), (43, 6.0))]
+    cells = [
+        {
+            "variant": "cos-all",
+            "frac": 0.1,
+            "seed": s,
+            "task": "asr",
+            "finetune_seconds": 60,
+            "metrics": {"wer": w, "exact": 50.0, "wer_median": 0.0},
+        }
+        for s, w in ((42, 4.0), (43, 6.0))
+    ]
     args = compare.get_args(["--tasks", "asr"])
     table = compare.table(cells, {("cos-all", 42): 300, ("cos-all", 43): 360}, args)
     assert "| cos-all | 10% | 5.0 ± 1.0 | 50.0 ± 0.0 | 0.0 ± 0.0 | 2 | 5.5 min | 1.0 min |" in table
@@ -38,10 +61,19 @@ def test_the_table_spreads_over_seeds():
 def test_a_small_grid_and_its_resume(corpus, tmp_path, capsys):
     grid(corpus, tmp_path, "--variants", "none", "--tasks", "asr", "--toplines", "transcript")
     cells = sorted(p.stem for p in (tmp_path / "cells").glob("*.json"))
-    assert cells == ["evaluate-none-s42-asr-0.1", "evaluate-none-s42-asr-1", "finetune-none-s42-asr-0.1",
-                     "finetune-none-s42-asr-1", "topline-transcript-asr"]
+    assert cells == [
+        "evaluate-none-s42-asr-0.1",
+        "evaluate-none-s42-asr-1",
+        "finetune-none-s42-asr-0.1",
+        "finetune-none-s42-asr-1",
+        "topline-transcript-asr",
+    ]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {(c["variant"], c.get("frac")) for c in results["cells"]} == {("none", 0.1), ("none", 1.0), ("read-transcript", None)}
+    assert {(c["variant"], c.get("frac")) for c in results["cells"]} == {
+        ("none", 0.1),
+        ("none", 1.0),
+        ("read-transcript", None),
+    }
     assert all({"wer", "exact", "wer_median"} <= set(c["metrics"]) for c in results["cells"])
     table = (tmp_path / "results.md").read_text()
     assert "| none | 10% |" in table and "| none | 100% |" in table and "| read-transcript | - |" in table
@@ -51,7 +83,7 @@ def test_a_small_grid_and_its_resume(corpus, tmp_path, capsys):
     (tmp_path / "cells" / "evaluate-none-s42-asr-1.json").unlink()
     log_before = (tmp_path / "grid.log").read_text()
     grid(corpus, tmp_path, "--variants", "none", "--tasks", "asr", "--toplines", "transcript")
-    rerun = (tmp_path / "grid.log").read_text()[len(log_before):]
+    rerun = (tmp_path / "grid.log").read_text()[len(log_before) :]
     assert rerun.count("=== ") == 1 and "=== evaluate-none-s42-asr-1:" in rerun
     assert (tmp_path / "cells" / "evaluate-none-s42-asr-1.json").exists()
 

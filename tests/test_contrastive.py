@@ -66,8 +66,17 @@ def pairwise_sinkhorn(impl, text_layers, text_mask, speech_layers, speech_mask, 
     logits = []
     for text, speech in zip(text_layers, speech_layers):
         t, s = F.normalize(text.detach().float(), dim=-1), F.normalize(speech.float(), dim=-1)
-        rows = [torch.cat([impl.sinkhorn_divergence(t[i:i + 1], text_mask[i:i + 1], s[j:j + 1], speech_mask[j:j + 1],
-                                               diameter=diameter)[0] for j in range(len(s))]) for i in range(len(t))]
+        rows = [
+            torch.cat(
+                [
+                    impl.sinkhorn_divergence(
+                        t[i : i + 1], text_mask[i : i + 1], s[j : j + 1], speech_mask[j : j + 1], diameter=diameter
+                    )[0]
+                    for j in range(len(s))
+                ]
+            )
+            for i in range(len(t))
+        ]
         logits.append(-torch.stack(rows) / temperature)
     return torch.stack(logits)
 
@@ -80,24 +89,38 @@ def close(a, b, rtol=1e-5, atol=1e-6):
 # Layer selection
 
 
-@pytest.mark.parametrize("spec, num_layers, expected", [
-    ("all", 32, [0, 5, 10, 15, 20, 25, 32]),  # the authors' hard-coded list for Llama-3.1-8B
-    ("all", 30, [0, 5, 10, 15, 20, 25, 30]),  # SmolLM2-135M
-    ("all", 10, [0, 5, 10]),
-    ("all", 4, [0, 4]),
-    ("all", 1, [0, 1]),
-    ("emb", 32, [0]),
-    ("0,3,7", 10, [0, 3, 7]),
-    (" 2, 10 ", 10, [2, 10]),
-    ("5", 5, [5]),
-])
+@pytest.mark.parametrize(
+    "spec, num_layers, expected",
+    [
+        ("all", 32, [0, 5, 10, 15, 20, 25, 32]),  # the authors' hard-coded list for Llama-3.1-8B
+        ("all", 30, [0, 5, 10, 15, 20, 25, 30]),  # SmolLM2-135M
+        ("all", 10, [0, 5, 10]),
+        ("all", 4, [0, 4]),
+        ("all", 1, [0, 1]),
+        ("emb", 32, [0]),
+        ("0,3,7", 10, [0, 3, 7]),
+        (" 2, 10 ", 10, [2, 10]),
+        ("5", 5, [5]),
+    ],
+)
 def test_select_layers(spec, num_layers, expected):
     assert select_layers(spec, num_layers) == expected
 
 
-@pytest.mark.parametrize("spec, num_layers", [
-    ("0,11", 10), ("-1,2", 10), ("3,1", 10), ("0,0", 10), ("a,b", 10), ("", 10), ("all,5", 10), ("0,,3", 10), ("all", 0),
-])
+@pytest.mark.parametrize(
+    "spec, num_layers",
+    [
+        ("0,11", 10),
+        ("-1,2", 10),
+        ("3,1", 10),
+        ("0,0", 10),
+        ("a,b", 10),
+        ("", 10),
+        ("all,5", 10),
+        ("0,,3", 10),
+        ("all", 0),
+    ],
+)
 def test_select_layers_rejects_bad_specs(spec, num_layers):
     with pytest.raises(ValueError):
         select_layers(spec, num_layers)
@@ -207,13 +230,17 @@ def test_cached_pooled_text_equals_the_full_path(impl):
     text, text_mask = ragged(T=9, seed=9)
     speech, speech_mask = ragged(T=20, seed=10, grad=True)
     full = impl.contrastive_loss(text, text_mask, speech, speech_mask, return_logits=True)
-    cached = impl.contrastive_loss(None, None, speech, speech_mask, return_logits=True, text_pooled=impl.masked_mean(text, text_mask))
+    cached = impl.contrastive_loss(
+        None, None, speech, speech_mask, return_logits=True, text_pooled=impl.masked_mean(text, text_mask)
+    )
     for a, b in zip(full, cached):
         assert close(a, b)
     for g, r in zip(torch.autograd.grad(full[0], speech), torch.autograd.grad(cached[0], speech)):
         assert close(g, r, atol=1e-7)
     with pytest.raises(ValueError, match="wasserstein"):
-        impl.contrastive_loss(None, None, speech, speech_mask, sim="wasserstein", text_pooled=impl.masked_mean(text, text_mask))
+        impl.contrastive_loss(
+            None, None, speech, speech_mask, sim="wasserstein", text_pooled=impl.masked_mean(text, text_mask)
+        )
 
 
 @IMPLS
@@ -222,7 +249,9 @@ def test_bf16_inputs_use_float32_math(impl):
     speech, speech_mask = ragged(T=20, seed=12, dtype=torch.bfloat16, grad=True)
     as_fp32 = [h.detach().float().requires_grad_() for h in speech]
     for sim in ("cos", "wasserstein"):
-        total, per_layer, logits = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim, return_logits=True)
+        total, per_layer, logits = impl.contrastive_loss(
+            text, text_mask, speech, speech_mask, sim=sim, return_logits=True
+        )
         assert total.dtype == per_layer.dtype == logits.dtype == torch.float32
         ref = impl.contrastive_loss([h.float() for h in text], text_mask, as_fp32, speech_mask, sim=sim)[0]
         assert close(total, ref)  # the same numbers as casting the inputs up front: no bf16 arithmetic
@@ -255,7 +284,9 @@ def test_sinkhorn_basic_properties(impl):
 def test_wasserstein_batched_equals_a_per_pair_loop(impl):
     text, text_mask = ragged(T=9, D=12, seed=14)
     speech, speech_mask = ragged(T=20, D=12, seed=15, grad=True)
-    total, per_layer, logits = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim="wasserstein", return_logits=True)
+    total, per_layer, logits = impl.contrastive_loss(
+        text, text_mask, speech, speech_mask, sim="wasserstein", return_logits=True
+    )
     ref_logits = pairwise_sinkhorn(impl, text, text_mask, speech, speech_mask)
     assert close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert close(per_layer, info_nce(ref_logits), rtol=1e-4)
@@ -296,7 +327,9 @@ def test_sinkhorn_value_and_gradient_match_geomloss(impl):
     geomloss = pytest.importorskip("geomloss")
     x = clustered(12, 8, seed=19)[None].requires_grad_()
     y = clustered(25, 8, seed=20)[None].requires_grad_()
-    ours = impl.sinkhorn_divergence(x, torch.ones(1, 12, dtype=torch.bool), y, torch.ones(1, 25, dtype=torch.bool))[0, 0]
+    ours = impl.sinkhorn_divergence(x, torch.ones(1, 12, dtype=torch.bool), y, torch.ones(1, 25, dtype=torch.bool))[
+        0, 0
+    ]
     x2, y2 = x.detach()[0].requires_grad_(), y.detach()[0].requires_grad_()
     ref = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05)(x2, y2)
     assert close(ours, ref)
@@ -312,8 +345,14 @@ def geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diamete
     for t, s in zip(text, speech):
         t, s = F.normalize(t.float(), dim=-1), F.normalize(s.float(), dim=-1)
         sinkhorn = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05, diameter=d)
-        logits.append(torch.stack([torch.stack([-sinkhorn(t[i][text_mask[i]], s[j][speech_mask[j]]) / 0.1
-                                                for j in range(len(s))]) for i in range(len(t))]))
+        logits.append(
+            torch.stack(
+                [
+                    torch.stack([-sinkhorn(t[i][text_mask[i]], s[j][speech_mask[j]]) / 0.1 for j in range(len(s))])
+                    for i in range(len(t))
+                ]
+            )
+        )
     return torch.stack(logits)
 
 
@@ -329,7 +368,9 @@ def test_wasserstein_matches_geomloss(impl):
     # the same schedule: the same numbers and the same gradients
     ref = geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diameter=True)
     assert close(logits, ref, rtol=1e-4, atol=1e-4)
-    for g, r in zip(torch.autograd.grad(info_nce(logits).sum(), speech), torch.autograd.grad(info_nce(ref).sum(), speech)):
+    for g, r in zip(
+        torch.autograd.grad(info_nce(logits).sum(), speech), torch.autograd.grad(info_nce(ref).sum(), speech)
+    ):
         assert close(g, r, rtol=1e-3, atol=1e-5)
 
 
@@ -348,9 +389,9 @@ def test_info_nce_and_cos_logits_against_cross_entropy():
 
 
 def test_retrieval_r1():
-    logits = torch.tensor([[[5.0, 0.0, 0.0],
-                            [0.0, 5.0, 9.0],
-                            [0.0, 0.0, 1.0]]])  # speech column 2's best text is row 1: 2 of 3 right
+    logits = torch.tensor(
+        [[[5.0, 0.0, 0.0], [0.0, 5.0, 9.0], [0.0, 0.0, 1.0]]]
+    )  # speech column 2's best text is row 1: 2 of 3 right
     assert close(retrieval_r1(logits), torch.tensor([2 / 3]))
     assert close(retrieval_r1(torch.eye(4)[None].repeat(2, 1, 1)), torch.ones(2))
 
@@ -366,8 +407,10 @@ def test_retrieval_r1_from_pooled_states_centred_or_not():
     zero = torch.zeros(2, 8)
     for center, (t_mean, s_mean) in [(False, (zero, zero)), (True, (text.mean(1), speech.mean(1))), (means, means)]:
         t, s = text - t_mean[:, None], speech - s_mean[:, None]
-        nearest = [[max(range(12), key=lambda i: F.cosine_similarity(s[k, j], t[k, i], dim=0).item()) for j in range(12)]
-                   for k in range(2)]
+        nearest = [
+            [max(range(12), key=lambda i: F.cosine_similarity(s[k, j], t[k, i], dim=0).item()) for j in range(12)]
+            for k in range(2)
+        ]
         expected = torch.tensor([sum(i == j for j, i in enumerate(row)) / 12 for row in nearest])
         assert close(retrieval_r1(cos_logits(text, speech, center=center)), expected)
     assert torch.equal(center_pooled(text), text - text.mean(1, keepdim=True))

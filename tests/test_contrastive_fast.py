@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_contrastive import close, ragged  # the same random ragged batches
 
 import contrastive
 import contrastive_fast as fast
-from test_contrastive import close, ragged  # the same random ragged batches
 
 # -----------------------------------------------------------------------------
 # Fast == reference
@@ -39,8 +39,9 @@ def test_fast_loss_equals_the_reference(sim, symmetric, center, holes):
     results = []
     for impl in (contrastive, fast):
         s = [h.clone().requires_grad_() for h in speech]
-        total, per_layer, logits = impl.contrastive_loss(text, text_mask, s, speech_mask, sim=sim, symmetric=symmetric,
-                                                         center=center, return_logits=True)
+        total, per_layer, logits = impl.contrastive_loss(
+            text, text_mask, s, speech_mask, sim=sim, symmetric=symmetric, center=center, return_logits=True
+        )
         results.append((total, per_layer, logits, *torch.autograd.grad(total, s)))
     for a, b in zip(*results):
         assert close(a, b, rtol=1e-5, atol=1e-6)
@@ -111,8 +112,12 @@ def test_masked_mean_of_runs_reads_only_the_runs(dtype):
     assert not fast.masked_mean(poisoned, mask).isnan().any()
     out = fast.masked_mean(states, mask)
     assert out.dtype == torch.float32 and torch.equal(out[:, 2], torch.zeros(3, 16))
-    ref = torch.stack([torch.stack([h[b][mask[b]].float().mean(0) if mask[b].any() else torch.zeros(16) for b in range(5)])
-                       for h in states.unbind(0)])
+    ref = torch.stack(
+        [
+            torch.stack([h[b][mask[b]].float().mean(0) if mask[b].any() else torch.zeros(16) for b in range(5)])
+            for h in states.unbind(0)
+        ]
+    )
     assert close(out, ref)
     assert close(out, fast.masked_mean([h.detach() for h in layers], mask))  # a list of layers: the same
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
@@ -165,7 +170,9 @@ def test_sinkhorn_buckets_change_nothing_but_the_speed():
     for waste in (1.0, 1.3):
         bucketed = divergences(waste)
         assert close(bucketed, padded, rtol=1e-5, atol=1e-6)
-        for g, r in zip(torch.autograd.grad(bucketed.sum(), speech), torch.autograd.grad(padded.sum(), speech, retain_graph=True)):
+        for g, r in zip(
+            torch.autograd.grad(bucketed.sum(), speech), torch.autograd.grad(padded.sum(), speech, retain_graph=True)
+        ):
             assert close(g, r, rtol=1e-4, atol=1e-6)
 
 
@@ -173,5 +180,8 @@ def test_unit_vectors_gradient_equals_f_normalize():
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fast._UnitVectors.apply, (x,))
     g = torch.randn(3, 5, 7, dtype=torch.float64)
-    (ours,), (ref,) = torch.autograd.grad(fast._UnitVectors.apply(x), x, g), torch.autograd.grad(F.normalize(x, dim=-1), x, g)
+    (ours,), (ref,) = (
+        torch.autograd.grad(fast._UnitVectors.apply(x), x, g),
+        torch.autograd.grad(F.normalize(x, dim=-1), x, g),
+    )
     assert close(ours, ref, rtol=1e-10, atol=1e-12)

@@ -1,13 +1,12 @@
 """data.py: manifest checking (bad lines name the file and line), audio conversion, tasks, subsets, batches."""
 
-
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from tiny import write_manifest
 
 from data import Collator, ManifestError, frac_subset, load_audio, read_manifest, task_examples
-from tiny import write_manifest
 
 
 def test_good_manifest_resolves_relative_paths(tmp_path):
@@ -17,17 +16,20 @@ def test_good_manifest_resolves_relative_paths(tmp_path):
     assert len({r["key"] for r in rows}) == 3  # the feature-cache key: file, size, mtime
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "Expecting property name"),
-    ('["a list"]', "must be a JSON object"),
-    ('{"text": "hi"}', "missing field 'audio'"),
-    ('{"audio": "audio/u0_0.wav", "text": ""}', "empty transcript"),
-    ('{"audio": "audio/u0_0.wav", "text": 3}', "'text' must be a string"),
-    ('{"audio": "nope.wav", "text": "hi"}', "audio file not found"),
-    ('{"audio": "notaudio.wav", "text": "hi"}', "not a readable audio file"),
-    ('{"audio": "empty.wav", "text": "hi"}', "audio file is empty"),
-    ('{"audio": "audio/u0_0.wav", "text": "hi", "answer": 5}', "'answer' must be a string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "Expecting property name"),
+        ('["a list"]', "must be a JSON object"),
+        ('{"text": "hi"}', "missing field 'audio'"),
+        ('{"audio": "audio/u0_0.wav", "text": ""}', "empty transcript"),
+        ('{"audio": "audio/u0_0.wav", "text": 3}', "'text' must be a string"),
+        ('{"audio": "nope.wav", "text": "hi"}', "audio file not found"),
+        ('{"audio": "notaudio.wav", "text": "hi"}', "not a readable audio file"),
+        ('{"audio": "empty.wav", "text": "hi"}', "audio file is empty"),
+        ('{"audio": "audio/u0_0.wav", "text": "hi", "answer": 5}', "'answer' must be a string"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, message):
     path = write_manifest(tmp_path, n=2)
     (tmp_path / "notaudio.wav").write_text("this is not audio")
@@ -59,7 +61,10 @@ def test_audio_is_converted_to_mono_16k(tmp_path, rate):
 
 
 def test_tasks_and_mix(tmp_path):
-    extra = {0: {"translation": "hallo", "tgt_lang": "de"}, 1: {"task": "qa", "question": "who?", "answer": ["anna", "Anna"]}}
+    extra = {
+        0: {"translation": "hallo", "tgt_lang": "de"},
+        1: {"task": "qa", "question": "who?", "answer": ["anna", "Anna"]},
+    }
     rows = read_manifest(write_manifest(tmp_path, n=3, extra=extra))
     asr, st, qa = (task_examples(rows, t) for t in ("asr", "st", "qa"))
     assert len(asr) == 2 and len(st) == 1 and len(qa) == 1  # a QA passage is not an ASR example
@@ -81,8 +86,9 @@ def test_frac_subset_is_seeded_and_sized():
 
 
 def test_collator_text_side_is_transcript_tokens_only(tmp_path):
-    from demokit.tiny import build_tiny_hubert, build_tiny_llm
     from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    from demokit.tiny import build_tiny_hubert, build_tiny_llm
 
     tok = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm"))
     fe = AutoFeatureExtractor.from_pretrained(build_tiny_hubert(tmp_path / "enc"))

@@ -29,9 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_text_is_deterministic_from_the_seed():
-    assert [world.random_sentence(random.Random(3)) for _ in range(3)] == [world.random_sentence(random.Random(3)) for _ in range(3)]
+    assert [world.random_sentence(random.Random(3)) for _ in range(3)] == [
+        world.random_sentence(random.Random(3)) for _ in range(3)
+    ]
     assert world.plan_corpus("small", seed=0) == world.plan_corpus("small", seed=0)
-    assert [j["text"] for j in world.plan_corpus("small", seed=0)] != [j["text"] for j in world.plan_corpus("small", seed=1)]
+    assert [j["text"] for j in world.plan_corpus("small", seed=0)] != [
+        j["text"] for j in world.plan_corpus("small", seed=1)
+    ]
 
 
 def test_every_template_renders_6_to_14_words_in_both_languages():
@@ -47,32 +51,150 @@ def test_every_template_renders_6_to_14_words_in_both_languages():
         assert 6 <= len(en.split()) <= 14, en
 
 
-@pytest.mark.parametrize("template, choices, en, de", [
-    (0, dict(place="hospital"), "Anna meets Ben at the hospital in Paris on Monday.", "Anna trifft Ben am Montag im Krankenhaus in Paris."),
-    (0, dict(place="market", city="Cologne"), "Anna meets Ben at the market in Cologne on Monday.", "Anna trifft Ben am Montag auf dem Markt in Köln."),
-    (1, dict(hour="one", place="bakery"), "Anna buys three keys at the bakery at one o'clock.", "Anna kauft um ein Uhr drei Schlüssel in der Bäckerei."),
-    (1, dict(hour="ten", place="station", obj="apples"), "Anna buys three apples at the station at ten o'clock.", "Anna kauft um zehn Uhr drei Äpfel am Bahnhof."),
-    (2, dict(vehicle="plane"), "On Monday, Anna travels from Paris to Vienna by plane.", "Am Montag reist Anna mit dem Flugzeug von Paris nach Wien."),
-    (3, dict(pod="afternoon", pod_hour="one"), "Anna calls Ben at one in the afternoon.", "Anna ruft Ben am Nachmittag um eins an."),
-    (5, dict(place="town hall", city="Munich", day="Friday"), "Anna and Ben visit the town hall in Munich on Friday.", "Anna und Ben besuchen am Freitag das Rathaus in München."),
-    (5, dict(place="harbor"), "Anna and Ben visit the harbor in Paris on Monday.", "Anna und Ben besuchen am Montag den Hafen in Paris."),
-    (6, dict(place="hospital"), "Anna found three keys near the hospital yesterday.", "Anna hat gestern drei Schlüssel in der Nähe des Krankenhauses gefunden."),
-    (6, dict(place="library", obj="books"), "Anna found three books near the library yesterday.", "Anna hat gestern drei Bücher in der Nähe der Bibliothek gefunden."),
-    (7, dict(vehicle="plane"), "The plane to Paris leaves at ten on Monday.", "Das Flugzeug nach Paris fliegt am Montag um zehn ab."),
-    (7, dict(vehicle="night train", hour="one"), "The night train to Paris leaves at one on Monday.", "Der Nachtzug nach Paris fährt am Montag um eins ab."),
-    (8, dict(city="Venice", month="March"), "Anna has lived in Venice since March.", "Anna wohnt seit März in Venedig."),
-    (9, dict(month="May", city="Milan", city2="Warsaw"), "In May, Anna and Ben fly from Milan to Warsaw.", "Im Mai fliegen Anna und Ben von Mailand nach Warschau."),
-    (10, dict(place="church"), "Anna is waiting for Ben at the church.", "Anna wartet in der Kirche auf Ben."),
-    (11, dict(place="school", day="Thursday"), "Anna walks to the school every Thursday morning.", "Anna geht jeden Donnerstagmorgen zu Fuß zur Schule."),
-    (12, dict(price="thirty", obj="cups"), "Anna sold Ben three cups for thirty euros.", "Anna hat Ben drei Tassen für dreißig Euro verkauft."),
-    (13, dict(place="museum", city="Vienna", day="Monday"), "The museum in Vienna is closed on Mondays.", "Das Museum in Wien ist montags geschlossen."),
-    (13, dict(place="bakery", day="Sunday"), "The bakery in Paris is closed on Sundays.", "Die Bäckerei in Paris ist sonntags geschlossen."),
-    (14, dict(vehicle="bus", n="five"), "The trip from Paris to Vienna takes five hours by bus.", "Die Reise von Paris nach Wien dauert mit dem Bus fünf Stunden."),
-    (15, dict(city="Brussels", month="June"), "Anna wrote Ben a letter from Brussels in June.", "Anna hat Ben im Juni einen Brief aus Brüssel geschrieben."),
-    (16, dict(place="bank", city="Zurich"), "Anna works at the bank in Zurich.", "Anna arbeitet in der Bank in Zürich."),
-    (17, dict(place="theater", hour="one"), "Anna takes the bus to the theater at one o'clock.", "Anna fährt um ein Uhr mit dem Bus zum Theater."),
-    (18, dict(place="museum", city="Prague"), "Tomorrow Anna will show Ben the museum in Prague.", "Morgen zeigt Anna Ben das Museum in Prag."),
-])
+@pytest.mark.parametrize(
+    "template, choices, en, de",
+    [
+        (
+            0,
+            dict(place="hospital"),
+            "Anna meets Ben at the hospital in Paris on Monday.",
+            "Anna trifft Ben am Montag im Krankenhaus in Paris.",
+        ),
+        (
+            0,
+            dict(place="market", city="Cologne"),
+            "Anna meets Ben at the market in Cologne on Monday.",
+            "Anna trifft Ben am Montag auf dem Markt in Köln.",
+        ),
+        (
+            1,
+            dict(hour="one", place="bakery"),
+            "Anna buys three keys at the bakery at one o'clock.",
+            "Anna kauft um ein Uhr drei Schlüssel in der Bäckerei.",
+        ),
+        (
+            1,
+            dict(hour="ten", place="station", obj="apples"),
+            "Anna buys three apples at the station at ten o'clock.",
+            "Anna kauft um zehn Uhr drei Äpfel am Bahnhof.",
+        ),
+        (
+            2,
+            dict(vehicle="plane"),
+            "On Monday, Anna travels from Paris to Vienna by plane.",
+            "Am Montag reist Anna mit dem Flugzeug von Paris nach Wien.",
+        ),
+        (
+            3,
+            dict(pod="afternoon", pod_hour="one"),
+            "Anna calls Ben at one in the afternoon.",
+            "Anna ruft Ben am Nachmittag um eins an.",
+        ),
+        (
+            5,
+            dict(place="town hall", city="Munich", day="Friday"),
+            "Anna and Ben visit the town hall in Munich on Friday.",
+            "Anna und Ben besuchen am Freitag das Rathaus in München.",
+        ),
+        (
+            5,
+            dict(place="harbor"),
+            "Anna and Ben visit the harbor in Paris on Monday.",
+            "Anna und Ben besuchen am Montag den Hafen in Paris.",
+        ),
+        (
+            6,
+            dict(place="hospital"),
+            "Anna found three keys near the hospital yesterday.",
+            "Anna hat gestern drei Schlüssel in der Nähe des Krankenhauses gefunden.",
+        ),
+        (
+            6,
+            dict(place="library", obj="books"),
+            "Anna found three books near the library yesterday.",
+            "Anna hat gestern drei Bücher in der Nähe der Bibliothek gefunden.",
+        ),
+        (
+            7,
+            dict(vehicle="plane"),
+            "The plane to Paris leaves at ten on Monday.",
+            "Das Flugzeug nach Paris fliegt am Montag um zehn ab.",
+        ),
+        (
+            7,
+            dict(vehicle="night train", hour="one"),
+            "The night train to Paris leaves at one on Monday.",
+            "Der Nachtzug nach Paris fährt am Montag um eins ab.",
+        ),
+        (
+            8,
+            dict(city="Venice", month="March"),
+            "Anna has lived in Venice since March.",
+            "Anna wohnt seit März in Venedig.",
+        ),
+        (
+            9,
+            dict(month="May", city="Milan", city2="Warsaw"),
+            "In May, Anna and Ben fly from Milan to Warsaw.",
+            "Im Mai fliegen Anna und Ben von Mailand nach Warschau.",
+        ),
+        (10, dict(place="church"), "Anna is waiting for Ben at the church.", "Anna wartet in der Kirche auf Ben."),
+        (
+            11,
+            dict(place="school", day="Thursday"),
+            "Anna walks to the school every Thursday morning.",
+            "Anna geht jeden Donnerstagmorgen zu Fuß zur Schule.",
+        ),
+        (
+            12,
+            dict(price="thirty", obj="cups"),
+            "Anna sold Ben three cups for thirty euros.",
+            "Anna hat Ben drei Tassen für dreißig Euro verkauft.",
+        ),
+        (
+            13,
+            dict(place="museum", city="Vienna", day="Monday"),
+            "The museum in Vienna is closed on Mondays.",
+            "Das Museum in Wien ist montags geschlossen.",
+        ),
+        (
+            13,
+            dict(place="bakery", day="Sunday"),
+            "The bakery in Paris is closed on Sundays.",
+            "Die Bäckerei in Paris ist sonntags geschlossen.",
+        ),
+        (
+            14,
+            dict(vehicle="bus", n="five"),
+            "The trip from Paris to Vienna takes five hours by bus.",
+            "Die Reise von Paris nach Wien dauert mit dem Bus fünf Stunden.",
+        ),
+        (
+            15,
+            dict(city="Brussels", month="June"),
+            "Anna wrote Ben a letter from Brussels in June.",
+            "Anna hat Ben im Juni einen Brief aus Brüssel geschrieben.",
+        ),
+        (
+            16,
+            dict(place="bank", city="Zurich"),
+            "Anna works at the bank in Zurich.",
+            "Anna arbeitet in der Bank in Zürich.",
+        ),
+        (
+            17,
+            dict(place="theater", hour="one"),
+            "Anna takes the bus to the theater at one o'clock.",
+            "Anna fährt um ein Uhr mit dem Bus zum Theater.",
+        ),
+        (
+            18,
+            dict(place="museum", city="Prague"),
+            "Tomorrow Anna will show Ben the museum in Prague.",
+            "Morgen zeigt Anna Ben das Museum in Prag.",
+        ),
+    ],
+)
 def test_hand_checked_german(template, choices, en, de):
     assert world.render(template, world.slots(**choices)) == (en, de)
 
@@ -86,7 +208,7 @@ def test_qa_answers_are_spans_of_the_passage():
         assert len(questions) == world.QUESTIONS_PER_PASSAGE == len({q for q, _, _ in questions})
         for question, answer, start in questions:
             assert question.endswith("?") and answer
-            assert text[start:start + len(answer)] == answer  # the exact span, even where the words occur twice
+            assert text[start : start + len(answer)] == answer  # the exact span, even where the words occur twice
     assert len(kinds) > 4  # all four kinds of passage come up
 
 
@@ -100,7 +222,9 @@ def test_no_dev_or_test_text_in_train_and_sizes():
             assert not texts[kind, "train"] & texts[kind, "dev"] and not texts[kind, "train"] & texts[kind, "test"]
             assert not texts[kind, "dev"] & texts[kind, "test"]
             counts = world.SIZES[size]["sentences" if kind == "sentences" else "passages"]
-            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(counts)  # no duplicates either
+            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(
+                counts
+            )  # no duplicates either
         assert len({job["audio"] for job in plan}) == len(plan)
     full = world.plan_corpus("full")
     assert sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * world.QUESTIONS_PER_PASSAGE >= 1000
@@ -125,7 +249,7 @@ def test_change_tempo_keeps_the_pitch():
     for factor in (0.85, 0.9, 1.1, 1.15):
         out = tts.change_tempo(tone, factor)
         assert len(out) == round(len(tone) / factor)
-        middle = out[len(out) // 4: 3 * len(out) // 4]
+        middle = out[len(out) // 4 : 3 * len(out) // 4]
         spectrum = np.abs(np.fft.rfft(middle * np.hanning(len(middle))))
         assert np.argmax(spectrum) * rate / len(middle) == pytest.approx(220, abs=3)  # the same note, shorter or longer
         assert np.abs(middle).max() == pytest.approx(1, abs=0.05)  # segments add up in phase: no dips
@@ -144,9 +268,15 @@ def test_manifest_lines_format(tmp_path):
     manifests = manifest_lines(plan, [3.0 + 0.01 * i for i in range(len(plan))])
     sentence, qa = manifests["sentences_train.jsonl"][0], manifests["qa_dev.jsonl"][0]
     assert list(sentence) == ["audio", "text", "translation", "tgt_lang", "speaker", "duration"]
-    assert sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in tts.VOICES
+    assert (
+        sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in tts.VOICES
+    )
     assert list(qa) == ["task", "audio", "text", "question", "answer", "answer_start", "speaker", "duration"]
-    assert qa["task"] == "qa" and qa["audio"].startswith("audio/p") and qa["text"][qa["answer_start"]:].startswith(qa["answer"])
+    assert (
+        qa["task"] == "qa"
+        and qa["audio"].startswith("audio/p")
+        and qa["text"][qa["answer_start"] :].startswith(qa["answer"])
+    )
     assert len(manifests["qa_train.jsonl"]) == world.SIZES["small"]["passages"][0] * world.QUESTIONS_PER_PASSAGE
     # the project's own reader accepts them (audio relative to the manifest's folder)
     (tmp_path / "audio").mkdir()
@@ -196,11 +326,18 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
 
 def write_ctranslate2(path, variables):
     """A model.bin in CTranslate2's layout (written independently of the reader under test)."""
+
     def string(s):
         data = s.encode() + b"\0"
         return struct.pack("<H", len(data)) + data
 
-    codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3, np.dtype(np.float16): 4}
+    codes = {
+        np.dtype(np.float32): 0,
+        np.dtype(np.int8): 1,
+        np.dtype(np.int16): 2,
+        np.dtype(np.int32): 3,
+        np.dtype(np.float16): 4,
+    }
     blob = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3) + struct.pack("<I", len(variables))
     for name, array in variables.items():
         array = np.asarray(array)  # (not ascontiguousarray: it makes a 0-d array 1-d)
@@ -211,8 +348,12 @@ def write_ctranslate2(path, variables):
 
 
 def test_ctranslate2_reader(tmp_path):
-    variables = {"encoder/x": np.arange(6, dtype=np.float16).reshape(2, 3), "decoder/y": np.ones((2, 2, 2), np.float32),
-                 "encoder/num_heads": np.array(6, np.int16), "z": np.array([-1, 2], np.int8)}
+    variables = {
+        "encoder/x": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "decoder/y": np.ones((2, 2, 2), np.float32),
+        "encoder/num_heads": np.array(6, np.int16),
+        "z": np.array([-1, 2], np.int8),
+    }
     write_ctranslate2(tmp_path / "model.bin", variables)
     read = models.read_ctranslate2(tmp_path / "model.bin")
     assert list(read) == list(variables)
@@ -238,14 +379,20 @@ def to_ctranslate2(model, heads):
             ct, hf = f"{side}/layer_{i}", f"model.{side}.layers.{i}.self_attn"
             qkv = [sd[f"{hf}.{p}_proj.weight"] for p in "qkv"]
             out[f"{ct}/self_attention/linear_0/weight"] = np.concatenate(qkv)
-            out[f"{ct}/self_attention/linear_0/bias"] = np.concatenate([sd[f"{hf}.q_proj.bias"], np.zeros_like(sd[f"{hf}.q_proj.bias"]), sd[f"{hf}.v_proj.bias"]])
+            out[f"{ct}/self_attention/linear_0/bias"] = np.concatenate(
+                [sd[f"{hf}.q_proj.bias"], np.zeros_like(sd[f"{hf}.q_proj.bias"]), sd[f"{hf}.v_proj.bias"]]
+            )
             put(f"{ct}/self_attention/linear_1", f"{hf}.out_proj")
             norm(f"{ct}/self_attention/layer_norm", f"model.{side}.layers.{i}.self_attn_layer_norm")
             if side == "decoder":
                 hf = f"model.decoder.layers.{i}.encoder_attn"
                 put(f"{ct}/attention/linear_0", f"{hf}.q_proj")
-                out[f"{ct}/attention/linear_1/weight"] = np.concatenate([sd[f"{hf}.k_proj.weight"], sd[f"{hf}.v_proj.weight"]])
-                out[f"{ct}/attention/linear_1/bias"] = np.concatenate([np.zeros_like(sd[f"{hf}.v_proj.bias"]), sd[f"{hf}.v_proj.bias"]])
+                out[f"{ct}/attention/linear_1/weight"] = np.concatenate(
+                    [sd[f"{hf}.k_proj.weight"], sd[f"{hf}.v_proj.weight"]]
+                )
+                out[f"{ct}/attention/linear_1/bias"] = np.concatenate(
+                    [np.zeros_like(sd[f"{hf}.v_proj.bias"]), sd[f"{hf}.v_proj.bias"]]
+                )
                 put(f"{ct}/attention/linear_2", f"{hf}.out_proj")
                 norm(f"{ct}/attention/layer_norm", f"model.decoder.layers.{i}.encoder_attn_layer_norm")
             put(f"{ct}/ffn/linear_0", f"model.{side}.layers.{i}.fc1")
@@ -264,9 +411,23 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=60, num_mel_bins=8, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20,
-                           max_target_positions=12, decoder_start_token_id=1, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    config = WhisperConfig(
+        vocab_size=60,
+        num_mel_bins=8,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=20,
+        max_target_positions=12,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     reference = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():  # values exact in fp16, so the round trip can be compared exactly
         for p in reference.parameters():
@@ -301,7 +462,11 @@ def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkey
     model.save_projector(tmp_path / "ckpt")
     again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=common.resolve_model)
     assert (meta["llm"], meta["encoder"]) == ("tiny", "tiny")
-    assert again.encoder.name == common.resolve_model("tiny", "encoder") == str(tmp_path / "cache" / "models" / "tiny-hubert")
+    assert (
+        again.encoder.name
+        == common.resolve_model("tiny", "encoder")
+        == str(tmp_path / "cache" / "models" / "tiny-hubert")
+    )
     assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(tmp_path / "ckpt")  # a folder passes through
 
 
@@ -338,7 +503,10 @@ def test_every_voice_speaks(speaker):
     text = "Anna meets Ben at the station in Paris on Monday."
     slow, fast = voices.say(text, speaker, 0.9, 1.0, seed=1), voices.say(text, speaker, 1.1, 1.0, seed=1)
     assert slow.dtype == np.float32 and 1.5 < len(slow) / tts.SAMPLE_RATE < 6 and np.abs(slow).max() <= 0.71
-    pad, rel = 2 * int(tts.PAD_SECONDS * tts.SAMPLE_RATE), 0.06 if speaker == "piper-joe" else 0.01  # piper draws its durations
+    pad, rel = (
+        2 * int(tts.PAD_SECONDS * tts.SAMPLE_RATE),
+        0.06 if speaker == "piper-joe" else 0.01,
+    )  # piper draws its durations
     assert (len(slow) - pad) / (len(fast) - pad) == pytest.approx(1.1 / 0.9, rel=rel)  # the tempo follows `speed`
     low, high = voices.say(text, speaker, 1.0, 0.94, seed=1), voices.say(text, speaker, 1.0, 1.06, seed=1)
     assert len(low) == pytest.approx(len(high), rel=rel)  # and not the pitch
@@ -354,8 +522,10 @@ def test_small_corpus_build(tmp_path, monkeypatch):
     assert summary["lines"]["sentences_train.jsonl"] == world.SIZES["small"]["sentences"][0]
     for name, count in summary["lines"].items():
         rows = read_manifest(corpus / name)
-        assert len(rows) == count and all(abs(r["duration"] - json.loads(line)["duration"]) < 0.01
-                                          for r, line in zip(rows, (corpus / name).read_text().splitlines()))
+        assert len(rows) == count and all(
+            abs(r["duration"] - json.loads(line)["duration"]) < 0.01
+            for r, line in zip(rows, (corpus / name).read_text().splitlines())
+        )
     assert demokit.corpus_path(small=True) == corpus  # cached
     again = tmp_path / "again"  # deterministic from the seed: a second build gives the same bytes
     again.mkdir()

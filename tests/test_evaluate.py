@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from tiny import write_manifest
 
 import evaluate
+import model as model_lib
 from contrastive import cos_logits, retrieval_r1
 from data import Collator, load_audio, read_manifest
-import model as model_lib
 from model import QFormerConfig, SpeechLLM
-from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,9 @@ def test_wer_corpus_and_mean_by_hand():
     # the authors' normalisation: all punctuation goes, so "Don't" == "dont"; an empty answer deletes every word
     assert evaluate.compute_metrics("asr", ["dont  STOP"], ["Don't stop!"])["wer"] == 0
     assert evaluate.compute_metrics("asr", [""], ["a b c"])["wer"] == pytest.approx(100.0)
-    assert evaluate.compute_metrics("asr", ["a b c d"], ["a b"])["wer"] == pytest.approx(100.0)  # 2 insertions / 2 words
+    assert evaluate.compute_metrics("asr", ["a b c d"], ["a b"])["wer"] == pytest.approx(
+        100.0
+    )  # 2 insertions / 2 words
 
 
 def test_bleu_and_chrf_by_hand():
@@ -50,7 +52,11 @@ def test_bleu_and_chrf_by_hand():
     # n-gram precisions: 1-gram 6/7, 2-gram 4/5, 3-gram 3/3, 4-gram 2/2 -> BLEU = (6/7 * 4/5 * 1 * 1) ** (1/4)
     scores = evaluate.compute_metrics("st", hyps, refs)
     assert scores["bleu"] == pytest.approx(100 * (6 / 7 * 4 / 5) ** 0.25, abs=1e-6)
-    assert "nrefs:1" in scores["bleu_signature"] and "tok:13a" in scores["bleu_signature"] and "nc:6" in scores["chrf_signature"]
+    assert (
+        "nrefs:1" in scores["bleu_signature"]
+        and "tok:13a" in scores["bleu_signature"]
+        and "nc:6" in scores["chrf_signature"]
+    )
     assert evaluate.compute_metrics("st", hyps, hyps)["chrf"] == pytest.approx(100.0)
     assert evaluate.compute_metrics("st", ["xyz"], ["abc"])["chrf"] == 0.0
     # two reference translations each: the second one makes "Guten Morgen" a perfect match
@@ -59,7 +65,9 @@ def test_bleu_and_chrf_by_hand():
 
 
 def test_squad_em_and_f1_by_hand():
-    assert evaluate.squad_normalize("The  Bakery, at the END!") == "bakery at end"  # case, punctuation, articles, spaces
+    assert (
+        evaluate.squad_normalize("The  Bakery, at the END!") == "bakery at end"
+    )  # case, punctuation, articles, spaces
     hyps = ["The bakery!", "two apples", "in Paris", "Anna"]
     refs = [["at the bakery", "bakery"], "two", ["Rome"], ["anna b", "ANNA"]]
     # 1: "bakery" == normalised second gold -> EM 1, F1 1
@@ -75,9 +83,11 @@ def test_squad_em_and_f1_by_hand():
 
 
 def test_unique_questions_pool_their_answers():
-    rows = [{"audio": "p1.wav", "instruction": "Q: who?", "references": ["anna"]},
-            {"audio": "p1.wav", "instruction": "Q: who?", "references": ["Anna", "anna"]},
-            {"audio": "p2.wav", "instruction": "Q: who?", "references": ["ben"]}]  # the same question, another passage
+    rows = [
+        {"audio": "p1.wav", "instruction": "Q: who?", "references": ["anna"]},
+        {"audio": "p1.wav", "instruction": "Q: who?", "references": ["Anna", "anna"]},
+        {"audio": "p2.wav", "instruction": "Q: who?", "references": ["ben"]},
+    ]  # the same question, another passage
     merged = evaluate.unique_questions(rows)
     assert [m["references"] for m in merged] == [["anna", "Anna"], ["ben"]]
 
@@ -140,7 +150,10 @@ def test_generation_stops_at_end_of_turn_or_the_cap(model, manifest):
     examples = [{**row, "instruction": instructions[0]} for row in rows]
     handle = steered(model, [tok("a"), tok("b"), tok("\n"), tok("c"), eot])
     try:
-        assert evaluate.generate_answers(model, examples, 3, 8, torch.device("cpu"), torch.float32, progress=False) == ["ab"] * 3
+        assert (
+            evaluate.generate_answers(model, examples, 3, 8, torch.device("cpu"), torch.float32, progress=False)
+            == ["ab"] * 3
+        )
     finally:
         handle.remove()
 
@@ -172,7 +185,10 @@ def test_a_looping_model_stops_at_the_guard_and_keeps_one_copy(model, manifest):
     eot = model.prompt_ids(instructions[0])[2]
     handle = steered(model, [tok("a"), tok("b"), eot])
     try:
-        assert model.generate(batch, instructions, max_new_tokens=8, loop_repeats=3, stop_reasons=True) == (["ab"] * 3, ["end"] * 3)
+        assert model.generate(batch, instructions, max_new_tokens=8, loop_repeats=3, stop_reasons=True) == (
+            ["ab"] * 3,
+            ["end"] * 3,
+        )
     finally:
         handle.remove()
 
@@ -217,14 +233,30 @@ def stage1(model, tmp_path_factory):
 
 
 def test_cli_generation_task(finetuned, manifest, capsys):
-    results = evaluate.main(["--ckpt", str(finetuned), "--data", str(manifest), "--max-new-tokens", "3", "--device", "cpu"])
+    results = evaluate.main(
+        ["--ckpt", str(finetuned), "--data", str(manifest), "--max-new-tokens", "3", "--device", "cpu"]
+    )
     printed = capsys.readouterr().out
     saved = json.loads((finetuned / "eval-qa.json").read_text())  # the checkpoint's own task by default
     assert saved == json.loads(json.dumps(results["qa"]))
     assert saved["task"] == "qa" and saved["n"] == 3 and set(saved["metrics"]) == {"em", "f1"}
     assert saved["outputs"][0]["references"] == ["anna", "Anna"] and "ref: anna | Anna" in printed and "hyp:" in printed
-    evaluate.main(["--ckpt", str(finetuned), "--data", str(manifest), "--task", "st", "--max-new-tokens", "3", "--device", "cpu",
-                   "--out", str(finetuned / "st.json")])
+    evaluate.main(
+        [
+            "--ckpt",
+            str(finetuned),
+            "--data",
+            str(manifest),
+            "--task",
+            "st",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(finetuned / "st.json"),
+        ]
+    )
     st = json.loads((finetuned / "st.json").read_text())
     assert st["n"] == 3 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(st["metrics"])
     assert "bleu" in capsys.readouterr().out
@@ -241,7 +273,9 @@ def test_cli_all_tasks_of_a_mix_checkpoint(model, manifest, tmp_path, monkeypatc
 
 
 def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
-    results = evaluate.main(["--ckpt", str(stage1), "--data", str(manifest), "--device", "cpu"])  # default task: retrieval
+    results = evaluate.main(
+        ["--ckpt", str(stage1), "--data", str(manifest), "--device", "cpu"]
+    )  # default task: retrieval
     metrics = results["retrieval"]["metrics"]
     assert metrics["layers"] == [0, 5, 10] and metrics["chance"] == pytest.approx(100 / 6)
     text, speech = evaluate.pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
@@ -254,10 +288,30 @@ def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkey
     """--read transcript: no checkpoint; the LLM gets each transcript's token embeddings where the speech
     would be, and answers the same as generate_from on those embeddings."""
     out = tmp_path / "topline.json"
-    evaluate.main(["--read", "transcript", "--task", "asr", "--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest),
-                   "--max-new-tokens", "3", "--device", "cpu", "--out", str(out)])
+    evaluate.main(
+        [
+            "--read",
+            "transcript",
+            "--task",
+            "asr",
+            "--llm",
+            paths["llm"],
+            "--encoder",
+            paths["hubert"],
+            "--data",
+            str(manifest),
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
-    assert saved["n"] == 3 and "wer" in saved["metrics"] and sum(saved["decoding"]["stopped"].values()) == 3  # the ASR rows
+    assert (
+        saved["n"] == 3 and "wer" in saved["metrics"] and sum(saved["decoding"]["stopped"].values()) == 3
+    )  # the ASR rows
     model = SpeechLLM(paths["llm"], paths["hubert"]).eval()
     rows = read_manifest(manifest)[:3]
     heard, mask = evaluate.embed_texts(model, [r["text"] for r in rows], torch.device("cpu"))
@@ -274,9 +328,23 @@ def test_cli_one_recording(model, finetuned, tmp_path):
     wave = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], axis=1) * 0.3
     sf.write(tmp_path / "clip.flac", wave.astype("float32"), 44100)
     assert len(load_audio(tmp_path / "clip.flac")) == math.floor(1.2 * 16000)
-    cmd = [sys.executable, "evaluate.py", "--ckpt", str(finetuned), "--audio", str(tmp_path / "clip.flac"),
-           "--question", "Who is it?", "--max-new-tokens", "4", "--device", "cpu"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "evaluate.py",
+        "--ckpt",
+        str(finetuned),
+        "--audio",
+        str(tmp_path / "clip.flac"),
+        "--question",
+        "Who is it?",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     args = evaluate.get_args(cmd[2:])
     args.task = "qa"

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tiny import write_manifest
 
 import finetune
 import pretrain
 from data import Collator, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM
-from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2"]
@@ -31,14 +31,30 @@ TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-laye
 def manifest(tmp_path_factory):
     """12 utterances: 8 sentences with a German translation (ASR + ST examples) and 4 QA passages."""
     extra = {i: {"translation": f"satz {i}", "tgt_lang": "de"} for i in range(8)}
-    extra.update({i: {"task": "qa", "question": f"what is number {i}?", "answer": ["anna", "Anna B."]} for i in range(8, 12)})
+    extra.update(
+        {i: {"task": "qa", "question": f"what is number {i}?", "answer": ["anna", "Anna B."]} for i in range(8, 12)}
+    )
     return write_manifest(tmp_path_factory.mktemp("data"), n=12, extra=extra)
 
 
 def ft_args(paths, manifest, out, *extra):
     """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training file."""
-    return ["--data", str(manifest), "--dev-data", str(manifest), "--out", str(out), "--batch-size", "2",
-            "--grad-accum", "1", "--device", "cpu", "--no-cache-features", *extra]
+    return [
+        "--data",
+        str(manifest),
+        "--dev-data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--device",
+        "cpu",
+        "--no-cache-features",
+        *extra,
+    ]
 
 
 def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeypatch):
@@ -99,14 +115,36 @@ def test_frac_subset_is_deterministic_and_sized(paths, manifest):
 def test_cli_from_scratch(paths, manifest, tmp_path):
     """The real entry point: `python finetune.py --init none`."""
     out = tmp_path / "scratch"
-    cmd = [sys.executable, "finetune.py", *ft_args(paths, manifest, out, "--task", "qa", "--init", "none", "--llm", paths["llm"],
-                                                 "--encoder", paths["hubert"], *TINY_PROJECTOR, "--max-steps", "2")]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "finetune.py",
+        *ft_args(
+            paths,
+            manifest,
+            out,
+            "--task",
+            "qa",
+            "--init",
+            "none",
+            "--llm",
+            paths["llm"],
+            "--encoder",
+            paths["hubert"],
+            *TINY_PROJECTOR,
+            "--max-steps",
+            "2",
+        ),
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final dev loss" in result.stdout and "python evaluate.py --ckpt" in result.stdout
     meta = json.loads((out / "meta.json").read_text())
     assert meta["stage"] == "finetune" and meta["task"] == "qa" and meta["init"] == "none" and meta["step"] == 2
-    assert meta["qformer"]["dim"] == 32 and meta["args"]["lr"] == 1e-4 and meta["args"]["epochs"] == 2  # the paper's recipe
+    assert (
+        meta["qformer"]["dim"] == 32 and meta["args"]["lr"] == 1e-4 and meta["args"]["epochs"] == 2
+    )  # the paper's recipe
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and "dev_loss" in log[-1]
     assert (out / "ckpt-0000002" / "train_state.pt").exists()
@@ -116,17 +154,55 @@ def test_cli_from_scratch(paths, manifest, tmp_path):
 def stage1(paths, manifest, tmp_path_factory):
     """A stage-1 checkpoint made by pretrain.py itself (2 steps)."""
     out = tmp_path_factory.mktemp("pretrain")
-    pretrain.main(["--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest), "--out", str(out),
-                   *TINY_PROJECTOR, "--layers", "0,5,10", "--batch-size", "4", "--grad-accum", "1", "--device", "cpu",
-                   "--max-steps", "2", "--no-cache-features"])
+    pretrain.main(
+        [
+            "--llm",
+            paths["llm"],
+            "--encoder",
+            paths["hubert"],
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            *TINY_PROJECTOR,
+            "--layers",
+            "0,5,10",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--no-cache-features",
+        ]
+    )
     return out
 
 
 def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
     out = tmp_path / "ft"
     # lr 0: the fine-tuned projector must be exactly the stage-1 one it started from
-    finetune.main(ft_args(paths, manifest, out, "--task", "mix", "--frac", "0.5", "--init", str(stage1), "--max-steps", "2",
-                          "--lr", "0", "--dropout", "0.0"))
+    finetune.main(
+        ft_args(
+            paths,
+            manifest,
+            out,
+            "--task",
+            "mix",
+            "--frac",
+            "0.5",
+            "--init",
+            str(stage1),
+            "--max-steps",
+            "2",
+            "--lr",
+            "0",
+            "--dropout",
+            "0.0",
+        )
+    )
     before, after = load_file(stage1 / "projector.safetensors"), load_file(out / "projector.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     meta, stage1_meta = json.loads((out / "meta.json").read_text()), json.loads((stage1 / "meta.json").read_text())
@@ -136,7 +212,9 @@ def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
 
 
 def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, stage1, tmp_path):
-    run = lambda *extra: finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(stage1), "--max-steps", "1", *extra))  # noqa: E731
+    run = lambda *extra: finetune.main(
+        ft_args(paths, manifest, tmp_path, "--init", str(stage1), "--max-steps", "1", *extra)
+    )  # noqa: E731
     with pytest.raises(SystemExit, match="--llm tiny does not match the --init checkpoint"):
         run("--llm", "tiny")
     with pytest.raises(SystemExit, match="--encoder tiny-whisper does not match"):
@@ -169,15 +247,36 @@ def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, m
 def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends with the projector of an uninterrupted
     run (same data order, optimiser state and dropout RNG: common.resume, shared with pretrain.py)."""
-    run = lambda out, *extra: finetune.main(ft_args(paths, manifest, out, "--task", "mix", "--init", str(stage1), "--lr", "1e-3",  # noqa: E731
-                                                    "--max-steps", "4", "--save-every", "2", "--eval-every", "0", *extra))
+    run = lambda out, *extra: finetune.main(
+        ft_args(
+            paths,
+            manifest,
+            out,
+            "--task",
+            "mix",
+            "--init",
+            str(stage1),
+            "--lr",
+            "1e-3",  # noqa: E731
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "0",
+            *extra,
+        )
+    )
     run(tmp_path / "straight")
     run(tmp_path / "stopped")
     for leftover in ("projector.safetensors", "meta.json"):  # as if killed after the step-2 checkpoint
         (tmp_path / "stopped" / leftover).unlink()
     shutil.rmtree(tmp_path / "stopped" / "ckpt-0000004")
     run(tmp_path / "stopped", "--resume")
-    a, b = load_file(tmp_path / "straight" / "projector.safetensors"), load_file(tmp_path / "stopped" / "projector.safetensors")
+    a, b = (
+        load_file(tmp_path / "straight" / "projector.safetensors"),
+        load_file(tmp_path / "stopped" / "projector.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -185,18 +284,39 @@ def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
 def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
     """torchrun with 2 ranks x batch 2 == 1 process with batch 2 x 2 accumulation steps (the answer loss is a
     per-micro-batch mean, and DDP averages the ranks' gradients)."""
-    common = ["--task", "mix", "--init", "none", "--llm", paths["llm"], "--encoder", paths["hubert"], *TINY_PROJECTOR,
-              "--max-steps", "3", "--dropout", "0", "--lr", "1e-3", "--eval-every", "0"]
+    common = [
+        "--task",
+        "mix",
+        "--init",
+        "none",
+        "--llm",
+        paths["llm"],
+        "--encoder",
+        paths["hubert"],
+        *TINY_PROJECTOR,
+        "--max-steps",
+        "3",
+        "--dropout",
+        "0",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py"]
-    for cmd in (torchrun + ft_args(paths, manifest, tmp_path / "ddp", *common),
-                [sys.executable, "finetune.py", *ft_args(paths, manifest, tmp_path / "one", *common), "--grad-accum", "2"]):
+    for cmd in (
+        torchrun + ft_args(paths, manifest, tmp_path / "ddp", *common),
+        [sys.executable, "finetune.py", *ft_args(paths, manifest, tmp_path / "one", *common), "--grad-accum", "2"],
+    ):
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     a, b = load_file(tmp_path / "ddp" / "projector.safetensors"), load_file(tmp_path / "one" / "projector.safetensors")
     for k in a:
         x, y = a[k], b[k]
-        if k.endswith("in_proj_bias"):  # the key bias's true gradient is 0: Adam amplifies round-off (see test_robustness)
+        if k.endswith(
+            "in_proj_bias"
+        ):  # the key bias's true gradient is 0: Adam amplifies round-off (see test_robustness)
             d = len(x) // 3
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=k)

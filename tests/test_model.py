@@ -3,10 +3,10 @@ users take; windows, masks, hidden states, the chat prompt, checkpoints."""
 
 import pytest
 import torch
+from tiny import write_manifest
 
 from data import Collator, load_audio, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM, WindowQFormer
-from tiny import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,9 @@ def test_frozen_parts_and_trainable_projector(model):
 
 def test_windows_shapes_and_masks():
     torch.manual_seed(0)
-    q = WindowQFormer(enc_dim=24, llm_dim=40, cfg=QFormerConfig(dim=16, heads=2, layers=1, queries=3, window=5, dropout=0.0))
+    q = WindowQFormer(
+        enc_dim=24, llm_dim=40, cfg=QFormerConfig(dim=16, heads=2, layers=1, queries=3, window=5, dropout=0.0)
+    )
     frames = torch.randn(3, 12, 24)
     lengths = torch.tensor([12, 6, 0])  # full, 2 windows valid of 3, fully padded
     mask = torch.arange(12)[None] < lengths[:, None]
@@ -46,14 +48,16 @@ def test_windows_shapes_and_masks():
 
 def test_padding_frames_do_not_change_valid_outputs():
     torch.manual_seed(0)
-    q = WindowQFormer(enc_dim=8, llm_dim=8, cfg=QFormerConfig(dim=16, heads=2, layers=2, queries=2, window=4, dropout=0.0)).eval()
+    q = WindowQFormer(
+        enc_dim=8, llm_dim=8, cfg=QFormerConfig(dim=16, heads=2, layers=2, queries=2, window=4, dropout=0.0)
+    ).eval()
     frames = torch.randn(1, 10, 8)
     mask = torch.ones(1, 10, dtype=torch.bool)
     alone, _ = q(frames, mask)
     padded = torch.cat([frames, 100 * torch.randn(1, 5, 8)], 1)  # garbage in the padding
     out, out_mask = q(padded, torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1))
     torch.testing.assert_close(out[:, : alone.shape[1]], alone)
-    assert out_mask[0, alone.shape[1]:].sum() == 0
+    assert out_mask[0, alone.shape[1] :].sum() == 0
 
 
 def test_paper_projector_size():
@@ -99,14 +103,18 @@ def test_whisper_encoder_true_length_is_batch_invariant(paths, tmp_path):
         mel_frames = len(load_audio(row["audio"])) // 160  # 100 log-mel frames per second
         assert batch["speech_input_mask"][i].sum() == mel_frames
         assert mask[i].sum() == (mel_frames + 1) // 2  # conv2's stride 2 -> 50 frames per second
-        alone, _ = model.encoder(batch["speech_inputs"][i : i + 1, :, :mel_frames], batch["speech_input_mask"][i : i + 1, :mel_frames])
+        alone, _ = model.encoder(
+            batch["speech_inputs"][i : i + 1, :, :mel_frames], batch["speech_input_mask"][i : i + 1, :mel_frames]
+        )
         torch.testing.assert_close(frames[i, : mask[i].sum()], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_chat_batch_supervises_only_the_answer(model, batch):
     examples = task_examples(batch["examples"], "asr")
     speech, mask = model.encode_speech(batch)
-    embeds, attn, labels = model.chat_batch(speech, mask, [e["instruction"] for e in examples], [e["target"] for e in examples])
+    embeds, attn, labels = model.chat_batch(
+        speech, mask, [e["instruction"] for e in examples], [e["target"] for e in examples]
+    )
     eot = model.prompt_ids("x")[2]
     for i, e in enumerate(examples):
         supervised = labels[i][labels[i] != -100].tolist()
@@ -154,5 +162,7 @@ def test_lm_loss_equals_cross_entropy_over_full_logits(model):
     labels[0, 8:11], labels[1, 5:8] = torch.tensor([5, 6, 7]), torch.tensor([9, 10, 257])
     with torch.no_grad():
         logits = model.llm(inputs_embeds=embeds, attention_mask=mask.long()).logits
-        reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        reference = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         torch.testing.assert_close(model.lm_loss(embeds, mask, labels), reference)

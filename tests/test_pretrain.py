@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import write_manifest
 
 import pretrain
 from contrastive import cos_logits, retrieval_r1
 from data import Collator, read_manifest
 from model import QFormerConfig, SpeechLLM
-from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,9 +25,31 @@ def manifest(tmp_path_factory):
 
 
 def tiny_args(paths, manifest, out, *extra):
-    return ["--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest), "--dev-data", str(manifest),
-            "--out", str(out), "--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2",
-            "--batch-size", "4", "--grad-accum", "1", "--device", "cpu", *extra]
+    return [
+        "--llm",
+        paths["llm"],
+        "--encoder",
+        paths["hubert"],
+        "--data",
+        str(manifest),
+        "--dev-data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--qformer-dim",
+        "32",
+        "--qformer-heads",
+        "4",
+        "--qformer-layers",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_step_changes_projector_only(paths, manifest):
@@ -47,7 +69,11 @@ def test_step_changes_projector_only(paths, manifest):
         optimizer.zero_grad()
     after = dict(list(model.llm.state_dict().items()) + list(model.encoder.state_dict().items()))
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
-    assert all(not torch.equal(before[k], v) for k, v in model.projector.state_dict().items() if "norm" not in k and "ln" not in k)
+    assert all(
+        not torch.equal(before[k], v)
+        for k, v in model.projector.state_dict().items()
+        if "norm" not in k and "ln" not in k
+    )
 
 
 @pytest.mark.parametrize("sim", ["cos", "wasserstein"])
@@ -61,7 +87,7 @@ def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
     for impl in ("fast", "reference"):
         args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim))
         text_cache = {} if sim == "cos" else None
-        for step in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
+        for _ in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
             loss, per_layer, acc = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
             grads = torch.autograd.grad(loss, [p for p in model.projector.parameters() if p.requires_grad])
             results.setdefault(impl, []).append((loss, per_layer, acc, *grads))
@@ -120,12 +146,17 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     assert text_mean.shape == speech_mean.shape == (len(layers), model.llm.config.hidden_size)
     sample = random.Random(42).sample(read_manifest(manifest), 5)
     text, speech = evaluate.pooled_pairs(model, sample, layers)
-    assert torch.allclose(text.mean(1), text_mean, atol=1e-4) and torch.allclose(speech.mean(1), speech_mean, atol=1e-4)  # other batches: other padding
+    assert torch.allclose(text.mean(1), text_mean, atol=1e-4) and torch.allclose(
+        speech.mean(1), speech_mean, atol=1e-4
+    )  # other batches: other padding
     assert evaluate.load_centers(out, layers[:-1]) is None  # stored for other layers: not used
     metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu"])["retrieval"]["metrics"]
     rows = read_manifest(manifest)
     text, speech = evaluate.pooled_pairs(model, rows, layers)
-    assert metrics["r1_centred_train"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist())
+    assert metrics["r1_centred_train"] == pytest.approx(
+        (100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist()
+    )
+
 
 def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
     """--sim wasserstein through the real entry point: the batched Sinkhorn on the LLM's token states (the
@@ -134,5 +165,7 @@ def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
     pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "2", "--sim", "wasserstein"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2] and all(torch.isfinite(torch.tensor(r["per_layer"])).all() for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all(
+        torch.isfinite(torch.tensor(r["per_layer"])).all() for r in steps
+    )
     assert json.loads((out / "meta.json").read_text())["args"]["sim"] == "wasserstein"

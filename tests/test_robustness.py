@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import write_manifest
 
 import pretrain
-from tiny import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,14 +25,44 @@ def manifest(tmp_path_factory):
 
 
 def args_for(paths, manifest, out, *extra):
-    return ["--llm", paths["llm"], "--encoder", paths["hubert"], "--data", str(manifest), "--out", str(out),
-            "--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2", "--layers", "0,5,10",
-            "--device", "cpu", "--lr", "1e-3", "--warmup-ratio", "0", "--grad-accum", "1", *extra]
+    return [
+        "--llm",
+        paths["llm"],
+        "--encoder",
+        paths["hubert"],
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        "--qformer-dim",
+        "32",
+        "--qformer-heads",
+        "4",
+        "--qformer-layers",
+        "2",
+        "--layers",
+        "0,5,10",
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--grad-accum",
+        "1",
+        *extra,
+    ]
 
 
 def run(cmd, env=None):
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -64,7 +94,17 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
     with 2 accumulation steps (two separate 2x2 losses, averaged); with gathered negatives, batch 4."""
     common = ["--max-steps", "3", "--dropout", "0", "--no-text-cache"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py"]
-    ddp_args = args_for(paths, manifest, tmp_path / "ddp", "--batch-size", "2", "--grad-accum", "1", *common, *(["--gather-negatives"] if gather else []))
+    ddp_args = args_for(
+        paths,
+        manifest,
+        tmp_path / "ddp",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        *common,
+        *(["--gather-negatives"] if gather else []),
+    )
     run(torchrun + ddp_args)
     single = ["--batch-size", "4", "--grad-accum", "1"] if gather else ["--batch-size", "2", "--grad-accum", "2"]
     run([sys.executable, "pretrain.py", *args_for(paths, manifest, tmp_path / "one", *single, *common)])
@@ -72,12 +112,24 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
 
 
 def test_sigkill_then_resume_ends_with_the_same_projector(paths, manifest, tmp_path):
-    steps = ["--max-steps", "40", "--save-every", "2", "--batch-size", "4"]  # dropout stays on: RNG state must resume too
+    steps = [
+        "--max-steps",
+        "40",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "4",
+    ]  # dropout stays on: RNG state must resume too
     run([sys.executable, "pretrain.py", *args_for(paths, manifest, tmp_path / "straight", *steps)])
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "pretrain.py", *args_for(paths, manifest, killed, *steps)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "pretrain.py", *args_for(paths, manifest, killed, *steps)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 300
     while not list(killed.glob("ckpt-0000004")) and time.time() < deadline:
         time.sleep(0.01)
@@ -118,4 +170,8 @@ def test_same_seed_same_losses(paths, manifest, tmp_path):
 def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(paths, manifest, tmp_path):
     pretrain.main(args_for(paths, manifest, tmp_path, "--max-steps", "1", "--batch-size", "4"))
     with pytest.raises(SystemExit, match="qformer.*does not fit|does not fit.*qformer"):
-        pretrain.main(args_for(paths, manifest, tmp_path, "--max-steps", "2", "--batch-size", "4", "--resume", "--qformer-dim", "64"))
+        pretrain.main(
+            args_for(
+                paths, manifest, tmp_path, "--max-steps", "2", "--batch-size", "4", "--resume", "--qformer-dim", "64"
+            )
+        )

@@ -103,4 +103,6 @@ def test_full_loss_triton_equals_torch(center):
 def test_auto_kernel():
     x, mask = ragged(2, 3, 9, 16, seed=7)
     torch.testing.assert_close(masked_mean(x, mask, kernel="triton"), masked_mean(x, mask, kernel="torch"))
-    torch.testing.assert_close(masked_mean(x, mask, kernel="auto"), masked_mean(x, mask))  # torch on the CPU, Triton on a GPU
+    torch.testing.assert_close(
+        masked_mean(x, mask, kernel="auto"), masked_mean(x, mask)
+    )  # torch on the CPU, Triton on a GPU
