@@ -282,11 +282,10 @@ def answer_loss(model, batch):
     its instruction, the target in the assistant turn; only the target tokens and the end-of-turn token
     are supervised (model.chat_batch masks everything else with -100)."""
     examples = batch["examples"]
+    instructions = [ex["instruction"] for ex in examples]
     speech, speech_mask = model.encode_speech(batch)
-    embeds, mask, labels = model.chat_batch(
-        speech, speech_mask, [ex["instruction"] for ex in examples], [ex["target"] for ex in examples]
-    )
-    return model.lm_loss(embeds, mask, labels)
+    embeds, mask, labels = model.chat_batch(speech, speech_mask, instructions, [ex["target"] for ex in examples])
+    return model.lm_loss(embeds, mask, labels, prefix=model.shared_prefix(instructions))
 
 
 @torch.no_grad()

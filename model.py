@@ -396,17 +396,33 @@ class SpeechLLM(nn.Module):
             embeds[i, span], mask[i, span], label_ids[i, span] = seq, True, lab
         return embeds, mask, label_ids
 
-    def lm_loss(self, embeds, mask, labels):
+    def lm_loss(self, embeds, mask, labels, prefix=0):
         """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM head runs
         only where a next token is supervised: a few answer tokens instead of every position (the logits
-        over a 50k-128k vocabulary would otherwise cost more memory than the rest of the step)."""
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False
+        over a 50k-128k vocabulary would otherwise cost more memory than the rest of the step).
+        prefix: the first `prefix` positions hold the same tokens in every sequence (shared_prefix); their
+        keys and values are computed once, for one sequence and without gradients, and every sequence
+        attends to that copy: the same numbers, without a forward and backward of the prefix per example."""
+        decoder = self.llm.get_decoder()
+        cache = None
+        if prefix:
+            with torch.no_grad():
+                cache = decoder(inputs_embeds=embeds[:1, :prefix], use_cache=True).cache
+            cache.batch_repeat_interleave(len(embeds))
+            embeds, labels = embeds[:, prefix:], labels[:, prefix:]  # the mask keeps the prefix: it covers the cache
+        hidden = decoder(
+            inputs_embeds=embeds, attention_mask=mask.long(), cache=cache, use_cache=cache is not None
         ).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != -100
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised])
         return F.cross_entropy(logits.float(), targets[supervised])
+
+    def shared_prefix(self, instructions):
+        """How many positions every chat_batch sequence of these instructions starts with in common: the chat
+        template's text before the speech (e.g. a system turn), which does not depend on the instruction."""
+        befores = {tuple(self.prompt_ids(instruction)[0]) for instruction in instructions}
+        return len(befores.pop()) if len(befores) == 1 else 0
 
     @torch.no_grad()
     def generate(self, batch, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):

@@ -307,7 +307,7 @@ def asr_step(model, batch, speech=None, speech_mask=None):
         speech, speech_mask = model.encode_speech(batch)
     texts = [ex["text"] for ex in batch["examples"]]
     embeds, mask, labels = model.chat_batch(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
-    return model.lm_loss(embeds, mask, labels)
+    return model.lm_loss(embeds, mask, labels, prefix=model.shared_prefix([INSTRUCTIONS["asr"]]))
 
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):

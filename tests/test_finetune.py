@@ -65,9 +65,9 @@ def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeyp
     seen = {}
     real_lm_loss = model.lm_loss
 
-    def spy(embeds, mask, labels):
+    def spy(embeds, mask, labels, **kwargs):
         seen.update(embeds=embeds, mask=mask, labels=labels)
-        return real_lm_loss(embeds, mask, labels)
+        return real_lm_loss(embeds, mask, labels, **kwargs)
 
     monkeypatch.setattr(model, "lm_loss", spy)
     loss = finetune.answer_loss(model, batch)

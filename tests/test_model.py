@@ -166,3 +166,23 @@ def test_lm_loss_equals_cross_entropy_over_full_logits(model):
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
         )
         torch.testing.assert_close(model.lm_loss(embeds, mask, labels), reference)
+
+
+def test_lm_loss_with_a_shared_prefix_cached_is_the_same(model):
+    """lm_loss(prefix=k) computes the first k positions once and lets every sequence attend to that copy:
+    the loss and the gradient into the (speech) embeddings must not change."""
+    instructions = ["Can you transcribe this audio?"] * 3
+    prefix = model.shared_prefix(instructions)
+    assert prefix == len(model.prompt_ids(instructions[0])[0]) > 0
+    assert model.shared_prefix(["a"]) == prefix  # the text before the speech does not depend on the instruction
+    torch.manual_seed(0)
+    speech = torch.randn(3, 7, 64, requires_grad=True)
+    speech_mask = torch.ones(3, 7, dtype=torch.bool)
+    speech_mask[1, 5:], speech_mask[2, 2:] = False, False
+    losses, grads = [], []
+    for k in (0, prefix):
+        embeds, mask, labels = model.chat_batch(speech, speech_mask, instructions, ["ab", "a longer one", "c"])
+        losses.append(model.lm_loss(embeds, mask, labels, prefix=k))
+        grads.append(torch.autograd.grad(losses[-1], speech)[0])
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
