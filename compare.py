@@ -490,20 +490,26 @@ def main(argv=None):
         stage1_seconds[(variant, seed)] = record["seconds"]
         return folder
 
-    plan = [(v, s) for s in args.seeds for v in KEY_VARIANTS if v in args.variants]
-    plan[len(KEY_VARIANTS) : len(KEY_VARIANTS)] = [(v, args.seeds[0]) for v in args.variants if v not in KEY_VARIANTS]
-    for task in args.tasks:  # task by task: the first task's whole comparison comes first
-        for variant, seed in plan:
+    # the key comparison first (cos-all, asr, none; both tasks; the 100% model; the toplines), then the other
+    # variants, then the key variants' other seeds
+    first = args.seeds[0]
+    plan = [(v, first) for v in KEY_VARIANTS if v in args.variants]
+    plan += [(v, first) for v in args.variants if v not in KEY_VARIANTS]
+    plan += [(v, s) for s in args.seeds[1:] for v in KEY_VARIANTS if v in args.variants]
+    for i, (variant, seed) in enumerate(plan):
+        for task in args.tasks:
             cells.append(
                 finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log)
             )
-            if variant == "none" and seed == args.seeds[0]:  # the task-specialised model: no pretraining, all the data
+            if variant == "none" and seed == first:  # the task-specialised model: no pretraining, all the data
                 cells.append(
                     finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True)
                 )
             write_results(out, cells, stage1_seconds, args, started)
-        for read in args.toplines:
-            cells.append(topline(args, out, files, read, task, log))
+        if i == len([v for v in KEY_VARIANTS if v in args.variants]) - 1:
+            for read in args.toplines:
+                for task in args.tasks:
+                    cells.append(topline(args, out, files, read, task, log))
     print(write_results(out, cells, stage1_seconds, args, started))
     print(f"wrote {out}/results.md, results.json, r1_per_layer.png, metrics.png")
 
