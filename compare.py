@@ -46,9 +46,9 @@ VARIANTS = {
     "cos-all+asr": ["--loss", "contrastive+asr"],
 }
 KEY_VARIANTS = ["cos-all", "asr", "none"]  # run with every --seeds; the others with the first seed only
-TASKS = {"asr": "sentences", "qa": "qa"}  # fine-tuning task -> the corpus's manifests
+TASKS = {"asr": "sentences", "qa": "qa", "st": "sentences"}  # fine-tuning task -> the corpus's manifests
 FULL_DATA = 1.0  # the no-pretraining model on all the data: the task-specialised model
-METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher")}  # the headline metric of each task
+METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher"), "st": ("bleu", "higher")}  # each task's headline
 
 # Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
 DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
@@ -96,7 +96,7 @@ def get_args(argv=None):
     p.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="stage-1 variants to run"
     )
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["asr", "qa"], choices=list(TASKS), help="st: en->X translation")
     p.add_argument("--frac", type=float, default=0.1, help="fine-tuning fraction of every variant")
     p.add_argument(
         "--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes"
@@ -318,6 +318,8 @@ def table(cells, stage1_seconds, args):
         ("asr", "wer_median", "ASR median WER"),
         ("qa", "f1", "QA F1"),
         ("qa", "em", "QA EM"),
+        ("st", "bleu", "ST BLEU"),
+        ("st", "chrf", "ST chrF"),
     ]
     columns = [c for c in columns if c[0] in args.tasks]
     lines = [
