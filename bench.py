@@ -33,6 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common
 from contrastive_fast import HAS_TRITON, contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
 
 # -----------------------------------------------------------------------------
@@ -374,7 +375,6 @@ def bench_step(args, device):
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
 
-    import common
     import demokit
     import pretrain
     from data import Collator, read_manifest, to_device
@@ -541,4 +541,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

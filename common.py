@@ -1,5 +1,5 @@
 """
-common.py: the training machinery pretrain.py and finetune.py share, so each of them reads as one loop.
+common.py: the machinery the scripts share, so each of them reads as one loop.
 
 - distributed setup for torchrun (nanoGPT style, inline, no framework) and print0
 - the data order: a seeded permutation per epoch, cut into global batches, sharded over ranks, resumable
@@ -9,6 +9,7 @@ common.py: the training machinery pretrain.py and finetune.py share, so each of 
 - checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
   written atomically (temporary folder, then rename), the last few kept
 - the one place where a --llm / --encoder name becomes a folder or hub id, demo presets included (resolve_model)
+- run_main: a user error ends a script with one line, not a traceback
 """
 
 import json
@@ -16,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +27,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import resolve, unwrap, write_folder_atomically
+import contrastive
+from data import UserError
+from model import ModelError, resolve, unwrap, write_folder_atomically
 
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
@@ -87,6 +91,29 @@ def resolve_model(name, kind):
 
 
 # -----------------------------------------------------------------------------
+# User errors: one line, not a traceback
+
+
+def select_layers(spec, num_layers):
+    """contrastive.select_layers for the --layers flag: a spec that does not fit the LLM is a user error."""
+    try:
+        return contrastive.select_layers(spec, num_layers)
+    except ValueError as e:
+        raise UserError(f"--layers {spec}: {e}") from None
+
+
+def run_main(main):
+    """Every script ends in `if __name__ == "__main__": common.run_main(main)`. A user error (UserError: a bad
+    manifest line, conflicting flags, a missing --init checkpoint; ModelError: a model that cannot be reached
+    or loaded, a checkpoint that is missing or does not fit) ends the run with one line on stderr and exit
+    status 1, not a traceback. Anything else is a bug in the code, and keeps its traceback."""
+    try:
+        main()
+    except (UserError, ModelError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: " + " ".join(str(e).splitlines()))
+
+
+# -----------------------------------------------------------------------------
 # Data order: deterministic, shardable, resumable
 
 
@@ -109,7 +136,10 @@ class BatchOrder:
         )
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
-            raise ValueError(f"{n} examples are fewer than one global batch ({batch_size} x {world} ranks)")
+            raise UserError(
+                f"{n} examples are fewer than one global batch ({batch_size} x {world} ranks): "
+                "lower --batch-size or give more data"
+            )
         self.epoch, self.index = 0, 0
 
     def __iter__(self):
@@ -167,7 +197,7 @@ class NonFiniteGuard:
         self.skipped += 1
         print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), step skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.patience:
-            raise SystemExit(
+            raise UserError(
                 f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
                 "intact; try a lower --lr, --dtype float32, or check the data."
             )

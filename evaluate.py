@@ -32,8 +32,18 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 import common
-from contrastive import cos_logits, masked_mean, retrieval_r1, select_layers
-from data import INSTRUCTIONS, LANGUAGES, SAMPLE_RATE, Collator, load_audio, read_manifest, task_examples, to_device
+from contrastive import cos_logits, masked_mean, retrieval_r1
+from data import (
+    INSTRUCTIONS,
+    LANGUAGES,
+    SAMPLE_RATE,
+    Collator,
+    UserError,
+    load_audio,
+    read_manifest,
+    task_examples,
+    to_device,
+)
 from model import SpeechLLM, write_atomically
 
 # -----------------------------------------------------------------------------
@@ -420,12 +430,12 @@ def answer_one(model, args, device, dtype):
         instruction = INSTRUCTIONS["st"].format(language=LANGUAGES.get(args.tgt_lang, args.tgt_lang))
     elif args.task == "qa":
         if not args.question:
-            raise SystemExit("--task qa with --audio needs --question")
+            raise UserError("--task qa with --audio needs --question")
         instruction = INSTRUCTIONS["qa"].format(question=args.question)
     else:
-        raise SystemExit(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
+        raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
     if not Path(args.audio).is_file():
-        raise SystemExit(f"--audio {args.audio}: no such file")
+        raise UserError(f"--audio {args.audio}: no such file")
     batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
     cap = answer_cap(args.task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
@@ -465,11 +475,11 @@ def main(argv=None):
     dtype = common.resolve_dtype(args.dtype, device)
     if args.read != "speech":  # the LLM alone reads text; the encoder and projector stay unused
         if args.task not in ("asr", "st", "qa"):
-            raise SystemExit(f"--read {args.read} needs --task asr, st or qa")
+            raise UserError(f"--read {args.read} needs --task asr, st or qa")
         model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype, resolve=common.resolve_model), {}
         args.ckpt = args.ckpt or f"out/read-{args.read}"
     elif args.ckpt is None:
-        raise SystemExit("--ckpt is required (or --read transcript|whisper for the toplines)")
+        raise UserError("--ckpt is required (or --read transcript|whisper for the toplines)")
     else:
         model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=common.resolve_model)
     model = model.to(device).eval()
@@ -478,16 +488,16 @@ def main(argv=None):
         return answer_one(model, args, device, dtype)
 
     if args.task == "all" and args.data:
-        raise SystemExit("--task all scores each task on its own demo test split; with --data, name one --task")
+        raise UserError("--task all scores each task on its own demo test split; with --data, name one --task")
     results = {}
     for task in ("asr", "st", "qa") if args.task == "all" else (args.task,):
         data = args.data or default_data(task)
         rows = read_manifest(data)[: args.limit]
         if task == "retrieval":
             layers = (
-                select_layers(args.layers, model.num_layers)
+                common.select_layers(args.layers, model.num_layers)
                 if args.layers
-                else meta.get("layers") or select_layers("all", model.num_layers)
+                else meta.get("layers") or common.select_layers("all", model.num_layers)
             )
             metrics = evaluate_retrieval(
                 model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers)
@@ -513,4 +523,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import common
 import pretrain
 from common import print0
-from data import Collator, frac_subset, read_manifest, task_examples, to_device
+from data import Collator, UserError, frac_subset, read_manifest, task_examples, to_device
 from model import ENCODER_PRESETS, LLM_PRESETS, QFormerConfig, SpeechLLM
 
 # -----------------------------------------------------------------------------
@@ -173,6 +173,8 @@ def get_args(argv=None):
     args.out = args.out or f"out/finetune-{args.task}"
     if args.stratify and args.task != "mix":
         p.error("--stratify draws the fraction per task: it needs --task mix")
+    if not 0 < args.frac <= 1:
+        p.error(f"--frac must be in (0, 1], got {args.frac}")
     return args
 
 
@@ -194,7 +196,7 @@ def build_model(args, dtype):
         path = Path(args.init) / "meta.json"
         if not path.exists():
             hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
-            raise SystemExit(
+            raise UserError(
                 f"--init {args.init}: no stage-1 checkpoint there, expected {path}{hint}. "
                 "Use --init none for the no-pretraining baseline."
             )
@@ -203,14 +205,14 @@ def build_model(args, dtype):
         for flag, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS)):
             given = getattr(args, flag)
             if given is not None and not same_model(given, meta[flag], presets):
-                raise SystemExit(
+                raise UserError(
                     f"--{flag} {given} does not match the --init checkpoint {args.init}, which was trained "
                     f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch."
                 )
         for flag, field in SHAPE.items():
             given = getattr(args, flag)
             if given is not None and given != meta["qformer"][field]:
-                raise SystemExit(
+                raise UserError(
                     f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
                     f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out."
                 )
@@ -387,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -26,7 +26,7 @@ import common
 import contrastive
 import contrastive_fast
 from common import print0
-from contrastive import cos_logits, info_nce, retrieval_r1, select_layers
+from contrastive import cos_logits, info_nce, retrieval_r1
 from data import INSTRUCTIONS, Collator, read_manifest, to_device
 from model import QFormerConfig, SpeechLLM
 
@@ -403,7 +403,7 @@ def main(argv=None):
     ).to(device)
     if args.match_embedding_rms:
         model.match_embedding_rms()
-    layers = select_layers(args.layers, model.num_layers)
+    layers = common.select_layers(args.layers, model.num_layers)
     rows, dev = load_data(args)
     print0(
         f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
@@ -493,4 +493,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -20,7 +20,7 @@ from tiny import write_manifest
 
 import finetune
 import pretrain
-from data import Collator, read_manifest, task_examples
+from data import Collator, UserError, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,13 +215,13 @@ def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, s
     run = lambda *extra: finetune.main(
         ft_args(paths, manifest, tmp_path, "--init", str(stage1), "--max-steps", "1", *extra)
     )  # noqa: E731
-    with pytest.raises(SystemExit, match="--llm tiny does not match the --init checkpoint"):
+    with pytest.raises(UserError, match="--llm tiny does not match the --init checkpoint"):
         run("--llm", "tiny")
-    with pytest.raises(SystemExit, match="--encoder tiny-whisper does not match"):
+    with pytest.raises(UserError, match="--encoder tiny-whisper does not match"):
         run("--encoder", "tiny-whisper")
-    with pytest.raises(SystemExit, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
+    with pytest.raises(UserError, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
         run("--qformer-dim", "64")
-    with pytest.raises(SystemExit, match="no stage-1 checkpoint there.*--init none"):
+    with pytest.raises(UserError, match="no stage-1 checkpoint there.*--init none"):
         finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(tmp_path / "nowhere")))
 
 
