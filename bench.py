@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from contrastive import select_layers
 from contrastive_fast import HAS_TRITON, contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
 
 # -----------------------------------------------------------------------------
@@ -374,29 +375,22 @@ def bench_step(args, device):
     """A demo pretraining step (SmolLM2-135M + Whisper tiny.en + the demo projector, batch 16, all 7
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
+    from types import SimpleNamespace
 
     import demokit
-    import pretrain
     from data import Collator, read_manifest, to_device
-    from model import QFormerConfig, SpeechLLM
 
-    demo = pretrain.get_args([])  # the demo recipe's projector and batch size
-    qformer = QFormerConfig(
-        dim=demo.qformer_dim,
-        heads=demo.qformer_heads,
-        layers=demo.qformer_layers,
-        queries=demo.queries,
-        window=demo.window,
-        window_pos=demo.window_pos,
-    )
-    model = SpeechLLM("smollm2", demo.encoder, qformer, resolve=common.resolve_model).to(device)
-    model.match_embedding_rms()
+    # the demo recipe's models, projector and batch size; no sink token: the naive step has none, and both
+    # steps must compute the same loss
+    recipe = common.RECIPES["demo"]
+    demo = SimpleNamespace(**{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False})
+    model = common.build_model(demo, torch.float32).to(device)
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]
-    layers = pretrain.select_layers("all", model.num_layers)
+    layers = select_layers("all", model.num_layers)
     shape = f"SmolLM2-135M + Whisper tiny.en, demo projector, batch {demo.batch_size}, layers {layers}, fp32"
     text_cache, results, losses = {}, {}, {}
     for b in batches:  # the caches a real run fills in its first epoch: encoder features, pooled transcripts

@@ -394,9 +394,7 @@ def get_args(argv=None):
     p.add_argument("--question", default=None, help="with --audio --task qa: the question about the recording")
     p.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language (de, fr, it, es, ...)")
     p.add_argument("--prompt", default=None, help="with --audio: any instruction instead of a task's")
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    common.add_system_flags(p, training=False)
     return p.parse_args(argv)
 
 

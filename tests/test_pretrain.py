@@ -132,6 +132,19 @@ def test_cli_smoke_and_outputs(paths, manifest, tmp_path):
     assert len(log[0]["per_layer"]) == 3 and len(log[0]["acc"]) == 3
 
 
+def test_the_recipe_says_what_it_set_first_and_meta_json_keeps_it(paths, manifest, tmp_path, capsys):
+    """A flag left out takes the recipe's value (paper: the LLM is not smollm2); the run's first line names the
+    recipe and every value it set, and meta.json keeps them, with the resolved values in its args."""
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "1", "--eval-every", "0"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets ") and "window=17" in first
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["recipe"]["name"] == "paper" and meta["recipe"]["set"]["window"] == 17
+    assert "qformer_dim" not in meta["recipe"]["set"] and "encoder" not in meta["recipe"]["set"]  # given as flags
+    assert meta["args"]["lr"] == 1e-4 and meta["args"]["window_pos"] is False and meta["args"]["dropout"] == 0.1
+
+
 def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_path, capsys):
     """--center: the per-layer means of the pooled training pairs are stored next to the projector, equal
     to a recomputation with the saved projector, and evaluate.py centres a retrieval with them."""
