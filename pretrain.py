@@ -100,6 +100,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.loss_impl == "reference" and args.kernel != "torch":
         p.error("--kernel picks the pooling kernel of --loss-impl fast")
+    if args.gather_negatives and args.sim != "cos":
+        p.error("--gather-negatives gathers pooled vectors: it works with --sim cos only")
     if args.loss == "asr" and args.emb_steps:
         p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
     if args.loss == "asr":

@@ -97,8 +97,14 @@ def test_a_model_out_of_reach_or_not_loadable(paths, manifest, tmp_path):
     )
 
 
-def test_conflicting_flags(manifest, stage1):
+def test_conflicting_flags(manifest, stage1, capsys):
     fails_in_one_line(f"finetune.py --init {stage1} --llm tiny --data {manifest}", "--llm tiny does not match")
+    # flags that contradict each other on the command line itself: argparse's usage and one error line, exit 2
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.get_args(["--gather-negatives", "--sim", "wasserstein"])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(": error: --gather-negatives gathers pooled vectors: it works with --sim cos only")
 
 
 def test_run_main_keeps_the_traceback_of_a_bug():
