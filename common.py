@@ -7,12 +7,14 @@ of them need lives here (or below: data.py, contrastive.py, model.py).
   (resolve_model), and where the flags become a SpeechLLM (build_model)
 - the command line: the two recipes (paper, demo), the flags pretrain.py and finetune.py share (and
   evaluate.py's --device / --dtype), declared once, and run_main: a user error is one line, not a traceback
+- stage 1's forward: speech and transcript through the frozen LLM (pretrain.py's loss, the retrieval of
+  pretrain.py and evaluate.py, bench.py)
 - the data order: a seeded permutation per epoch, cut into global batches, sharded over ranks, resumable
 - the optimiser and the paper's schedule (AdamW, cosine with linear warmup)
 - the pieces of one optimiser step: DDP around the projector, gradient sync on the last micro-step only,
   clip + non-finite guard + step
 - checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
-  written atomically (temporary folder, then rename), the last few kept
+  written atomically (temporary folder, then rename), the last few kept; the stored retrieval centres
 """
 
 import argparse
@@ -25,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import contrastive
-from data import UserError
-from model import ModelError, QFormerConfig, SpeechLLM, resolve, unwrap, write_folder_atomically
+from data import Collator, UserError, to_device
+from model import ModelError, QFormerConfig, SpeechLLM, resolve, unwrap, write_atomically, write_folder_atomically
 
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
@@ -361,6 +364,92 @@ def run_main(main):
 
 
 # -----------------------------------------------------------------------------
+# Stage 1's forward: both sides of a contrastive pair through the frozen LLM
+
+
+class Stage1(NamedTuple):
+    """What stage1_forward returns.
+    speech_states [L, B, S, D], speech_pool_mask [B, S]: the speech side's hidden states at the layers, and
+        the positions its mean pools (the sink token left out).
+    text_states [L, B, T, D], text_pool_mask [B, T]: the same for the transcripts; None with the text cache,
+        which gives text_pooled [L, B, D] instead (else None).
+    speech [B, S', D], speech_mask [B, S']: the projector's outputs as a chat prompt takes them (no sink
+        token), so the ASR loss of --loss contrastive+asr reuses them."""
+
+    speech_states: torch.Tensor
+    speech_pool_mask: torch.Tensor
+    text_states: torch.Tensor | None
+    text_pool_mask: torch.Tensor | None
+    text_pooled: torch.Tensor | None
+    speech: torch.Tensor
+    speech_mask: torch.Tensor
+
+
+def untimed(name):
+    return nullcontext()
+
+
+def stage1_forward(model, batch, layers, text_cache=None, masked_mean=contrastive.masked_mean, part=untimed):
+    """The paper's stage-1 forward of a collated batch (data.Collator with the tokenizer):
+
+        speech  the frozen encoder -> the projector -> the frozen LLM: hidden states at `layers`, with
+                gradients into the projector
+        text    the transcript's token embeddings -> the same frozen LLM, the same layers, no gradients (the
+                text side has nothing to train)
+
+    Two additions, both off in the paper:
+      - the sink token (model.sink_token, the demo's --sink-token): the LLM's BOS in front of both sequences,
+        left out of the pool (model.with_sink);
+      - the text cache (a dict, pretrain.py's --text-cache): a transcript's text side depends on nothing but
+        its words and the layers, so its pooled states (masked_mean: the loss's own pooling) are stored
+        under that key the first time and reused; then text_pooled holds them.
+    part(name): a context manager around each part (bench.py times them)."""
+    with part("encoder (frozen)"):
+        frames, frame_mask = model.speech_frames(batch)  # from the feature cache where it has them
+    with part("projector"):
+        speech, speech_mask = model.projector(frames.float(), frame_mask)
+
+    text_states = text_pool_mask = text_pooled = None
+    with part("LLM text pass (no grad)"):
+        keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
+        if text_cache is None or not all(key in text_cache for key in keys):
+            with torch.no_grad():
+                text, text_mask, text_pool_mask = model.with_sink(
+                    model.embed_tokens(batch["text_ids"]), batch["text_mask"]
+                )
+                text_states = model.hidden_states(text, text_mask, layers)
+        if text_cache is not None:  # the addition: pooled once per transcript, then read back
+            if text_states is not None:
+                pooled = masked_mean(text_states, text_pool_mask)
+                text_cache.update({key: pooled[:, i] for i, key in enumerate(keys)})
+            text_states, text_pool_mask = None, None
+            text_pooled = torch.stack([text_cache[key] for key in keys], 1)
+
+    with part("LLM speech pass (fwd)"):
+        inputs, mask, speech_pool_mask = model.with_sink(speech, speech_mask)
+        speech_states = model.hidden_states(inputs, mask, layers)
+    return Stage1(speech_states, speech_pool_mask, text_states, text_pool_mask, text_pooled, speech, speech_mask)
+
+
+@torch.no_grad()
+def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=None):
+    """Mean-pooled hidden states at `layers` of every (speech, transcript) pair, for retrieval: two [L, N, D]
+    tensors (text, speech)."""
+    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
+    speech_pooled, text_pooled = [], []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[i : i + batch_size]), device)
+        with autocast or torch.autocast("cpu", enabled=False):
+            out = stage1_forward(model, batch, layers)
+            speech_pooled.append(contrastive.masked_mean(out.speech_states, out.speech_pool_mask))
+            text_pooled.append(contrastive.masked_mean(out.text_states, out.text_pool_mask))
+    model.train(was_training)
+    return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
+
+
+# -----------------------------------------------------------------------------
 # Data order: deterministic, shardable, resumable
 
 
@@ -546,6 +635,31 @@ def resume(out, model, optimizer, order):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     print0(f"resumed from {ckpt} at step {state['step']}")
     return state["step"]
+
+
+CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
+
+
+def save_centers(folder, text_mean, speech_mean, layers, items):
+    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
+    from safetensors.torch import save_file
+
+    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
+    metadata = {"layers": json.dumps(layers), "items": str(items)}
+    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_centers(folder, layers):
+    """(text_mean, speech_mean) stored by pretraining for exactly these layers, else None."""
+    from safetensors import safe_open
+
+    path = Path(folder) / CENTERS
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if json.loads(f.metadata()["layers"]) != list(layers):
+            return None
+        return f.get_tensor("text"), f.get_tensor("speech")
 
 
 class JsonLog:

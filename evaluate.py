@@ -32,7 +32,7 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 import common
-from contrastive import cos_logits, masked_mean, retrieval_r1
+from contrastive import cos_logits, retrieval_r1
 from data import (
     INSTRUCTIONS,
     LANGUAGES,
@@ -44,7 +44,7 @@ from data import (
     task_examples,
     to_device,
 )
-from model import SpeechLLM, write_atomically
+from model import SpeechLLM
 
 # -----------------------------------------------------------------------------
 # Metrics, in percent: WER for ASR, BLEU and chrF for ST, SQuAD EM and F1 for spoken QA
@@ -142,52 +142,11 @@ def squad_em_f1(hypotheses, golds):
 # Retrieval: is each utterance's own transcript the nearest among all transcripts? (stage 1)
 
 
-@torch.no_grad()
-def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=None):
-    """Mean-pooled hidden states at `layers` of every (speech, transcript) pair: two [L, N, D] tensors."""
-    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    speech_pooled, text_pooled = [], []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[i : i + batch_size]), device)
-        with autocast or torch.autocast("cpu", enabled=False):
-            speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
-            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool_mask))
-            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool_mask))
-    model.train(was_training)
-    return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
-
-
-CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
-
-
-def save_centers(folder, text_mean, speech_mean, layers, items):
-    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
-    from safetensors.torch import save_file
-
-    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
-    metadata = {"layers": json.dumps(layers), "items": str(items)}
-    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def load_centers(folder, layers):
-    """(text_mean, speech_mean) stored by pretraining for exactly these layers, else None."""
-    from safetensors import safe_open
-
-    path = Path(folder) / CENTERS
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        if json.loads(f.metadata()["layers"]) != list(layers):
-            return None
-        return f.get_tensor("text"), f.get_tensor("speech")
-
-
 def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
-    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center)."""
-    text, speech = pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
+    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center).
+    The pooled pairs come from stage 1's own forward (common.pooled_pairs)."""
+    text, speech = common.pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
     metrics = {
         "layers": layers,
         "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
@@ -498,7 +457,7 @@ def main(argv=None):
                 else meta.get("layers") or common.select_layers("all", model.num_layers)
             )
             metrics = evaluate_retrieval(
-                model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers)
+                model, rows, layers, args.batch_size, device, dtype, common.load_centers(args.ckpt, layers)
             )
             result = {"task": task, "n": len(rows), "metrics": metrics}
         else:

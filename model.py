@@ -308,27 +308,17 @@ class SpeechLLM(nn.Module):
     def embed_tokens(self, ids):
         return self.llm.get_input_embeddings()(ids)
 
-    def add_sink(self, embeds, mask):
-        """Prepend the BOS embedding to every sequence. Its position takes the LLM's "attention sink"
-        (huge activations in middle layers); since it is the same token on both sides, it carries no
-        information and the caller leaves it out of the pool: pool_mask = mask with column 0 False."""
+    def with_sink(self, embeds, mask):
+        """One side of the contrastive pair as the LLM reads it: (embeds, attention mask, pool mask). Without
+        sink_token (the paper) that is the input itself. With it, the BOS embedding goes in front of every
+        sequence: its position takes the LLM's "attention sink" (huge activations in middle layers), and
+        since it is the same token on both sides it carries no information, so the pool mask leaves it out."""
+        if not self.sink_token:
+            return embeds, mask, mask
         bos = self.embed_tokens(torch.tensor([self.tokenizer.bos_token_id], device=embeds.device))
         embeds = torch.cat([bos.to(embeds.dtype).expand(len(embeds), 1, -1), embeds], dim=1)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        return embeds, mask
-
-    def contrastive_inputs(self, batch):
-        """Both sides of the contrastive pair as LLM inputs: speech = projector outputs, text = transcript
-        token embeddings. Returns (embeds, attention mask, pool mask) for speech, then for text; the pool
-        mask leaves the shared sink token out when sink_token is on."""
-        speech, speech_mask = self.encode_speech(batch)
-        text, text_mask = self.embed_tokens(batch["text_ids"]), batch["text_mask"]
-        if not self.sink_token:
-            return speech, speech_mask, speech_mask, text, text_mask, text_mask
-        speech, speech_mask = self.add_sink(speech, speech_mask)
-        text, text_mask = self.add_sink(text, text_mask)
-        no_sink = lambda m: torch.cat([torch.zeros_like(m[:, :1]), m[:, 1:]], dim=1)  # noqa: E731
-        return speech, speech_mask, no_sink(speech_mask), text, text_mask, no_sink(text_mask)
+        return embeds, mask, torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)
 
     def match_embedding_rms(self):
         """Scale the projector's output layer so its outputs start at the RMS of the LLM's own token

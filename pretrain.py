@@ -126,41 +126,32 @@ def loss_functions(args):
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
-    """The paper's loss: text side through the frozen LLM without gradients, speech side with gradients
-    into the projector, contrastive loss summed over layers. Returns (loss, per-layer losses, R@1 in batch,
-    speech embeddings and mask for a combined ASR loss)."""
-    speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
+    """The paper's loss: stage 1's forward (common.stage1_forward: the text side through the frozen LLM without
+    gradients, the speech side with gradients into the projector), then the contrastive loss summed over the
+    layers. Returns (loss, per-layer losses, in-batch R@1, the projector's outputs and their mask, which the
+    ASR loss of --loss contrastive+asr reuses)."""
     masked_mean, contrastive_loss = loss_functions(args)
-    keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]  # the text side depends on nothing else
-    text_pooled = None  # cos with the text cache: the pooled text [L, B, D] instead of its states and mask
-    if text_cache is not None and all(k in text_cache for k in keys):
-        text_states, text_pool_mask, text_pooled = None, None, torch.stack([text_cache[k] for k in keys], 1)
-    else:
-        with torch.no_grad():
-            text_states = model.hidden_states(text, text_mask, layers)
-        if text_cache is not None:
-            pooled = masked_mean(text_states, text_pool_mask)
-            text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
-            text_states, text_pool_mask, text_pooled = None, None, pooled
-    speech_states = model.hidden_states(speech, speech_mask, layers)
+    out = common.stage1_forward(model, batch, layers, text_cache, masked_mean)
     if args.gather_negatives and dist.is_initialized():
-        return gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args)
-    total, per_layer, logits = contrastive_loss(
-        text_states,
-        text_pool_mask,
-        speech_states,
-        speech_pool_mask,
-        sim=args.sim,
-        temperature=args.temperature,
-        symmetric=args.symmetric,
-        center=args.center,
-        return_logits=True,
-        text_pooled=text_pooled,
-    )
-    return total, per_layer, retrieval_r1(logits)
+        total, per_layer, acc = gathered_cos_step(out, args)
+    else:
+        total, per_layer, logits = contrastive_loss(
+            out.text_states,
+            out.text_pool_mask,
+            out.speech_states,
+            out.speech_pool_mask,
+            sim=args.sim,
+            temperature=args.temperature,
+            symmetric=args.symmetric,
+            center=args.center,
+            return_logits=True,
+            text_pooled=out.text_pooled,
+        )
+        acc = retrieval_r1(logits)
+    return total, per_layer, acc, (out.speech, out.speech_mask)
 
 
-def gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args):
+def gathered_cos_step(out, args):
     """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
     loss but differentiates only through its own slice (the others arrive without gradients); DDP then
     averages the world's partial gradients, so scaling the loss by the world size gives exactly the
@@ -174,18 +165,18 @@ def gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, s
         parts[rank] = x  # our own slice keeps its graph
         return torch.cat(parts, dim=1)
 
-    text = gather(text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask))
-    speech = gather(masked_mean(speech_states, speech_pool_mask))
+    text = gather(out.text_pooled if out.text_pooled is not None else masked_mean(out.text_states, out.text_pool_mask))
+    speech = gather(masked_mean(out.speech_states, out.speech_pool_mask))
     logits = cos_logits(text, speech, args.temperature, args.center)
     per_layer = info_nce(logits, args.symmetric)
     return per_layer.sum() * world, per_layer, retrieval_r1(logits)
 
 
-def asr_step(model, batch, speech=None, speech_mask=None):
+def asr_step(model, batch, speech=None):
     """The ASR-pretraining baseline: next-token loss on the transcript given the speech, inside the LLM's
-    chat template, on the answer tokens only."""
-    if speech is None:
-        speech, speech_mask = model.encode_speech(batch)
+    chat template, on the answer tokens only. speech: the projector's (outputs, mask) when the contrastive
+    loss has computed them already."""
+    speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
     texts = [ex["text"] for ex in batch["examples"]]
     embeds, mask, labels = model.chat_batch(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
     return model.lm_loss(embeds, mask, labels)
@@ -193,15 +184,15 @@ def asr_step(model, batch, speech=None, speech_mask=None):
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):
     """Dispatch on the objective (default: --loss); returns (loss to backpropagate, dict of things to log
-    incl. the loss value)."""
+    incl. the loss value). contrastive+asr runs the encoder and the projector once for both losses."""
     objective = objective or args.loss
-    loss, logs = 0.0, {"loss": 0.0}
+    loss, logs, speech = 0.0, {"loss": 0.0}, None
     if objective in ("contrastive", "contrastive+asr"):
-        contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
+        contrastive, per_layer, acc, speech = contrastive_step(model, batch, layers, args, text_cache)
         loss = loss + contrastive
         logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
     if objective in ("asr", "contrastive+asr"):
-        asr = asr_step(model, batch)
+        asr = asr_step(model, batch, speech)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
     return loss, logs
@@ -237,9 +228,7 @@ def load_data(args):
 def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
     """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
     (given the stored training means) centred by those."""
-    from evaluate import pooled_pairs
-
-    text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
+    text, speech = common.pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
     results = [retrieval_r1(cos_logits(text, speech)), retrieval_r1(cos_logits(text, speech, center=True))]
     return results + ([retrieval_r1(cos_logits(text, speech, center=centers))] if centers is not None else [])
 
@@ -248,11 +237,9 @@ def store_training_means(model, rows, layers, args, device, dtype):
     """--center trains on per-batch centred states, so retrieval must centre too; a single query has no set
     to average over, so the per-layer means over --center-items training pairs (a seeded sample, pooled
     with the final projector) are stored next to it, in centers.safetensors. Returns (text, speech) [L, D]."""
-    from evaluate import pooled_pairs, save_centers
-
     sample = random.Random(args.seed).sample(rows, min(args.center_items, len(rows)))
-    text, speech = pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
-    save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
+    text, speech = common.pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
+    common.save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
     return text.mean(1), speech.mean(1)
 
 

@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 from tiny import write_manifest
 
+import common
 import evaluate
 import model as model_lib
 from contrastive import cos_logits, retrieval_r1
@@ -278,7 +279,7 @@ def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
     )  # default task: retrieval
     metrics = results["retrieval"]["metrics"]
     assert metrics["layers"] == [0, 5, 10] and metrics["chance"] == pytest.approx(100 / 6)
-    text, speech = evaluate.pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
+    text, speech = common.pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
     assert metrics["r1"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech))).tolist())
     assert metrics["r1_centred"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist())
     assert json.loads((stage1 / "eval-retrieval.json").read_text())["metrics"] == metrics
