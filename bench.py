@@ -33,6 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common
+from contrastive import select_layers
 from contrastive_fast import HAS_TRITON, contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
 
 # -----------------------------------------------------------------------------
@@ -300,24 +302,14 @@ class Stopwatch:
 
 
 def step_ours(model, batch, layers, optimizer, text_cache, watch):
-    """Our step: encoder features from the cache, transcripts' pooled states from the cache, the speech
-    pass without the LM head keeping only the selected states, the batched loss."""
-    with watch("encoder (frozen)"):
-        frames, frame_mask = model.speech_frames(batch)
-    with watch("projector"):
-        speech, speech_mask = model.projector(frames.float(), frame_mask)
-    with watch("LLM text pass (no grad)"):
-        keys = [ex["text"] for ex in batch["examples"]]
-        if not all(k in text_cache for k in keys):
-            with torch.no_grad():
-                text = model.embed_tokens(batch["text_ids"])
-                pooled = masked_mean(model.hidden_states(text, batch["text_mask"], layers), batch["text_mask"])
-            text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
-        text_pooled = torch.stack([text_cache[k] for k in keys], 1)
-    with watch("LLM speech pass (fwd)"):
-        states = model.hidden_states(speech, speech_mask, layers)
+    """Our step, pretrain.py's: stage 1's forward (common.stage1_forward: encoder features from the cache,
+    transcripts' pooled states from the text cache, the speech pass without the LM head keeping only the
+    selected states, each part timed), the batched loss."""
+    out = common.stage1_forward(model, batch, layers, text_cache, masked_mean, part=watch)
     with watch("loss (fwd)"):
-        loss = contrastive_loss(None, None, states, speech_mask, text_pooled=text_pooled)[0]
+        loss = contrastive_loss(
+            out.text_states, out.text_pool_mask, out.speech_states, out.speech_pool_mask, text_pooled=out.text_pooled
+        )[0]
     with watch("backward"):
         loss.backward()
     with watch("optimiser"):
@@ -373,40 +365,27 @@ def bench_step(args, device):
     """A demo pretraining step (SmolLM2-135M + Whisper tiny.en + the demo projector, batch 16, all 7
     layers, the paper's loss), ours vs naive, each part timed; medians over --repeats steps."""
     import copy
+    from types import SimpleNamespace
 
-    import common
     import demokit
-    import pretrain
     from data import Collator, read_manifest, to_device
-    from model import QFormerConfig, SpeechLLM
 
-    demo = pretrain.get_args([])  # the demo recipe's projector and batch size
-    qformer = QFormerConfig(
-        dim=demo.qformer_dim,
-        heads=demo.qformer_heads,
-        layers=demo.qformer_layers,
-        queries=demo.queries,
-        window=demo.window,
-        window_pos=demo.window_pos,
-    )
-    model = SpeechLLM("smollm2", demo.encoder, qformer, resolve=common.resolve_model).to(device)
-    model.match_embedding_rms()
+    # the demo recipe's models, projector and batch size; no sink token: the naive step has none, and both
+    # steps must compute the same loss
+    recipe = common.RECIPES["demo"]
+    demo = SimpleNamespace(**{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False})
+    model = common.build_model(demo, torch.float32).to(device)
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]
-    layers = pretrain.select_layers("all", model.num_layers)
+    layers = select_layers("all", model.num_layers)
     shape = f"SmolLM2-135M + Whisper tiny.en, demo projector, batch {demo.batch_size}, layers {layers}, fp32"
     text_cache, results, losses = {}, {}, {}
     for b in batches:  # the caches a real run fills in its first epoch: encoder features, pooled transcripts
         with torch.no_grad():
-            model.speech_frames(b)
-            keys = [ex["text"] for ex in b["examples"]]
-            pooled = masked_mean(
-                model.hidden_states(model.embed_tokens(b["text_ids"]), b["text_mask"], layers), b["text_mask"]
-            )
-            text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
+            common.stage1_forward(model, b, layers, text_cache, masked_mean)
     for name in ("naive", "ours"):
         proj = copy.deepcopy(model.projector.state_dict())
         optimizer = torch.optim.AdamW(model.projector.parameters(), lr=0.0)  # lr 0: every step sees the same projector
@@ -541,4 +520,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -38,7 +38,13 @@ INSTRUCTIONS = {
 LANGUAGES = {"de": "german", "fr": "french", "it": "italian", "es": "spanish", "en": "english"}
 
 
-class ManifestError(ValueError):
+class UserError(Exception):
+    """Something the user asked for that cannot be done: a bad manifest line, conflicting flags, a missing
+    --init checkpoint. The message says what and what to do; the scripts print it as one line, without a
+    traceback (common.run_main). Errors of the code itself keep their traceback."""
+
+
+class ManifestError(UserError, ValueError):
     """A bad manifest line; the message names the manifest and the line."""
 
 

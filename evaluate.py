@@ -32,9 +32,19 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 import common
-from contrastive import cos_logits, masked_mean, retrieval_r1, select_layers
-from data import INSTRUCTIONS, LANGUAGES, SAMPLE_RATE, Collator, load_audio, read_manifest, task_examples, to_device
-from model import SpeechLLM, write_atomically
+from contrastive import cos_logits, retrieval_r1
+from data import (
+    INSTRUCTIONS,
+    LANGUAGES,
+    SAMPLE_RATE,
+    Collator,
+    UserError,
+    load_audio,
+    read_manifest,
+    task_examples,
+    to_device,
+)
+from model import SpeechLLM
 
 # -----------------------------------------------------------------------------
 # Metrics, in percent: WER for ASR, BLEU and chrF for ST, SQuAD EM and F1 for spoken QA
@@ -132,52 +142,11 @@ def squad_em_f1(hypotheses, golds):
 # Retrieval: is each utterance's own transcript the nearest among all transcripts? (stage 1)
 
 
-@torch.no_grad()
-def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=None):
-    """Mean-pooled hidden states at `layers` of every (speech, transcript) pair: two [L, N, D] tensors."""
-    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    speech_pooled, text_pooled = [], []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[i : i + batch_size]), device)
-        with autocast or torch.autocast("cpu", enabled=False):
-            speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
-            speech_pooled.append(masked_mean(model.hidden_states(speech, speech_mask, layers), speech_pool_mask))
-            text_pooled.append(masked_mean(model.hidden_states(text, text_mask, layers), text_pool_mask))
-    model.train(was_training)
-    return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
-
-
-CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
-
-
-def save_centers(folder, text_mean, speech_mean, layers, items):
-    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
-    from safetensors.torch import save_file
-
-    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
-    metadata = {"layers": json.dumps(layers), "items": str(items)}
-    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def load_centers(folder, layers):
-    """(text_mean, speech_mean) stored by pretraining for exactly these layers, else None."""
-    from safetensors import safe_open
-
-    path = Path(folder) / CENTERS
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        if json.loads(f.metadata()["layers"]) != list(layers):
-            return None
-        return f.get_tensor("text"), f.get_tensor("speech")
-
-
 def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
-    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center)."""
-    text, speech = pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
+    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center).
+    The pooled pairs come from stage 1's own forward (common.pooled_pairs)."""
+    text, speech = common.pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
     metrics = {
         "layers": layers,
         "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
@@ -384,9 +353,7 @@ def get_args(argv=None):
     p.add_argument("--question", default=None, help="with --audio --task qa: the question about the recording")
     p.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language (de, fr, it, es, ...)")
     p.add_argument("--prompt", default=None, help="with --audio: any instruction instead of a task's")
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    common.add_system_flags(p, training=False)
     return p.parse_args(argv)
 
 
@@ -420,12 +387,12 @@ def answer_one(model, args, device, dtype):
         instruction = INSTRUCTIONS["st"].format(language=LANGUAGES.get(args.tgt_lang, args.tgt_lang))
     elif args.task == "qa":
         if not args.question:
-            raise SystemExit("--task qa with --audio needs --question")
+            raise UserError("--task qa with --audio needs --question")
         instruction = INSTRUCTIONS["qa"].format(question=args.question)
     else:
-        raise SystemExit(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
+        raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
     if not Path(args.audio).is_file():
-        raise SystemExit(f"--audio {args.audio}: no such file")
+        raise UserError(f"--audio {args.audio}: no such file")
     batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
     cap = answer_cap(args.task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
@@ -465,11 +432,11 @@ def main(argv=None):
     dtype = common.resolve_dtype(args.dtype, device)
     if args.read != "speech":  # the LLM alone reads text; the encoder and projector stay unused
         if args.task not in ("asr", "st", "qa"):
-            raise SystemExit(f"--read {args.read} needs --task asr, st or qa")
+            raise UserError(f"--read {args.read} needs --task asr, st or qa")
         model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype, resolve=common.resolve_model), {}
         args.ckpt = args.ckpt or f"out/read-{args.read}"
     elif args.ckpt is None:
-        raise SystemExit("--ckpt is required (or --read transcript|whisper for the toplines)")
+        raise UserError("--ckpt is required (or --read transcript|whisper for the toplines)")
     else:
         model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=common.resolve_model)
     model = model.to(device).eval()
@@ -478,19 +445,19 @@ def main(argv=None):
         return answer_one(model, args, device, dtype)
 
     if args.task == "all" and args.data:
-        raise SystemExit("--task all scores each task on its own demo test split; with --data, name one --task")
+        raise UserError("--task all scores each task on its own demo test split; with --data, name one --task")
     results = {}
     for task in ("asr", "st", "qa") if args.task == "all" else (args.task,):
         data = args.data or default_data(task)
         rows = read_manifest(data)[: args.limit]
         if task == "retrieval":
             layers = (
-                select_layers(args.layers, model.num_layers)
+                common.select_layers(args.layers, model.num_layers)
                 if args.layers
-                else meta.get("layers") or select_layers("all", model.num_layers)
+                else meta.get("layers") or common.select_layers("all", model.num_layers)
             )
             metrics = evaluate_retrieval(
-                model, rows, layers, args.batch_size, device, dtype, load_centers(args.ckpt, layers)
+                model, rows, layers, args.batch_size, device, dtype, common.load_centers(args.ckpt, layers)
             )
             result = {"task": task, "n": len(rows), "metrics": metrics}
         else:
@@ -513,4 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

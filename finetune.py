@@ -28,156 +28,70 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
-import pretrain
 from common import print0
-from data import Collator, frac_subset, read_manifest, task_examples, to_device
-from model import ENCODER_PRESETS, LLM_PRESETS, QFormerConfig, SpeechLLM
+from data import Collator, UserError, frac_subset, read_manifest, task_examples, to_device
+from model import ENCODER_PRESETS, LLM_PRESETS
 
-# -----------------------------------------------------------------------------
-# Optimisation defaults. "paper" = the authors' fine-tuning scripts. "demo" = a higher rate and smaller
-# batches, so the CPU demo's 10% runs take minutes yet move (the paper's recipe makes --task qa --frac 0.1
-# just 10 steps); 40 steps of it on --task asr --frac 0.1 reach a dev loss of 1.20 from the demo's stage-1
-# projector and 3.08 from scratch. The projector's shape is not here: it comes from the --init checkpoint,
-# or, with --init none, from pretrain.RECIPES.
-
-RECIPES = {
-    "paper": dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000),
-    "demo": dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
-}
-# --flag -> QFormerConfig field: the projector's shape, for --init none
-SHAPE = {
-    "qformer_dim": "dim",
-    "qformer_heads": "heads",
-    "qformer_layers": "layers",
-    "queries": "queries",
-    "window": "window",
-    "window_pos": "window_pos",
-}
 # the demo corpus's manifests of each task (demokit): <name>_{train,dev,test}.jsonl
 DEMO_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
+
+# -----------------------------------------------------------------------------
+# The command line. The recipes (paper, demo) and the flags pretrain.py takes too: common.py.
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # task and data
-    p.add_argument(
+    g = p.add_argument_group("task")
+    g.add_argument(
         "--task",
         choices=["asr", "st", "qa", "mix"],
         default="mix",
         help="mix = ASR + ST + QA, concatenated as the authors (default)",
     )
-    p.add_argument(
+    g.add_argument(
         "--frac", type=float, default=1.0, help="fraction of the training examples to use (the paper: 1.0 or 0.1)"
     )
-    p.add_argument("--frac-seed", type=int, default=42, help="seed of the --frac draw (the authors: random.seed(42))")
-    p.add_argument(
+    g.add_argument("--frac-seed", type=int, default=42, help="seed of the --frac draw (the authors: random.seed(42))")
+    g.add_argument(
         "--stratify",
         action="store_true",
         help="with --task mix: draw --frac from each task (the authors: from the whole mix)",
     )
-    p.add_argument(
-        "--data",
-        nargs="+",
-        default=None,
-        help="training manifest(s), concatenated (default: the demo corpus's for the task)",
+    common.add_data_flags(
+        p,
+        True,
+        "the dev loss (a seeded sample)",
+        max_audio_seconds=150.0,
+        max_audio_note="the paper: 45 s for MuST-C, 150 s for Spoken-SQuAD",
     )
-    p.add_argument(
-        "--dev-data",
-        nargs="+",
-        default=None,
-        help="dev manifest(s) for the dev loss (default: the demo's dev split when --data is default)",
-    )
-    p.add_argument("--dev-size", type=int, default=100, help="dev examples (a seeded sample) for the dev loss")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
-    p.add_argument(
-        "--max-audio-seconds",
-        type=float,
-        default=150.0,
-        help="skip longer audio (counted); the paper: 45 s for MuST-C, 150 s for Spoken-SQuAD",
-    )
-    p.add_argument(
-        "--cache-features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the frozen encoder's outputs in memory across epochs",
-    )
-    p.add_argument(
-        "--feature-cache-file",
-        default=None,
-        help="also keep them in this file across runs (default: inside the demo corpus for the demo)",
-    )
-    # models and the starting projector
-    p.add_argument(
+    g = p.add_argument_group("the starting projector")
+    g.add_argument(
         "--init",
         default="out/pretrain",
         help="stage-1 checkpoint folder to start from, or 'none' for a fresh projector (default: out/pretrain)",
     )
-    p.add_argument(
-        "--llm",
+    common.add_model_flags(p, from_init=True)
+    common.add_projector_flags(p, from_init=True)
+    common.add_optimisation_flags(p, "finetune")
+    g = common.add_system_flags(p)
+    g.add_argument("--out", default=None, help="checkpoints, final projector, log.jsonl (default: out/finetune-<task>)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
         default=None,
-        help="llama | smollm2 | tiny | a hub id | a folder (default: the --init checkpoint's; "
-        "smollm2 with --init none)",
+        help="dev loss every N steps (0 = only at the end)" + common.recipe_note("eval_every", "finetune"),
     )
-    p.add_argument(
-        "--encoder",
-        default=None,
-        help="hubert | whisper-tiny | tiny | a hub id | a folder (default: the checkpoint's; "
-        "by pretrain's recipe with --init none)",
-    )
-    p.add_argument(
-        "--recipe",
-        choices=["paper", "demo"],
-        default=None,
-        help="optimisation defaults (default: demo for smollm2, else paper)",
-    )
-    # projector shape: --init none only (a checkpoint brings its own)
-    p.add_argument("--qformer-dim", type=int, default=None)
-    p.add_argument("--qformer-heads", type=int, default=None)
-    p.add_argument("--qformer-layers", type=int, default=None)
-    p.add_argument("--queries", type=int, default=None, help="query tokens per window")
-    p.add_argument("--window", type=int, default=None, help="encoder frames per window (17 = 0.34 s)")
-    p.add_argument(
-        "--window-pos", action=argparse.BooleanOptionalAction, default=None, help="learned position within the window"
-    )
-    p.add_argument(
-        "--match-embedding-rms",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start a fresh projector's outputs at the LLM's embedding scale",
-    )
-    p.add_argument(
-        "--dropout",
-        type=float,
-        default=None,
-        help="the projector's dropout (default: the checkpoint's; 0.1 with --init none)",
-    )
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 4)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (paper: 5)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 1e-4)")
-    p.add_argument("--epochs", type=float, default=None, help="paper: 2")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument(
-        "--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)"
-    )
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--out", default=None, help="checkpoints, final projector, log.jsonl (default: out/finetune-<task>)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (0 = only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = p.parse_args(argv)
     args.out = args.out or f"out/finetune-{args.task}"
     if args.stratify and args.task != "mix":
         p.error("--stratify draws the fraction per task: it needs --task mix")
+    if not 0 < args.frac <= 1:
+        p.error(f"--frac must be in (0, 1], got {args.frac}")
     return args
 
 
 # -----------------------------------------------------------------------------
-# The model: a stage-1 projector (its shape and models from its meta.json), or a fresh one
+# The model: a stage-1 projector (its models and shape from its meta.json), or a fresh one (by recipe)
 
 
 def same_model(given, saved, presets):
@@ -188,51 +102,50 @@ def same_model(given, saved, presets):
     return a == b
 
 
-def build_model(args, dtype):
-    """Returns the SpeechLLM to fine-tune. Fills args.llm / args.encoder / the shape flags with what was used."""
-    if args.init != "none":
-        path = Path(args.init) / "meta.json"
-        if not path.exists():
-            hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
-            raise SystemExit(
-                f"--init {args.init}: no stage-1 checkpoint there, expected {path}{hint}. "
-                "Use --init none for the no-pretraining baseline."
+def from_init(args):
+    """--init <checkpoint>: the checkpoint decides the models, the projector's shape and its sink token (and,
+    unless --dropout, the dropout); a flag that says otherwise is a mistake. Fills those flags and returns
+    {flag: value} of what it set. --init none: nothing (the recipe decides)."""
+    if args.init == "none":
+        return {}
+    path = Path(args.init) / "meta.json"
+    if not path.exists():
+        hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
+        raise UserError(
+            f"--init {args.init}: no stage-1 checkpoint there, expected {path}{hint}. "
+            "Use --init none for the no-pretraining baseline."
+        )
+    meta = json.loads(path.read_text())
+    for flag, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS)):
+        given = getattr(args, flag)
+        if given is not None and not same_model(given, meta[flag], presets):
+            raise UserError(
+                f"--{flag} {given} does not match the --init checkpoint {args.init}, which was trained "
+                f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch."
             )
-        meta = json.loads(path.read_text())
-        # the checkpoint decides the models and the projector's shape: a flag that says otherwise is a mistake
-        for flag, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS)):
-            given = getattr(args, flag)
-            if given is not None and not same_model(given, meta[flag], presets):
-                raise SystemExit(
-                    f"--{flag} {given} does not match the --init checkpoint {args.init}, which was trained "
-                    f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch."
-                )
-        for flag, field in SHAPE.items():
-            given = getattr(args, flag)
-            if given is not None and given != meta["qformer"][field]:
-                raise SystemExit(
-                    f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
-                    f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out."
-                )
-        model, meta = SpeechLLM.from_checkpoint(args.init, dtype, dropout=args.dropout, resolve=common.resolve_model)
-        args.llm, args.encoder = meta["llm"], meta["encoder"]
-        args.dropout = model.projector.cfg.dropout
-        for flag, field in SHAPE.items():
-            setattr(args, flag, meta["qformer"][field])
-        return model
-    # --init none: the projector pretrain.py would start from, with the same recipes
-    args.llm = args.llm or "smollm2"
-    shape = pretrain.RECIPES["demo" if args.llm == "smollm2" else "paper"]
-    for flag in ("encoder", "match_embedding_rms", *SHAPE):
-        if getattr(args, flag) is None:
-            setattr(args, flag, shape[flag])
-    args.dropout = 0.1 if args.dropout is None else args.dropout
-    qformer = QFormerConfig(**{field: getattr(args, flag) for flag, field in SHAPE.items()}, dropout=args.dropout)
-    model = SpeechLLM(
-        args.llm, args.encoder, qformer, dtype=dtype, sink_token=shape["sink_token"], resolve=common.resolve_model
-    )
-    if args.match_embedding_rms:
-        model.match_embedding_rms()
+    for flag, field in common.SHAPE_FLAGS.items():
+        given = getattr(args, flag)
+        if given is not None and given != meta["qformer"][field]:
+            raise UserError(
+                f"--{flag.replace('_', '-')} {given}: the projector's shape comes from the --init "
+                f"checkpoint {args.init} ({field}={meta['qformer'][field]}); leave the flag out."
+            )
+    chosen = {"llm": meta["llm"], "encoder": meta["encoder"]}
+    chosen.update({flag: meta["qformer"][field] for flag, field in common.SHAPE_FLAGS.items()})
+    chosen["sink_token"] = meta.get("sink_token", False)
+    if args.dropout is None:
+        chosen["dropout"] = meta["qformer"]["dropout"]
+    for flag, value in chosen.items():
+        setattr(args, flag, value)
+    return chosen
+
+
+def build_model(args, dtype):
+    """The SpeechLLM to fine-tune, from the flags (which from_init and the recipe have filled): with --init,
+    the stage-1 projector loaded into it."""
+    model = common.build_model(args, dtype)
+    if args.init != "none":
+        model.load_projector(args.init)
     return model
 
 
@@ -311,15 +224,19 @@ def main(argv=None):
     rank, world, device = common.setup(args.device, args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
+    # the flags left out: the --init checkpoint's models and shape, then the recipe's values (with --init none
+    # its models and projector too); each says what it set here, and meta.json keeps both
+    init_set = from_init(args)
+    if init_set:
+        common.announce(f"--init {args.init}", init_set)
+    args.llm = args.llm or "smollm2"
+    recipe = common.apply_recipe(args, *(["finetune"] if init_set else ["model", "finetune"]))
+    common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
     model = build_model(args, dtype).to(device)
-    args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     examples, dev = load_data(args)
     print0(
-        f"task {args.task}, recipe {args.recipe}, init {args.init}: {len(examples)} training examples "
+        f"task {args.task}, init {args.init}: {len(examples)} training examples "
         f"({count(examples)}; --frac {args.frac}{' per task' if args.stratify else ''}), {len(dev)} dev, "
         f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters"
     )
@@ -335,7 +252,7 @@ def main(argv=None):
     model = common.wrap_ddp(model, device, world)  # under torchrun: DDP around the projector only
     guard, log = common.NonFiniteGuard(), common.JsonLog(args.out, enabled=master)
     params = [p for p in model.projector.parameters() if p.requires_grad]
-    meta = dict(stage="finetune", task=args.task, init=args.init)
+    meta = dict(stage="finetune", task=args.task, init=args.init, init_set=init_set, recipe=recipe)
 
     model.train()
     progress = tqdm(
@@ -386,4 +303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

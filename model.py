@@ -30,6 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class ModelError(Exception):
+    """A model that cannot be reached or loaded, or a checkpoint that is missing or does not fit these models.
+    The message says which and what to do; the scripts print it as one line, without a traceback
+    (common.run_main)."""
+
+
 # -----------------------------------------------------------------------------
 # Presets: a short name for the paper's models; anything else is a hub id or a local folder. (The demo's own
 # presets, 'smollm2', 'whisper-tiny' and the 'tiny' test models, are folders that demokit builds; the scripts
@@ -64,15 +71,15 @@ def check_hub(repo_id):
             raise OSError("HF_HUB_OFFLINE is set")
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
-        raise SystemExit(
+        raise ModelError(
             f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
-            f"({host}) is out of reach ({e}).\n" + HOW_TO_GET_MODELS
+            f"({host}) is out of reach ({e}). " + HOW_TO_GET_MODELS
         ) from None
 
 
 HOW_TO_GET_MODELS = (
-    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also\n"
-    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU.\n"
+    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also "
+    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU. "
     "`python pretrain.py` with no arguments runs the offline CPU demo instead."
 )
 
@@ -82,9 +89,10 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
-            + HOW_TO_GET_MODELS
+        why = " ".join(str(e).split())  # transformers' message, on one line
+        why = why if len(why) <= 300 else why[:300] + " ..."
+        raise ModelError(
+            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {why} " + HOW_TO_GET_MODELS
         ) from None
 
 
@@ -300,27 +308,17 @@ class SpeechLLM(nn.Module):
     def embed_tokens(self, ids):
         return self.llm.get_input_embeddings()(ids)
 
-    def add_sink(self, embeds, mask):
-        """Prepend the BOS embedding to every sequence. Its position takes the LLM's "attention sink"
-        (huge activations in middle layers); since it is the same token on both sides, it carries no
-        information and the caller leaves it out of the pool: pool_mask = mask with column 0 False."""
+    def with_sink(self, embeds, mask):
+        """One side of the contrastive pair as the LLM reads it: (embeds, attention mask, pool mask). Without
+        sink_token (the paper) that is the input itself. With it, the BOS embedding goes in front of every
+        sequence: its position takes the LLM's "attention sink" (huge activations in middle layers), and
+        since it is the same token on both sides it carries no information, so the pool mask leaves it out."""
+        if not self.sink_token:
+            return embeds, mask, mask
         bos = self.embed_tokens(torch.tensor([self.tokenizer.bos_token_id], device=embeds.device))
         embeds = torch.cat([bos.to(embeds.dtype).expand(len(embeds), 1, -1), embeds], dim=1)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        return embeds, mask
-
-    def contrastive_inputs(self, batch):
-        """Both sides of the contrastive pair as LLM inputs: speech = projector outputs, text = transcript
-        token embeddings. Returns (embeds, attention mask, pool mask) for speech, then for text; the pool
-        mask leaves the shared sink token out when sink_token is on."""
-        speech, speech_mask = self.encode_speech(batch)
-        text, text_mask = self.embed_tokens(batch["text_ids"]), batch["text_mask"]
-        if not self.sink_token:
-            return speech, speech_mask, speech_mask, text, text_mask, text_mask
-        speech, speech_mask = self.add_sink(speech, speech_mask)
-        text, text_mask = self.add_sink(text, text_mask)
-        no_sink = lambda m: torch.cat([torch.zeros_like(m[:, :1]), m[:, 1:]], dim=1)  # noqa: E731
-        return speech, speech_mask, no_sink(speech_mask), text, text_mask, no_sink(text_mask)
+        return embeds, mask, torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)
 
     def match_embedding_rms(self):
         """Scale the projector's output layer so its outputs start at the RMS of the LLM's own token
@@ -489,7 +487,7 @@ class SpeechLLM(nn.Module):
 
         ckpt = Path(ckpt)
         if not (ckpt / "projector.safetensors").exists():
-            raise SystemExit(f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json")
+            raise ModelError(f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json")
         meta = json.loads((ckpt / "meta.json").read_text())
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
@@ -497,7 +495,7 @@ class SpeechLLM(nn.Module):
             if key == "qformer":  # the dropout rate is no part of the shape: fine-tuning may change it
                 theirs, ours = ({k: v for k, v in (c or {}).items() if k != "dropout"} for c in (theirs, ours))
             if theirs != ours:
-                raise SystemExit(
+                raise ModelError(
                     f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
                     f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')})."
                 )
@@ -510,7 +508,7 @@ class SpeechLLM(nn.Module):
         dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as for __init__."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
-            raise SystemExit(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
+            raise ModelError(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
         meta = json.loads(path.read_text())
         qformer = QFormerConfig(**{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})})
         model = cls(meta["llm"], meta["encoder"], qformer, dtype, meta.get("sink_token", False), resolve=resolve)

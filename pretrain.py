@@ -26,206 +26,87 @@ import common
 import contrastive
 import contrastive_fast
 from common import print0
-from contrastive import cos_logits, info_nce, retrieval_r1, select_layers
+from contrastive import cos_logits, info_nce, retrieval_r1
 from data import INSTRUCTIONS, Collator, read_manifest, to_device
-from model import QFormerConfig, SpeechLLM
 
 # -----------------------------------------------------------------------------
-# Two recipes. "paper" = the authors' scripts (the default for every LLM but the demo's). "demo" = what
-# makes the all-layer loss learn within minutes on a 2-core CPU with a 135M LLM; each of its changes is a
-# flag of its own and is measured in the README ("What the demo changes, and why").
-
-RECIPES = {
-    "paper": dict(
-        encoder="hubert",
-        lr=1e-4,
-        batch_size=10,
-        grad_accum=2,
-        epochs=5,
-        max_steps=None,
-        warmup_ratio=0.03,
-        qformer_dim=768,
-        qformer_heads=12,
-        qformer_layers=4,
-        queries=4,
-        window=17,
-        window_pos=False,
-        sink_token=False,
-        center=False,
-        match_embedding_rms=False,
-        emb_steps=0,
-        emb_lr=1e-3,
-        eval_every=1000,
-    ),
-    "demo": dict(
-        encoder="whisper-tiny",
-        lr=3e-4,
-        batch_size=16,
-        grad_accum=1,
-        epochs=100,
-        max_steps=500,
-        warmup_ratio=0.01,
-        qformer_dim=256,
-        qformer_heads=4,
-        qformer_layers=2,
-        queries=4,
-        window=17,
-        window_pos=True,
-        sink_token=True,
-        center=True,
-        match_embedding_rms=True,
-        emb_steps=400,
-        emb_lr=1e-3,
-        eval_every=100,
-    ),
-}
+# The command line. The recipes (paper, demo) and the flags finetune.py takes too: common.py.
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # models
-    p.add_argument(
-        "--llm",
-        default="smollm2",
-        help="llama | smollm2 | tiny | a hub id | a local folder (default: smollm2, the demo)",
-    )
-    p.add_argument(
-        "--encoder",
-        default=None,
-        help="hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a folder (default: by recipe)",
-    )
-    p.add_argument(
-        "--recipe",
-        choices=["paper", "demo"],
-        default=None,
-        help="defaults for the flags below (default: demo for smollm2, else paper)",
-    )
-    # data
-    p.add_argument("--data", default=None, help="training manifest (JSONL; default: the demo corpus)")
-    p.add_argument(
-        "--dev-data",
-        default=None,
-        help="dev manifest for retrieval R@1 (default: the demo dev set when --data is default)",
-    )
-    p.add_argument("--dev-size", type=int, default=100, help="dev utterances used for retrieval R@1")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
-    p.add_argument(
-        "--max-audio-seconds", type=float, default=45.0, help="skip longer audio (counted); the paper keeps 1-45 s"
-    )
-    p.add_argument(
-        "--cache-features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the frozen encoder's outputs in memory across epochs",
-    )
-    p.add_argument(
-        "--feature-cache-file",
-        default=None,
-        help="also keep them in this file across runs (default: inside the demo corpus for the demo)",
-    )
-    # objective
-    p.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
-    p.add_argument(
+    common.add_model_flags(p)
+    common.add_data_flags(p, False, "retrieval R@1", max_audio_seconds=45.0, max_audio_note="the paper keeps 1-45 s")
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
+    g.add_argument(
         "--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence"
     )
-    p.add_argument(
+    g.add_argument(
         "--layers", default="all", help="emb | all (0, every 5th, last) | a comma list of hidden-state indices"
     )
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument(
+    g.add_argument("--temperature", type=float, default=0.1)
+    g.add_argument(
         "--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)"
     )
-    p.add_argument(
+    g.add_argument(
         "--center",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="centre pooled states per batch before normalising (demo)",
     )
-    p.add_argument(
+    g.add_argument(
         "--center-items",
         type=int,
         default=256,
         help="with --center: training pairs whose mean pooled states are stored for retrieval",
     )
-    p.add_argument(
+    g.add_argument(
         "--sink-token",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="shared BOS in front of both sides, left out of the pool (demo)",
     )
-    p.add_argument(
+    g.add_argument(
         "--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)"
     )
-    p.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
-    p.add_argument(
+    g.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
+    g.add_argument(
         "--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)"
     )
-    p.add_argument(
+    g.add_argument(
         "--loss-impl",
         choices=["fast", "reference"],
         default="fast",
         help="contrastive_fast.py, or contrastive.py: the same loss written for reading (slower)",
     )
-    p.add_argument(
+    g.add_argument(
         "--kernel",
         choices=["torch", "triton", "auto"],
         default="torch",
         help="pooling kernel of the fast contrastive loss",
     )
-    p.add_argument(
+    g.add_argument(
         "--text-cache",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="cos: pool each transcript's states once and reuse them",
     )
-    # projector
-    p.add_argument("--qformer-dim", type=int, default=None)
-    p.add_argument("--qformer-heads", type=int, default=None)
-    p.add_argument("--qformer-layers", type=int, default=None)
-    p.add_argument("--queries", type=int, default=None, help="query tokens per window")
-    p.add_argument("--window", type=int, default=None, help="encoder frames per window (17 = 0.34 s)")
-    p.add_argument(
-        "--window-pos",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="learned position within the window (demo)",
-    )
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument(
-        "--match-embedding-rms",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start the projector's outputs at the LLM's embedding scale (demo)",
-    )
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 10)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (paper: 2)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 1e-4)")
-    p.add_argument("--epochs", type=float, default=None, help="paper: 5")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    p.add_argument(
-        "--warmup-ratio", type=float, default=None, help="linear warmup as a fraction of the steps (paper: 0.03)"
-    )
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--out", default="out/pretrain", help="checkpoints, final projector, log.jsonl")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    common.add_projector_flags(p)
+    common.add_optimisation_flags(p, "pretrain")
+    g = common.add_system_flags(p)
+    g.add_argument("--out", default="out/pretrain", help="checkpoints, final projector, log.jsonl")
+    g.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
     args = p.parse_args(argv)
     if args.loss_impl == "reference" and args.kernel != "torch":
         p.error("--kernel picks the pooling kernel of --loss-impl fast")
-    args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
-            setattr(
-                args, key, 0 if key == "emb_steps" and args.loss == "asr" else value
-            )  # no contrastive warm start for pure ASR
+    if args.gather_negatives and args.sim != "cos":
+        p.error("--gather-negatives gathers pooled vectors: it works with --sim cos only")
     if args.loss == "asr" and args.emb_steps:
         p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
+    if args.loss == "asr":
+        args.emb_steps = 0  # no contrastive warm start for pure ASR
+    args.recipe_choice = common.apply_recipe(args, "model", "pretrain")
     return args
 
 
@@ -245,41 +126,32 @@ def loss_functions(args):
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
-    """The paper's loss: text side through the frozen LLM without gradients, speech side with gradients
-    into the projector, contrastive loss summed over layers. Returns (loss, per-layer losses, R@1 in batch,
-    speech embeddings and mask for a combined ASR loss)."""
-    speech, speech_mask, speech_pool_mask, text, text_mask, text_pool_mask = model.contrastive_inputs(batch)
+    """The paper's loss: stage 1's forward (common.stage1_forward: the text side through the frozen LLM without
+    gradients, the speech side with gradients into the projector), then the contrastive loss summed over the
+    layers. Returns (loss, per-layer losses, in-batch R@1, the projector's outputs and their mask, which the
+    ASR loss of --loss contrastive+asr reuses)."""
     masked_mean, contrastive_loss = loss_functions(args)
-    keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]  # the text side depends on nothing else
-    text_pooled = None  # cos with the text cache: the pooled text [L, B, D] instead of its states and mask
-    if text_cache is not None and all(k in text_cache for k in keys):
-        text_states, text_pool_mask, text_pooled = None, None, torch.stack([text_cache[k] for k in keys], 1)
-    else:
-        with torch.no_grad():
-            text_states = model.hidden_states(text, text_mask, layers)
-        if text_cache is not None:
-            pooled = masked_mean(text_states, text_pool_mask)
-            text_cache.update({k: pooled[:, i] for i, k in enumerate(keys)})
-            text_states, text_pool_mask, text_pooled = None, None, pooled
-    speech_states = model.hidden_states(speech, speech_mask, layers)
+    out = common.stage1_forward(model, batch, layers, text_cache, masked_mean)
     if args.gather_negatives and dist.is_initialized():
-        return gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args)
-    total, per_layer, logits = contrastive_loss(
-        text_states,
-        text_pool_mask,
-        speech_states,
-        speech_pool_mask,
-        sim=args.sim,
-        temperature=args.temperature,
-        symmetric=args.symmetric,
-        center=args.center,
-        return_logits=True,
-        text_pooled=text_pooled,
-    )
-    return total, per_layer, retrieval_r1(logits)
+        total, per_layer, acc = gathered_cos_step(out, args)
+    else:
+        total, per_layer, logits = contrastive_loss(
+            out.text_states,
+            out.text_pool_mask,
+            out.speech_states,
+            out.speech_pool_mask,
+            sim=args.sim,
+            temperature=args.temperature,
+            symmetric=args.symmetric,
+            center=args.center,
+            return_logits=True,
+            text_pooled=out.text_pooled,
+        )
+        acc = retrieval_r1(logits)
+    return total, per_layer, acc, (out.speech, out.speech_mask)
 
 
-def gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, speech_pool_mask, args):
+def gathered_cos_step(out, args):
     """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
     loss but differentiates only through its own slice (the others arrive without gradients); DDP then
     averages the world's partial gradients, so scaling the loss by the world size gives exactly the
@@ -293,18 +165,18 @@ def gathered_cos_step(text_states, text_pool_mask, text_pooled, speech_states, s
         parts[rank] = x  # our own slice keeps its graph
         return torch.cat(parts, dim=1)
 
-    text = gather(text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask))
-    speech = gather(masked_mean(speech_states, speech_pool_mask))
+    text = gather(out.text_pooled if out.text_pooled is not None else masked_mean(out.text_states, out.text_pool_mask))
+    speech = gather(masked_mean(out.speech_states, out.speech_pool_mask))
     logits = cos_logits(text, speech, args.temperature, args.center)
     per_layer = info_nce(logits, args.symmetric)
     return per_layer.sum() * world, per_layer, retrieval_r1(logits)
 
 
-def asr_step(model, batch, speech=None, speech_mask=None):
+def asr_step(model, batch, speech=None):
     """The ASR-pretraining baseline: next-token loss on the transcript given the speech, inside the LLM's
-    chat template, on the answer tokens only."""
-    if speech is None:
-        speech, speech_mask = model.encode_speech(batch)
+    chat template, on the answer tokens only. speech: the projector's (outputs, mask) when the contrastive
+    loss has computed them already."""
+    speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
     texts = [ex["text"] for ex in batch["examples"]]
     embeds, mask, labels = model.chat_batch(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
     return model.lm_loss(embeds, mask, labels, prefix=model.shared_prefix([INSTRUCTIONS["asr"]]))
@@ -312,15 +184,15 @@ def asr_step(model, batch, speech=None, speech_mask=None):
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):
     """Dispatch on the objective (default: --loss); returns (loss to backpropagate, dict of things to log
-    incl. the loss value)."""
+    incl. the loss value). contrastive+asr runs the encoder and the projector once for both losses."""
     objective = objective or args.loss
-    loss, logs = 0.0, {"loss": 0.0}
+    loss, logs, speech = 0.0, {"loss": 0.0}, None
     if objective in ("contrastive", "contrastive+asr"):
-        contrastive, per_layer, acc = contrastive_step(model, batch, layers, args, text_cache)
+        contrastive, per_layer, acc, speech = contrastive_step(model, batch, layers, args, text_cache)
         loss = loss + contrastive
         logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
     if objective in ("asr", "contrastive+asr"):
-        asr = asr_step(model, batch)
+        asr = asr_step(model, batch, speech)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
     return loss, logs
@@ -356,9 +228,7 @@ def load_data(args):
 def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
     """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
     (given the stored training means) centred by those."""
-    from evaluate import pooled_pairs
-
-    text, speech = pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
+    text, speech = common.pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
     results = [retrieval_r1(cos_logits(text, speech)), retrieval_r1(cos_logits(text, speech, center=True))]
     return results + ([retrieval_r1(cos_logits(text, speech, center=centers))] if centers is not None else [])
 
@@ -367,11 +237,9 @@ def store_training_means(model, rows, layers, args, device, dtype):
     """--center trains on per-batch centred states, so retrieval must centre too; a single query has no set
     to average over, so the per-layer means over --center-items training pairs (a seeded sample, pooled
     with the final projector) are stored next to it, in centers.safetensors. Returns (text, speech) [L, D]."""
-    from evaluate import pooled_pairs, save_centers
-
     sample = random.Random(args.seed).sample(rows, min(args.center_items, len(rows)))
-    text, speech = pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
-    save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
+    text, speech = common.pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
+    common.save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
     return text.mean(1), speech.mean(1)
 
 
@@ -388,30 +256,20 @@ def main(argv=None):
     rank, world, device = common.setup(args.device, args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
+    recipe = args.recipe_choice  # what the recipe set: the run's first line, and meta.json's "recipe"
+    common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    qformer = QFormerConfig(
-        dim=args.qformer_dim,
-        heads=args.qformer_heads,
-        layers=args.qformer_layers,
-        queries=args.queries,
-        window=args.window,
-        dropout=args.dropout,
-        window_pos=args.window_pos,
-    )
-    model = SpeechLLM(
-        args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token, resolve=common.resolve_model
-    ).to(device)
-    if args.match_embedding_rms:
-        model.match_embedding_rms()
-    layers = select_layers(args.layers, model.num_layers)
+    model = common.build_model(args, dtype).to(device)
+    layers = common.select_layers(args.layers, model.num_layers)
     rows, dev = load_data(args)
     print0(
-        f"recipe {args.recipe}: {len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
+        f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
         f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters"
     )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
     text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
+    meta = dict(layers=layers, recipe=recipe)
 
     order = common.BatchOrder(len(rows), args.batch_size, rank, world, seed=args.seed)
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
@@ -441,7 +299,7 @@ def main(argv=None):
             progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(plain)} centred {fmt(centred)}")
             log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
-            common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
+            common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
             model.save_feature_cache(args.feature_cache_file)
 
         t0 = time.time()
@@ -469,8 +327,8 @@ def main(argv=None):
 
     step = total_steps
     if master:
-        common.save_checkpoint(args.out, model, optimizer, step, order, args, layers=layers)
-        model.save_projector(args.out, step=step, args=vars(args), layers=layers)  # the final projector
+        common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
+        model.save_projector(args.out, step=step, args=vars(args), **meta)  # the final projector
         model.save_feature_cache(args.feature_cache_file)
         centers = store_training_means(model, rows, layers, args, device, dtype) if args.center else None
         if dev:
@@ -493,4 +351,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -43,9 +43,15 @@ import os
 import time
 from pathlib import Path
 
-from model import write_folder_atomically
+from model import ModelError, write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class BuildError(ModelError):
+    """A demo model or the corpus could not be built: a download, a hash, a conversion check, the TTS. The
+    message says what to do; the scripts (and python -m demokit) print it as one line, without a traceback."""
+
 
 # -----------------------------------------------------------------------------
 # Where things go, and building a folder once

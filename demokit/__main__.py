@@ -2,11 +2,12 @@
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import demokit
-from demokit import corpus_path, demo_dir, log, smollm2_path, whisper_tiny_path
+from demokit import BuildError, corpus_path, demo_dir, log, smollm2_path, whisper_tiny_path
 
 
 def main(argv=None):
@@ -35,4 +36,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BuildError as e:  # what the user can fix (a download, a hash): one line, not a traceback
+        sys.exit(f"python -m demokit: error: {e}")

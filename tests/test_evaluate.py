@@ -18,10 +18,11 @@ import soundfile as sf
 import torch
 from tiny import write_manifest
 
+import common
 import evaluate
 import model as model_lib
 from contrastive import cos_logits, retrieval_r1
-from data import Collator, load_audio, read_manifest
+from data import Collator, UserError, load_audio, read_manifest
 from model import QFormerConfig, SpeechLLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
     )  # default task: retrieval
     metrics = results["retrieval"]["metrics"]
     assert metrics["layers"] == [0, 5, 10] and metrics["chance"] == pytest.approx(100 / 6)
-    text, speech = evaluate.pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
+    text, speech = common.pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
     assert metrics["r1"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech))).tolist())
     assert metrics["r1_centred"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist())
     assert json.loads((stage1 / "eval-retrieval.json").read_text())["metrics"] == metrics
@@ -317,7 +318,7 @@ def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkey
     heard, mask = evaluate.embed_texts(model, [r["text"] for r in rows], torch.device("cpu"))
     expected = model.generate_from(heard, mask, ["Can you transcribe this audio?"] * len(rows), 3, loop_repeats=3)
     assert [o["hypothesis"] for o in saved["outputs"]] == [e.split("\n")[0].strip() for e in expected]
-    with pytest.raises(SystemExit, match="--ckpt is required"):
+    with pytest.raises(UserError, match="--ckpt is required"):
         evaluate.main(["--task", "asr", "--data", str(manifest)])
 
 
@@ -350,5 +351,5 @@ def test_cli_one_recording(model, finetuned, tmp_path):
     args.task = "qa"
     expected = evaluate.answer_one(model, args, torch.device("cpu"), torch.float32)
     assert result.stdout.rstrip("\n") == expected.split("\n")[0].strip()
-    with pytest.raises(SystemExit, match="needs --question"):
+    with pytest.raises(UserError, match="needs --question"):
         evaluate.main(["--ckpt", str(finetuned), "--audio", str(tmp_path / "clip.flac"), "--device", "cpu"])

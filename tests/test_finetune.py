@@ -20,7 +20,7 @@ from tiny import write_manifest
 
 import finetune
 import pretrain
-from data import Collator, read_manifest, task_examples
+from data import Collator, UserError, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,17 +211,31 @@ def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
     assert meta["init"] == str(stage1) and meta["task"] == "mix"
 
 
+def test_the_init_checkpoint_and_the_recipe_say_what_they_set(paths, manifest, stage1, tmp_path, capsys):
+    """--init decides the models and the projector's shape, the recipe the optimisation: the run's first two
+    lines say what each set, and meta.json keeps both."""
+    out = tmp_path / "ft"
+    finetune.main(ft_args(paths, manifest, out, "--task", "asr", "--init", str(stage1), "--max-steps", "1"))
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith(f"--init {stage1} sets llm={paths['llm']} encoder={paths['hubert']} qformer_dim=32")
+    assert second.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets lr=0.0001")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["init_set"]["qformer_dim"] == 32 and meta["init_set"]["sink_token"] is False
+    assert meta["recipe"]["name"] == "paper" and meta["recipe"]["set"]["epochs"] == 2
+    assert "batch_size" not in meta["recipe"]["set"] and meta["args"]["qformer_layers"] == 2
+
+
 def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, stage1, tmp_path):
     run = lambda *extra: finetune.main(
         ft_args(paths, manifest, tmp_path, "--init", str(stage1), "--max-steps", "1", *extra)
     )  # noqa: E731
-    with pytest.raises(SystemExit, match="--llm tiny does not match the --init checkpoint"):
+    with pytest.raises(UserError, match="--llm tiny does not match the --init checkpoint"):
         run("--llm", "tiny")
-    with pytest.raises(SystemExit, match="--encoder tiny-whisper does not match"):
+    with pytest.raises(UserError, match="--encoder tiny-whisper does not match"):
         run("--encoder", "tiny-whisper")
-    with pytest.raises(SystemExit, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
+    with pytest.raises(UserError, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
         run("--qformer-dim", "64")
-    with pytest.raises(SystemExit, match="no stage-1 checkpoint there.*--init none"):
+    with pytest.raises(UserError, match="no stage-1 checkpoint there.*--init none"):
         finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(tmp_path / "nowhere")))
 
 

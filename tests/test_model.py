@@ -6,7 +6,7 @@ import torch
 from tiny import write_manifest
 
 from data import Collator, load_audio, read_manifest, task_examples
-from model import QFormerConfig, SpeechLLM, WindowQFormer
+from model import ModelError, QFormerConfig, SpeechLLM, WindowQFormer
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +137,19 @@ def test_projector_checkpoint_roundtrip_and_mismatch(model, paths, tmp_path):
         assert torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "projector.safetensors"]
     wider = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=64, heads=4, layers=2))
-    with pytest.raises(SystemExit, match="qformer"):
+    with pytest.raises(ModelError, match="qformer"):
         wider.load_projector(tmp_path / "ckpt")
-    with pytest.raises(SystemExit, match="No projector checkpoint"):
+    with pytest.raises(ModelError, match="No projector checkpoint"):
         model.load_projector(tmp_path / "nowhere")
 
 
 def test_missing_model_says_what_and_why(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no network in CI either way
-    with pytest.raises(SystemExit, match="(?s)Cannot load 'meta-llama/Llama-3.1-8B-Instruct'.*login.*offline CPU demo"):
+    with pytest.raises(ModelError, match="(?s)Cannot load 'meta-llama/Llama-3.1-8B-Instruct'.*login.*offline CPU demo"):
         SpeechLLM("llama", "hubert")
     empty = tmp_path / "empty-folder"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="(?s)Could not load the LLM's tokenizer.*empty-folder"):
+    with pytest.raises(ModelError, match="(?s)Could not load the LLM's tokenizer.*empty-folder"):
         SpeechLLM(str(empty), "tiny")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny import write_manifest
 
+import common
 import pretrain
 from contrastive import cos_logits, retrieval_r1
 from data import Collator, read_manifest
@@ -76,6 +77,22 @@ def test_step_changes_projector_only(paths, manifest):
     )
 
 
+def test_contrastive_plus_asr_runs_the_encoder_and_projector_once(paths, manifest):
+    """--loss contrastive+asr: one pass through the encoder and the projector feeds both losses; the ASR loss
+    reads the projector's outputs without the sink token, so it equals --loss asr's on the same batch."""
+    torch.manual_seed(0)
+    qformer = QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], qformer, sink_token=True).train()
+    batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
+    calls = {"encoder": 0, "projector": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss", "contrastive+asr"))
+    _, logs = pretrain.train_step_loss(model, batch, [0, 5, 10], args, text_cache=None)
+    assert calls == {"encoder": 1, "projector": 1}
+    assert logs["asr"] == pytest.approx(pretrain.asr_step(model, batch).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("sim", ["cos", "wasserstein"])
 def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
     """--loss-impl reference (contrastive.py) and fast (contrastive_fast.py, the default) in a real step: the
@@ -88,7 +105,7 @@ def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
         args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim))
         text_cache = {} if sim == "cos" else None
         for _ in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
-            loss, per_layer, acc = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
+            loss, per_layer, acc, _ = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
             grads = torch.autograd.grad(loss, [p for p in model.projector.parameters() if p.requires_grad])
             results.setdefault(impl, []).append((loss, per_layer, acc, *grads))
     for fast, reference in zip(results["fast"], results["reference"]):
@@ -132,6 +149,19 @@ def test_cli_smoke_and_outputs(paths, manifest, tmp_path):
     assert len(log[0]["per_layer"]) == 3 and len(log[0]["acc"]) == 3
 
 
+def test_the_recipe_says_what_it_set_first_and_meta_json_keeps_it(paths, manifest, tmp_path, capsys):
+    """A flag left out takes the recipe's value (paper: the LLM is not smollm2); the run's first line names the
+    recipe and every value it set, and meta.json keeps them, with the resolved values in its args."""
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "1", "--eval-every", "0"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets ") and "window=17" in first
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["recipe"]["name"] == "paper" and meta["recipe"]["set"]["window"] == 17
+    assert "qformer_dim" not in meta["recipe"]["set"] and "encoder" not in meta["recipe"]["set"]  # given as flags
+    assert meta["args"]["lr"] == 1e-4 and meta["args"]["window_pos"] is False and meta["args"]["dropout"] == 0.1
+
+
 def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_path, capsys):
     """--center: the per-layer means of the pooled training pairs are stored next to the projector, equal
     to a recomputation with the saved projector, and evaluate.py centres a retrieval with them."""
@@ -142,17 +172,17 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     assert "centred (stored train means)" in capsys.readouterr().out
     model, meta = SpeechLLM.from_checkpoint(out)
     layers = meta["layers"]
-    text_mean, speech_mean = evaluate.load_centers(out, layers)
+    text_mean, speech_mean = common.load_centers(out, layers)
     assert text_mean.shape == speech_mean.shape == (len(layers), model.llm.config.hidden_size)
     sample = random.Random(42).sample(read_manifest(manifest), 5)
-    text, speech = evaluate.pooled_pairs(model, sample, layers)
+    text, speech = common.pooled_pairs(model, sample, layers)
     assert torch.allclose(text.mean(1), text_mean, atol=1e-4) and torch.allclose(
         speech.mean(1), speech_mean, atol=1e-4
     )  # other batches: other padding
-    assert evaluate.load_centers(out, layers[:-1]) is None  # stored for other layers: not used
+    assert common.load_centers(out, layers[:-1]) is None  # stored for other layers: not used
     metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu"])["retrieval"]["metrics"]
     rows = read_manifest(manifest)
-    text, speech = evaluate.pooled_pairs(model, rows, layers)
+    text, speech = common.pooled_pairs(model, rows, layers)
     assert metrics["r1_centred_train"] == pytest.approx(
         (100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist()
     )

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from tiny import write_manifest
 
 import pretrain
+from data import UserError
+from model import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +153,7 @@ def test_non_finite_steps_are_skipped_then_stop(paths, manifest, tmp_path, monke
 
     monkeypatch.setattr(pretrain, "train_step_loss", sometimes_nan)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="5 non-finite steps in a row.*last good checkpoint"):
+    with pytest.raises(UserError, match="5 non-finite steps in a row.*last good checkpoint"):
         pretrain.main(args_for(paths, manifest, out, "--max-steps", "20", "--save-every", "3", "--batch-size", "4"))
     printed = capsys.readouterr().out
     assert "step 1: non-finite gradient norm" in printed  # step index 1 = the 2nd call, skipped, run went on
@@ -169,7 +171,7 @@ def test_same_seed_same_losses(paths, manifest, tmp_path):
 
 def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(paths, manifest, tmp_path):
     pretrain.main(args_for(paths, manifest, tmp_path, "--max-steps", "1", "--batch-size", "4"))
-    with pytest.raises(SystemExit, match="qformer.*does not fit|does not fit.*qformer"):
+    with pytest.raises(ModelError, match="qformer.*does not fit|does not fit.*qformer"):
         pretrain.main(
             args_for(
                 paths, manifest, tmp_path, "--max-steps", "2", "--batch-size", "4", "--resume", "--qformer-dim", "64"
