@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+import common
+
 REPO = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
@@ -256,7 +258,14 @@ def finetune_epochs(args):
     extra = shlex.split(args.finetune_args)
     if "--epochs" in extra:
         return float(extra[extra.index("--epochs") + 1])
-    return 10.0 if args.llm in (None, "smollm2") else 2.0  # finetune.RECIPES: demo 10, paper 2
+    recipe = (
+        extra[extra.index("--recipe") + 1]
+        if "--recipe" in extra
+        else "demo"
+        if args.llm in (None, "smollm2")
+        else "paper"
+    )
+    return common.RECIPES[recipe]["finetune"]["epochs"]
 
 
 def topline(args, out, files, read, task, log):
