@@ -131,10 +131,9 @@ def build_model(args, dtype):
 #   model     the models and the projector, for pretrain.py and for finetune.py --init none (a checkpoint
 #             brings its own)
 #   pretrain  stage 1's loss and optimisation
-#   finetune  stage 2's optimisation. The demo's: a higher rate and smaller batches, so the CPU demo's 10%
-#             runs take minutes yet move (the paper's recipe makes --task qa --frac 0.1 just 10 steps); 40
-#             steps of it on --task asr --frac 0.1 reach a dev loss of 1.20 from the demo's stage-1
-#             projector and 3.08 from scratch.
+#   finetune  stage 2's optimisation. The demo's: a higher rate, smaller batches and more epochs, so that
+#             10% of the demo corpus is enough to learn from (the paper's recipe makes --task qa --frac 0.1
+#             just 10 steps); its measurements are in the README ("Results at demo scale").
 
 RECIPES = {
     "paper": dict(

@@ -137,7 +137,7 @@ class SpeechEncoder(nn.Module):
         return out, torch.arange(out.shape[1], device=out.device)[None] < lengths[:, None]
 
     def _whisper_true_length(self, mel, mel_mask):
-        # HF's WhisperEncoder insists on 30 s of (mostly padded) input: ~10x the work for a 3 s clip, and
+        # HF's WhisperEncoder insists on 30 s of (mostly padded) input: many times the work for a short clip, and
         # the padding frames would dominate. So we run its own modules on the clip's true length, masking
         # the batch padding in attention and zeroing it after each conv so a clip's frames do not depend
         # on what it was batched with.
