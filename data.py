@@ -6,11 +6,15 @@ A manifest is a JSONL file, one utterance per line:
     {"audio": "clips/0001.wav", "text": "the meeting starts at nine"}
     {"audio": "/abs/0002.flac", "text": "...", "translation": "...", "tgt_lang": "de", "speaker": "s1", "duration": 3.2}
     {"audio": "p7.wav", "task": "qa", "text": "<passage transcript>", "question": "who ...?", "answer": "anna"}
+    {"audio": "talks/ted_767.wav", "offset": 16.73, "duration": 3.5, "text": "...", "translation": "..."}
 
-`audio` is relative to the manifest's folder (or absolute); `text` is the transcript. Optional: `task`
-(asr|st|qa), `translation` + `tgt_lang` (speech translation), `question` + `answer` (spoken QA; the answer
-may be a list of gold answers), `speaker`, `duration` (seconds). Audio in any format and rate soundfile
-reads is mixed to mono and resampled to 16 kHz with soxr.
+`audio` is relative to the manifest's folder (or absolute); `text` is the transcript (a QA line may leave its
+passage transcript out). Optional: `task` (asr|st|qa), `translation` + `tgt_lang` (speech translation),
+`question` + `answer` (spoken QA; the answer may be a list of gold answers), `speaker`, `duration` (seconds).
+A line with `offset` (seconds) is a segment of a longer recording, as in NeMo manifests: `duration` seconds
+from `offset` (to the end of the file without `duration`), read without loading the rest of the file.
+Without `offset`, the whole file is the utterance and `duration` is informational. Audio in any format and
+rate soundfile reads is mixed to mono and resampled to 16 kHz with soxr. docs/data.md has the details.
 
     rows = read_manifest("train.jsonl")                  # checks every line, errors name file:line
     examples = task_examples(rows, "qa")                 # instruction + target per task
@@ -52,34 +56,67 @@ class ManifestError(UserError, ValueError):
 # Reading and checking a manifest
 
 
-def load_audio(path):
-    """Any soundfile-readable file -> mono float32 numpy array at 16 kHz."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+def load_audio(path, offset=None, duration=None):
+    """Any soundfile-readable file, or a segment of it (offset and duration in seconds: soundfile seeks to
+    the segment and reads only its samples) -> mono float32 numpy array at 16 kHz. Audio holding NaN or
+    infinite samples is a UserError naming the file."""
+    with sf.SoundFile(str(path)) as f:
+        rate = f.samplerate
+        if offset:
+            f.seek(round(offset * rate))
+        audio = f.read(-1 if duration is None else round(duration * rate), dtype="float32", always_2d=True)
+    if not np.isfinite(audio).all():
+        where = f" (the segment at {offset} s)" if offset is not None else ""
+        raise UserError(f"{path}{where}: the audio holds NaN or infinite samples")
     audio = audio.mean(axis=1)  # mix to mono
     if rate != SAMPLE_RATE:
         audio = soxr.resample(audio, rate, SAMPLE_RATE)
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def load_row_audio(row):
+    """A checked manifest row's audio: its segment (offset, duration) or, without `offset`, the whole file."""
+    if "offset" in row:
+        return load_audio(row["audio"], row["offset"], row["duration"])
+    return load_audio(row["audio"])
+
+
+# A segment may end this much past the end of its file (times rounded to the millisecond); more is a bad line.
+SEGMENT_SLACK = 0.001
+# Sample formats that can hold NaN or infinite values; only these are scanned when a manifest is read (a
+# full read of every file would make checking a large manifest as slow as an epoch).
+FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
+
+
+def _seconds(row, field, positive):
+    value = row[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"field '{field}' must be a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"field '{field}' must be {'> 0' if positive else '>= 0'} seconds, got {value}")
+    return float(value)
+
+
 def _check_row(row, root):
     """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is wrong."""
     if not isinstance(row, dict):
         raise ValueError("a line must be a JSON object")
-    for field in ("audio", "text"):
+    required = ("audio",) if row.get("task") == "qa" else ("audio", "text")  # a QA passage may have no transcript
+    for field in required:
         if field not in row:
             raise ValueError(f"missing field '{field}'")
-        if not isinstance(row[field], str):
-            raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
-    if not row["text"].strip():
-        raise ValueError("empty transcript ('text')")
-    for field in ("translation", "tgt_lang", "question", "task", "speaker"):
+    for field in ("audio", "text", "translation", "tgt_lang", "question", "task", "speaker"):
         if field in row and not isinstance(row[field], str):
             raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
+    if "text" in row and not row["text"].strip():
+        raise ValueError("empty transcript ('text')")
     if "answer" in row and not (
         isinstance(row["answer"], str)
         or (isinstance(row["answer"], list) and row["answer"] and all(isinstance(a, str) for a in row["answer"]))
     ):
         raise ValueError("field 'answer' must be a string or a non-empty list of strings")
+    if row.get("task") == "qa" and not ("question" in row and "answer" in row):
+        raise ValueError("a QA line ('task': 'qa') needs 'question' and 'answer'")
     path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else root / row["audio"]
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
@@ -89,24 +126,40 @@ def _check_row(row, root):
         raise ValueError(f"not a readable audio file: {path} ({e})") from None
     if info.frames == 0:
         raise ValueError(f"audio file is empty (0 samples): {path}")
-    stat = path.stat()  # the key of the frozen-encoder feature cache: this file, as it is now
-    return {
-        **row,
-        "audio": str(path),
-        "duration": info.frames / info.samplerate,
-        "key": f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
-    }
+    seconds = info.frames / info.samplerate
+    stat = path.stat()  # the key of the frozen-encoder feature cache: this file (and segment), as it is now
+    checked = {**row, "audio": str(path), "duration": seconds}
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if "offset" in row:  # a segment of a longer recording
+        offset = _seconds(row, "offset", positive=False)
+        duration = _seconds(row, "duration", positive=True) if "duration" in row else seconds - offset
+        if offset >= seconds:
+            raise ValueError(f"the segment starts at {offset} s, after the end of its file ({seconds:.3f} s): {path}")
+        if offset + duration > seconds + SEGMENT_SLACK:
+            raise ValueError(
+                f"the segment ends at {offset + duration:.3f} s, past the end of its file ({seconds:.3f} s): {path}"
+            )
+        duration = min(duration, seconds - offset)
+        checked.update(offset=offset, duration=duration)
+        key += f"@{offset}+{duration}"
+    if info.subtype in FLOAT_SUBTYPES:  # integer PCM, FLAC, MP3 and the like cannot hold NaN
+        try:
+            load_row_audio(checked)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+    return {**checked, "key": key}
 
 
 def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
-    """Read and check every line of a JSONL manifest. A bad line raises ManifestError naming the file and
-    line, unless skip_bad, which skips it and reports how many were skipped. Audio longer than
-    max_seconds is skipped and counted."""
+    """Read and check every line of a JSONL manifest (UTF-8; a byte-order mark at the start, as Windows tools
+    write it, is fine). A bad line raises ManifestError naming the file and line, unless skip_bad, which
+    skips it and reports how many were skipped. Audio longer than max_seconds is skipped and counted. A
+    manifest with no usable line says how many failed and why."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
-    rows, bad, too_long = [], 0, 0
-    with open(path, encoding="utf-8") as f:
+    rows, bad, too_long = [], [], 0
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -116,16 +169,37 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
                 if not skip_bad:
                     raise ManifestError(f"{path}:{line_no}: {e}") from None
                 log(f"skipping {path}:{line_no}: {e}")
-                bad += 1
+                bad.append(f"line {line_no}: {e}")
                 continue
             if max_seconds is not None and row["duration"] > max_seconds:
                 too_long += 1
                 continue
             rows.append(row)
-    if bad or too_long:
-        log(f"{path}: kept {len(rows)} lines, skipped {bad} bad and {too_long} longer than {max_seconds} s")
     if not rows:
-        raise ManifestError(f"{path}: no usable lines")
+        raise ManifestError(f"{path}: no usable lines" + _why_none(bad, too_long, max_seconds))
+    if bad or too_long:
+        log(f"{path}: kept {len(rows)} lines, skipped {len(bad)} bad and {too_long} longer than {max_seconds} s")
+    return rows
+
+
+def _why_none(bad, too_long, max_seconds, show=3):
+    """' (all 5 lines failed: 4 bad, 1 longer than 45 s; line 1: ...; line 2: ...)' for an unusable manifest."""
+    if not bad and not too_long:
+        return " (it is empty)"
+    parts = [f"{len(bad)} bad"] * bool(bad) + [f"{too_long} longer than {max_seconds} s"] * bool(too_long)
+    first = "".join(f"; {reason}" for reason in bad[:show]) + ("; ..." if len(bad) > show else "")
+    return f" (all {len(bad) + too_long} lines failed: {', '.join(parts)}{first})"
+
+
+def need_transcripts(rows, use):
+    """Raise ManifestError unless every row has a transcript (`text`), which `use` needs (a QA line may
+    leave its passage transcript out)."""
+    missing = [row["audio"] for row in rows if "text" not in row]
+    if missing:
+        raise ManifestError(
+            f"{use} needs a transcript ('text') on every line; {len(missing)} lines have none (the first: "
+            f"{missing[0]}). Give the converter the transcript column, or use a manifest that has them."
+        )
     return rows
 
 
@@ -204,7 +278,7 @@ class Collator:
         self.is_whisper = type(feature_extractor).__name__ == "WhisperFeatureExtractor"
 
     def __call__(self, examples):
-        waves = [load_audio(ex["audio"]) for ex in examples]
+        waves = [load_row_audio(ex) for ex in examples]
         if self.is_whisper:
             # Pad to the longest clip, not to Whisper's 30 s: the encoder runs on the true length.
             inputs = self.feature_extractor(

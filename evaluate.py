@@ -40,6 +40,8 @@ from data import (
     Collator,
     UserError,
     load_audio,
+    load_row_audio,
+    need_transcripts,
     read_manifest,
     task_examples,
     to_device,
@@ -146,6 +148,7 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
     means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center).
     The pooled pairs come from stage 1's own forward (common.pooled_pairs)."""
+    need_transcripts(rows, "retrieval")
     text, speech = common.pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
     metrics = {
         "layers": layers,
@@ -236,7 +239,7 @@ def whisper_transcripts(asr_model, examples, batch_size):
     from demokit.models import transcribe
 
     folder = demokit.whisper_tiny_path() if asr_model == "demo" else asr_model
-    return transcribe(str(folder), [load_audio(ex["audio"]) for ex in examples], batch_size)
+    return transcribe(str(folder), [load_row_audio(ex) for ex in examples], batch_size)
 
 
 def evaluate_task(model, task, rows, args, device, dtype):
@@ -246,6 +249,8 @@ def evaluate_task(model, task, rows, args, device, dtype):
     examples = task_examples(rows, task)
     if task == "qa":
         examples = unique_questions(examples)
+    if args.read == "transcript":
+        need_transcripts(examples, "--read transcript")
     if args.read != "speech":
         heard = (
             [ex["text"] for ex in examples]

@@ -27,7 +27,7 @@ import contrastive
 import contrastive_fast
 from common import print0
 from contrastive import cos_logits, info_nce, retrieval_r1
-from data import INSTRUCTIONS, Collator, read_manifest, to_device
+from data import INSTRUCTIONS, Collator, need_transcripts, read_manifest, to_device
 
 # -----------------------------------------------------------------------------
 # The command line. The recipes (paper, demo) and the flags finetune.py takes too: common.py.
@@ -222,7 +222,7 @@ def load_data(args):
         if args.dev_data
         else []
     )
-    return rows, dev
+    return need_transcripts(rows, "pretraining"), need_transcripts(dev, "dev retrieval")
 
 
 def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
