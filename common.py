@@ -323,7 +323,8 @@ def add_optimisation_flags(p, stage):
 
 
 def add_system_flags(p, training=True):
-    """--device, --dtype; for the training scripts also --save-every and --resume. Returns the group (the
+    """--device, --dtype; for the training scripts also --save-every, --resume and the optional log
+    destinations (--wandb, --tensorboard: the values of log.jsonl, see JsonLog). Returns the group (the
     scripts add --out and --eval-every to it)."""
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -336,6 +337,9 @@ def add_system_flags(p, training=True):
     if training:
         g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
         g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
+        g.add_argument("--wandb-project", default="contrastive-speechllm", help="the W&B project of --wandb")
+        g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to <out>/tensorboard/")
     return g
 
 
@@ -662,15 +666,68 @@ def load_centers(folder, layers):
 
 
 class JsonLog:
-    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots and the README's numbers."""
+    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots (plot_log.py) and the README's
+    numbers; with --wandb and/or --tensorboard the same values go there too, a per-layer list as one scalar
+    per layer ("dev_r1/layer5"). Both are optional packages, imported only when asked for."""
 
-    def __init__(self, out, enabled=True):
+    def __init__(self, out, enabled=True, wandb_project=None, tensorboard=False, config=None):
         self.path, self.enabled, self.t0 = Path(out) / "log.jsonl", enabled, time.time()
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = self.tensorboard = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(
+                    "--wandb needs the wandb package: pip install wandb (requirements-extras.txt)"
+                ) from None
+            self.wandb = wandb.init(project=wandb_project, name=Path(out).name, dir=str(out), config=config)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard (requirements-extras.txt)"
+                ) from None
+            self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    @classmethod
+    def for_run(cls, args, enabled):
+        """The log of a training run: --out, --wandb (--wandb-project), --tensorboard; the run's flags as config."""
+        wandb_project = args.wandb_project if args.wandb else None
+        return cls(args.out, enabled, wandb_project, args.tensorboard, config=vars(args))
 
     def __call__(self, **record):
-        if self.enabled:
-            record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in record.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": round(time.time() - self.t0, 2), **record}) + "\n")
+        if not self.enabled:
+            return
+        record = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time() - self.t0, 2), **record}) + "\n")
+        scalars = self.scalars(record)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record.get("step"))
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, record.get("step"))
+
+    @staticmethod
+    def scalars(record):
+        """The numbers of a record by name, each entry of a per-layer list under <name>/layer<index>."""
+        layers = record.get("layers") or []
+        out = {}
+        for name, value in record.items():
+            if name in ("step", "layers") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                out[name] = value
+            elif isinstance(value, list) and len(value) == len(layers):
+                out.update({f"{name}/layer{layer}": v for layer, v in zip(layers, value)})
+        return out
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -250,7 +250,7 @@ def main(argv=None):
     warmup_steps = max(1, round(args.warmup_ratio * total_steps))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
     model = common.wrap_ddp(model, device, world)  # under torchrun: DDP around the projector only
-    guard, log = common.NonFiniteGuard(), common.JsonLog(args.out, enabled=master)
+    guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
     params = [p for p in model.projector.parameters() if p.requires_grad]
     meta = dict(stage="finetune", task=args.task, init=args.init, init_set=init_set, recipe=recipe)
 
@@ -298,6 +298,7 @@ def main(argv=None):
             f"saved the projector to {args.out}; skipped steps: {guard.skipped}\n"
             f"score it: python evaluate.py --ckpt {args.out}"
         )
+    log.close()  # --wandb / --tensorboard: flush and finish
     if world > 1:
         dist.destroy_process_group()
 

@@ -278,7 +278,7 @@ def main(argv=None):
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
     model = common.wrap_ddp(model, device, world)  # under torchrun: DDP around the projector only
-    guard, log = common.NonFiniteGuard(), common.JsonLog(args.out, enabled=master)
+    guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
     params = [p for p in model.projector.parameters() if p.requires_grad]
 
     model.train()
@@ -346,6 +346,7 @@ def main(argv=None):
                 + (f"\n  centred (stored train means) {fmt(train[0])}" if train else "")
             )
         print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}")
+    log.close()  # --wandb / --tensorboard: flush and finish
     if world > 1:
         dist.destroy_process_group()
 
