@@ -3,7 +3,7 @@ evaluate.py: score a trained projector with the metrics the field uses.
 
     python evaluate.py --ckpt out/finetune-qa                 # its task on the demo's test split (QA: EM / F1)
     python evaluate.py --ckpt out/finetune-mix --task all     # ASR (WER), ST (BLEU / chrF), QA, each on its test split
-    python evaluate.py --ckpt runs/ft --task st --data mustc_en-de_test.jsonl --batch-size 16
+    python evaluate.py --ckpt runs/ft --task st --data data/paper/st-de_test.jsonl --batch-size 16
     python evaluate.py --ckpt out/pretrain --task retrieval   # stage 1: speech->text R@1 per contrastive layer
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"   # one recording
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de

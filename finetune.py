@@ -9,8 +9,8 @@ and the end-of-turn token only. Only the projector trains; the encoder and the L
     python finetune.py --task qa --frac 0.1             # the demo: 10% of the spoken-QA data, from out/pretrain
     python finetune.py --task qa --frac 0.1 --init none --out out/finetune-qa-scratch   # no-pretraining baseline
     python finetune.py --task mix --frac 0.1 --stratify  # 10% of each task of the ASR+ST+QA mix
-    python finetune.py --llm llama --task mix --frac 0.1 --data mustc_train.jsonl spoken_squad_train.jsonl \\
-        --init runs/contr-cos-all --out runs/ft           # the paper's setup (GPU)
+    python finetune.py --llm llama --task mix --frac 0.1 --no-cache-features --init runs/contr-cos-all --out runs/ft \\
+        --data data/paper/sentences_train.jsonl data/paper/st_train.jsonl data/paper/qa_train.jsonl  # the paper (GPU)
     torchrun --standalone --nproc_per_node=4 finetune.py --llm llama --task mix --data mix.jsonl \\
         --init runs/contr-cos-all
     python finetune.py --task qa --out out/finetune-qa --resume   # continue a killed run

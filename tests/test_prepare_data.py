@@ -5,6 +5,7 @@ generated audio, no download); the manifests it writes pass data.read_manifest a
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,10 @@ def mustc_root(tmp_path_factory):
     fake_mustc(root, "de", "train", de, talks)
     fake_mustc(root, "de", "dev", de[:2], {"ted_1": talk1})
     fake_mustc(root, "de", "tst-COMMON", de[:3], {"ted_1": talk1})
-    fr = [("ted_1", 0.0, 2.0, "Hello there.", "Bonjour."), ("ted_1", 2.0, 1.0, "(Laughter)", "(Rires)")]
-    for split in ("train", "dev", "tst-COMMON"):
-        fake_mustc(root, "fr", split, fr, {"ted_1": talk1})
+    other = [("ted_1", 0.0, 2.0, "Hello there.", "Bonjour."), ("ted_1", 2.0, 1.0, "(Laughter)", "(Rires)")]
+    for tgt in ("fr", "it", "es"):
+        for split in ("train", "dev", "tst-COMMON"):
+            fake_mustc(root, tgt, split, other, {"ted_1": talk1})
     return root
 
 
@@ -77,7 +79,9 @@ def test_mustc_segments_of_every_pair_and_split(mustc_root, tmp_path, capsys):
     out = tmp_path / "out"
     prepare_data.main(["mustc", str(mustc_root), "--out", str(out)])
     names = sorted(p.name for p in out.glob("*.jsonl"))
-    assert names == [f"mustc_en-{t}_{s}.jsonl" for t in ("de", "fr") for s in ("dev", "train", "tst-COMMON")]
+    assert names == [
+        f"mustc_en-{t}_{s}.jsonl" for t in ("de", "es", "fr", "it") for s in ("dev", "train", "tst-COMMON")
+    ]
     printed = capsys.readouterr().out
     assert "left out 2 (1 empty transcript or translation, 1 segment ending more than 0.5 s past its talk)" in printed
     assert "1 segments ended up to 0.5 s past their talk's audio: cut at its end" in printed
@@ -321,7 +325,7 @@ def test_mix_writes_the_papers_selection_in_compare_layout(mustc_root, squad_roo
     out = tmp_path / "paper"
     prepare_data.main(["mustc", str(mustc_root), "--out", str(out)])
     prepare_data.main(["spoken-squad", str(squad_root), "--out", str(out)])
-    prepare_data.main(["mix", str(out), "--st-langs", "fr", "--qa-dev-passages", "1", "--min-seconds", "1"])
+    prepare_data.main(["mix", str(out), "--st-langs", "fr", "--qa-dev-passages", "1"])
     printed = capsys.readouterr().out
     assert "not written" not in printed, printed
     sentences = read_manifest(out / "sentences_train.jsonl")
@@ -345,3 +349,46 @@ def test_mix_writes_the_papers_selection_in_compare_layout(mustc_root, squad_roo
     mix = task_examples(rows, "mix")
     assert [e["task"] for e in mix] == ["asr"] * 4 + ["st"] * 6 + ["qa"] * len(qa_train)
     assert [e.get("tgt_lang") for e in mix if e["task"] == "st"] == ["de"] * 4 + ["fr"] * 2
+
+
+# -----------------------------------------------------------------------------
+# docs/paper-setup.md: its commands, from the downloads to evaluate.py, on the fake layouts (tiny models,
+# one step each)
+
+
+def test_the_paper_setup_commands_run_on_the_converters_outputs(mustc_root, squad_root, paths, tmp_path):
+    import evaluate
+    import finetune
+    import pretrain
+
+    data, runs = tmp_path / "data" / "paper", tmp_path / "runs"
+    prepare_data.main(["mustc", str(mustc_root), "--out", str(data)])
+    prepare_data.main(["spoken-squad", str(squad_root), "--out", str(data)])
+    prepare_data.main(["mix", str(data), "--qa-dev-passages", "1"])
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "paper-setup.md").read_text()
+    section = doc[doc.index("## 2. Stage 1") : doc.index("The variants of stage 1")]
+    named = set(re.findall(r"data/paper/([\w.${}-]+\.jsonl)", section))
+    files = {n.replace("${tgt}", tgt) for n in named for tgt in ("de", "fr", "it", "es")}
+    assert len(files) == 12 and all((data / name).exists() for name in files), sorted(files)
+
+    tiny = ["--llm", paths["llm"], "--encoder", paths["hubert"], "--device", "cpu", "--max-steps", "1"]
+    tiny += ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2", "--batch-size", "2"]
+    pretrain.main(
+        [*tiny, "--no-cache-features", "--data", str(data / "sentences_train.jsonl")]
+        + ["--dev-data", str(data / "sentences_dev.jsonl"), "--out", str(runs / "contr-cos-all")]
+    )
+    finetune.main(
+        [*tiny[4:8], "--task", "mix", "--frac", "0.1", "--no-cache-features", "--init", str(runs / "contr-cos-all")]
+        + ["--out", str(runs / "ft"), "--batch-size", "1", "--grad-accum", "1", "--data"]
+        + [str(data / f) for f in ("sentences_train.jsonl", "st_train.jsonl", "qa_train.jsonl")]
+        + ["--dev-data"]
+        + [str(data / f) for f in ("sentences_dev.jsonl", "st_dev.jsonl", "qa_dev.jsonl")]
+    )
+    scored = [("asr", "sentences_test"), *(("st", f"st-{t}_test") for t in ("de", "fr", "it", "es")), ("qa", "qa_test")]
+    for task, name in scored:
+        out = runs / "ft" / f"eval-{name}.json"
+        evaluate.main(
+            ["--ckpt", str(runs / "ft"), "--task", task, "--data", str(data / f"{name}.jsonl")]
+            + ["--device", "cpu", "--max-new-tokens", "2", "--out", str(out)]
+        )
+        assert json.loads(out.read_text())["metrics"], name
