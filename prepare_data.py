@@ -163,7 +163,7 @@ def mustc_split(pair_dir, tgt, split, out):
 
 def convert_mustc(args):
     for tgt, pair_dir in mustc_pairs(args.root, args.pairs).items():
-        splits = sorted(p.parent.parent.name for p in (pair_dir / "data").glob("*/txt/*.yaml"))
+        splits = sorted({p.parent.parent.name for p in (pair_dir / "data").glob("*/txt/*.yaml")})
         for split in splits if not args.splits else [s for s in splits if s in args.splits]:
             rows, skipped, cut = mustc_split(pair_dir, tgt, split, args.out)
             report(write_manifest(Path(args.out) / f"mustc_en-{tgt}_{split}.jsonl", rows), len(rows), skipped)
@@ -190,7 +190,8 @@ def find_one(root, name):
 
 def passage_audio_index(audio_dir):
     """(a, b) -> the passage's audio: its own file <a>_<b>.wav, or its sentence files <a>_<b>_<k>.wav in the
-    order of k. One listing of the folder (it holds ~100k files; a glob per passage would list it each time)."""
+    order of k. One listing of the folder (it holds a file per sentence; a glob per passage would list it again
+    for every passage)."""
     index = {}
     for name in os.listdir(audio_dir):
         m = re.fullmatch(r"(\d+)_(\d+)(?:_(\d+))?\.(wav|flac)", name)
@@ -250,7 +251,8 @@ def convert_spoken_squad(args):
                     if not answers or not qa["question"].strip():
                         skipped["no question or no answer"] += 1
                         continue
-                    row = {"audio": audio_ref(audio, out), "task": "qa", "text": paragraph["context"].strip()}
+                    row = {"audio": audio_ref(audio, out), "task": "qa"}
+                    row.update({"text": context} if (context := paragraph["context"].strip()) else {})
                     row.update(question=qa["question"].strip(), answer=answers, duration=round(seconds, 3))
                     row.update(id=qa["id"], passage=f"{a}_{b}")
                     rows.append(row)
@@ -492,11 +494,19 @@ SPLIT_NAMES = {  # our converters' names, then the authors' parquet names
 
 
 def read_jsonl(path, out):
-    """The rows of a converter's manifest, with relative audio paths made relative to `out` instead."""
-    rows = [json.loads(line) for line in open(path, encoding="utf-8-sig") if line.strip()]
-    for row in rows:
-        if not Path(row["audio"]).is_absolute():
-            row["audio"] = audio_ref(Path(path).parent / row["audio"], out)
+    """The rows of a converter's manifest (each with its `duration`, which the selection filters on), with
+    relative audio paths made relative to `out` instead."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "duration" not in row:
+                raise UserError(f"{path}:{line_no}: no 'duration' (the converters write one; mix filters on it)")
+            if not Path(row["audio"]).is_absolute():
+                row["audio"] = audio_ref(Path(path).parent / row["audio"], out)
+            rows.append(row)
     return rows
 
 

@@ -392,3 +392,20 @@ def test_the_paper_setup_commands_run_on_the_converters_outputs(mustc_root, squa
             + ["--device", "cpu", "--max-new-tokens", "2", "--out", str(out)]
         )
         assert json.loads(out.read_text())["metrics"], name
+
+
+def test_a_user_error_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "prepare_data.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "mustc", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"prepare_data.py: error: {tmp_path}: no MuST-C language pair here " + (
+        "(expected folders like en-de/data/train/wav)"
+    )
