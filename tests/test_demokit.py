@@ -482,7 +482,7 @@ def project_imports(path):
     return names & own - {path.stem}
 
 
-SCRIPTS = {"pretrain", "finetune", "evaluate", "bench", "compare"}
+SCRIPTS = {"pretrain", "finetune", "evaluate", "bench", "compare", "prepare_data", "plot_log"}
 LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
 
 
