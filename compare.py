@@ -103,6 +103,7 @@ def get_args(argv=None):
     p.add_argument(
         "--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes"
     )
+    p.add_argument("--report", action="store_true", help="run nothing: the table and figures from the finished cells")
     p.add_argument(
         "--llm", default=None, help="passed to pretrain.py / finetune.py (default: their default, the demo's)"
     )
@@ -135,6 +136,8 @@ def run_cell(out, name, command, log):
     record = out / "cells" / f"{name}.json"
     if record.exists():
         return json.loads(record.read_text())
+    if log is None:  # --report: run nothing
+        return None
     log.write(f"\n=== {name}: {shlex.join(command)}\n")
     log.flush()
     t0 = time.time()
@@ -154,7 +157,7 @@ def corpus_files(args):
     else:
         import demokit
 
-        corpus = demokit.corpus_path()
+        corpus = demokit.demo_dir() / "corpus" if args.report else demokit.corpus_path()  # --report builds nothing
     return {
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
         for split in ("train", "dev", "test")
@@ -241,6 +244,8 @@ def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, s
         *shlex.split(args.evaluate_args),
     ]
     scored = run_cell(out, f"evaluate-{name}", score, log)
+    if trained is None or scored is None:
+        return None
     return {
         "variant": variant,
         "seed": seed,
@@ -288,6 +293,8 @@ def topline(args, out, files, read, task, log):
         *shlex.split(args.evaluate_args),
     ]
     scored = run_cell(out, f"topline-{read}-{task}", command, log)
+    if scored is None:
+        return None
     return {
         "variant": f"read-{read}",
         "task": task,
@@ -334,7 +341,7 @@ def table(cells, stage1_seconds, args):
     lines = [
         "| start | fine-tuning data | "
         + " | ".join(c[2] for c in columns)
-        + " | seeds | stage-1 time | fine-tune time |",
+        + f" | seeds | stage-1 time | fine-tune time ({' / '.join(args.tasks)}) |",
         "|---" * (len(columns) + 5) + "|",
     ]
     for (variant, frac), group in rows.items():
@@ -344,7 +351,10 @@ def table(cells, stage1_seconds, args):
             values.append(spread(found) if found else "-")
         seeds = sorted({c["seed"] for c in group if "seed" in c})
         s1 = [stage1_seconds[(variant, s)] for s in seeds if (variant, s) in stage1_seconds]
-        ft = [c["finetune_seconds"] for c in group if "finetune_seconds" in c]
+        ft = []  # the mean fine-tuning time of each task
+        for task in args.tasks:
+            times = [c["finetune_seconds"] for c in group if c["task"] == task and "finetune_seconds" in c]
+            ft.append(f"{sum(times) / len(times) / 60:.1f}" if times else "-")
         data = "-" if frac is None else f"{frac:.0%}"
         lines.append(
             f"| {variant} | {data} | "
@@ -352,16 +362,24 @@ def table(cells, stage1_seconds, args):
             + f" | {len(seeds) or '-'} | "
             + (f"{sum(s1) / len(s1) / 60:.1f} min" if s1 else "-")
             + " | "
-            + (f"{sum(ft) / len(ft) / 60:.1f} min" if ft else "-")
+            + (" / ".join(ft) + " min" if any(t != "-" for t in ft) else "-")
             + " |"
         )
     return "\n".join(lines)
 
 
+def cpu_name():
+    try:  # Linux: the model name, e.g. "AMD EPYC 7B13"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine():
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -491,14 +509,19 @@ def main(argv=None):
     ) / f"features-{(args.encoder or 'whisper-tiny').replace('/', '_')}.pt"
     args.feature_flags = ["--feature-cache-file", str(cache)]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    log = open(out / "grid.log", "a")
+    log = None if args.report else open(out / "grid.log", "a")
     cells, stage1_seconds = [], {}
+
+    def add(cell):
+        if cell is not None:  # None: a cell --report found unfinished
+            cells.append(cell)
 
     def start(variant, seed):
         if VARIANTS[variant] is None:
             return None
         folder, record = stage1(args, out, files, variant, seed, log)
-        stage1_seconds[(variant, seed)] = record["seconds"]
+        if record is not None:
+            stage1_seconds[(variant, seed)] = record["seconds"]
         return folder
 
     # the key comparison first (cos-all, asr, none; both tasks; the 100% model; the toplines), then the other
@@ -509,18 +532,14 @@ def main(argv=None):
     plan += [(v, s) for s in args.seeds[1:] for v in KEY_VARIANTS if v in args.variants]
     for i, (variant, seed) in enumerate(plan):
         for task in args.tasks:
-            cells.append(
-                finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log)
-            )
+            add(finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log))
             if variant == "none" and seed == first:  # the task-specialised model: no pretraining, all the data
-                cells.append(
-                    finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True)
-                )
+                add(finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True))
             write_results(out, cells, stage1_seconds, args, started)
         if i == len([v for v in KEY_VARIANTS if v in args.variants]) - 1:
             for read in args.toplines:
                 for task in args.tasks:
-                    cells.append(topline(args, out, files, read, task, log))
+                    add(topline(args, out, files, read, task, log))
     print(write_results(out, cells, stage1_seconds, args, started))
     print(f"wrote {out}/results.md, results.json, r1_per_layer.png, metrics.png")
 

@@ -54,6 +54,7 @@ def test_the_table_spreads_over_seeds():
     args = compare.get_args(["--tasks", "asr"])
     table = compare.table(cells, {("cos-all", 42): 300, ("cos-all", 43): 360}, args)
     assert "| cos-all | 10% | 5.0 ± 1.0 | 50.0 ± 0.0 | 0.0 ± 0.0 | 2 | 5.5 min | 1.0 min |" in table
+    assert "| seeds | stage-1 time | fine-tune time (asr) |" in table
     assert compare.spread([3.0]) == "3.0"
 
 
