@@ -54,36 +54,11 @@ METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher"), "st": ("bleu", "highe
 
 # Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
 DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
+_SMALL = "--dev-size 4 --batch-size 4 --grad-accum 1"  # what every --quick training run shares
 QUICK = {  # tiny budgets: every cell runs, nothing learns
-    "pretrain": [
-        "--max-steps",
-        "3",
-        "--emb-steps",
-        "1",
-        "--eval-every",
-        "2",
-        "--dev-size",
-        "4",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--center-items",
-        "8",
-    ],
-    "pretrain_asr": [
-        "--max-steps",
-        "2",
-        "--dev-size",
-        "4",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--center-items",
-        "8",
-    ],
-    "finetune": ["--max-steps", "2", "--dev-size", "4", "--batch-size", "4", "--grad-accum", "1"],
+    "pretrain": shlex.split(f"--max-steps 3 --emb-steps 1 --eval-every 2 {_SMALL} --center-items 8"),
+    "pretrain_asr": shlex.split(f"--max-steps 2 {_SMALL} --center-items 8"),
+    "finetune": shlex.split(f"--max-steps 2 {_SMALL}"),
     "evaluate": ["--limit", "4"],
 }
 
