@@ -249,9 +249,19 @@ def add_model_flags(p, from_init=False):
     )
 
 
+def add_demo_corpus_flag(p):
+    """--demo-corpus: which demo corpus the defaults read (demokit builds it on first use)."""
+    p.add_argument(
+        "--demo-corpus",
+        choices=["full", "large"],
+        default="full",
+        help="without --data: the demo corpus (large: every Bible verse left for train, 3x the QA; built once)",
+    )
+
+
 def add_data_flags(p, several, dev_use, max_audio_seconds, max_audio_note):
-    """--data, --dev-data, --dev-size, --skip-bad, --max-audio-seconds, --cache-features, --feature-cache-file.
-    several (finetune.py): --data and --dev-data take one manifest or more."""
+    """--data, --dev-data, --dev-size, --demo-corpus, --skip-bad, --max-audio-seconds, --cache-features,
+    --feature-cache-file. several (finetune.py): --data and --dev-data take one manifest or more."""
     g = p.add_argument_group("data")
     s, nargs = ("(s)", "+") if several else ("", None)
     g.add_argument("--data", nargs=nargs, help=f"training manifest{s} (JSONL; default: the demo corpus's)")
@@ -261,6 +271,7 @@ def add_data_flags(p, several, dev_use, max_audio_seconds, max_audio_note):
         help=f"dev manifest{s} for {dev_use} (default: the demo corpus's dev split when --data is default)",
     )
     g.add_argument("--dev-size", type=int, default=100, help=f"dev examples used for {dev_use}")
+    add_demo_corpus_flag(g)
     g.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
     g.add_argument(
         "--max-audio-seconds",

@@ -68,6 +68,12 @@ def get_args(argv=None):
     p.add_argument(
         "--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)"
     )
+    p.add_argument(
+        "--demo-corpus",
+        choices=["full", "large"],
+        default="full",
+        help="without --corpus: the demo corpus to use (large: every Bible verse left for train; built once)",
+    )
     p.add_argument("--out", default="out/compare", help="cells, tables, figures")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of the key cells (cos-all, asr, none)")
     p.add_argument(
@@ -132,11 +138,16 @@ def corpus_files(args):
     else:
         import demokit
 
-        corpus = demokit.demo_dir() / "corpus" if args.report else demokit.corpus_path()  # --report builds nothing
-    return {
+        size = args.demo_corpus
+        folder = demokit.demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
+        corpus = folder if args.report else demokit.corpus_path(size=size)  # --report builds nothing
+    files = {
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
         for split in ("train", "dev", "test")
-    }, corpus
+    }
+    if (corpus / "sentences_open_test.jsonl").is_file():  # ASR is also scored on it, in a column of its own
+        files["open_test"] = {"sentences": str(corpus / "sentences_open_test.jsonl")}
+    return files, corpus
 
 
 def model_flags(args):
@@ -221,7 +232,7 @@ def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, s
     scored = run_cell(out, f"evaluate-{name}", score, log)
     if trained is None or scored is None:
         return None
-    return {
+    cell = {
         "variant": variant,
         "seed": seed,
         "task": task,
@@ -231,6 +242,34 @@ def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, s
         "commands": [trained["command"], scored["command"]],
         **read_eval(folder / "eval.json"),
     }
+    return score_open_test(args, out, files, f"evaluate-open-{name}", score, folder, cell, log)
+
+
+def with_value(command, flag, value):
+    """`command` with the value after `flag` replaced."""
+    i = command.index(flag)
+    return [*command[: i + 1], str(value), *command[i + 2 :]]
+
+
+def score_open_test(args, out, files, name, command, folder, cell, log):
+    """ASR only: the same evaluate.py command on the open test split (an unseen text source and a held-out
+    voice), merged into the cell as open_<metric>. Other tasks, and corpora without that split: the cell."""
+    if cell["task"] != "asr" or "open_test" not in files:
+        return cell
+    command = with_value(
+        with_value(command, "--data", files["open_test"]["sentences"]), "--out", folder / "eval-open.json"
+    )
+    scored = run_cell(out, name, command, log)
+    if scored is None:  # --report, and this split not scored yet: the cell as it is
+        return cell
+    opened = read_eval(folder / "eval-open.json")
+    cell["metrics"].update({f"open_{k}": v for k, v in opened["metrics"].items()})
+    cell.update(
+        evaluate_seconds=cell["evaluate_seconds"] + scored["seconds"],
+        commands=[*cell["commands"], scored["command"]],
+        open_samples=opened["samples"],
+    )
+    return cell
 
 
 def finetune_epochs(args):
@@ -270,13 +309,14 @@ def topline(args, out, files, read, task, log):
     scored = run_cell(out, f"topline-{read}-{task}", command, log)
     if scored is None:
         return None
-    return {
+    cell = {
         "variant": f"read-{read}",
         "task": task,
         "evaluate_seconds": scored["seconds"],
         "commands": [scored["command"]],
         **read_eval(folder / "eval.json"),
     }
+    return score_open_test(args, out, files, f"topline-open-{read}-{task}", command, folder, cell, log)
 
 
 def read_eval(path):
@@ -307,12 +347,17 @@ def table(cells, stage1_seconds, args):
         ("asr", "wer", "ASR WER"),
         ("asr", "exact", "ASR exact"),
         ("asr", "wer_median", "ASR median WER"),
+        ("asr", "open_wer", "ASR WER, open test"),
         ("qa", "f1", "QA F1"),
         ("qa", "em", "QA EM"),
         ("st", "bleu", "ST BLEU"),
         ("st", "chrf", "ST chrF"),
     ]
-    columns = [c for c in columns if c[0] in args.tasks]
+    columns = [
+        c
+        for c in columns
+        if c[0] in args.tasks and (c[1] != "open_wer" or any("open_wer" in x["metrics"] for x in cells))
+    ]
     lines = [
         "| start | fine-tuning data | "
         + " | ".join(c[2] for c in columns)
@@ -370,7 +415,9 @@ def write_results(out, cells, stage1_seconds, args, started):
     )
     text = (
         f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
-        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split; "
+        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split, and "
+        "corpus WER on the open test split (where the corpus has one: a text source and a voice unseen in "
+        "training); "
         "QA: SQuAD F1 / EM (%). "
         f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}"
         f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: {wall / 60:.0f} min.\n"

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import jiwer
+import soundfile as sf
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -308,7 +309,12 @@ def get_args(argv=None):
         default=None,
         help="default: the checkpoint's fine-tuning task (all for a mix), retrieval for a stage-1 checkpoint",
     )
-    p.add_argument("--data", default=None, help="test manifest (default: the demo corpus's test split for the task)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="test manifest (default: the demo corpus's test split for the task; --data open: its open test split)",
+    )
+    common.add_demo_corpus_flag(p)
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -376,10 +382,14 @@ def default_task(meta):
     return "all" if meta["task"] == "mix" else meta["task"]
 
 
-def default_data(task):
+def demo_data(task, split, size):
+    """The demo corpus's manifest of `task` and `split` (test, or open: the open test split of the sentences)."""
     import demokit
 
-    return str(demokit.corpus_path() / f"{'qa' if task == 'qa' else 'sentences'}_test.jsonl")
+    if split == "open" and task == "qa":
+        raise UserError("--data open: the open test split holds sentences (ASR), not QA")
+    name = "sentences_open_test" if split == "open" else f"{'qa' if task == 'qa' else 'sentences'}_test"
+    return str(demokit.corpus_path(size=size) / f"{name}.jsonl")
 
 
 def answer_one(model, args, device, dtype):
@@ -398,6 +408,13 @@ def answer_one(model, args, device, dtype):
         raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
     if not Path(args.audio).is_file():
         raise UserError(f"--audio {args.audio}: no such file")
+    try:
+        sf.info(args.audio)
+    except Exception as e:  # soundfile raises its own error types for unreadable files
+        raise UserError(
+            f"--audio {args.audio}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) and MP3 are read "
+            "at any sample rate and channel count; convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
+        ) from None
     batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
     cap = answer_cap(args.task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
@@ -453,7 +470,7 @@ def main(argv=None):
         raise UserError("--task all scores each task on its own demo test split; with --data, name one --task")
     results = {}
     for task in ("asr", "st", "qa") if args.task == "all" else (args.task,):
-        data = args.data or default_data(task)
+        data = demo_data(task, args.data or "test", args.demo_corpus) if args.data in (None, "open") else args.data
         rows = read_manifest(data)[: args.limit]
         if task == "retrieval":
             layers = (
@@ -477,7 +494,7 @@ def main(argv=None):
                 for task, r in results.items()
             )
         )
-    out = Path(args.out or Path(args.ckpt) / f"eval-{args.task}.json")
+    out = Path(args.out or Path(args.ckpt) / f"eval-{args.task}{'-open' if args.data == 'open' else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results if args.task == "all" else results[args.task], indent=2, ensure_ascii=False))
     print(f"\nwrote {out}")

@@ -158,7 +158,7 @@ def load_data(args):
     if args.data is None:
         import demokit
 
-        corpus = demokit.corpus_path()
+        corpus = demokit.corpus_path(size=args.demo_corpus)
         args.data = [str(corpus / f"{name}_train.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.dev_data = args.dev_data or [str(corpus / f"{name}_dev.jsonl") for name in DEMO_MANIFESTS[args.task]]
         args.feature_cache_file = args.feature_cache_file or str(

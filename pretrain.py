@@ -206,7 +206,7 @@ def load_data(args):
     if args.data is None:  # the built-in demo corpus, synthesised offline on first use
         import demokit
 
-        corpus = demokit.corpus_path()
+        corpus = demokit.corpus_path(size=args.demo_corpus)
         args.data, args.dev_data = (
             str(corpus / "sentences_train.jsonl"),
             args.dev_data or str(corpus / "sentences_dev.jsonl"),

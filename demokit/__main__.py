@@ -21,6 +21,9 @@ def main(argv=None):
         "--small", action="store_true", help="build the small corpus (corpus-small/) instead of the full one"
     )
     p.add_argument(
+        "--size", choices=["full", "large", "small"], default=None, help="the corpus to build (default: full)"
+    )
+    p.add_argument(
         "--demo-dir", default=None, help="the cache folder (default: $SPEECHLLM_DEMO_DIR, else demo/ in the repo)"
     )
     args = p.parse_args(argv)
@@ -31,7 +34,7 @@ def main(argv=None):
         log(f"SmolLM2-135M-Instruct: {smollm2_path()}")
         log(f"Whisper tiny.en: {whisper_tiny_path()}")
     if args.only in (None, "corpus"):
-        log(f"corpus: {corpus_path(small=args.small)}")
+        log(f"corpus: {corpus_path(small=args.small, size=args.size)}")
     log(f"done in {time.time() - t0:.0f} s; everything is cached under {demo_dir()}")
 
 

@@ -2,12 +2,16 @@
 demokit/corpus.py: the spoken corpus. The plan (world.py) is synthesised in worker processes (tts.py), then
 written as manifests in the project's JSONL format (`audio` relative to the manifest's folder):
 
-    sentences_{train,dev,test}.jsonl   {"audio": "audio/s00001.wav", "text": "...", "translation": "<German>",
-                                        "tgt_lang": "de", "speaker": "hibari", "duration": 3.41}
+    sentences_{train,dev,test}.jsonl   {"audio": "audio/s00001.wav", "text": "<a Bible verse>", "translation":
+                                        "<the German verse>", "tgt_lang": "de", "speaker": "hibari",
+                                        "duration": 3.41, "source": "web", "ref": "43.11.35"}
+    sentences_open_test.jsonl          {"audio": "audio/o02701.wav", "text": "<a Wikipedia sentence>",
+                                        "speaker": "pico-gb", "duration": 4.2, "source": "wikipedia"}
     qa_{train,dev,test}.jsonl          {"task": "qa", "audio": "audio/p00001.wav", "text": "<passage>",
                                         "question": "...", "answer": "<a span of the passage>",
                                         "answer_start": 17, "speaker": "piper-joe", "duration": 9.8}
-    corpus.json                        counts, hours, voices, seed, build time, Whisper's WER per voice
+    corpus.json                        counts, hours, voices (and which is held out), the text sources and
+                                        their licences, seed, build time, Whisper's WER per voice
 """
 
 import json
@@ -18,8 +22,11 @@ from pathlib import Path
 
 from demokit import BuildError, log, whisper_tiny_path
 from demokit.models import transcribe, word_error_rate
-from demokit.tts import SAMPLE_RATE, VOICES, Voices
-from demokit.world import PITCH, SEED, SPEED, TEMPLATES, plan_corpus
+from demokit.text import SOURCES
+from demokit.tts import SAMPLE_RATE, VOICES, Voices, have_pico
+from demokit.world import PITCH, SEED, SPEED, plan_corpus
+
+SPLITS = {"sentences": ("train", "dev", "test", "open_test"), "qa": ("train", "dev", "test")}
 
 # -----------------------------------------------------------------------------
 # Synthesis in worker processes
@@ -91,8 +98,13 @@ def synthesise(plan, folder, seed, workers):
 def build_corpus(out, size="full", seed=SEED, workers=2):
     t0 = time.time()
     (out / "audio").mkdir()
-    plan = plan_corpus(size, seed)
-    log(f"synthesising {len(plan)} utterances with {workers} worker processes: {', '.join(VOICES)}")
+    pico = have_pico()
+    plan = plan_corpus(size, seed, pico=pico)
+    speakers = sorted({j["speaker"] for j in plan})
+    held_out = sorted({j["speaker"] for j in plan if j["split"] == "open_test"})
+    log(f"synthesising {len(plan)} utterances with {workers} worker processes: {', '.join(speakers)}")
+    if not pico:
+        log("ttspico is not installed: the corpus is built without the two Pico voices (corpus.json says so)")
     durations = synthesise(plan, out, seed, workers)
     tts_seconds = time.time() - t0
     manifests = manifest_lines(plan, durations)
@@ -104,8 +116,8 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         f"{kind}_{split}": round(
             sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split)) / 3600, 3
         )
-        for kind in ("sentences", "qa")
-        for split in ("train", "dev", "test")
+        for kind, splits in SPLITS.items()
+        for split in splits
     }  # a passage counts once
     summary = dict(
         size=size,
@@ -114,18 +126,23 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         lines={name: len(lines) for name, lines in manifests.items()},
         hours=hours,
         total_hours=round(sum(durations) / 3600, 3),
-        templates=len(TEMPLATES),
+        sources={name: SOURCES[name] for name in sorted({j.get("source") for j in plan} - {None})},
+        qa_text="passages of a small template world (demokit/world.py), written for this project",
         speed=SPEED,
         pitch=PITCH,
         voices={
-            name: dict(engine=engine, voice=voice, utterances=sum(j["speaker"] == name for j in plan))
-            for name, (engine, voice) in VOICES.items()
+            name: dict(
+                engine=VOICES[name][0], voice=VOICES[name][1], utterances=sum(j["speaker"] == name for j in plan)
+            )
+            for name in speakers
         },
+        held_out_voices=held_out,
+        pico="installed" if pico else "ttspico is not installed: built without the Pico voices",
         tts_seconds=round(tts_seconds, 1),
     )
     if size == "full":  # listen to a few dev sentences of every voice: a broken voice fails loudly here
         summary["whisper_wer"] = check_voices(
-            out, [j for j in plan if j["kind"] == "sentences" and j["split"] == "dev"]
+            out, [j for j in plan if j["kind"] == "sentences" and j["split"] in ("dev", "open_test")], speakers
         )
     summary["build_seconds"] = round(time.time() - t0, 1)
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -137,20 +154,15 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
 
 def manifest_lines(plan, durations):
     """The planned utterances and their durations -> {manifest file name: [JSON lines as dicts]}."""
-    manifests = {f"{kind}_{split}.jsonl": [] for kind in ("sentences", "qa") for split in ("train", "dev", "test")}
+    manifests = {f"{kind}_{split}.jsonl": [] for kind, splits in SPLITS.items() for split in splits}
     for job, seconds in zip(plan, durations):
         lines = manifests[f"{job['kind']}_{job['split']}.jsonl"]
         if job["kind"] == "sentences":
-            lines.append(
-                dict(
-                    audio=job["audio"],
-                    text=job["text"],
-                    translation=job["translation"],
-                    tgt_lang="de",
-                    speaker=job["speaker"],
-                    duration=round(seconds, 2),
-                )
-            )
+            line = dict(audio=job["audio"], text=job["text"])
+            if "translation" in job:  # Bible verses carry their German verse; Wikipedia sentences none
+                line.update(translation=job["translation"], tgt_lang="de")
+            line.update(speaker=job["speaker"], duration=round(seconds, 2), source=job["source"])
+            lines.append({**line, **({"ref": job["ref"]} if "ref" in job else {})})
         else:  # several questions share one spoken passage, as in SQuAD
             lines += [
                 dict(
@@ -168,14 +180,14 @@ def manifest_lines(plan, durations):
     return manifests
 
 
-def check_voices(folder, jobs, per_voice=8, limit=0.5):
+def check_voices(folder, jobs, speakers, per_voice=8, limit=0.5):
     """Whisper tiny.en's WER on `per_voice` utterances of every voice; fails if a voice is unintelligible."""
     import soundfile as sf
 
     whisper = whisper_tiny_path()
-    log(f"listening to every voice with Whisper tiny.en ({per_voice} dev sentences each)")
+    log(f"listening to every voice with Whisper tiny.en ({per_voice} dev or open-test sentences each)")
     results = {}
-    for speaker in VOICES:
+    for speaker in speakers:
         picked = [j for j in jobs if j["speaker"] == speaker][:per_voice]
         heard = transcribe(whisper, [sf.read(str(folder / j["audio"]), dtype="float32")[0] for j in picked])
         results[speaker] = round(word_error_rate([j["text"] for j in picked], heard), 3)

