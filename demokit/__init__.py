@@ -44,6 +44,7 @@ One job per file:
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -166,10 +167,16 @@ def whisper_tiny_path():
 def corpus_path(small=False, size=None):
     """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three times the QA
     passages; "small": a few of each, for tests), built on first use. small=True is size="small"."""
-    from demokit.corpus import build_corpus
+    from demokit.corpus import VERSION, build_corpus
 
     size = size or ("small" if small else "full")
     folder = demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
+    summary = folder / "corpus.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("version", 1) != VERSION:
+        raise BuildError(
+            f"{folder} was built by an older demokit (a corpus of another design); move it away or delete it "
+            f"(rm -r {folder}) and run again to build the current one"
+        )
     return build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
 
 

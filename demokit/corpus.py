@@ -26,6 +26,7 @@ from demokit.text import SOURCES
 from demokit.tts import SAMPLE_RATE, VOICES, Voices, have_pico
 from demokit.world import PITCH, SEED, SPEED, plan_corpus
 
+VERSION = 2  # of the corpus's design: 1 was template sentences; 2 real English text and an open test split
 SPLITS = {"sentences": ("train", "dev", "test", "open_test"), "qa": ("train", "dev", "test")}
 
 # -----------------------------------------------------------------------------
@@ -120,6 +121,7 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         for split in splits
     }  # a passage counts once
     summary = dict(
+        version=VERSION,
         size=size,
         seed=seed,
         workers=workers,

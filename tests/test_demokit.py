@@ -498,3 +498,11 @@ def test_small_corpus_build(tmp_path, monkeypatch):
     assert wavs and wavs == sorted(p.relative_to(again) for p in (again / "audio").glob("*.wav"))
     assert all((corpus / w).read_bytes() == (again / w).read_bytes() for w in wavs)
     assert all((corpus / n).read_text() == (again / n).read_text() for n in summary["lines"])
+
+
+def test_a_corpus_of_an_older_design_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"size": "full", "templates": 19}))  # version 1
+    with pytest.raises(demokit.BuildError, match="older demokit.*rm -r"):
+        demokit.corpus_path()
