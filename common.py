@@ -255,7 +255,8 @@ def add_demo_corpus_flag(p):
         "--demo-corpus",
         choices=["full", "large"],
         default="full",
-        help="without --data: the demo corpus (large: every Bible verse left for train, 3x the QA; built once)",
+        help="without --data (--corpus): the demo corpus (large: every Bible verse left for train, 3x the QA; built "
+        "once)",
     )
 
 

@@ -68,12 +68,7 @@ def get_args(argv=None):
     p.add_argument(
         "--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)"
     )
-    p.add_argument(
-        "--demo-corpus",
-        choices=["full", "large"],
-        default="full",
-        help="without --corpus: the demo corpus to use (large: every Bible verse left for train; built once)",
-    )
+    common.add_demo_corpus_flag(p)
     p.add_argument("--out", default="out/compare", help="cells, tables, figures")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of the key cells (cos-all, asr, none)")
     p.add_argument(
@@ -138,9 +133,8 @@ def corpus_files(args):
     else:
         import demokit
 
-        size = args.demo_corpus
-        folder = demokit.demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
-        corpus = folder if args.report else demokit.corpus_path(size=size)  # --report builds nothing
+        size = args.demo_corpus  # --report builds nothing
+        corpus = demokit.corpus_folder(size) if args.report else demokit.corpus_path(size=size)
     files = {
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
         for split in ("train", "dev", "test")

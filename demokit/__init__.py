@@ -164,13 +164,18 @@ def whisper_tiny_path():
     return build_once(demo_dir() / "models" / "whisper-tiny", build_whisper_tiny, "Whisper tiny.en")
 
 
+def corpus_folder(size="full"):
+    """Where the corpus of `size` lives (built or not): demo/corpus, demo/corpus-large, demo/corpus-small."""
+    return demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
+
+
 def corpus_path(small=False, size=None):
     """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three times the QA
     passages; "small": a few of each, for tests), built on first use. small=True is size="small"."""
     from demokit.corpus import VERSION, build_corpus
 
     size = size or ("small" if small else "full")
-    folder = demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
+    folder = corpus_folder(size)
     summary = folder / "corpus.json"
     if summary.is_file() and json.loads(summary.read_text()).get("version", 1) != VERSION:
         raise BuildError(

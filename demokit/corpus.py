@@ -164,7 +164,9 @@ def manifest_lines(plan, durations):
             if "translation" in job:  # Bible verses carry their German verse; Wikipedia sentences none
                 line.update(translation=job["translation"], tgt_lang="de")
             line.update(speaker=job["speaker"], duration=round(seconds, 2), source=job["source"])
-            lines.append({**line, **({"ref": job["ref"]} if "ref" in job else {})})
+            if "ref" in job:  # the verse, book.chapter.verse
+                line["ref"] = job["ref"]
+            lines.append(line)
         else:  # several questions share one spoken passage, as in SQuAD
             lines += [
                 dict(

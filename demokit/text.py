@@ -26,6 +26,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 
 from demokit import BuildError, demo_dir, fetch_wheel, log
+from model import write_atomically
 
 # The text sources: name -> what it is and its licence. (corpus.json repeats this.)
 SOURCES = {
@@ -145,9 +146,7 @@ def clean_german(text):
 
 def write_json(path, value):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)  # atomic: a killed build never leaves half a cache
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8"))
 
 
 # -----------------------------------------------------------------------------
