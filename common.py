@@ -110,7 +110,8 @@ SHAPE_FLAGS = {
 
 def qformer_config(args):
     """The projector's QFormerConfig from the flags (after the recipe or the --init checkpoint filled them)."""
-    return QFormerConfig(**{field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}, dropout=args.dropout)
+    shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
+    return QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
 
 
 def build_model(args, dtype):
@@ -146,6 +147,7 @@ RECIPES = {
             window=17,
             window_pos=False,
             dropout=0.1,
+            time_mask=0.0,
             sink_token=False,
             match_embedding_rms=False,
         ),
@@ -173,6 +175,7 @@ RECIPES = {
             window=17,
             window_pos=True,
             dropout=0.1,
+            time_mask=0.0,
             sink_token=True,
             match_embedding_rms=True,
         ),
@@ -314,6 +317,12 @@ def add_projector_flags(p, from_init=False):
         "--dropout",
         type=float,
         help="the projector's dropout (default: 0.1" + ("; the checkpoint's with --init)" if from_init else ")"),
+    )
+    g.add_argument(
+        "--time-mask",
+        type=float,
+        help="in training, zero about this share of the encoder frames in 0.2 s spans, SpecAugment-style "
+        "(default: 0" + ("; the checkpoint's with --init)" if from_init else ")"),
     )
     return g
 

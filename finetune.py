@@ -104,8 +104,8 @@ def same_model(given, saved, presets):
 
 def from_init(args):
     """--init <checkpoint>: the checkpoint decides the models, the projector's shape and its sink token (and,
-    unless --dropout, the dropout); a flag that says otherwise is a mistake. Fills those flags and returns
-    {flag: value} of what it set. --init none: nothing (the recipe decides)."""
+    unless --dropout / --time-mask, its dropout and time masking); a flag that says otherwise is a mistake.
+    Fills those flags and returns {flag: value} of what it set. --init none: nothing (the recipe decides)."""
     if args.init == "none":
         return {}
     path = Path(args.init) / "meta.json"
@@ -133,8 +133,9 @@ def from_init(args):
     chosen = {"llm": meta["llm"], "encoder": meta["encoder"]}
     chosen.update({flag: meta["qformer"][field] for flag, field in common.SHAPE_FLAGS.items()})
     chosen["sink_token"] = meta.get("sink_token", False)
-    if args.dropout is None:
-        chosen["dropout"] = meta["qformer"]["dropout"]
+    for flag in ("dropout", "time_mask"):  # training-only: the checkpoint's unless the flag says otherwise
+        if getattr(args, flag) is None:
+            chosen[flag] = meta["qformer"].get(flag, 0.0)
     for flag, value in chosen.items():
         setattr(args, flag, value)
     return chosen

@@ -166,6 +166,7 @@ class QFormerConfig:
     window: int = 17  # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
     dropout: float = 0.1  # BERT's hidden and attention dropout
     window_pos: bool = False  # add a learned position-within-window to the frames (not in the paper)
+    time_mask: float = 0.0  # in training, the share of encoder frames zeroed in 0.2 s spans (mask_time)
 
 
 class QFormerBlock(nn.Module):
@@ -191,6 +192,25 @@ class QFormerBlock(nn.Module):
         return self.norms[2](q + self.drop(self.ffn(q)))
 
 
+def mask_time(frames, mask, share, span=10):
+    """SpecAugment's time masking on the encoder frames [B, T, D]: zero spans of `span` frames (0.2 s) at
+    random starts, about `share` of each utterance's valid frames (spans may overlap). HuBERT does the same
+    to its own features in train mode (mask_time_prob 0.05, mask_time_length 10), as the authors' trainer
+    leaves it; the demo's cached Whisper frames need it done here. A regulariser: the projector cannot
+    lean on any one stretch of the audio."""
+    keep = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+    for row, length in enumerate(mask.sum(-1).tolist()):
+        if length <= span:
+            continue
+        spans = int(share * length / span + torch.rand(()).item())  # stochastic rounding, as HF's
+        for start in torch.randint(0, length - span + 1, (spans,)).tolist():
+            keep[row, start : start + span] = False
+    return frames * keep[:, :, None]
+
+
+REGULARISERS = ("dropout", "time_mask")  # QFormerConfig fields that only act in training
+
+
 class WindowQFormer(nn.Module):
     """Encoder frames [B, T, D_enc] -> LLM input embeddings [B, W*Q, D_llm], W = ceil(T / window).
 
@@ -209,6 +229,8 @@ class WindowQFormer(nn.Module):
         self.out = nn.Linear(cfg.dim, llm_dim)
 
     def forward(self, frames, mask):
+        if self.training and self.cfg.time_mask > 0:
+            frames = mask_time(frames, mask, self.cfg.time_mask)
         B, T, D = frames.shape
         k, Q = self.cfg.window, self.cfg.queries
         W = -(-T // k)  # ceil
@@ -492,8 +514,8 @@ class SpeechLLM(nn.Module):
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
             theirs, ours = meta.get(key), mine[key]
-            if key == "qformer":  # the dropout rate is no part of the shape: fine-tuning may change it
-                theirs, ours = ({k: v for k, v in (c or {}).items() if k != "dropout"} for c in (theirs, ours))
+            if key == "qformer":  # dropout and time masking are no part of the shape: fine-tuning may change them
+                theirs, ours = ({k: v for k, v in (c or {}).items() if k not in REGULARISERS} for c in (theirs, ours))
             if theirs != ours:
                 raise ModelError(
                     f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "

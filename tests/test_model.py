@@ -6,7 +6,7 @@ import torch
 from tiny import write_manifest
 
 from data import Collator, load_audio, read_manifest, task_examples
-from model import ModelError, QFormerConfig, SpeechLLM, WindowQFormer
+from model import ModelError, QFormerConfig, SpeechLLM, WindowQFormer, mask_time
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,36 @@ def test_padding_frames_do_not_change_valid_outputs():
     out, out_mask = q(padded, torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1))
     torch.testing.assert_close(out[:, : alone.shape[1]], alone)
     assert out_mask[0, alone.shape[1] :].sum() == 0
+
+
+def test_time_mask_zeroes_spans_of_valid_frames_only():
+    torch.manual_seed(0)
+    frames = torch.randn(64, 300, 4) + 10  # no frame is zero by chance
+    lengths = torch.randint(100, 301, (64,))
+    mask = torch.arange(300)[None] < lengths[:, None]
+    out = mask_time(frames, mask, 0.1)
+    zeroed = (out == 0).all(-1)
+    assert not (zeroed & ~mask).any()  # the padding is left as it is...
+    assert torch.equal(out[~zeroed], frames[~zeroed])  # ...and so are the kept frames
+    share = (zeroed.sum(-1) / lengths).mean()
+    assert 0.08 < share < 0.12  # 10% in expectation (a little less where spans overlap)
+    for row in zeroed:  # every masked stretch is one span of 10 frames, or overlapping spans: never shorter
+        edges = torch.diff(torch.cat([torch.tensor([0]), row.int(), torch.tensor([0])]))
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        assert ((ends - starts) >= 10).all()
+    short = torch.ones(1, 8, dtype=torch.bool)  # shorter than a span: nothing to mask
+    assert torch.equal(mask_time(frames[:1, :8], short, 0.5), frames[:1, :8])
+
+
+def test_time_mask_acts_in_training_only():
+    torch.manual_seed(0)
+    cfg = QFormerConfig(dim=16, heads=2, layers=1, queries=2, window=4, dropout=0.0, time_mask=0.5)
+    q = WindowQFormer(enc_dim=8, llm_dim=8, cfg=cfg)
+    frames, mask = torch.randn(2, 40, 8), torch.ones(2, 40, dtype=torch.bool)
+    q.eval()
+    torch.testing.assert_close(q(frames, mask)[0], q(frames, mask)[0])
+    q.train()
+    assert not torch.allclose(q(frames, mask)[0], q.eval()(frames, mask)[0])
 
 
 def test_paper_projector_size():
@@ -136,6 +166,8 @@ def test_projector_checkpoint_roundtrip_and_mismatch(model, paths, tmp_path):
     for a, b in zip(model.projector.state_dict().values(), other.projector.state_dict().values()):
         assert torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "projector.safetensors"]
+    masked = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, time_mask=0.05))
+    masked.load_projector(tmp_path / "ckpt")  # dropout and time masking are no part of the shape
     wider = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=64, heads=4, layers=2))
     with pytest.raises(ModelError, match="qformer"):
         wider.load_projector(tmp_path / "ckpt")
