@@ -71,9 +71,9 @@ def print0(*args, **kwargs):
 
 
 def autocast(device, dtype):
-    """bf16/fp16 autocast on CUDA (the frozen weights are loaded in that dtype too); float32 on CPU."""
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
+    """bf16/fp16 autocast (the frozen weights are loaded in that dtype too; the projector stays float32)."""
+    if dtype != torch.float32:
+        return torch.autocast(device.type, dtype=dtype)
     return nullcontext()
 
 

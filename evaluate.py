@@ -212,14 +212,14 @@ def generate_answers(
         idx = order[start : start + batch_size]
         caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
         instructions = [examples[i]["instruction"] for i in idx]
+        read = "heard" in examples[idx[0]]  # --read transcript|whisper: a text's token embeddings for the speech
+        # collated outside autocast: the log-mel must stay float32
+        batch = None if read else to_device(collate([examples[i] for i in idx]), device)
         with common.autocast(device, dtype):
-            if (
-                "heard" in examples[idx[0]]
-            ):  # --read transcript|whisper: a text's token embeddings in the speech's place
+            if read:
                 heard, heard_mask = embed_texts(model, [examples[i]["heard"] for i in idx], device)
                 out, why = model.generate_from(heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True)
             else:
-                batch = to_device(collate([examples[i] for i in idx]), device)
                 out, why = model.generate(batch, instructions, caps, loop_repeats, stop_reasons=True)
         for i, text, reason in zip(idx, out, why):
             answers[i], reasons[i] = text.split("\n")[0].strip(), reason  # as the authors (stop string "\n")

@@ -210,8 +210,9 @@ def dev_loss(model, dev, collate, batch_size, device, dtype):
     total = 0.0
     for i in range(0, len(dev), batch_size):
         chunk = dev[i : i + batch_size]
+        batch = to_device(collate(chunk), device)  # outside autocast: the log-mel must stay float32
         with common.autocast(device, dtype):
-            total += answer_loss(model, to_device(collate(chunk), device)).item() * len(chunk)
+            total += answer_loss(model, batch).item() * len(chunk)
     model.train(was_training)
     return total / len(dev)
 

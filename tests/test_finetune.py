@@ -258,6 +258,22 @@ def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, m
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in frozen.items())
 
 
+def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
+    """--dtype bfloat16 on a CPU (autocast; the frozen weights in bf16, the projector in float32): it runs
+    through the Whisper log-mel path (which must stay float32) and gives about the float32 losses."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        common_flags = ["--llm", paths["llm"], "--encoder", paths["whisper"], *TINY_PROJECTOR, "--seed", "0"]
+        finetune.main(
+            ft_args(paths, manifest, out, "--task", "asr", "--init", "none", *common_flags, "--max-steps", "3")
+            + ["--dtype", dtype, "--dropout", "0"]
+        )
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        losses[dtype] = [r["loss"] for r in log if "loss" in r] + [log[-1]["dev_loss"]]
+    torch.testing.assert_close(torch.tensor(losses["bfloat16"]), torch.tensor(losses["float32"]), rtol=0.02, atol=0)
+
+
 def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends with the projector of an uninterrupted
     run (same data order, optimiser state and dropout RNG: common.resume, shared with pretrain.py)."""
