@@ -20,7 +20,8 @@ with every transcript, and an InfoNCE loss asks each transcript to pick out its 
              total = plain sum over the layers (not the mean). tau = 0.1, fixed.
 
 Only the speech side learns: the text side has no trainable parameter, so it is detached (and may even be
-pooled once and cached: text_pooled=). All the loss math runs in float32 whatever the model's dtype.
+pooled once and cached: text_pooled=). All the loss math runs in float32 whatever the model's dtype, with
+autocast switched off (float32_math).
 
 This file is the reference: plain PyTorch, nothing in it exists for speed. contrastive_fast.py has the same
 functions with the same signatures and the same numbers, faster (what pretrain.py runs unless given
@@ -38,10 +39,21 @@ Sections: which layers | masked mean pooling | centring, cosine logits and retri
 divergence | InfoNCE and the full loss.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def float32_math():
+    """Autocast off, as a `with` block or a decorator. Under bf16 autocast (--dtype bfloat16) even a product
+    of float32 tensors runs in bf16, whose 3 significant digits would blur the pooled sums and the logits
+    (cosines / 0.1)."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
 
 # -----------------------------------------------------------------------------
 # Which layers
@@ -88,6 +100,7 @@ def _stacked(states):
     return states
 
 
+@float32_math()
 def masked_mean(states, mask):
     """Mean over the valid time steps, every layer at once: states [L, B, T, D] (or a list of L [B, T, D]),
     bool mask [B, T] (True = counts) -> float32 [L, B, D]. Padding is replaced by 0 before the sum, so
@@ -251,6 +264,7 @@ def _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_
         raise ValueError("the text and the speech side need the same number of layers")
 
 
+@float32_math()
 def contrastive_loss(
     text_states,
     text_pool_mask,

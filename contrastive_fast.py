@@ -25,7 +25,15 @@ import os
 
 import torch
 
-from contrastive import _check_loss_arguments, _diameter, _epsilon_schedule, _log_weights, cos_logits, info_nce
+from contrastive import (
+    _check_loss_arguments,
+    _diameter,
+    _epsilon_schedule,
+    _log_weights,
+    cos_logits,
+    float32_math,
+    info_nce,
+)
 
 try:  # Triton is optional: kernel="torch" (the default) needs only PyTorch.
     import triton
@@ -111,6 +119,7 @@ def _resolve_kernel(kernel, states):
     return "torch"
 
 
+@float32_math()
 def masked_mean(states, mask, kernel="torch"):
     """contrastive.masked_mean: states list of L [B, T, D] or [L, B, T, D], bool mask [B, T] -> float32
     [L, B, D]. kernel: "torch" | "triton" (one Triton launch over all layers) | "auto" (Triton when it is
@@ -318,6 +327,7 @@ def wasserstein_logits(text_states, text_pool_mask, speech_states, speech_pool_m
 # The loss: contrastive.contrastive_loss on the functions above
 
 
+@float32_math()
 def contrastive_loss(
     text_states,
     text_pool_mask,

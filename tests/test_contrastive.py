@@ -261,6 +261,21 @@ def test_bf16_inputs_use_float32_math(impl):
             assert close(g.float(), r.bfloat16().float(), rtol=1e-2, atol=1e-6)
 
 
+@IMPLS
+def test_autocast_does_not_reach_the_loss_math(impl):
+    """Under bf16 autocast (--dtype bfloat16, CPU or CUDA) a product of float32 tensors would run in bf16;
+    the loss switches autocast off, so it gives the float32 numbers exactly."""
+    text, text_mask = ragged(T=9, seed=11)
+    speech, speech_mask = ragged(T=20, seed=12)
+    for sim in ("cos", "wasserstein"):
+        ref = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim, return_logits=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim, return_logits=True)
+            pooled = impl.masked_mean(speech, speech_mask)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), sim
+        assert torch.equal(pooled, impl.masked_mean(speech, speech_mask))
+
+
 # -----------------------------------------------------------------------------
 # The Sinkhorn divergence and the Wasserstein loss
 
