@@ -78,8 +78,11 @@ def autocast(device, dtype):
 
 
 def resolve_dtype(name, device):
+    """--dtype -> a torch dtype. auto: bf16 where the hardware multiplies bf16 natively (CUDA, or a CPU with
+    Intel AMX), float32 elsewhere (an emulated bf16 would be slower than float32)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+        return torch.bfloat16 if native else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -353,7 +356,7 @@ def add_system_flags(p, training=True):
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="auto = bf16 on CUDA, float32 on CPU",
+        help="auto = bf16 on CUDA and on CPUs with AMX (recent Intel Xeons), float32 elsewhere",
     )
     if training:
         g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")

@@ -46,6 +46,8 @@ def args_for(paths, manifest, out, *extra):
         "0,5,10",
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # exact equality is a float32 property (auto is bf16 on a CPU with AMX)
         "--lr",
         "1e-3",
         "--warmup-ratio",
