@@ -194,10 +194,11 @@ class QFormerBlock(nn.Module):
 
 def mask_time(frames, mask, share, span=10):
     """SpecAugment's time masking on the encoder frames [B, T, D]: zero spans of `span` frames (0.2 s) at
-    random starts, about `share` of each utterance's valid frames (spans may overlap). HuBERT does the same
-    to its own features in train mode (mask_time_prob 0.05, mask_time_length 10), as the authors' trainer
-    leaves it; the demo's cached Whisper frames need it done here. A regulariser: the projector cannot
-    lean on any one stretch of the audio."""
+    random starts, about `share` of each utterance's valid frames (spans may overlap). A regulariser: the
+    projector cannot lean on any one stretch of the audio. HuBERT masks its own features so in train mode
+    (mask_time_prob 0.05, mask_time_length 10), which the authors' trainer probably leaves on; here the
+    encoder always runs in eval mode (and its frames may come from the cache), so this flag is the only
+    masking."""
     keep = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
     for row, length in enumerate(mask.sum(-1).tolist()):
         if length <= span:
