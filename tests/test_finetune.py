@@ -52,6 +52,8 @@ def ft_args(paths, manifest, out, *extra):
         "1",
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
         "--no-cache-features",
         *extra,
     ]
