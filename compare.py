@@ -4,7 +4,7 @@ at the embedding layer or at all layers, cosine or Wasserstein, contrastive + AS
 on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the task-specialised model
 the paper compares against) -> test scores, next to a text topline and a Whisper cascade.
 
-    python compare.py                          # the demo grid (2 CPU cores: ~4.5 h in float32, est. ~3.2 h in bf16); rerun to continue
+    python compare.py                          # the demo grid (2 cores: ~4.5 h float32); rerun to continue
     python compare.py --quick                  # the whole grid with tiny budgets, in minutes (a smoke test)
     python compare.py --corpus /data/mine      # another corpus in the demo's layout (below)
     python compare.py --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44   # the paper's setup (GPU)
