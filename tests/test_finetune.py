@@ -260,6 +260,18 @@ def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, m
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in frozen.items())
 
 
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    import common
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert common.resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert common.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # emulated bf16: slower
+    assert common.resolve_dtype("auto", cpu) == torch.float32
+    assert common.resolve_dtype("float32", cuda) == torch.float32
+
+
 def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
     """--dtype bfloat16 on a CPU (autocast; the frozen weights in bf16, the projector in float32): it runs
     through the Whisper log-mel path (which must stay float32) and gives about the float32 losses."""
