@@ -133,7 +133,7 @@ def corpus_files(args):
     else:
         import demokit
 
-        size = args.demo_corpus  # --report builds nothing
+        size = args.demo_corpus  # --report only reads: it finds the folder and builds nothing
         corpus = demokit.corpus_folder(size) if args.report else demokit.corpus_path(size=size)
     files = {
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}

@@ -15,7 +15,7 @@ The scripts call these functions; each builds its folder on first use and return
                                                     Hugging Face folder with its tokenizer and chat template
     whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a WhisperForConditionalGeneration folder
                                                     with its WhisperProcessor (feature extractor + tokenizer)
-    corpus_path()         demo/corpus               about 4.5 h of synthesised speech (manifests: corpus.py)
+    corpus_path()         demo/corpus               5.1 h of synthesised speech (manifests: corpus.py)
     corpus_path(size="large")  demo/corpus-large    14.4 h: every Bible verse left for train, 3x the QA
     corpus_path(small=True)  demo/corpus-small      56 sentences and 24 QA items
     tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert | whisper)
