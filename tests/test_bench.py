@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_prints_every_row_and_our_wasserstein_matches_geomloss():
     pytest.importorskip("geomloss")
-    cmd = [sys.executable, "bench.py", "--repeats", "1", "--small-corpus"]
+    cmd = [sys.executable, "-m", "scripts.bench", "--repeats", "1", "--small-corpus"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| \d\. ", line)]

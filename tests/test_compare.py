@@ -6,7 +6,7 @@ import json
 import pytest
 from tiny import write_manifest
 
-import compare
+from scripts import compare
 
 
 @pytest.fixture(scope="module")

@@ -423,7 +423,8 @@ def project_imports(path):
     return names & own - {path.stem}
 
 
-SCRIPTS = {"pretrain", "finetune", "evaluate", "bench", "compare", "prepare_data", "plot_log"}
+SCRIPTS = {"pretrain", "finetune", "evaluate"}
+TOOLS = {"bench", "compare", "prepare_data", "plot_log"}  # scripts/, run as python -m scripts.<name>
 LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
 
 
@@ -452,6 +453,7 @@ def test_imports_run_one_way():
         assert project_imports(path) <= {"model", "demokit"}, path.name
     for name in sorted(SCRIPTS):
         assert not project_imports(REPO / f"{name}.py") & SCRIPTS, f"{name}.py imports a script"
+    assert {p.stem for p in (REPO / "scripts").glob("*.py")} == TOOLS
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from tiny import write_manifest
 
 import common
-import plot_log
+from scripts import plot_log
 import pretrain
 from data import UserError
 

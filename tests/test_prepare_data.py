@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import prepare_data
+from scripts import prepare_data
 from data import UserError, load_row_audio, read_manifest, task_examples
 
 
@@ -398,13 +398,9 @@ def test_a_user_error_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "prepare_data.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "mustc", str(tmp_path), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    repo = Path(__file__).resolve().parents[1]
+    argv = ["-m", "scripts.prepare_data", "mustc", str(tmp_path), "--out", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"prepare_data.py: error: {tmp_path}: no MuST-C language pair here " + (
         "(expected folders like en-de/data/train/wav)"

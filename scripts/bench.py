@@ -1,10 +1,10 @@
 """
 bench.py: speed and memory, measured side by side, printed as one markdown table.
 
-    python bench.py                   # everything
-    python bench.py --only loss       # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
-    python bench.py --only step       # section 3: one pretraining step, broken down
-    python bench.py --only loss --repeats 3 --threads 1   # one CPU thread (the default: all cores)
+    python -m scripts.bench                   # everything
+    python -m scripts.bench --only loss       # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
+    python -m scripts.bench --only step       # section 3: one pretraining step, broken down
+    python -m scripts.bench --only loss --repeats 3 --threads 1   # one CPU thread (the default: all cores)
 
 Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7 layers,
 D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the authors' loop (per

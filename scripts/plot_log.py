@@ -2,9 +2,9 @@
 plot_log.py: a run's log.jsonl as one PNG: the loss over the steps, and for stage 1 the in-batch and the dev
 speech->text R@1 of every contrastive layer.
 
-    python plot_log.py out/pretrain/log.jsonl                 # -> out/pretrain/log.png
-    python plot_log.py out/finetune-qa/log.jsonl --out qa.png  # stage 2: training and dev loss
-    python plot_log.py runs/contr-cos-all/log.jsonl --smooth 50   # a running mean over 50 steps (long runs)
+    python -m scripts.plot_log out/pretrain/log.jsonl                 # -> out/pretrain/log.png
+    python -m scripts.plot_log out/finetune-qa/log.jsonl --out qa.png  # stage 2: training and dev loss
+    python -m scripts.plot_log runs/contr-cos-all/log.jsonl --smooth 50   # a running mean over 50 steps (long runs)
 
 The log is what pretrain.py and finetune.py write (common.JsonLog): one line per training step (loss,
 per_layer, acc = in-batch R@1 per layer, lr, ...) and one per dev evaluation (dev_r1, dev_r1_centred per

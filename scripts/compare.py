@@ -4,10 +4,10 @@ at the embedding layer or at all layers, cosine or Wasserstein, contrastive + AS
 on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the task-specialised model
 the paper compares against) -> test scores, next to a text topline and a Whisper cascade.
 
-    python compare.py                          # the demo grid (2 cores: ~4.5 h float32); rerun to continue
-    python compare.py --quick                  # the whole grid with tiny budgets, in minutes (a smoke test)
-    python compare.py --corpus /data/mine      # another corpus in the demo's layout (below)
-    python compare.py --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44   # the paper's setup (GPU)
+    python -m scripts.compare                          # the demo grid (2 cores: ~4.5 h float32); rerun to continue
+    python -m scripts.compare --quick                  # the whole grid with tiny budgets, in minutes (a smoke test)
+    python -m scripts.compare --corpus /data/mine      # another corpus in the demo's layout (below)
+    python -m scripts.compare --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44   # the paper's setup (GPU)
 
 It runs the scripts as a user would (`python pretrain.py ...`, `python finetune.py ...`, `python
 evaluate.py ...`), one cell at a time, and records each finished cell in <out>/cells/<name>.json (its
@@ -34,7 +34,7 @@ import torch
 
 import common
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------
 # The grid: stage-1 variants (pretrain.py flags on top of its recipe), then fine-tuning cells

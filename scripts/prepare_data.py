@@ -1,13 +1,13 @@
 """
 prepare_data.py: the corpora as people download them -> data.py's JSONL manifests, one command each.
 
-    python prepare_data.py mustc /data/MUST-C --out data/paper          # every en-<tgt> pair and split found
-    python prepare_data.py spoken-squad /data/Spoken-SQuAD --out data/paper
-    python prepare_data.py librispeech /data/LibriSpeech --out data/libri --lowercase
-    python prepare_data.py hf /data/authors/en-de/train.parquet --preset mustc --out data/paper   # the authors' data
-    python prepare_data.py hf /data/authors/spoken_squad_train.parquet --preset spoken-squad --out data/paper
-    python prepare_data.py hf /data/my_saved_dataset --split test --text-column sentence --out data/mine
-    python prepare_data.py mix data/paper     # the paper's selection, in the layout compare.py and the README use
+    python -m scripts.prepare_data mustc /data/MUST-C --out data/paper          # every en-<tgt> pair and split found
+    python -m scripts.prepare_data spoken-squad /data/Spoken-SQuAD --out data/paper
+    python -m scripts.prepare_data librispeech /data/LibriSpeech --out data/libri --lowercase
+    python -m scripts.prepare_data hf /data/authors/en-de/train.parquet --preset mustc --out data/paper   # the authors' data
+    python -m scripts.prepare_data hf /data/authors/spoken_squad_train.parquet --preset spoken-squad --out data/paper
+    python -m scripts.prepare_data hf /data/my_saved_dataset --split test --text-column sentence --out data/mine
+    python -m scripts.prepare_data mix data/paper     # the paper's selection, in the layout compare.py and the README use
 
 What each writes (into --out):
 
