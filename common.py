@@ -1,20 +1,10 @@
 """
-common.py: what the scripts share, so each of them reads as one loop. No script imports another: what two
-of them need lives here (or below: data.py, contrastive.py, model.py).
+common.py: the recipes and the flags the two training scripts share, then their plumbing (nanochat's
+common.py): one-line errors, models by name, torchrun setup, the data order, the schedule, checkpoints,
+atomic writes and the log. It imports nothing from the project, so every other file can import it.
 
-- distributed setup for torchrun (nanoGPT style, inline, no framework) and print0
-- the one place where a --llm / --encoder name becomes a folder or hub id, demo presets included
-  (resolve_model), and where the flags become a SpeechLLM (build_model)
-- the command line: the two recipes (paper, demo), the flags pretrain.py and finetune.py share (and
-  evaluate.py's --device / --dtype), declared once, and run_main: a user error is one line, not a traceback
-- stage 1's forward: speech and transcript through the frozen LLM (pretrain.py's loss, the retrieval of
-  pretrain.py and evaluate.py, bench.py)
-- the data order: a seeded permutation per epoch, cut into global batches, sharded over ranks, resumable
-- the optimiser and the paper's schedule (AdamW, cosine with linear warmup)
-- the pieces of one optimiser step: DDP around the projector, gradient sync on the last micro-step only,
-  clip + non-finite guard + step
-- checkpoints that a killed run resumes from exactly: projector + optimiser + step + RNG + data position,
-  written atomically (temporary folder, then rename), the last few kept; the stored retrieval centres
+    python pretrain.py --help                 # every flag with the value that will run (the demo's recipe)
+    python pretrain.py --llm llama --help     # the same under the paper's recipe
 """
 
 import argparse
@@ -23,29 +13,272 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-import contrastive
-from data import Collator, UserError, to_device
-from model import ModelError, QFormerConfig, SpeechLLM, resolve, unwrap, write_atomically, write_folder_atomically
+# -----------------------------------------------------------------------------
+# Recipes: the defaults of every flag a run leaves out. "paper" = the authors' scripts (the default for every
+# LLM but the demo's). "demo" = what makes the all-layer loss learn within minutes on a 2-core CPU with a 135M
+# LLM; the README's recipe table says what each departure buys.
+#   model     the models and the projector (pretrain.py, and finetune.py --init none; a checkpoint brings its own)
+#   pretrain  stage 1's loss and optimisation
+#   finetune  stage 2's optimisation
+
+RECIPES = {
+    "paper": dict(
+        model=dict(encoder="hubert", qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17,
+                   window_pos=False, dropout=0.1, time_mask=0.0, sink_token=False, match_embedding_rms=False),
+        pretrain=dict(lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0, warmup_ratio=0.03,
+                      center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
+        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000),
+    ),
+    "demo": dict(
+        model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
+                   window=17, window_pos=True, dropout=0.1, time_mask=0.0, sink_token=True,
+                   match_embedding_rms=True),
+        pretrain=dict(lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
+                      center=True, emb_steps=400, emb_lr=1e-3, eval_every=100),
+        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
+    ),
+}  # fmt: skip
+
+# the projector's shape flags -> QFormerConfig's fields (dropout and time_mask only act in training)
+SHAPE_FLAGS = dict(qformer_dim="dim", qformer_heads="heads", qformer_layers="layers", queries="queries",
+                   window="window", window_pos="window_pos")  # fmt: skip
+
+
+def recipe_defaults(first, given, parts):
+    """The recipe's values of `parts` ("model", "pretrain", "finetune") as argparse defaults. first: the
+    command line parsed once (its --recipe and --llm pick the recipe: demo for --llm smollm2, else paper);
+    given: the flags on the command line. Also sets `recipe_set` (what the recipe decided, for the run's
+    first line and meta.json)."""
+    name = first.recipe or ("demo" if first.llm == "smollm2" else "paper")
+    because = "--recipe" if first.recipe else f"the default for --llm {first.llm}"
+    values = {flag: value for part in parts for flag, value in RECIPES[name][part].items()}
+    chosen = {flag: value for flag, value in values.items() if flag not in given}
+    return {**values, "recipe": name, "recipe_set": {"name": name, "because": because, "set": chosen}}
+
+
+def parse_args(p, argv, defaults_for):
+    """Parse twice: once for the flags the defaults depend on (--llm, --recipe, --init, ...), then with the
+    defaults defaults_for(first, given) returns, so --help and the run show the values that will run."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    first, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    p.set_defaults(**defaults_for(first, given_flags(p, argv)))
+    return p.parse_args(argv)
+
+
+def given_flags(p, argv):
+    """The dest of every flag written on the command line (the parsers take no abbreviations)."""
+    written = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {action.dest for action in p._actions if written & set(action.option_strings)}
+
+
+def announce(what, chosen):
+    """'recipe demo (the default for --llm smollm2) sets encoder=whisper-tiny ... / lr=0.0003 ...'."""
+    models = {"llm", *RECIPES["paper"]["model"]}
+    first = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag in models)
+    second = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag not in models)
+    print0(f"{what} sets " + ("\n    ".join(line for line in (first, second) if line) or "nothing"))
+
+
+# -----------------------------------------------------------------------------
+# The flags pretrain.py and finetune.py share. A flag a recipe sets is declared without a default: the
+# script's parse_args fills it in before the final parse.
+
+LLMS = "llama | smollm2 | tiny | a hub id | a local folder"
+ENCODERS = "hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a local folder"
+ON_OFF = argparse.BooleanOptionalAction
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default (the value that will run) after its help."""
+
+
+def parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def add_model_flags(p):
+    g = p.add_argument_group("models")
+    g.add_argument("--llm", default="smollm2", help=LLMS)
+    g.add_argument("--encoder", help=ENCODERS)
+    g.add_argument("--recipe", choices=list(RECIPES), help="the defaults of the flags left out")
+
+
+def add_data_flags(p, several, max_audio_seconds):
+    """several (finetune.py): --data and --dev-data take one manifest or more."""
+    g = p.add_argument_group("data")
+    nargs = "+" if several else None
+    g.add_argument("--data", nargs=nargs, default="demo", help="training manifest(s), JSONL; demo: the demo's")
+    g.add_argument("--dev-data", nargs=nargs, help="dev manifest(s); demo: the demo's dev split")
+    g.add_argument("--dev-size", type=int, default=100, help="dev examples used")
+    add_demo_corpus_flag(g)
+    g.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted)")
+    g.add_argument("--max-audio-seconds", type=float, default=max_audio_seconds, help="skip longer audio")
+    g.add_argument("--cache-features", action=ON_OFF, default=True, help="keep encoder outputs in memory")
+    g.add_argument("--feature-cache-file", help="and in this file across runs")
+
+
+def add_demo_corpus_flag(p):
+    p.add_argument("--demo-corpus", choices=["full", "large"], default="full", help="which demo corpus")
+
+
+def data_defaults(first, encoder):
+    """The demo corpus's dev split and feature cache when --data is the demo's (demokit builds it on use)."""
+    if first.data not in ("demo", ["demo"]):
+        return {}
+    import demokit  # the demo's plumbing, outside the tutorial files
+
+    encoder = encoder.replace("/", "_")
+    cache = demokit.corpus_folder(first.demo_corpus) / f"features-{encoder}.pt"
+    return {"dev_data": first.dev_data or "demo", "feature_cache_file": first.feature_cache_file or str(cache)}
+
+
+def add_projector_flags(p, title="projector"):
+    g = p.add_argument_group(title)
+    g.add_argument("--qformer-dim", type=int, help="Q-Former width")
+    g.add_argument("--qformer-heads", type=int, help="attention heads")
+    g.add_argument("--qformer-layers", type=int, help="Q-Former blocks")
+    g.add_argument("--queries", type=int, help="query tokens per window")
+    g.add_argument("--window", type=int, help="encoder frames per window (17 = 0.34 s)")
+    g.add_argument("--window-pos", action=ON_OFF, help="learned position within the window")
+    g.add_argument("--match-embedding-rms", action=ON_OFF, help="start at the LLM's embedding scale")
+    g.add_argument("--dropout", type=float, help="the projector's dropout")
+    g.add_argument("--time-mask", type=float, help="share of encoder frames masked in training")
+
+
+def add_optimisation_flags(p):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help="per device")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--epochs", type=float, help="passes over the training data")
+    g.add_argument("--max-steps", type=int, default=0, help="optimiser steps (0: from --epochs)")
+    g.add_argument("--warmup-ratio", type=float, help="linear warmup, a share of the steps")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--seed", type=int, default=42, help="initialisation, data order, dropout")
+
+
+def add_system_flags(p, training=True):
+    """--device, --dtype; for training also checkpoints, --resume and the optional log destinations."""
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    g.add_argument("--dtype", choices=dtypes, default="auto", help="auto: bf16 on CUDA and AMX CPUs")
+    if training:
+        g.add_argument("--eval-every", type=int, help="dev evaluation every N steps (0: at the end)")
+        g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+        g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+        g.add_argument("--wandb-project", default="contrastive-speechllm", help="the W&B project")
+        g.add_argument("--tensorboard", action="store_true", help="also write <out>/tensorboard/")
+    return g
+
+
+# -----------------------------------------------------------------------------
+# User errors: one line, not a traceback
+
+
+class UserError(Exception):
+    """A mistake in the input (a bad manifest line, conflicting flags): the scripts print it as one line."""
+
+
+class ModelError(Exception):
+    """A model that cannot be reached or loaded, or a checkpoint that is missing or does not fit."""
+
+
+def run_main(main):
+    """Every script ends in `common.run_main(main)`: a UserError or ModelError is one line on stderr and exit
+    status 1; anything else is a bug in the code, and keeps its traceback."""
+    try:
+        main()
+    except (UserError, ModelError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: " + " ".join(str(e).splitlines()))
+
+
+# -----------------------------------------------------------------------------
+# Models by name: the paper's presets are hub ids; the demo's ('smollm2', 'whisper-tiny', and the tiny random
+# models for smoke runs) are folders that demokit builds on first use; anything else is a hub id or a folder.
+
+LLM_PRESETS = {"llama": "meta-llama/Llama-3.1-8B-Instruct"}  # the paper (gated: `huggingface-cli login`)
+ENCODER_PRESETS = {"hubert": "facebook/hubert-large-ls960-ft"}  # the paper
+HOW_TO_GET_MODELS = (
+    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also "
+    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU. "
+    "`python pretrain.py` with no arguments runs the offline CPU demo instead."
+)
+
+
+def resolve_model(name, kind):
+    """--llm / --encoder (kind "llm" | "encoder") -> the hub id or folder to load."""
+    import demokit  # the demo's plumbing, imported only here
+
+    build = demokit.PRESETS[kind].get(name)
+    if build:
+        return str(build())
+    target = {"llm": LLM_PRESETS, "encoder": ENCODER_PRESETS}[kind].get(name, name)
+    if not Path(target).exists():
+        check_hub(target)
+    return target
+
+
+def check_hub(repo_id):
+    """Fail at once (rather than after minutes of retries) when a hub id is neither cached nor reachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # in the local HF cache
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise ModelError(
+            f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
+            f"({host}) is out of reach ({e}). " + HOW_TO_GET_MODELS
+        ) from None
+
+
+def load_pretrained(auto_class, name_or_path, what, **kwargs):
+    """from_pretrained with an error that says what was tried and what to do instead."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        why = " ".join(str(e).split())  # transformers' message, on one line
+        why = why if len(why) <= 300 else why[:300] + " ..."
+        raise ModelError(
+            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {why} " + HOW_TO_GET_MODELS
+        ) from None
+
+
+def same_model(given, saved):
+    """A --llm / --encoder value against a checkpoint's: equal as preset names, hub ids or folders."""
+    presets = {**LLM_PRESETS, **ENCODER_PRESETS}
+    a, b = presets.get(given, given), presets.get(saved, saved)
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
 
 # -----------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run has none.
 
 
 def setup(device_arg="auto", seed=1337):
-    """Returns (rank, world, device). Initialises the process group under torchrun. Every rank gets the
-    same seed: the projector must start identical everywhere (DDP also broadcasts it), and the data
-    shards come from the sampler, not from the RNG."""
+    """Returns (rank, world, device). Every rank gets the same seed: the projector must start identical
+    everywhere (DDP also broadcasts it); the data shards come from BatchOrder, not from the RNG."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,14 +288,10 @@ def setup(device_arg="auto", seed=1337):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    seed_everything(seed)
-    return rank, world, device
-
-
-def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    return rank, world, device
 
 
 def print0(*args, **kwargs):
@@ -87,396 +316,6 @@ def resolve_dtype(name, device):
 
 
 # -----------------------------------------------------------------------------
-# Models by name: the paper's presets, hub ids and folders (model.resolve), and the demo's presets (demokit)
-
-
-def resolve_model(name, kind):
-    """--llm / --encoder (kind "llm" | "encoder") -> the hub id or folder to load; SpeechLLM(..., resolve=this).
-    The demo's presets ('smollm2', 'whisper-tiny', and 'tiny', 'tiny-whisper': small random models for smoke
-    runs) are folders that demokit builds on first use; every other name goes to model.resolve."""
-    import demokit  # the demo's plumbing, outside the tutorial files: imported only here
-
-    build = demokit.PRESETS[kind].get(name)
-    return str(build()) if build else resolve(name, kind)
-
-
-# the projector's shape flags -> QFormerConfig's fields (its dropout: --dropout)
-SHAPE_FLAGS = {
-    "qformer_dim": "dim",
-    "qformer_heads": "heads",
-    "qformer_layers": "layers",
-    "queries": "queries",
-    "window": "window",
-    "window_pos": "window_pos",
-}
-
-
-def qformer_config(args):
-    """The projector's QFormerConfig from the flags (after the recipe or the --init checkpoint filled them)."""
-    shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
-    return QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
-
-
-def build_model(args, dtype):
-    """The SpeechLLM the flags describe: --llm, --encoder, the projector (qformer_config), its sink token, and
-    with --match-embedding-rms its outputs started at the LLM's embedding scale."""
-    model = SpeechLLM(
-        args.llm, args.encoder, qformer_config(args), dtype=dtype, sink_token=args.sink_token, resolve=resolve_model
-    )
-    if args.match_embedding_rms:
-        model.match_embedding_rms()
-    return model
-
-
-# -----------------------------------------------------------------------------
-# Recipes: the defaults of every flag left out. "paper" = the authors' scripts (the default for every LLM but
-# the demo's). "demo" = what makes the all-layer loss learn within minutes on a 2-core CPU with a 135M LLM;
-# each of its changes is a flag of its own and is measured in the README ("What the demo changes, and why").
-#   model     the models and the projector, for pretrain.py and for finetune.py --init none (a checkpoint
-#             brings its own)
-#   pretrain  stage 1's loss and optimisation
-#   finetune  stage 2's optimisation. The demo's: a higher rate, smaller batches and more epochs, so that
-#             10% of the demo corpus is enough to learn from (the paper's recipe makes --task qa --frac 0.1
-#             just 10 steps); its measurements are in the README ("Results at demo scale").
-
-RECIPES = {
-    "paper": dict(
-        model=dict(
-            encoder="hubert",
-            qformer_dim=768,
-            qformer_heads=12,
-            qformer_layers=4,
-            queries=4,
-            window=17,
-            window_pos=False,
-            dropout=0.1,
-            time_mask=0.0,
-            sink_token=False,
-            match_embedding_rms=False,
-        ),
-        pretrain=dict(
-            lr=1e-4,
-            batch_size=10,
-            grad_accum=2,
-            epochs=5,
-            max_steps=None,
-            warmup_ratio=0.03,
-            center=False,
-            emb_steps=0,
-            emb_lr=1e-3,
-            eval_every=1000,
-        ),
-        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000),
-    ),
-    "demo": dict(
-        model=dict(
-            encoder="whisper-tiny",
-            qformer_dim=256,
-            qformer_heads=4,
-            qformer_layers=2,
-            queries=4,
-            window=17,
-            window_pos=True,
-            dropout=0.1,
-            time_mask=0.0,
-            sink_token=True,
-            match_embedding_rms=True,
-        ),
-        pretrain=dict(
-            lr=3e-4,
-            batch_size=16,
-            grad_accum=1,
-            epochs=100,
-            max_steps=500,
-            warmup_ratio=0.01,
-            center=True,
-            emb_steps=400,
-            emb_lr=1e-3,
-            eval_every=100,
-        ),
-        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
-    ),
-}
-
-
-def apply_recipe(args, *parts):
-    """Fill every flag left out (None) from the recipe's parts ("model", "pretrain", "finetune"): --recipe, or
-    by default demo for --llm smollm2 and paper for any other LLM (so --llm tiny without --encoder gets the
-    paper's HuBERT-large). Returns {name, because, set: {flag: value}}, which the run prints in its first
-    lines (announce) and saves in meta.json ("recipe")."""
-    because = "--recipe" if args.recipe else f"the default for --llm {args.llm}"
-    args.recipe = args.recipe or ("demo" if args.llm == "smollm2" else "paper")
-    chosen = {}
-    for part in parts:
-        for flag, value in RECIPES[args.recipe][part].items():
-            if getattr(args, flag, None) is None and value is not None:
-                setattr(args, flag, value)
-                chosen[flag] = value
-    return {"name": args.recipe, "because": because, "set": chosen}
-
-
-def announce(what, chosen):
-    """A line or two naming a choice and the flag values it set, the models and the projector on the first:
-    'recipe demo (the default for --llm smollm2) sets encoder=whisper-tiny qformer_dim=256 ... / lr=0.0003 ...'."""
-    models = {"llm", *RECIPES["paper"]["model"]}
-    first = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag in models)
-    second = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag not in models)
-    lines = [line for line in (first, second) if line]
-    print0(f"{what} sets " + ("\n    ".join(lines) or "nothing"))
-
-
-def recipe_note(flag, stage):
-    """' (by recipe: paper 768, demo 256)': what the recipes set a flag to, for its help string ('' if nothing)."""
-    values = {name: {**recipe["model"], **recipe[stage]}.get(flag) for name, recipe in RECIPES.items()}
-    values = ", ".join(f"{name} {value}" for name, value in values.items() if value is not None)
-    return f" (by recipe: {values})" if values else ""
-
-
-# -----------------------------------------------------------------------------
-# The flags the scripts share, declared once. Every flag a recipe sets defaults to None ("by recipe").
-
-LLMS = "llama | smollm2 | tiny | a hub id | a local folder"
-ENCODERS = "hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a local folder"
-
-
-def add_model_flags(p, from_init=False):
-    """--llm, --encoder, --recipe. from_init (finetune.py): the models come from the --init checkpoint."""
-    g = p.add_argument_group("models")
-    if from_init:
-        g.add_argument("--llm", help=f"{LLMS} (default: the --init checkpoint's; smollm2 with --init none)")
-        g.add_argument("--encoder", help=f"{ENCODERS} (default: the checkpoint's; with --init none, by recipe)")
-    else:
-        g.add_argument("--llm", default="smollm2", help=f"{LLMS} (default: smollm2, the demo)")
-        g.add_argument("--encoder", help=ENCODERS + recipe_note("encoder", "pretrain"))
-    g.add_argument(
-        "--recipe",
-        choices=list(RECIPES),
-        help="the defaults of the flags left out (common.RECIPES; default: demo for --llm smollm2, else paper)",
-    )
-
-
-def add_demo_corpus_flag(p):
-    """--demo-corpus: which demo corpus the defaults read (demokit builds it on first use)."""
-    p.add_argument(
-        "--demo-corpus",
-        choices=["full", "large"],
-        default="full",
-        help="without --data (--corpus): the demo corpus (large: every Bible verse left for train, 3x the QA; built "
-        "once)",
-    )
-
-
-def add_data_flags(p, several, dev_use, max_audio_seconds, max_audio_note):
-    """--data, --dev-data, --dev-size, --demo-corpus, --skip-bad, --max-audio-seconds, --cache-features,
-    --feature-cache-file. several (finetune.py): --data and --dev-data take one manifest or more."""
-    g = p.add_argument_group("data")
-    s, nargs = ("(s)", "+") if several else ("", None)
-    g.add_argument("--data", nargs=nargs, help=f"training manifest{s} (JSONL; default: the demo corpus's)")
-    g.add_argument(
-        "--dev-data",
-        nargs=nargs,
-        help=f"dev manifest{s} for {dev_use} (default: the demo corpus's dev split when --data is default)",
-    )
-    g.add_argument("--dev-size", type=int, default=100, help=f"dev examples used for {dev_use}")
-    add_demo_corpus_flag(g)
-    g.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted) instead of stopping")
-    g.add_argument(
-        "--max-audio-seconds",
-        type=float,
-        default=max_audio_seconds,
-        help=f"skip longer audio (counted); {max_audio_note}",
-    )
-    g.add_argument(
-        "--cache-features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the frozen encoder's outputs in memory across epochs",
-    )
-    g.add_argument(
-        "--feature-cache-file",
-        help="also keep them in this file across runs (default: inside the demo corpus for the demo)",
-    )
-    return g
-
-
-def add_projector_flags(p, from_init=False):
-    """The projector's shape (SHAPE_FLAGS), --match-embedding-rms and --dropout. from_init (finetune.py): a
-    checkpoint brings its own shape, so the shape flags are for a fresh projector (--init none)."""
-    g = p.add_argument_group("projector" + (" (--init none; a checkpoint brings its own shape)" if from_init else ""))
-    note = lambda flag: recipe_note(flag, "pretrain")  # noqa: E731
-    on_off = argparse.BooleanOptionalAction
-    g.add_argument("--qformer-dim", type=int, help="Q-Former width" + note("qformer_dim"))
-    g.add_argument("--qformer-heads", type=int, help="attention heads" + note("qformer_heads"))
-    g.add_argument("--qformer-layers", type=int, help="Q-Former blocks" + note("qformer_layers"))
-    g.add_argument("--queries", type=int, help="query tokens per window" + note("queries"))
-    g.add_argument("--window", type=int, help="encoder frames per window, 17 = 0.34 s" + note("window"))
-    g.add_argument("--window-pos", action=on_off, help="learned position within the window" + note("window_pos"))
-    g.add_argument(
-        "--match-embedding-rms",
-        action=on_off,
-        help="start a fresh projector's outputs at the LLM's embedding scale" + note("match_embedding_rms"),
-    )
-    g.add_argument(
-        "--dropout",
-        type=float,
-        help="the projector's dropout (default: 0.1" + ("; the checkpoint's with --init)" if from_init else ")"),
-    )
-    g.add_argument(
-        "--time-mask",
-        type=float,
-        help="in training, zero about this share of the encoder frames in 0.2 s spans, SpecAugment-style "
-        "(default: 0" + ("; the checkpoint's with --init)" if from_init else ")"),
-    )
-    return g
-
-
-def add_optimisation_flags(p, stage):
-    """Batch, learning rate, length and warmup, clipping, seed; stage ("pretrain" | "finetune"): whose recipe
-    values the help names."""
-    g = p.add_argument_group("optimisation")
-    note = lambda flag: recipe_note(flag, stage)  # noqa: E731
-    g.add_argument("--batch-size", type=int, help="per device" + note("batch_size"))
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step" + note("grad_accum"))
-    g.add_argument("--lr", type=float, help="peak learning rate" + note("lr"))
-    g.add_argument("--epochs", type=float, help="passes over the training data" + note("epochs"))
-    g.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)" + note("max_steps"))
-    g.add_argument("--warmup-ratio", type=float, help="linear warmup, a fraction of the steps" + note("warmup_ratio"))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    g.add_argument("--seed", type=int, default=42, help="the projector's initialisation, the data order, dropout")
-    return g
-
-
-def add_system_flags(p, training=True):
-    """--device, --dtype; for the training scripts also --save-every, --resume and the optional log
-    destinations (--wandb, --tensorboard: the values of log.jsonl, see JsonLog). Returns the group (the
-    scripts add --out and --eval-every to it)."""
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto = bf16 on CUDA and on CPUs with AMX (recent Intel Xeons), float32 elsewhere",
-    )
-    if training:
-        g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-        g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-        g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
-        g.add_argument("--wandb-project", default="contrastive-speechllm", help="the W&B project of --wandb")
-        g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to <out>/tensorboard/")
-    return g
-
-
-# -----------------------------------------------------------------------------
-# User errors: one line, not a traceback
-
-
-def select_layers(spec, num_layers):
-    """contrastive.select_layers for the --layers flag: a spec that does not fit the LLM is a user error."""
-    try:
-        return contrastive.select_layers(spec, num_layers)
-    except ValueError as e:
-        raise UserError(f"--layers {spec}: {e}") from None
-
-
-def run_main(main):
-    """Every script ends in `if __name__ == "__main__": common.run_main(main)`. A user error (UserError: a bad
-    manifest line, conflicting flags, a missing --init checkpoint; ModelError: a model that cannot be reached
-    or loaded, a checkpoint that is missing or does not fit) ends the run with one line on stderr and exit
-    status 1, not a traceback. Anything else is a bug in the code, and keeps its traceback."""
-    try:
-        main()
-    except (UserError, ModelError) as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: " + " ".join(str(e).splitlines()))
-
-
-# -----------------------------------------------------------------------------
-# Stage 1's forward: both sides of a contrastive pair through the frozen LLM
-
-
-class Stage1(NamedTuple):
-    """What stage1_forward returns.
-    speech_states [L, B, S, D], speech_pool_mask [B, S]: the speech side's hidden states at the layers, and
-        the positions its mean pools (the sink token left out).
-    text_states [L, B, T, D], text_pool_mask [B, T]: the same for the transcripts; None with the text cache,
-        which gives text_pooled [L, B, D] instead (else None).
-    speech [B, S', D], speech_mask [B, S']: the projector's outputs as a chat prompt takes them (no sink
-        token), so the ASR loss of --loss contrastive+asr reuses them."""
-
-    speech_states: torch.Tensor
-    speech_pool_mask: torch.Tensor
-    text_states: torch.Tensor | None
-    text_pool_mask: torch.Tensor | None
-    text_pooled: torch.Tensor | None
-    speech: torch.Tensor
-    speech_mask: torch.Tensor
-
-
-def untimed(name):
-    return nullcontext()
-
-
-def stage1_forward(model, batch, layers, text_cache=None, masked_mean=contrastive.masked_mean, part=untimed):
-    """The paper's stage-1 forward of a collated batch (data.Collator with the tokenizer):
-
-        speech  the frozen encoder -> the projector -> the frozen LLM: hidden states at `layers`, with
-                gradients into the projector
-        text    the transcript's token embeddings -> the same frozen LLM, the same layers, no gradients (the
-                text side has nothing to train)
-
-    Two additions, both off in the paper:
-      - the sink token (model.sink_token, the demo's --sink-token): the LLM's BOS in front of both sequences,
-        left out of the pool (model.with_sink);
-      - the text cache (a dict, pretrain.py's --text-cache): a transcript's text side depends on nothing but
-        its words and the layers, so its pooled states (masked_mean: the loss's own pooling) are stored
-        under that key the first time and reused; then text_pooled holds them.
-    part(name): a context manager around each part (bench.py times them)."""
-    with part("encoder (frozen)"):
-        frames, frame_mask = model.speech_frames(batch)  # from the feature cache where it has them
-    with part("projector"):
-        speech, speech_mask = model.projector(frames.float(), frame_mask)
-
-    text_states = text_pool_mask = text_pooled = None
-    with part("LLM text pass (no grad)"):
-        keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
-        if text_cache is None or not all(key in text_cache for key in keys):
-            with torch.no_grad():
-                text, text_mask, text_pool_mask = model.with_sink(
-                    model.embed_tokens(batch["text_ids"]), batch["text_mask"]
-                )
-                text_states = model.hidden_states(text, text_mask, layers)
-        if text_cache is not None:  # the addition: pooled once per transcript, then read back
-            if text_states is not None:
-                pooled = masked_mean(text_states, text_pool_mask)
-                text_cache.update({key: pooled[:, i] for i, key in enumerate(keys)})
-            text_states, text_pool_mask = None, None
-            text_pooled = torch.stack([text_cache[key] for key in keys], 1)
-
-    with part("LLM speech pass (fwd)"):
-        inputs, mask, speech_pool_mask = model.with_sink(speech, speech_mask)
-        speech_states = model.hidden_states(inputs, mask, layers)
-    return Stage1(speech_states, speech_pool_mask, text_states, text_pool_mask, text_pooled, speech, speech_mask)
-
-
-@torch.no_grad()
-def pooled_pairs(model, examples, layers, batch_size=16, device="cpu", autocast=None):
-    """Mean-pooled hidden states at `layers` of every (speech, transcript) pair, for retrieval: two [L, N, D]
-    tensors (text, speech)."""
-    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    speech_pooled, text_pooled = [], []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[i : i + batch_size]), device)
-        with autocast or torch.autocast("cpu", enabled=False):
-            out = stage1_forward(model, batch, layers)
-            speech_pooled.append(contrastive.masked_mean(out.speech_states, out.speech_pool_mask))
-            text_pooled.append(contrastive.masked_mean(out.text_states, out.text_pool_mask))
-    model.train(was_training)
-    return torch.cat(text_pooled, 1), torch.cat(speech_pooled, 1)
-
-
-# -----------------------------------------------------------------------------
 # Data order: deterministic, shardable, resumable
 
 
@@ -488,15 +327,8 @@ class BatchOrder:
     So N processes with batch B see exactly the batches one process with batch N*B sees, and the
     position (epoch, batch) is all a checkpoint needs to continue the same order."""
 
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0, shuffle=True):
-        self.n, self.batch_size, self.rank, self.world, self.seed, self.shuffle = (
-            n,
-            batch_size,
-            rank,
-            world,
-            seed,
-            shuffle,
-        )
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
             raise UserError(
@@ -511,11 +343,7 @@ class BatchOrder:
     def __next__(self):
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = (
-            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            if self.shuffle
-            else torch.arange(self.n)
-        )
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start = (self.index * self.world + self.rank) * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
@@ -528,12 +356,7 @@ class BatchOrder:
 
 
 # -----------------------------------------------------------------------------
-# Optimiser and schedule (the paper: AdamW, lr 1e-4, weight decay 0, cosine, 3% warmup, clip 1.0)
-
-
-def make_optimizer(model, lr, weight_decay=0.0):
-    params = [p for p in unwrap(model.projector).parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+# The schedule (the paper: AdamW, lr 1e-4, weight decay 0, cosine, 3% warmup, clip 1.0)
 
 
 def cosine_lr(step, total_steps, lr, warmup_steps):
@@ -558,7 +381,7 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.skipped += 1
-        print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), step skipped ({self.in_a_row} in a row)")
+        print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.patience:
             raise UserError(
                 f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
@@ -568,71 +391,24 @@ class NonFiniteGuard:
 
 
 # -----------------------------------------------------------------------------
-# One optimiser step, as both loops take it:
-#
-#     for micro in range(grad_accum):
-#         with common.grad_sync(model, micro, grad_accum), common.autocast(device, dtype):
-#             (loss / grad_accum).backward()
-#     grad_norm = common.clip_and_step(optimizer, params, grad_clip, guard, step, out)
-
-
-def wrap_ddp(model, device, world):
-    """Under torchrun, DDP around the projector only: the frozen encoder and LLM have nothing to synchronise."""
-    if world > 1:
-        model.projector = DDP(
-            model.projector, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    return model
-
-
-def grad_sync(model, micro, grad_accum):
-    """Under DDP, all-reduce the gradients only on the last micro-step of an optimiser step (nanoGPT's
-    trick): the earlier micro-steps just accumulate locally."""
-    if micro == grad_accum - 1 or not isinstance(model.projector, DDP):
-        return nullcontext()
-    return model.projector.no_sync()
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def clip_and_step(optimizer, params, grad_clip, guard, step, out):
-    """Clip the gradient norm, take the step unless the norm is inf/NaN (NonFiniteGuard), clear the
-    gradients. Returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if guard.ok(grad_norm, step, out):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints: <out>/ckpt-<step>/ = projector.safetensors + meta.json + train_state.pt
 
 
 def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
-    """Everything a run needs to continue exactly. Written to a temporary folder and renamed, so a kill
+    """Everything a run needs to continue exactly, written to a temporary folder and renamed, so a kill
     mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
     out = Path(out)
 
     def write(tmp):
         model.save_projector(tmp, step=step, args=vars(args), **meta)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "order": order.state_dict(),
-                "rng": {
-                    "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                },
-            },
-            tmp / "train_state.pt",
-        )
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        state = {"optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(), "rng": rng}
+        torch.save(state, tmp / "train_state.pt")
 
     final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
     for old in sorted(out.glob("ckpt-*"))[:-keep]:
@@ -669,8 +445,6 @@ CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py
 
 def save_centers(folder, text_mean, speech_mean, layers, items):
     """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
-    from safetensors.torch import save_file
-
     tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
     metadata = {"layers": json.dumps(layers), "items": str(items)}
     write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -678,8 +452,6 @@ def save_centers(folder, text_mean, speech_mean, layers, items):
 
 def load_centers(folder, layers):
     """(text_mean, speech_mean) stored by pretraining for exactly these layers, else None."""
-    from safetensors import safe_open
-
     path = Path(folder) / CENTERS
     if not path.exists():
         return None
@@ -689,10 +461,46 @@ def load_centers(folder, layers):
         return f.get_tensor("text"), f.get_tensor("speech")
 
 
+# -----------------------------------------------------------------------------
+# Writing a file or a folder atomically: a reader, or a run killed half way, never sees half of one.
+# One writer at a time (rank 0, or under a lock as demokit.build_once takes).
+
+
+def write_atomically(path, write):
+    """write(tmp) to `path` + ".tmp", then rename it to `path` (os.replace is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_folder_atomically(folder, write):
+    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of `folder`
+    (replacing an older one). A killed write leaves only the hidden folder, which the next write removes."""
+    folder = Path(folder)
+    for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# The log: one JSON line per logged step in <out>/log.jsonl, optionally mirrored to W&B / TensorBoard
+
+
 class JsonLog:
-    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots (plot_log.py) and the README's
-    numbers; with --wandb and/or --tensorboard the same values go there too, a per-layer list as one scalar
-    per layer ("dev_r1/layer5"). Both are optional packages, imported only when asked for."""
+    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots (scripts/plot_log.py) and the
+    README's numbers; with --wandb and/or --tensorboard the same values go there too, a per-layer list as
+    one scalar per layer ("dev_r1/layer5"). Both are optional packages, imported only when asked for."""
 
     def __init__(self, out, enabled=True, wandb_project=None, tensorboard=False, config=None):
         self.path, self.enabled, self.t0 = Path(out) / "log.jsonl", enabled, time.time()
@@ -704,22 +512,18 @@ class JsonLog:
             try:
                 import wandb
             except ImportError:
-                raise UserError(
-                    "--wandb needs the wandb package: pip install wandb (requirements-extras.txt)"
-                ) from None
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, name=Path(out).name, dir=str(out), config=config)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard (requirements-extras.txt)"
-                ) from None
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
 
     @classmethod
     def for_run(cls, args, enabled):
-        """The log of a training run: --out, --wandb (--wandb-project), --tensorboard; the run's flags as config."""
+        """The log of a training run: --out, --wandb (--wandb-project), --tensorboard; the flags as config."""
         wandb_project = args.wandb_project if args.wandb else None
         return cls(args.out, enabled, wandb_project, args.tensorboard, config=vars(args))
 

@@ -146,6 +146,16 @@ def retrieval_r1(logits):
     return (logits.argmax(1) == target).float().mean(-1)
 
 
+def retrieval_table(text_pooled, speech_pooled, centers=None):
+    """Speech -> text R@1 per layer [L] of pooled pairs [L, N, D]: plain, centred by the set's own means, and,
+    given the stored training means (text, speech) [L, D], centred by those (what one query can use)."""
+    table = {"plain": retrieval_r1(cos_logits(text_pooled, speech_pooled)),
+             "centred": retrieval_r1(cos_logits(text_pooled, speech_pooled, center=True))}  # fmt: skip
+    if centers is not None:
+        table["centred_train"] = retrieval_r1(cos_logits(text_pooled, speech_pooled, center=centers))
+    return table
+
+
 # -----------------------------------------------------------------------------
 # Batched Sinkhorn divergence ("wasserstein" / "wasser" in the authors' code, which calls geomloss's
 # SamplesLoss("sinkhorn", p=2, blur=0.05) once per (text, speech) pair)

@@ -30,22 +30,18 @@ import soundfile as sf
 import soxr
 import torch
 
+from common import UserError
+
 SAMPLE_RATE = 16000
 
 # The instruction of each fine-tuning task, written once (the paper's likely index-0 prompts for ASR/ST;
-# its QA prompt is unknown, see ../shared/paper-notes.md 3.3).
+# its QA prompt is unknown: the authors' released code does not include it).
 INSTRUCTIONS = {
     "asr": "Can you transcribe this audio?",
     "st": "Can you translate this audio from english to {language}?",
     "qa": "Answer the question about the audio in a few words. {question}",
 }
 LANGUAGES = {"de": "german", "fr": "french", "it": "italian", "es": "spanish", "en": "english"}
-
-
-class UserError(Exception):
-    """Something the user asked for that cannot be done: a bad manifest line, conflicting flags, a missing
-    --init checkpoint. The message says what and what to do; the scripts print it as one line, without a
-    traceback (common.run_main). Errors of the code itself keep their traceback."""
 
 
 class ManifestError(UserError, ValueError):

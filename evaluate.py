@@ -33,7 +33,8 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 import common
-from contrastive import cos_logits, retrieval_r1
+import contrastive
+import demokit
 from data import (
     INSTRUCTIONS,
     LANGUAGES,
@@ -41,7 +42,6 @@ from data import (
     Collator,
     UserError,
     load_audio,
-    load_row_audio,
     need_transcripts,
     read_manifest,
     task_examples,
@@ -148,17 +148,17 @@ def squad_em_f1(hypotheses, golds):
 def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
     """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
     means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center).
-    The pooled pairs come from stage 1's own forward (common.pooled_pairs)."""
+    The pooled pairs come from stage 1's own forward (SpeechLLM.pooled_pairs)."""
     need_transcripts(rows, "retrieval")
-    text, speech = common.pooled_pairs(model, rows, layers, batch_size, device, common.autocast(device, dtype))
-    metrics = {
-        "layers": layers,
-        "r1": (100 * retrieval_r1(cos_logits(text, speech))).tolist(),
-        "r1_centred": (100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist(),
-        "chance": 100 / len(rows),
-    }
+    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
+    batches = (to_device(collate(rows[i : i + batch_size]), device) for i in range(0, len(rows), batch_size))
+    with common.autocast(device, dtype):
+        text, speech = model.pooled_pairs(batches, layers)
+    table = contrastive.retrieval_table(text, speech, centers)
+    metrics = {"layers": layers, "r1": (100 * table["plain"]).tolist(), "r1_centred": (100 * table["centred"]).tolist()}
+    metrics["chance"] = 100 / len(rows)
     if centers is not None:
-        metrics["r1_centred_train"] = (100 * retrieval_r1(cos_logits(text, speech, center=centers))).tolist()
+        metrics["r1_centred_train"] = (100 * table["centred_train"]).tolist()
     return metrics
 
 
@@ -212,7 +212,7 @@ def generate_answers(
         idx = order[start : start + batch_size]
         caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
         instructions = [examples[i]["instruction"] for i in idx]
-        read = "heard" in examples[idx[0]]  # --read transcript|whisper: a text's token embeddings for the speech
+        read = "heard" in examples[idx[0]]  # scripts/toplines.py: a text's token embeddings for the speech
         # collated outside autocast: the log-mel must stay float32
         batch = None if read else to_device(collate([examples[i] for i in idx]), device)
         with common.autocast(device, dtype):
@@ -234,61 +234,30 @@ def embed_texts(model, texts, device):
     return model.embed_tokens(padded), torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
 
 
-def whisper_transcripts(asr_model, examples, batch_size):
-    """A Whisper model's own transcript of each example's audio (the cascade's first stage)."""
-    import demokit
-    from demokit.models import transcribe
-
-    folder = demokit.whisper_tiny_path() if asr_model == "demo" else asr_model
-    return transcribe(str(folder), [load_row_audio(ex) for ex in examples], batch_size)
-
-
 def evaluate_task(model, task, rows, args, device, dtype):
-    """Generate and score one task on the rows of a manifest; returns the results as a dict.
-    --read transcript: the LLM reads each reference transcript instead of the speech (the text topline);
-    --read whisper: it reads Whisper's transcript (a cascade; for ASR, Whisper's transcript is the answer)."""
+    """Generate and score one task on the rows of a manifest; returns the results as a dict."""
     examples = task_examples(rows, task)
-    if task == "qa":
-        examples = unique_questions(examples)
-    if args.read == "transcript":
-        need_transcripts(examples, "--read transcript")
-    if args.read != "speech":
-        heard = (
-            [ex["text"] for ex in examples]
-            if args.read == "transcript"
-            else whisper_transcripts(args.asr_model, examples, args.batch_size)
-        )
-        examples = [{**ex, "heard": h} for ex, h in zip(examples, heard)]
-    if args.read == "whisper" and task == "asr":
-        hypotheses, reasons = [ex["heard"] for ex in examples], ["end"] * len(examples)
-    else:
-        hypotheses, reasons = generate_answers(
-            model,
-            examples,
-            args.batch_size,
-            args.max_new_tokens,
-            device,
-            dtype,
-            loop_repeats=args.loop_repeats,
-            stop_reasons=True,
-        )
+    return score(model, task, unique_questions(examples) if task == "qa" else examples, args, device, dtype)
+
+
+def score(model, task, examples, args, device, dtype, hypotheses=None):
+    """Greedy answers to the examples (unless given), their metrics, how each ended, and every output."""
+    reasons = ["end"] * len(examples)
+    if hypotheses is None:
+        hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device,
+                                               dtype, loop_repeats=args.loop_repeats, stop_reasons=True)  # fmt: skip
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
-    metrics = compute_metrics(task, hypotheses, references)
     decoding = {
         "max_new_tokens": args.max_new_tokens,
         "loop_repeats": args.loop_repeats,
         "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
     }
     outputs = [
-        {
-            "audio": ex["audio"],
-            "instruction": ex["instruction"],
-            "hypothesis": h,
-            "references": ex["references"],
-            "stop": why,
-        }
+        {"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h, "references": ex["references"],
+         "stop": why}
         for ex, h, why in zip(examples, hypotheses, reasons)
-    ]
+    ]  # fmt: skip
+    metrics = compute_metrics(task, hypotheses, references)
     return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding, "outputs": outputs}
 
 
@@ -296,74 +265,30 @@ def evaluate_task(model, task, rows, args, device, dtype):
 # The command line
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--ckpt",
-        default=None,
-        help="a checkpoint folder (projector.safetensors + meta.json) from pretrain.py or finetune.py",
-    )
-    p.add_argument(
-        "--task",
-        choices=["asr", "st", "qa", "all", "retrieval"],
-        default=None,
-        help="default: the checkpoint's fine-tuning task (all for a mix), retrieval for a stage-1 checkpoint",
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="test manifest (default: the demo corpus's test split for the task; --data open: its open test split)",
-    )
+def add_decoding_flags(p):
+    """The batch size and the decoding rule, shared with scripts/toplines.py."""
+    p.add_argument("--data", help="test manifest; default: the demo's test split of the task; open: its open test")
     common.add_demo_corpus_flag(p)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--max-new-tokens",
-        type=max_tokens,
-        default="auto",
-        help="cap on a generated answer: a number (the authors: 200), or auto = 16 + 8 per second of audio "
-        "for asr/st, 32 for qa",
-    )
-    p.add_argument(
-        "--loop-repeats",
-        type=int,
-        default=3,
-        help="stop an answer that ends in this many copies of the same 1-12 tokens and keep one copy "
-        "(0 = off, the authors)",
-    )
-    p.add_argument(
-        "--layers",
-        default=None,
-        help="retrieval: emb | all | a comma list (default: the checkpoint's contrastive layers)",
-    )
+    p.add_argument("--limit", type=int, help="score only the first N utterances")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per generation batch")
+    p.add_argument("--max-new-tokens", type=max_tokens, default="auto", help="a number, or auto (see above)")
+    p.add_argument("--loop-repeats", type=int, default=3, help="stop at N copies of a span (0: off)")
     p.add_argument("--show", type=int, default=5, help="sample hypotheses to print next to their references")
-    p.add_argument("--out", default=None, help="results JSON (default: <ckpt>/eval-<task>.json)")
-    # toplines: no projector, the LLM reads text in the speech's place
-    p.add_argument(
-        "--read",
-        choices=["speech", "transcript", "whisper"],
-        default="speech",
-        help="transcript: the reference transcript's token embeddings replace the speech (text topline); "
-        "whisper: Whisper's transcript does (a cascade); both need no --ckpt",
-    )
-    p.add_argument("--llm", default="smollm2", help="with --read transcript|whisper: the LLM (default: the demo's)")
-    p.add_argument(
-        "--encoder",
-        default="whisper-tiny",
-        help="with --read transcript|whisper: the encoder to build the model with (not run)",
-    )
-    p.add_argument(
-        "--asr-model",
-        default="demo",
-        help="with --read whisper: a Whisper folder or hub id (default: the demo's tiny.en)",
-    )
-    # one recording
-    p.add_argument(
-        "--audio", default=None, help="answer for this one recording (any format and sample rate) instead of a test set"
-    )
-    p.add_argument("--question", default=None, help="with --audio --task qa: the question about the recording")
-    p.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language (de, fr, it, es, ...)")
-    p.add_argument("--prompt", default=None, help="with --audio: any instruction instead of a task's")
+
+
+def get_args(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder from pretrain.py or finetune.py")
+    tasks = ["asr", "st", "qa", "all", "retrieval"]
+    p.add_argument("--task", choices=tasks, help="default: the checkpoint's task, retrieval after stage 1")
+    add_decoding_flags(p)
+    p.add_argument("--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)")
+    p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
+    g = p.add_argument_group("one recording")
+    g.add_argument("--audio", help="answer for this recording (any format and sample rate)")
+    g.add_argument("--question", help="with --audio --task qa: the question about the recording")
+    g.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language")
+    g.add_argument("--prompt", help="with --audio: any instruction instead of a task's")
     common.add_system_flags(p, training=False)
     return p.parse_args(argv)
 
@@ -382,30 +307,27 @@ def default_task(meta):
     return "all" if meta["task"] == "mix" else meta["task"]
 
 
-def demo_data(task, split, size):
-    """The demo corpus's manifest of `task` and `split` (test, or open: the open test split of the sentences)."""
-    import demokit
-
-    if split == "open" and task == "qa":
-        raise UserError("--data open: the open test split holds sentences (ASR), not QA")
-    name = "sentences_open_test" if split == "open" else f"{'qa' if task == 'qa' else 'sentences'}_test"
-    return str(demokit.corpus_path(size=size) / f"{name}.jsonl")
+def test_manifest(data, task, size):
+    """--data: a manifest, or (default) the demo corpus's test split of the task, or "open" its open test."""
+    if data not in (None, "open"):
+        return data
+    return demokit.manifests("asr" if task == "retrieval" else task, data or "test", size)[0]
 
 
-def answer_one(model, args, device, dtype):
+def answer_one(model, args, task, device, dtype):
     """--audio: print the model's answer for one recording."""
     if args.prompt:
         instruction = args.prompt
-    elif args.task == "asr":
+    elif task == "asr":
         instruction = INSTRUCTIONS["asr"]
-    elif args.task == "st":
+    elif task == "st":
         instruction = INSTRUCTIONS["st"].format(language=LANGUAGES.get(args.tgt_lang, args.tgt_lang))
-    elif args.task == "qa":
+    elif task == "qa":
         if not args.question:
             raise UserError("--task qa with --audio needs --question")
         instruction = INSTRUCTIONS["qa"].format(question=args.question)
     else:
-        raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {args.task})")
+        raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {task})")
     if not Path(args.audio).is_file():
         raise UserError(f"--audio {args.audio}: no such file")
     try:
@@ -416,7 +338,7 @@ def answer_one(model, args, device, dtype):
             "at any sample rate and channel count; convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
         ) from None
     batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
-    cap = answer_cap(args.task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
+    cap = answer_cap(task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
         answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
     print(answer if args.prompt else answer.split("\n")[0].strip())
@@ -452,53 +374,49 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    if args.read != "speech":  # the LLM alone reads text; the encoder and projector stay unused
-        if args.task not in ("asr", "st", "qa"):
-            raise UserError(f"--read {args.read} needs --task asr, st or qa")
-        model, meta = SpeechLLM(args.llm, args.encoder, dtype=dtype, resolve=common.resolve_model), {}
-        args.ckpt = args.ckpt or f"out/read-{args.read}"
-    elif args.ckpt is None:
-        raise UserError("--ckpt is required (or --read transcript|whisper for the toplines)")
-    else:
-        model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=common.resolve_model)
+    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
     model = model.to(device).eval()
-    args.task = args.task or default_task(meta)
+    task = args.task or default_task(meta)
     if args.audio:
-        return answer_one(model, args, device, dtype)
+        return answer_one(model, args, task, device, dtype)
 
-    if args.task == "all" and args.data:
+    if task == "all" and args.data:
         raise UserError("--task all scores each task on its own demo test split; with --data, name one --task")
     results = {}
-    for task in ("asr", "st", "qa") if args.task == "all" else (args.task,):
-        data = demo_data(task, args.data or "test", args.demo_corpus) if args.data in (None, "open") else args.data
+    for each in ("asr", "st", "qa") if task == "all" else (task,):
+        data = test_manifest(args.data, each, args.demo_corpus)
         rows = read_manifest(data)[: args.limit]
-        if task == "retrieval":
-            layers = (
-                common.select_layers(args.layers, model.num_layers)
-                if args.layers
-                else meta.get("layers") or common.select_layers("all", model.num_layers)
-            )
-            metrics = evaluate_retrieval(
-                model, rows, layers, args.batch_size, device, dtype, common.load_centers(args.ckpt, layers)
-            )
-            result = {"task": task, "n": len(rows), "metrics": metrics}
+        if each == "retrieval":
+            layers = retrieval_layers(args.layers, meta, model.num_layers)
+            centers = common.load_centers(args.ckpt, layers)
+            metrics = evaluate_retrieval(model, rows, layers, args.batch_size, device, dtype, centers)
+            result = {"task": each, "n": len(rows), "metrics": metrics}
         else:
-            result = evaluate_task(model, task, rows, args, device, dtype)
-        results[task] = {"ckpt": str(args.ckpt), "data": data, **result}
-        print_results(results[task], args.show)
+            result = evaluate_task(model, each, rows, args, device, dtype)
+        results[each] = {"ckpt": str(args.ckpt), "data": data, **result}
+        print_results(results[each], args.show)
     if len(results) > 1:
-        print(
-            "\nsummary:  "
-            + "   ".join(
-                f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
-                for task, r in results.items()
-            )
-        )
-    out = Path(args.out or Path(args.ckpt) / f"eval-{args.task}{'-open' if args.data == 'open' else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results if args.task == "all" else results[args.task], indent=2, ensure_ascii=False))
-    print(f"\nwrote {out}")
+        summary = [f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
+                   for name, r in results.items()]  # fmt: skip
+        print("\nsummary:  " + "   ".join(summary))
+    open_test = "-open" if args.data == "open" else ""
+    out = Path(args.out or Path(args.ckpt) / f"eval-{task}{open_test}.json")
+    write_results(out, results if task == "all" else results[task])
     return results
+
+
+def retrieval_layers(spec, meta, num_layers):
+    """--layers, else the checkpoint's contrastive layers, else all."""
+    try:
+        return contrastive.select_layers(spec, num_layers) if spec else meta.get("layers") or contrastive.select_layers("all", num_layers)
+    except ValueError as e:
+        raise UserError(f"--layers {spec}: {e}") from None
+
+
+def write_results(out, results):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,90 +11,32 @@ Hugging Face ids or local folders through transformers' Auto classes and stay fr
     from model import SpeechLLM
     m = SpeechLLM(llm="llama", encoder="hubert")      # the paper: Llama-3.1-8B-Instruct + HuBERT-large
     m = SpeechLLM(llm="/path/to/any/causal/lm", encoder="/path/to/any/hubert/or/whisper")
-    m = SpeechLLM("smollm2", "whisper-tiny", resolve=common.resolve_model)   # the demo's models (demokit/)
+    m = SpeechLLM("smollm2", "whisper-tiny")          # the demo's models (demokit/ builds them offline)
 
-Sections: presets | speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings,
-selected hidden states, the chat prompt, generation, checkpoints) | writing files atomically.
+Sections: speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings, stage 1's
+two sides through the frozen LLM, the chat prompt and the answer loss, generation, checkpoints).
 """
 
 import json
 import math
-import os
-import shutil
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class ModelError(Exception):
-    """A model that cannot be reached or loaded, or a checkpoint that is missing or does not fit these models.
-    The message says which and what to do; the scripts print it as one line, without a traceback
-    (common.run_main)."""
-
-
-# -----------------------------------------------------------------------------
-# Presets: a short name for the paper's models; anything else is a hub id or a local folder. (The demo's own
-# presets, 'smollm2', 'whisper-tiny' and the 'tiny' test models, are folders that demokit builds; the scripts
-# reach them through common.resolve_model.)
-
-LLM_PRESETS = {
-    "llama": "meta-llama/Llama-3.1-8B-Instruct",  # the paper (gated: needs `huggingface-cli login`)
-}
-ENCODER_PRESETS = {
-    "hubert": "facebook/hubert-large-ls960-ft",  # the paper
-}
-
-
-def resolve(name, kind):
-    """A preset name (LLM_PRESETS for kind "llm", ENCODER_PRESETS for "encoder") -> its hub id. Hub ids and
-    local folders pass through; a hub id that is neither cached nor reachable fails at once (check_hub)."""
-    target = {"llm": LLM_PRESETS, "encoder": ENCODER_PRESETS}[kind].get(name, name)
-    if not Path(target).exists():
-        check_hub(target)
-    return target
-
-
-def check_hub(repo_id):
-    """Fail at once (rather than after minutes of retries) when a hub id is neither cached nor reachable."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return  # in the local HF cache
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        if constants.HF_HUB_OFFLINE:
-            raise OSError("HF_HUB_OFFLINE is set")
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
-        raise ModelError(
-            f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
-            f"({host}) is out of reach ({e}). " + HOW_TO_GET_MODELS
-        ) from None
-
-
-HOW_TO_GET_MODELS = (
-    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also "
-    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU. "
-    "`python pretrain.py` with no arguments runs the offline CPU demo instead."
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteriaList,
 )
 
-
-def load_pretrained(auto_class, name_or_path, what, **kwargs):
-    """from_pretrained with an error that says what was tried and what to do instead."""
-    try:
-        return auto_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())  # transformers' message, on one line
-        why = why if len(why) <= 300 else why[:300] + " ..."
-        raise ModelError(
-            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {why} " + HOW_TO_GET_MODELS
-        ) from None
-
+import contrastive
+from common import ModelError, load_pretrained, resolve_model, write_atomically
 
 # -----------------------------------------------------------------------------
 # The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
@@ -108,8 +50,6 @@ class SpeechEncoder(nn.Module):
 
     def __init__(self, name_or_path, dtype=torch.float32):
         super().__init__()
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
-
         self.name = name_or_path
         self.feature_extractor = load_pretrained(
             AutoFeatureExtractor, name_or_path, "speech encoder's feature extractor"
@@ -266,16 +206,14 @@ class SpeechLLM(nn.Module):
         qformer=None,
         dtype=torch.float32,
         sink_token=False,
-        resolve=resolve,
+        resolve=resolve_model,
     ):
-        """llm / encoder: a preset name (LLM_PRESETS, ENCODER_PRESETS), a hub id or a local folder, kept as given
-        (the checkpoint's meta.json records it). resolve(name, kind) -> the hub id or folder to load; the scripts
-        pass common.resolve_model, which knows the demo's presets too ('smollm2', 'whisper-tiny', 'tiny').
+        """llm / encoder: a preset name ('llama', 'hubert', the demo's 'smollm2', 'whisper-tiny', 'tiny'), a hub id
+        or a local folder, kept as given (the checkpoint's meta.json records it). resolve(name, kind) -> the hub
+        id or folder to load (common.resolve_model).
         sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in contrastive
         training (see pretrain.py --sink-token); the paper does not (False)."""
         super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.llm_name, self.encoder_name = llm, encoder
         llm_path = resolve(llm, "llm")
         self.tokenizer = load_pretrained(AutoTokenizer, llm_path, "LLM's tokenizer")
@@ -383,6 +321,36 @@ class SpeechLLM(nn.Module):
                 h.remove()
         return torch.stack([saved[i] for i in layers])
 
+    # --- stage 1: both sides of a contrastive pair through the frozen LLM --------------------------
+
+    def speech_states(self, batch, layers):
+        """The speech side: frozen encoder -> projector -> frozen LLM, with gradients into the projector.
+        Returns (states [L, B, S, D] at `layers`, the positions the mean pools [B, S] (the sink token left
+        out), the projector's outputs [B, S', D] and their mask, which an ASR loss can reuse)."""
+        speech, speech_mask = self.encode_speech(batch)
+        inputs, mask, pool_mask = self.with_sink(speech, speech_mask)
+        return self.hidden_states(inputs, mask, layers), pool_mask, speech, speech_mask
+
+    @torch.no_grad()
+    def text_states(self, batch, layers):
+        """The text side: the transcript's token embeddings -> the same frozen LLM, the same layers, no
+        gradients (it has nothing to train). Returns (states [L, B, T, D], the positions the mean pools)."""
+        text, mask, pool_mask = self.with_sink(self.embed_tokens(batch["text_ids"]), batch["text_mask"])
+        return self.hidden_states(text, mask, layers), pool_mask
+
+    @torch.no_grad()
+    def pooled_pairs(self, batches, layers):
+        """Mean-pooled states at `layers` of every (speech, transcript) pair of collated batches, for
+        retrieval: (text [L, N, D], speech [L, N, D])."""
+        was_training, text, speech = self.training, [], []
+        self.eval()
+        for batch in batches:
+            states, pool_mask, _, _ = self.speech_states(batch, layers)
+            speech.append(contrastive.masked_mean(states, pool_mask))
+            text.append(contrastive.masked_mean(*self.text_states(batch, layers)))
+        self.train(was_training)
+        return torch.cat(text, 1), torch.cat(speech, 1)
+
     # --- the chat prompt: speech first in the user turn, then the instruction ---------------------
 
     def prompt_ids(self, instruction):
@@ -439,6 +407,12 @@ class SpeechLLM(nn.Module):
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised])
         return F.cross_entropy(logits.float(), targets[supervised])
 
+    def answer_loss(self, speech, speech_mask, instructions, targets):
+        """Stage 2's loss (and ASR pretraining's): each utterance's speech spliced into the chat prompt before
+        its instruction, next-token cross-entropy on the target and the end-of-turn token only."""
+        embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
+        return self.lm_loss(embeds, mask, labels, prefix=self.shared_prefix(instructions))
+
     def shared_prefix(self, instructions):
         """How many positions every chat_batch sequence of these instructions starts with in common: the chat
         template's text before the speech (e.g. a system turn), which does not depend on the instruction."""
@@ -459,8 +433,6 @@ class SpeechLLM(nn.Module):
     def generate_from(self, speech, speech_mask, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
         """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the projector's
         outputs, or (evaluate.py --read) a transcript's own token embeddings."""
-        from transformers import StoppingCriteriaList
-
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
         caps = [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -495,8 +467,6 @@ class SpeechLLM(nn.Module):
 
     def save_projector(self, out, **extra):
         """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are never copied."""
-        from safetensors.torch import save_file
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()}
@@ -506,8 +476,6 @@ class SpeechLLM(nn.Module):
 
     def load_projector(self, ckpt):
         """Load a projector saved by save_projector, checking it was built for these models' widths."""
-        from safetensors.torch import load_file
-
         ckpt = Path(ckpt)
         if not (ckpt / "projector.safetensors").exists():
             raise ModelError(f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json")
@@ -526,7 +494,7 @@ class SpeechLLM(nn.Module):
         return meta
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve):
+    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve_model):
         """Rebuild the SpeechLLM a checkpoint was trained with and load its projector.
         dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as for __init__."""
         path = Path(ckpt) / "meta.json"
@@ -542,39 +510,6 @@ class SpeechLLM(nn.Module):
 def unwrap(module):
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
-
-
-# -----------------------------------------------------------------------------
-# Writing a file or a folder atomically: a reader, or a run killed half way, never sees half of one.
-# One writer at a time (rank 0, or under a lock as demokit.build_once takes).
-
-
-def write_atomically(path, write):
-    """write(tmp) to `path` + ".tmp", then rename it to `path` (os.replace is atomic)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def write_folder_atomically(folder, write):
-    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of `folder`
-    (replacing an older one, e.g. a checkpoint of the same step saved again). A killed write leaves only the
-    hidden folder, which the next write removes."""
-    folder = Path(folder)
-    for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
 
 
 class Stops:

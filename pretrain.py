@@ -5,109 +5,81 @@ Speech and its transcript both go through the frozen LLM; at the embedding layer
 the last, the mean-pooled speech states are pulled towards their own transcript's and away from the other
 transcripts in the batch (contrastive.py). Only the projector trains.
 
-    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~7 min, 2 cores)
-    python pretrain.py --llm llama --encoder hubert --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
+    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~8 min, 2 cores)
+    python pretrain.py --llm llama --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
     python pretrain.py --loss asr             # the ASR-pretraining baseline
-    torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl      # several GPUs (DDP)
-    python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2              # a smoke run
+    torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl   # several GPUs (DDP)
+    python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2   # a smoke run
     python pretrain.py --out out/pretrain --resume      # continue a killed run from its newest checkpoint
 """
 
-import argparse
 import functools
 import random
 import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
 import contrastive
 import contrastive_fast
+import demokit
 from common import print0
-from contrastive import cos_logits, info_nce, retrieval_r1
 from data import INSTRUCTIONS, Collator, need_transcripts, read_manifest, to_device
+from model import QFormerConfig, SpeechLLM
 
 # -----------------------------------------------------------------------------
-# The command line. The recipes (paper, demo) and the flags finetune.py takes too: common.py.
+# The command line: the shared flags (common.py), then stage 1's own. A flag left out takes its recipe's value.
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     common.add_model_flags(p)
-    common.add_data_flags(p, False, "retrieval R@1", max_audio_seconds=45.0, max_audio_note="the paper keeps 1-45 s")
+    common.add_data_flags(p, several=False, max_audio_seconds=45.0)  # the paper keeps 1-45 s
     g = p.add_argument_group("objective")
-    g.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive")
-    g.add_argument(
-        "--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or -Sinkhorn divergence"
-    )
-    g.add_argument(
-        "--layers", default="all", help="emb | all (0, every 5th, last) | a comma list of hidden-state indices"
-    )
-    g.add_argument("--temperature", type=float, default=0.1)
-    g.add_argument(
-        "--symmetric", action="store_true", help="average text->speech and speech->text (the paper: text->speech only)"
-    )
-    g.add_argument(
-        "--center",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="centre pooled states per batch before normalising (demo)",
-    )
-    g.add_argument(
-        "--center-items",
-        type=int,
-        default=256,
-        help="with --center: training pairs whose mean pooled states are stored for retrieval",
-    )
-    g.add_argument(
-        "--sink-token",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="shared BOS in front of both sides, left out of the pool (demo)",
-    )
-    g.add_argument(
-        "--emb-steps", type=int, default=None, help="first train the layer-0 loss alone for this many steps (demo: 400)"
-    )
-    g.add_argument("--emb-lr", type=float, default=None, help="learning rate of those layer-0 steps")
-    g.add_argument(
-        "--gather-negatives", action="store_true", help="under DDP, use every rank's batch as negatives (cos only)"
-    )
-    g.add_argument(
-        "--loss-impl",
-        choices=["fast", "reference"],
-        default="fast",
-        help="contrastive_fast.py, or contrastive.py: the same loss written for reading (slower)",
-    )
-    g.add_argument(
-        "--kernel",
-        choices=["torch", "triton", "auto"],
-        default="torch",
-        help="pooling kernel of the fast contrastive loss",
-    )
-    g.add_argument(
-        "--text-cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="cos: pool each transcript's states once and reuse them",
-    )
+    g.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive", help="objective")
+    g.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or Sinkhorn")
+    g.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list")
+    g.add_argument("--temperature", type=float, default=0.1, help="the logits' temperature")
+    g.add_argument("--symmetric", action="store_true", help="also speech->text (the paper: text->speech)")
+    g.add_argument("--center", action=common.ON_OFF, help="centre pooled states per batch")
+    g.add_argument("--center-items", type=int, default=256, help="--center: training pairs for stored means")
+    g.add_argument("--sink-token", action=common.ON_OFF, help="shared BOS in front of both sides")
+    g.add_argument("--emb-steps", type=int, help="first train the layer-0 loss alone for this many steps")
+    g.add_argument("--emb-lr", type=float, help="the learning rate of those steps")
+    g.add_argument("--gather-negatives", action="store_true", help="DDP: every rank's batch as negatives")
+    impls = ["torch", "triton", "auto", "reference"]
+    g.add_argument("--loss-impl", choices=impls, default="torch", help="fast loss's pooling, or contrastive.py")
+    g.add_argument("--text-cache", action=common.ON_OFF, default=True, help="cos: pool each transcript once")
     common.add_projector_flags(p)
-    common.add_optimisation_flags(p, "pretrain")
+    common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
     g.add_argument("--out", default="out/pretrain", help="checkpoints, final projector, log.jsonl")
-    g.add_argument("--eval-every", type=int, default=None, help="dev retrieval every N steps (0 = only at the end)")
-    args = p.parse_args(argv)
-    if args.loss_impl == "reference" and args.kernel != "torch":
-        p.error("--kernel picks the pooling kernel of --loss-impl fast")
+
+    def defaults_for(first, given):
+        recipe = common.recipe_defaults(first, given, ["model", "pretrain"])
+        if first.loss == "asr":
+            recipe["emb_steps"] = 0  # the warm start is the contrastive loss's
+        return {**recipe, **common.data_defaults(first, first.encoder or recipe["encoder"])}
+
+    args = common.parse_args(p, argv, defaults_for)
     if args.gather_negatives and args.sim != "cos":
         p.error("--gather-negatives gathers pooled vectors: it works with --sim cos only")
     if args.loss == "asr" and args.emb_steps:
         p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
-    if args.loss == "asr":
-        args.emb_steps = 0  # no contrastive warm start for pure ASR
-    args.recipe_choice = common.apply_recipe(args, "model", "pretrain")
     return args
+
+
+def build_model(args, dtype):
+    """The SpeechLLM the flags describe; --match-embedding-rms starts the projector at the LLM's scale."""
+    shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
+    qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token)
+    if args.match_embedding_rms:
+        model.match_embedding_rms()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -115,49 +87,52 @@ def get_args(argv=None):
 
 
 def loss_functions(args):
-    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (the default, with its pooling
-    --kernel) or from contrastive.py, the reference written for reading. The same numbers either way."""
+    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (with its pooling kernel: torch,
+    triton or auto) or from contrastive.py, the reference written for reading. The same numbers either way."""
     if args.loss_impl == "reference":
         return contrastive.masked_mean, contrastive.contrastive_loss
-    return (
-        functools.partial(contrastive_fast.masked_mean, kernel=args.kernel),
-        functools.partial(contrastive_fast.contrastive_loss, kernel=args.kernel),
-    )
+    kernel = args.loss_impl
+    return (functools.partial(contrastive_fast.masked_mean, kernel=kernel),
+            functools.partial(contrastive_fast.contrastive_loss, kernel=kernel))  # fmt: skip
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
-    """The paper's loss: stage 1's forward (common.stage1_forward: the text side through the frozen LLM without
-    gradients, the speech side with gradients into the projector), then the contrastive loss summed over the
-    layers. Returns (loss, per-layer losses, in-batch R@1, the projector's outputs and their mask, which the
-    ASR loss of --loss contrastive+asr reuses)."""
+    """The paper's loss: the speech side through the frozen LLM with gradients into the projector, the text
+    side without, then the contrastive loss summed over the layers. Returns (loss, per-layer losses, in-batch
+    R@1, the projector's outputs and their mask, which the ASR loss of --loss contrastive+asr reuses).
+    text_cache (an addition, --text-cache): a transcript's pooled text states depend only on its words and
+    the layers, so they are computed once and read back."""
     masked_mean, contrastive_loss = loss_functions(args)
-    out = common.stage1_forward(model, batch, layers, text_cache, masked_mean)
+    speech_states, speech_pool_mask, speech, speech_mask = model.speech_states(batch, layers)
+    keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
+    text_states = text_pool_mask = text_pooled = None
+    if text_cache is None or not all(key in text_cache for key in keys):
+        text_states, text_pool_mask = model.text_states(batch, layers)
+    if text_cache is not None:
+        if text_states is not None:
+            pooled = masked_mean(text_states, text_pool_mask)
+            text_cache.update({key: pooled[:, i] for i, key in enumerate(keys)})
+        text_states = text_pool_mask = None
+        text_pooled = torch.stack([text_cache[key] for key in keys], 1)
     if args.gather_negatives and dist.is_initialized():
-        total, per_layer, acc = gathered_cos_step(out, args)
+        text_pooled = text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask)
+        total, per_layer, acc = gathered_cos_loss(text_pooled, masked_mean(speech_states, speech_pool_mask), args)
     else:
         total, per_layer, logits = contrastive_loss(
-            out.text_states,
-            out.text_pool_mask,
-            out.speech_states,
-            out.speech_pool_mask,
-            sim=args.sim,
-            temperature=args.temperature,
-            symmetric=args.symmetric,
-            center=args.center,
-            return_logits=True,
-            text_pooled=out.text_pooled,
-        )
-        acc = retrieval_r1(logits)
-    return total, per_layer, acc, (out.speech, out.speech_mask)
+            text_states, text_pool_mask, speech_states, speech_pool_mask, sim=args.sim,
+            temperature=args.temperature, symmetric=args.symmetric, center=args.center, return_logits=True,
+            text_pooled=text_pooled,
+        )  # fmt: skip
+        acc = contrastive.retrieval_r1(logits)
+    return total, per_layer, acc, (speech, speech_mask)
 
 
-def gathered_cos_step(out, args):
+def gathered_cos_loss(text_pooled, speech_pooled, args):
     """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
     loss but differentiates only through its own slice (the others arrive without gradients); DDP then
     averages the world's partial gradients, so scaling the loss by the world size gives exactly the
     gradient of the global loss."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    masked_mean, _ = loss_functions(args)
 
     def gather(x):
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -165,34 +140,24 @@ def gathered_cos_step(out, args):
         parts[rank] = x  # our own slice keeps its graph
         return torch.cat(parts, dim=1)
 
-    text = gather(out.text_pooled if out.text_pooled is not None else masked_mean(out.text_states, out.text_pool_mask))
-    speech = gather(masked_mean(out.speech_states, out.speech_pool_mask))
-    logits = cos_logits(text, speech, args.temperature, args.center)
-    per_layer = info_nce(logits, args.symmetric)
-    return per_layer.sum() * world, per_layer, retrieval_r1(logits)
-
-
-def asr_step(model, batch, speech=None):
-    """The ASR-pretraining baseline: next-token loss on the transcript given the speech, inside the LLM's
-    chat template, on the answer tokens only. speech: the projector's (outputs, mask) when the contrastive
-    loss has computed them already."""
-    speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
-    texts = [ex["text"] for ex in batch["examples"]]
-    embeds, mask, labels = model.chat_batch(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
-    return model.lm_loss(embeds, mask, labels, prefix=model.shared_prefix([INSTRUCTIONS["asr"]]))
+    logits = contrastive.cos_logits(gather(text_pooled), gather(speech_pooled), args.temperature, args.center)
+    per_layer = contrastive.info_nce(logits, args.symmetric)
+    return per_layer.sum() * world, per_layer, contrastive.retrieval_r1(logits)
 
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):
-    """Dispatch on the objective (default: --loss); returns (loss to backpropagate, dict of things to log
-    incl. the loss value). contrastive+asr runs the encoder and the projector once for both losses."""
-    objective = objective or args.loss
-    loss, logs, speech = 0.0, {"loss": 0.0}, None
+    """Returns (loss to backpropagate, dict of things to log incl. the loss value). contrastive+asr runs the
+    encoder and the projector once for both losses. ASR pretraining (the baseline) is stage 2's answer loss
+    with the transcript as the answer."""
+    objective, loss, logs, speech = objective or args.loss, 0.0, {"loss": 0.0}, None
     if objective in ("contrastive", "contrastive+asr"):
-        contrastive, per_layer, acc, speech = contrastive_step(model, batch, layers, args, text_cache)
-        loss = loss + contrastive
+        contrastive_loss, per_layer, acc, speech = contrastive_step(model, batch, layers, args, text_cache)
+        loss = loss + contrastive_loss
         logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
     if objective in ("asr", "contrastive+asr"):
-        asr = asr_step(model, batch, speech)
+        speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
+        texts = [ex["text"] for ex in batch["examples"]]
+        asr = model.answer_loss(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
     return loss, logs
@@ -203,34 +168,24 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
 
 
 def load_data(args):
-    if args.data is None:  # the built-in demo corpus, synthesised offline on first use
-        import demokit
+    """(training rows, dev rows): the manifests' lines, checked; "demo": the demo corpus's sentences."""
 
-        corpus = demokit.corpus_path(size=args.demo_corpus)
-        args.data, args.dev_data = (
-            str(corpus / "sentences_train.jsonl"),
-            args.dev_data or str(corpus / "sentences_dev.jsonl"),
-        )
-        args.feature_cache_file = args.feature_cache_file or str(
-            corpus / f"features-{args.encoder.replace('/', '_')}.pt"
-        )
-    rows = read_manifest(args.data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)
-    dev = (
-        read_manifest(args.dev_data, skip_bad=args.skip_bad, max_seconds=args.max_audio_seconds, log=print0)[
-            : args.dev_size
-        ]
-        if args.dev_data
-        else []
-    )
+    def read(path, split):
+        path = demokit.manifests("asr", split, args.demo_corpus)[0] if path == "demo" else path
+        return read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0) if path else []
+
+    rows, dev = read(args.data, "train"), read(args.dev_data, "dev")[: args.dev_size]
     return need_transcripts(rows, "pretraining"), need_transcripts(dev, "dev retrieval")
 
 
-def dev_retrieval(model, dev, layers, args, device, dtype, centers=None):
-    """Speech->text R@1 per layer on the dev set: plain, with each side centred by its dev-set mean, and
-    (given the stored training means) centred by those."""
-    text, speech = common.pooled_pairs(model, dev, layers, args.batch_size, device, common.autocast(device, dtype))
-    results = [retrieval_r1(cos_logits(text, speech)), retrieval_r1(cos_logits(text, speech, center=True))]
-    return results + ([retrieval_r1(cos_logits(text, speech, center=centers))] if centers is not None else [])
+def dev_retrieval(model, rows, layers, args, device, dtype, centers=None):
+    """Speech->text R@1 per layer on pooled pairs (contrastive.retrieval_table), and the pooled pairs."""
+    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
+    size = args.batch_size
+    batches = (to_device(collate(rows[i : i + size]), device) for i in range(0, len(rows), size))
+    with common.autocast(device, dtype):
+        text, speech = model.pooled_pairs(batches, layers)
+    return contrastive.retrieval_table(text, speech, centers), (text, speech)
 
 
 def store_training_means(model, rows, layers, args, device, dtype):
@@ -238,7 +193,7 @@ def store_training_means(model, rows, layers, args, device, dtype):
     to average over, so the per-layer means over --center-items training pairs (a seeded sample, pooled
     with the final projector) are stored next to it, in centers.safetensors. Returns (text, speech) [L, D]."""
     sample = random.Random(args.seed).sample(rows, min(args.center_items, len(rows)))
-    text, speech = common.pooled_pairs(model, sample, layers, args.batch_size, device, common.autocast(device, dtype))
+    _, (text, speech) = dev_retrieval(model, sample, layers, args, device, dtype)
     common.save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
     return text.mean(1), speech.mean(1)
 
@@ -256,16 +211,17 @@ def main(argv=None):
     rank, world, device = common.setup(args.device, args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
-    recipe = args.recipe_choice  # what the recipe set: the run's first line, and meta.json's "recipe"
+    recipe = args.recipe_set  # what the recipe set: the run's first line, and meta.json's "recipe"
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    model = common.build_model(args, dtype).to(device)
-    layers = common.select_layers(args.layers, model.num_layers)
+    model = build_model(args, dtype).to(device)
+    try:
+        layers = contrastive.select_layers(args.layers, model.num_layers)
+    except ValueError as e:
+        raise common.UserError(f"--layers {args.layers}: {e}") from None
     rows, dev = load_data(args)
-    print0(
-        f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
-        f"{sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M trainable parameters"
-    )
+    n_params = sum(p.numel() for p in model.projector.parameters())
+    print0(f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, {n_params / 1e6:.2f}M trainable")
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
     text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
@@ -273,13 +229,15 @@ def main(argv=None):
 
     order = common.BatchOrder(len(rows), args.batch_size, rank, world, seed=args.seed)
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    optimizer = common.make_optimizer(model, args.lr)
+    params = [p for p in model.projector.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    model = common.wrap_ddp(model, device, world)  # under torchrun: DDP around the projector only
+    if world > 1:  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+        ids = [device.index] if device.type == "cuda" else None
+        model.projector = DDP(model.projector, device_ids=ids, broadcast_buffers=False)
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
-    params = [p for p in model.projector.parameters() if p.requires_grad]
 
     model.train()
     progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc="pretrain")
@@ -287,17 +245,16 @@ def main(argv=None):
         # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass) before the full objective
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
-        lr = (
-            args.emb_lr
-            if warm
-            else common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
-        )
-        common.set_lr(optimizer, lr)
+        cosine = common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
+        lr = args.emb_lr if warm else cosine
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
         if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
-            plain, centred = dev_retrieval(model, dev, layers, args, device, dtype)
-            progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(plain)} centred {fmt(centred)}")
-            log(step=step, dev_r1=plain, dev_r1_centred=centred, layers=layers)
+            r1, _ = dev_retrieval(model, dev, layers, args, device, dtype)
+            progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(r1['plain'])} "
+                           f"centred {fmt(r1['centred'])}")  # fmt: skip
+            log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
             common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
             model.save_feature_cache(args.feature_cache_file)
@@ -305,13 +262,16 @@ def main(argv=None):
         t0 = time.time()
         for micro in range(args.grad_accum):
             batch = to_device(collate([rows[i] for i in next(order)]), device)
-            # under DDP, synchronise gradients only on the last micro-step (nanoGPT's trick)
-            with common.grad_sync(model, micro, args.grad_accum), common.autocast(device, dtype):
-                loss, logs = train_step_loss(
-                    model, batch, step_layers, args, text_cache, "contrastive" if warm else args.loss
-                )
-                (loss / args.grad_accum).backward()
-        grad_norm = common.clip_and_step(optimizer, params, args.grad_clip, guard, step, args.out)
+            if world > 1:  # all-reduce the gradients only on the last micro-step (nanoGPT's trick)
+                model.projector.require_backward_grad_sync = micro == args.grad_accum - 1
+            with common.autocast(device, dtype):
+                objective = "contrastive" if warm else args.loss
+                loss, logs = train_step_loss(model, batch, step_layers, args, text_cache, objective)
+            (loss / args.grad_accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if guard.ok(grad_norm, step, args.out):  # skip a step whose gradient is inf/NaN
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         if master:
             seconds = time.time() - t0
@@ -332,18 +292,14 @@ def main(argv=None):
         model.save_feature_cache(args.feature_cache_file)
         centers = store_training_means(model, rows, layers, args, device, dtype) if args.center else None
         if dev:
-            plain, centred, *train = dev_retrieval(model, dev, layers, args, device, dtype, centers)
-            log(
-                step=step,
-                dev_r1=plain,
-                dev_r1_centred=centred,
-                layers=layers,
-                **({"dev_r1_centred_train": train[0]} if train else {}),
-            )
+            r1, _ = dev_retrieval(model, dev, layers, args, device, dtype, centers)
+            train = {"dev_r1_centred_train": r1["centred_train"]} if centers is not None else {}
+            log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers, **train)
             print0(
                 f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
-                f"  plain                        {fmt(plain)}\n  centred (dev-set means)      {fmt(centred)}"
-                + (f"\n  centred (stored train means) {fmt(train[0])}" if train else "")
+                f"  plain                        {fmt(r1['plain'])}\n"
+                f"  centred (dev-set means)      {fmt(r1['centred'])}"
+                + (f"\n  centred (stored train means) {fmt(r1['centred_train'])}" if train else "")
             )
         print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}")
     log.close()  # --wandb / --tensorboard: flush and finish

@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model import ModelError, write_folder_atomically
+from common import ModelError, UserError, write_folder_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,6 +183,21 @@ def corpus_path(small=False, size=None):
             f"(rm -r {folder}) and run again to build the current one"
         )
     return build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
+
+
+# The demo corpus's manifests of each task: <name>_{train,dev,test,open_test}.jsonl
+TASK_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
+
+
+def manifests(task, split, size="full"):
+    """The demo corpus's manifests of `task` ("asr" also for stage 1 and retrieval) and `split` (train, dev,
+    test; "open": the open test split of the sentences), built on first use."""
+    if split == "open" and task not in ("asr", "st"):
+        raise UserError("--data open: the open test split holds sentences (ASR), not QA")
+    corpus = corpus_path(size=size)
+    if split == "open":
+        return [str(corpus / "sentences_open_test.jsonl")]
+    return [str(corpus / f"{name}_{split}.jsonl") for name in TASK_MANIFESTS[task]]
 
 
 def tiny_path(kind):

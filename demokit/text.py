@@ -25,8 +25,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 
+from common import write_atomically
 from demokit import BuildError, demo_dir, fetch_wheel, log
-from model import write_atomically
 
 # The text sources: name -> what it is and its licence. (corpus.json repeats this.)
 SOURCES = {

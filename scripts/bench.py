@@ -302,14 +302,15 @@ class Stopwatch:
 
 
 def step_ours(model, batch, layers, optimizer, text_cache, watch):
-    """Our step, pretrain.py's: stage 1's forward (common.stage1_forward: encoder features from the cache,
-    transcripts' pooled states from the text cache, the speech pass without the LM head keeping only the
-    selected states, each part timed), the batched loss."""
-    out = common.stage1_forward(model, batch, layers, text_cache, masked_mean, part=watch)
+    """Our step, pretrain.py's, timed by the method calls it makes: the speech side (SpeechLLM.speech_states:
+    encoder features from the cache, the projector, the LLM pass without the LM head keeping only the
+    selected states), the transcripts' pooled states read from the text cache, the batched loss."""
+    with watch("speech side (fwd)"):
+        states, pool_mask, _, _ = model.speech_states(batch, layers)
+    with watch("text side (cache)"):
+        text_pooled = torch.stack([text_cache[f"{layers}:{ex['text']}"] for ex in batch["examples"]], 1)
     with watch("loss (fwd)"):
-        loss = contrastive_loss(
-            out.text_states, out.text_pool_mask, out.speech_states, out.speech_pool_mask, text_pooled=out.text_pooled
-        )[0]
+        loss = contrastive_loss(None, None, states, pool_mask, text_pooled=text_pooled)[0]
     with watch("backward"):
         loss.backward()
     with watch("optimiser"):
@@ -368,13 +369,14 @@ def bench_step(args, device):
     from types import SimpleNamespace
 
     import demokit
+    import pretrain
     from data import Collator, read_manifest, to_device
 
     # the demo recipe's models, projector and batch size; no sink token: the naive step has none, and both
     # steps must compute the same loss
     recipe = common.RECIPES["demo"]
     demo = SimpleNamespace(**{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False})
-    model = common.build_model(demo, torch.float32).to(device)
+    model = pretrain.build_model(demo, torch.float32).to(device)
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
@@ -385,7 +387,9 @@ def bench_step(args, device):
     text_cache, results, losses = {}, {}, {}
     for b in batches:  # the caches a real run fills in its first epoch: encoder features, pooled transcripts
         with torch.no_grad():
-            common.stage1_forward(model, b, layers, text_cache, masked_mean)
+            model.speech_frames(b)
+            text = masked_mean(*model.text_states(b, layers))
+            text_cache.update({f"{layers}:{ex['text']}": text[:, i] for i, ex in enumerate(b["examples"])})
     for name in ("naive", "ours"):
         proj = copy.deepcopy(model.projector.state_dict())
         optimizer = torch.optim.AdamW(model.projector.parameters(), lr=0.0)  # lr 0: every step sees the same projector

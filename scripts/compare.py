@@ -285,15 +285,14 @@ def topline(args, out, files, read, task, log):
     """The LLM reading the reference transcript, or Whisper's transcript, instead of the speech."""
     kind, folder = TASKS[task], out / "toplines" / f"{read}-{task}"
     command = [
-        "evaluate.py",
+        "-m",
+        "scripts.toplines",
         "--read",
         read,
         "--task",
         task,
         "--data",
         files["test"][kind],
-        "--ckpt",
-        str(folder),
         "--out",
         str(folder / "eval.json"),
         *model_flags(args),

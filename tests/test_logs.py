@@ -14,9 +14,9 @@ import torch
 from tiny import write_manifest
 
 import common
-from scripts import plot_log
 import pretrain
 from data import UserError
+from scripts import plot_log
 
 
 class FakeWandb(types.ModuleType):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from scripts import prepare_data
 from data import UserError, load_row_audio, read_manifest, task_examples
+from scripts import prepare_data
 
 
 def tone(seconds, freq, rate=16000):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import write_manifest
+from tiny import pooled_pairs, write_manifest
 
 import common
 import pretrain
@@ -92,7 +92,7 @@ def test_contrastive_plus_asr_runs_the_encoder_and_projector_once(paths, manifes
     args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss", "contrastive+asr"))
     _, logs = pretrain.train_step_loss(model, batch, [0, 5, 10], args, text_cache=None)
     assert calls == {"encoder": 1, "projector": 1}
-    assert logs["asr"] == pytest.approx(pretrain.asr_step(model, batch).item(), rel=1e-6)
+    assert logs["asr"] == pytest.approx(model.answer_loss(*model.encode_speech(batch), ["Can you transcribe this audio?"] * len(batch["examples"]), [ex["text"] for ex in batch["examples"]]).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("sim", ["cos", "wasserstein"])
@@ -103,21 +103,19 @@ def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
     model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     results = {}
-    for impl in ("fast", "reference"):
+    for impl in ("torch", "reference"):
         args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim))
         text_cache = {} if sim == "cos" else None
         for _ in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
             loss, per_layer, acc, _ = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
             grads = torch.autograd.grad(loss, [p for p in model.projector.parameters() if p.requires_grad])
             results.setdefault(impl, []).append((loss, per_layer, acc, *grads))
-    for fast, reference in zip(results["fast"], results["reference"]):
+    for fast, reference in zip(results["torch"], results["reference"]):
         (loss, per_layer, acc, *grads), (ref_loss, ref_per_layer, ref_acc, *ref_grads) = fast, reference
         assert torch.allclose(loss, ref_loss, rtol=1e-5) and torch.allclose(per_layer, ref_per_layer, rtol=1e-5)
         assert torch.equal(acc, ref_acc)
         for g, r in zip(grads, ref_grads):  # through the projector: float32 round-off of the two orders of sums
             assert torch.allclose(g, r, rtol=1e-3, atol=1e-5)
-    with pytest.raises(SystemExit):  # --kernel is an option of the fast loss only
-        pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", "reference", "--kernel", "triton"))
 
 
 def test_overfit_tiny_batch_retrieval_becomes_perfect(paths, manifest):
@@ -177,7 +175,7 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     text_mean, speech_mean = common.load_centers(out, layers)
     assert text_mean.shape == speech_mean.shape == (len(layers), model.llm.config.hidden_size)
     sample = random.Random(42).sample(read_manifest(manifest), 5)
-    text, speech = common.pooled_pairs(model, sample, layers)
+    text, speech = pooled_pairs(model, sample, layers)
     assert torch.allclose(text.mean(1), text_mean, atol=1e-4) and torch.allclose(
         speech.mean(1), speech_mean, atol=1e-4
     )  # other batches: other padding
@@ -185,7 +183,7 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu", "--dtype", "float32"])
     metrics = metrics["retrieval"]["metrics"]
     rows = read_manifest(manifest)
-    text, speech = common.pooled_pairs(model, rows, layers)
+    text, speech = pooled_pairs(model, rows, layers)
     assert metrics["r1_centred_train"] == pytest.approx(
         (100 * retrieval_r1(cos_logits(text, speech, center=(text_mean, speech_mean)))).tolist()
     )

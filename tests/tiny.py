@@ -41,3 +41,11 @@ def write_manifest(folder, n=8, seed=0, rate=16000, name="train.jsonl", extra=No
     path = folder / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def pooled_pairs(model, rows, layers, batch_size=16):
+    """SpeechLLM.pooled_pairs over manifest rows, collated in batches as pretrain.py and evaluate.py do."""
+    from data import Collator
+
+    collate = Collator(model.encoder.feature_extractor, model.tokenizer)
+    return model.pooled_pairs((collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)), layers)
