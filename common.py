@@ -66,7 +66,11 @@ def recipe_defaults(first, given, parts):
     because = "--recipe" if first.recipe else f"the default for --llm {first.llm}"
     values = {flag: value for part in parts for flag, value in RECIPES[name][part].items()}
     chosen = {flag: value for flag, value in values.items() if flag not in given}
-    return {**values, "recipe": name, "recipe_set": {"name": name, "because": because, "set": chosen}}
+    return {
+        **values,
+        "recipe": name,
+        "recipe_set": {"name": name, "because": because, "set": chosen},
+    }
 
 
 def parse_args(p, argv, defaults_for):
@@ -106,7 +110,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def parser(doc):
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+    return argparse.ArgumentParser(
+        description=doc, formatter_class=HelpFormatter, allow_abbrev=False
+    )
 
 
 def add_model_flags(p):
@@ -120,18 +126,26 @@ def add_data_flags(p, several, max_audio_seconds):
     """several (finetune.py): --data and --dev-data take one manifest or more."""
     g = p.add_argument_group("data")
     nargs = "+" if several else None
-    g.add_argument("--data", nargs=nargs, default="demo", help="training manifest(s), JSONL; demo: the demo's")
+    g.add_argument(
+        "--data", nargs=nargs, default="demo", help="training manifest(s), JSONL; demo: the demo's"
+    )
     g.add_argument("--dev-data", nargs=nargs, help="dev manifest(s); demo: the demo's dev split")
     g.add_argument("--dev-size", type=int, default=100, help="dev examples used")
     add_demo_corpus_flag(g)
     g.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted)")
-    g.add_argument("--max-audio-seconds", type=float, default=max_audio_seconds, help="skip longer audio")
-    g.add_argument("--cache-features", action=ON_OFF, default=True, help="keep encoder outputs in memory")
+    g.add_argument(
+        "--max-audio-seconds", type=float, default=max_audio_seconds, help="skip longer audio"
+    )
+    g.add_argument(
+        "--cache-features", action=ON_OFF, default=True, help="keep encoder outputs in memory"
+    )
     g.add_argument("--feature-cache-file", help="and in this file across runs")
 
 
 def add_demo_corpus_flag(p):
-    p.add_argument("--demo-corpus", choices=["full", "large"], default="full", help="which demo corpus")
+    p.add_argument(
+        "--demo-corpus", choices=["full", "large"], default="full", help="which demo corpus"
+    )
 
 
 def data_defaults(first, encoder):
@@ -142,7 +156,10 @@ def data_defaults(first, encoder):
 
     encoder = encoder.replace("/", "_")
     cache = demokit.corpus_folder(first.demo_corpus) / f"features-{encoder}.pt"
-    return {"dev_data": first.dev_data or "demo", "feature_cache_file": first.feature_cache_file or str(cache)}
+    return {
+        "dev_data": first.dev_data or "demo",
+        "feature_cache_file": first.feature_cache_file or str(cache),
+    }
 
 
 def add_projector_flags(p, title="projector"):
@@ -153,7 +170,9 @@ def add_projector_flags(p, title="projector"):
     g.add_argument("--queries", type=int, help="query tokens per window")
     g.add_argument("--window", type=int, help="encoder frames per window (17 = 0.34 s)")
     g.add_argument("--window-pos", action=ON_OFF, help="learned position within the window")
-    g.add_argument("--match-embedding-rms", action=ON_OFF, help="start at the LLM's embedding scale")
+    g.add_argument(
+        "--match-embedding-rms", action=ON_OFF, help="start at the LLM's embedding scale"
+    )
     g.add_argument("--dropout", type=float, help="the projector's dropout")
     g.add_argument("--time-mask", type=float, help="share of encoder frames masked in training")
 
@@ -175,11 +194,19 @@ def add_system_flags(p, training=True):
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
-    g.add_argument("--dtype", choices=dtypes, default="auto", help="auto: bf16 on CUDA and AMX CPUs")
+    g.add_argument(
+        "--dtype", choices=dtypes, default="auto", help="auto: bf16 on CUDA and AMX CPUs"
+    )
     if training:
-        g.add_argument("--eval-every", type=int, help="dev evaluation every N steps (0: at the end)")
-        g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-        g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        g.add_argument(
+            "--eval-every", type=int, help="dev evaluation every N steps (0: at the end)"
+        )
+        g.add_argument(
+            "--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)"
+        )
+        g.add_argument(
+            "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+        )
         g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
         g.add_argument("--wandb-project", default="contrastive-speechllm", help="the W&B project")
         g.add_argument("--tensorboard", action="store_true", help="also write <out>/tensorboard/")
@@ -211,7 +238,9 @@ def run_main(main):
 # Models by name: the paper's presets are hub ids; the demo's ('smollm2', 'whisper-tiny', and the tiny random
 # models for smoke runs) are folders that demokit builds on first use; anything else is a hub id or a folder.
 
-LLM_PRESETS = {"llama": "meta-llama/Llama-3.1-8B-Instruct"}  # the paper (gated: `huggingface-cli login`)
+LLM_PRESETS = {
+    "llama": "meta-llama/Llama-3.1-8B-Instruct"
+}  # the paper (gated: `huggingface-cli login`)
 ENCODER_PRESETS = {"hubert": "facebook/hubert-large-ls960-ft"}  # the paper
 HOW_TO_GET_MODELS = (
     "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also "
@@ -259,7 +288,8 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
         why = " ".join(str(e).split())  # transformers' message, on one line
         why = why if len(why) <= 300 else why[:300] + " ..."
         raise ModelError(
-            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {why} " + HOW_TO_GET_MODELS
+            f"Could not load the {what} '{name_or_path}': {type(e).__name__}: {why} "
+            + HOW_TO_GET_MODELS
         ) from None
 
 
@@ -310,7 +340,9 @@ def resolve_dtype(name, device):
     """--dtype -> a torch dtype. auto: bf16 where the hardware multiplies bf16 natively (CUDA, or a CPU with
     Intel AMX), float32 elsewhere (an emulated bf16 would be slower than float32)."""
     if name == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+        native = device.type == "cuda" or (
+            device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+        )
         return torch.bfloat16 if native else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -343,7 +375,9 @@ class BatchOrder:
     def __next__(self):
         if self.index == self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        )
         start = (self.index * self.world + self.rank) * self.batch_size
         self.index += 1
         return order[start : start + self.batch_size].tolist()
@@ -381,7 +415,9 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.skipped += 1
-        print0(f"step {step}: non-finite gradient norm ({grad_norm.item()}), skipped ({self.in_a_row} in a row)")
+        print0(
+            f"step {step}: non-finite gradient norm ({grad_norm.item()}), skipped ({self.in_a_row} in a row)"
+        )
         if self.in_a_row >= self.patience:
             raise UserError(
                 f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
@@ -407,7 +443,12 @@ def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        state = {"optimizer": optimizer.state_dict(), "step": step, "order": order.state_dict(), "rng": rng}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "order": order.state_dict(),
+            "rng": rng,
+        }
         torch.save(state, tmp / "train_state.pt")
 
     final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
@@ -445,9 +486,14 @@ CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py
 
 def save_centers(folder, text_mean, speech_mean, layers, items):
     """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
-    tensors = {"text": text_mean.float().contiguous().cpu(), "speech": speech_mean.float().contiguous().cpu()}
+    tensors = {
+        "text": text_mean.float().contiguous().cpu(),
+        "speech": speech_mean.float().contiguous().cpu(),
+    }
     metadata = {"layers": json.dumps(layers), "items": str(items)}
-    write_atomically(Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomically(
+        Path(folder) / CENTERS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+    )
 
 
 def load_centers(folder, layers):
@@ -513,12 +559,16 @@ class JsonLog:
                 import wandb
             except ImportError:
                 raise UserError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, name=Path(out).name, dir=str(out), config=config)
+            self.wandb = wandb.init(
+                project=wandb_project, name=Path(out).name, dir=str(out), config=config
+            )
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise UserError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
 
     @classmethod

@@ -96,7 +96,9 @@ def _stacked(states):
     tensors (the form transformers' output_hidden_states returns)."""
     states = torch.stack(list(states)) if isinstance(states, (list, tuple)) else states
     if states.dim() != 4:
-        raise ValueError(f"states must be [L, B, T, D] or a list of [B, T, D] tensors, got shape {tuple(states.shape)}")
+        raise ValueError(
+            f"states must be [L, B, T, D] or a list of [B, T, D] tensors, got shape {tuple(states.shape)}"
+        )
     return states
 
 
@@ -107,7 +109,9 @@ def masked_mean(states, mask):
     whatever it holds never counts; a row with no valid step pools to 0 instead of NaN."""
     states = _stacked(states)
     if mask.shape != states.shape[1:3]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(states.shape[1:3])}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(states.shape[1:3])}"
+        )
     kept = torch.where(mask[:, :, None], states.float(), 0.0)  # [L, B, T, D]
     count = mask.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
     return kept.sum(2) / count
@@ -152,7 +156,9 @@ def retrieval_table(text_pooled, speech_pooled, centers=None):
     table = {"plain": retrieval_r1(cos_logits(text_pooled, speech_pooled)),
              "centred": retrieval_r1(cos_logits(text_pooled, speech_pooled, center=True))}  # fmt: skip
     if centers is not None:
-        table["centred_train"] = retrieval_r1(cos_logits(text_pooled, speech_pooled, center=centers))
+        table["centred_train"] = retrieval_r1(
+            cos_logits(text_pooled, speech_pooled, center=centers)
+        )
     return table
 
 
@@ -194,7 +200,9 @@ def _log_weights(mask):
 def _half_sq_dist(x, y):
     """C[..., n, m] = |x[..., n, :] - y[..., m, :]|^2 / 2 for x [..., N, D] and y [..., M, D] (leading
     dimensions broadcast), from one matrix product: |x|^2 / 2 + |y|^2 / 2 - <x, y>."""
-    return (x.pow(2).sum(-1)[..., :, None] + y.pow(2).sum(-1)[..., None, :]) / 2 - x @ y.transpose(-1, -2)
+    return (x.pow(2).sum(-1)[..., :, None] + y.pow(2).sum(-1)[..., None, :]) / 2 - x @ y.transpose(
+        -1, -2
+    )
 
 
 def _softmin(eps, C, h):
@@ -206,13 +214,24 @@ def _softmin(eps, C, h):
 def _entropic_ot(x, a_log, y, b_log, eps_list):
     """OT(a, b) = <a, f> + <b, g> between the token sets x [..., N, D] with log-weights a_log [..., N] and
     y [..., M, D] with b_log [..., M]; leading dimensions broadcast (all pairs of sets, all layers)."""
-    C_xy, C_yx = _half_sq_dist(x, y.detach()), _half_sq_dist(y, x.detach())  # [..., N, M], [..., M, N]
+    C_xy, C_yx = (
+        _half_sq_dist(x, y.detach()),
+        _half_sq_dist(y, x.detach()),
+    )  # [..., N, M], [..., M, N]
     with torch.no_grad():
         f, g = _softmin(eps_list[0], C_xy, b_log), _softmin(eps_list[0], C_yx, a_log)
-        for eps in eps_list:  # both new potentials from the old ones, each averaged with its old value
-            f, g = (f + _softmin(eps, C_xy, b_log + g / eps)) / 2, (g + _softmin(eps, C_yx, a_log + f / eps)) / 2
+        for (
+            eps
+        ) in eps_list:  # both new potentials from the old ones, each averaged with its old value
+            f, g = (
+                (f + _softmin(eps, C_xy, b_log + g / eps)) / 2,
+                (g + _softmin(eps, C_yx, a_log + f / eps)) / 2,
+            )
     eps = eps_list[-1]
-    f, g = _softmin(eps, C_xy, b_log + g / eps), _softmin(eps, C_yx, a_log + f / eps)  # the differentiated step
+    f, g = (
+        _softmin(eps, C_xy, b_log + g / eps),
+        _softmin(eps, C_yx, a_log + f / eps),
+    )  # the differentiated step
     return (a_log.exp() * f).sum(-1) + (b_log.exp() * g).sum(-1)
 
 
@@ -233,13 +252,19 @@ def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=N
     )  # padding: weight 0, and finite
     a_log, b_log = _log_weights(x_mask), _log_weights(y_mask)  # [Bx, N], [By, M]
     # every x set against every y set: x [..., Bx, 1, N, D] and y [..., 1, By, M, D] broadcast to the pairs
-    cross = _entropic_ot(x[..., :, None, :, :], a_log[:, None], y[..., None, :, :, :], b_log[None], eps_list)
-    self_x = _entropic_ot(x, a_log, x, a_log, eps_list) / 2  # [..., Bx]: OT(a, a) / 2, one problem per set
+    cross = _entropic_ot(
+        x[..., :, None, :, :], a_log[:, None], y[..., None, :, :, :], b_log[None], eps_list
+    )
+    self_x = (
+        _entropic_ot(x, a_log, x, a_log, eps_list) / 2
+    )  # [..., Bx]: OT(a, a) / 2, one problem per set
     self_y = _entropic_ot(y, b_log, y, b_log, eps_list) / 2  # [..., By]
     return cross - self_x[..., :, None] - self_y[..., None, :]
 
 
-def wasserstein_logits(text_states, text_pool_mask, speech_states, speech_pool_mask, temperature=0.1):
+def wasserstein_logits(
+    text_states, text_pool_mask, speech_states, speech_pool_mask, temperature=0.1
+):
     """[L, B, B] logits -SinkhornDivergence(text_i, speech_j) / temperature per layer, every token vector
     L2-normalised first (float32), as the authors. Rows = text, columns = speech. All layers in one call."""
     text, speech = (F.normalize(_stacked(s).float(), dim=-1) for s in (text_states, speech_states))
@@ -265,7 +290,9 @@ def _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_
     if sim not in ("cos", "wasserstein"):
         raise ValueError(f"sim must be 'cos' or 'wasserstein', got {sim!r}")
     if text_pooled is not None and (text_states is not None or text_pool_mask is not None):
-        raise ValueError("give the text side once: text_states with text_pool_mask, or text_pooled (then both None)")
+        raise ValueError(
+            "give the text side once: text_states with text_pool_mask, or text_pooled (then both None)"
+        )
     if sim == "wasserstein" and text_pooled is not None:
         raise ValueError(
             "sim='wasserstein' compares token sets: it needs text_states and text_pool_mask, not text_pooled"
@@ -298,10 +325,16 @@ def contrastive_loss(
         if text_pooled is None:
             with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
                 text_pooled = masked_mean(text_states, text_pool_mask)
-        logits = cos_logits(text_pooled.detach(), masked_mean(speech_states, speech_pool_mask), temperature, center)
+        logits = cos_logits(
+            text_pooled.detach(), masked_mean(speech_states, speech_pool_mask), temperature, center
+        )
     else:
         logits = wasserstein_logits(
-            _stacked(text_states).detach(), text_pool_mask, speech_states, speech_pool_mask, temperature
+            _stacked(text_states).detach(),
+            text_pool_mask,
+            speech_states,
+            speech_pool_mask,
+            temperature,
         )
     per_layer = info_nce(logits, symmetric)
     total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)

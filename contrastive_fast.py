@@ -82,11 +82,15 @@ class _SpanMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, spans):
         ctx.spans, ctx.shape, ctx.dtype = spans, states.shape, states.dtype
-        means = states.new_zeros(*states.shape[:-2], states.shape[-1], dtype=torch.float32)  # [..., B, D]
+        means = states.new_zeros(
+            *states.shape[:-2], states.shape[-1], dtype=torch.float32
+        )  # [..., B, D]
         for b, (start, end) in enumerate(spans):
             if end > start:  # one matrix-vector product per example: [1, n] @ [..., n, D]
                 run = states[..., b, start:end, :].float()
-                means[..., b, :] = (run.new_full((1, end - start), 1 / (end - start)) @ run).squeeze(-2)
+                means[..., b, :] = (
+                    run.new_full((1, end - start), 1 / (end - start)) @ run
+                ).squeeze(-2)
         return means
 
     @staticmethod
@@ -96,7 +100,9 @@ class _SpanMean(torch.autograd.Function):
             grad[..., b, :start, :] = 0
             grad[..., b, end:, :] = 0
             if end > start:
-                grad[..., b, start:end, :] = (grad_means[..., b, None, :] / (end - start)).to(ctx.dtype)
+                grad[..., b, start:end, :] = (grad_means[..., b, None, :] / (end - start)).to(
+                    ctx.dtype
+                )
         return grad, None
 
 
@@ -129,7 +135,9 @@ def masked_mean(states, mask, kernel="torch"):
         return triton_masked_mean(states, mask)
     layers = _as_layers(states)  # (views: checks the shapes of either form)
     if mask.shape != layers[0].shape[:2]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match states [B, T] = {tuple(layers[0].shape[:2])}"
+        )
     spans = _valid_spans(mask)
     if spans is not None:  # the usual case: pool each example's run, never reading the padding
         return (
@@ -140,8 +148,12 @@ def masked_mean(states, mask, kernel="torch"):
     # Any mask: a batched matrix-vector product reads every hidden state exactly once and never builds a
     # masked copy; padded positions are multiplied by an exact 0 (they must be finite, which LLM states are).
     w = _mean_weights(mask).to(layers[0].device)[:, None, :]  # [B, 1, T]
-    if torch.is_tensor(states):  # [L, B, T, D] as ONE product, so the backward writes one [L, B, T, D] gradient
-        L, B, T, D = states.shape  # (unbinding into layers would cost an extra copy to stack their gradients)
+    if torch.is_tensor(
+        states
+    ):  # [L, B, T, D] as ONE product, so the backward writes one [L, B, T, D] gradient
+        L, B, T, D = (
+            states.shape
+        )  # (unbinding into layers would cost an extra copy to stack their gradients)
         return torch.bmm(w.repeat(L, 1, 1), states.float().reshape(L * B, T, D)).view(L, B, D)
     return torch.stack([torch.bmm(w, h.float()).squeeze(1) for h in layers])
 
@@ -159,15 +171,19 @@ def _half_sq_dist(x, y):
     """C[..., i, j, n, m] = |x[i, n] - y[j, m]|^2 / 2 for x [..., I, N, D] and y [..., J, M, D]: every token of
     every x set against every token of every y set, from one matrix product (|x|^2/2 + |y|^2/2 - <x, y>)."""
     (*lead, I, N, D), (J, M) = x.shape, y.shape[-3:-1]  # noqa: E741  (I, J: set counts, as in the docstring)
-    xy = (x.reshape(*lead, I * N, D) @ y.reshape(*lead, J * M, D).transpose(-1, -2)).view(*lead, I, N, J, M)
-    return (x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]) / 2 - xy.transpose(
-        -3, -2
+    xy = (x.reshape(*lead, I * N, D) @ y.reshape(*lead, J * M, D).transpose(-1, -2)).view(
+        *lead, I, N, J, M
     )
+    return (
+        x.pow(2).sum(-1)[..., :, None, :, None] + y.pow(2).sum(-1)[..., None, :, None, :]
+    ) / 2 - xy.transpose(-3, -2)
 
 
 def _half_sq_dist_within(x, x2):
     """C[..., i, n, m] = |x[i, n] - x2[i, m]|^2 / 2, set by set: [..., I, N, N] (x2 is x, detached or not)."""
-    return (x.pow(2).sum(-1)[..., :, None] + x2.pow(2).sum(-1)[..., None, :]) / 2 - x @ x2.transpose(-1, -2)
+    return (
+        x.pow(2).sum(-1)[..., :, None] + x2.pow(2).sum(-1)[..., None, :]
+    ) / 2 - x @ x2.transpose(-1, -2)
 
 
 def _logsumexp(z, dim):
@@ -188,7 +204,9 @@ def _softmin(eps, C, log_w, potential=None, dim=-1):
     runs along the contiguous M, fast even when N is short.
     The potential never carries a gradient (it comes from the no-grad loop); C may (the last step)."""
     h = log_w if potential is None else torch.add(log_w, potential, alpha=1 / eps)
-    z = torch.add(h.unsqueeze(-2 if dim == -1 else -1), C.detach(), alpha=-1 / eps)  # one fused pass for h - C/eps
+    z = torch.add(
+        h.unsqueeze(-2 if dim == -1 else -1), C.detach(), alpha=-1 / eps
+    )  # one fused pass for h - C/eps
     f = -eps * _logsumexp(z, dim)
     if not (torch.is_grad_enabled() and C.requires_grad):
         return f
@@ -236,13 +254,17 @@ def _buckets(x, mask, waste):
         masks.append(packed_mask)
     tokens = x.flatten(-3, -2)[..., torch.cat(indices), :]  # [..., all buckets' slots, D]
     pieces = tokens.split([len(index) for index in indices], -2)
-    return [(group, piece.unflatten(-2, m.shape), m) for group, piece, m in zip(groups, pieces, masks)]
+    return [
+        (group, piece.unflatten(-2, m.shape), m) for group, piece, m in zip(groups, pieces, masks)
+    ]
 
 
 def _ot_self(x, x_mask, eps_list):
     """<a, f_aa> for OT(x_i, x_i) of every set x_i: [..., I]. x [..., I, N, D] (packed), x_mask [I, N]."""
     a_log = _log_weights(x_mask)
-    C = _half_sq_dist_within(x, x.detach())  # x seen only through the first argument (the 1/2 of OT(a, a) / 2)
+    C = _half_sq_dist_within(
+        x, x.detach()
+    )  # x seen only through the first argument (the 1/2 of OT(a, a) / 2)
     with torch.no_grad():
         f = _softmin(eps_list[0], C, a_log)
         for eps in eps_list:
@@ -253,7 +275,10 @@ def _ot_self(x, x_mask, eps_list):
 
 def _ot_cross(x, x_mask, y, y_mask, eps_list):
     """<a, f> + <b, g> for OT(x_i, y_j) of every pair: [..., I, J]. x [..., I, N, D], y [..., J, M, D]."""
-    a_log, b_log = _log_weights(x_mask)[:, None, :], _log_weights(y_mask)[None, :, :]  # [I, 1, N], [1, J, M]
+    a_log, b_log = (
+        _log_weights(x_mask)[:, None, :],
+        _log_weights(y_mask)[None, :, :],
+    )  # [I, 1, N], [1, J, M]
     # The potentials f [..., I, J, N] and g [..., I, J, M] of every pair both come from C [..., I, J, N, M]:
     # f sums over y's tokens (dim -1) with y's weights and g; g over x's tokens (dim -2) with x's and f.
     # For the gradient, x may only be seen through f and y only through g: hence the detach()es.
@@ -262,13 +287,18 @@ def _ot_cross(x, x_mask, y, y_mask, eps_list):
     with torch.no_grad():
         eps = eps_list[0]
         f, g = _softmin(eps, C_g, b_log, dim=-1), _softmin(eps, C_g, a_log, dim=-2)
-        for eps in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
+        for (
+            eps
+        ) in eps_list:  # symmetric updates: both new potentials from the old ones, then averaged
             f, g = (
                 torch.lerp(f, _softmin(eps, C_g, b_log, g, dim=-1), 0.5),
                 torch.lerp(g, _softmin(eps, C_g, a_log, f, dim=-2), 0.5),
             )
     eps = eps_list[-1]
-    f, g = _softmin(eps, C_f, b_log, g, dim=-1), _softmin(eps, C_g, a_log, f, dim=-2)  # the differentiated last step
+    f, g = (
+        _softmin(eps, C_f, b_log, g, dim=-1),
+        _softmin(eps, C_g, a_log, f, dim=-2),
+    )  # the differentiated last step
     return (a_log.exp() * f).sum(-1) + (b_log.exp() * g).sum(-1)
 
 
@@ -287,14 +317,23 @@ def sinkhorn_divergence(x, x_mask, y, y_mask, blur=0.05, scaling=0.5, diameter=N
     eps_list = _epsilon_schedule(diameter, blur, scaling)
 
     xs, ys = _buckets(x, x_mask, waste), _buckets(y, y_mask, waste)
-    self_x = torch.cat([_ot_self(xb, mb, eps_list) for _, xb, mb in xs], -1)  # [..., Bx] in bucket order
+    self_x = torch.cat(
+        [_ot_self(xb, mb, eps_list) for _, xb, mb in xs], -1
+    )  # [..., Bx] in bucket order
     self_y = torch.cat([_ot_self(yb, mb, eps_list) for _, yb, mb in ys], -1)
     cross = torch.cat(
-        [torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1) for _, xb, xm in xs], -2
+        [
+            torch.cat([_ot_cross(xb, xm, yb, ym, eps_list) for _, yb, ym in ys], -1)
+            for _, xb, xm in xs
+        ],
+        -2,
     )
     S = cross - self_x[..., :, None] - self_y[..., None, :]
     x_order, y_order = [i for idx, _, _ in xs for i in idx], [j for idx, _, _ in ys for j in idx]
-    x_back, y_back = torch.tensor(x_order).argsort(), torch.tensor(y_order).argsort()  # bucket order -> input order
+    x_back, y_back = (
+        torch.tensor(x_order).argsort(),
+        torch.tensor(y_order).argsort(),
+    )  # bucket order -> input order
     return S[..., x_back.to(S.device), :][..., y_back.to(S.device)]
 
 
@@ -316,10 +355,14 @@ class _UnitVectors(torch.autograd.Function):
         return torch.addcmul(g, y, (g * y).sum(-1, keepdim=True), value=-1).div_(norm)
 
 
-def wasserstein_logits(text_states, text_pool_mask, speech_states, speech_pool_mask, temperature=0.1):
+def wasserstein_logits(
+    text_states, text_pool_mask, speech_states, speech_pool_mask, temperature=0.1
+):
     """contrastive.wasserstein_logits: [L, B, B] = -SinkhornDivergence(text_i, speech_j) / temperature per
     layer on L2-normalised float32 tokens; rows = text, columns = speech. All layers in one call."""
-    text, speech = (_UnitVectors.apply(torch.stack(_as_layers(s)).float()) for s in (text_states, speech_states))
+    text, speech = (
+        _UnitVectors.apply(torch.stack(_as_layers(s)).float()) for s in (text_states, speech_states)
+    )
     return -sinkhorn_divergence(text, text_pool_mask, speech, speech_pool_mask) / temperature
 
 
@@ -352,7 +395,9 @@ def contrastive_loss(
         logits = cos_logits(text_pooled.detach(), speech_pooled, temperature, center)
     else:
         text = [h.detach() for h in _as_layers(text_states)]
-        logits = wasserstein_logits(text, text_pool_mask, speech_states, speech_pool_mask, temperature)
+        logits = wasserstein_logits(
+            text, text_pool_mask, speech_states, speech_pool_mask, temperature
+        )
     per_layer = info_nce(logits, symmetric)
     total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
     return (total, per_layer, logits) if return_logits else (total, per_layer)
@@ -400,13 +445,23 @@ if HAS_TRITON:
             # Masking: a padded step (w == 0) is never even loaded, so padding costs no bandwidth and its
             # contents (even NaN) cannot leak in; out-of-range t and d are masked the same way.
             keep = (w != 0)[:, None] & d_ok[None, :]
-            ptrs = x_ptr + layer * stride_l + b * stride_b + t[:, None] * stride_t + d[None, :] * stride_d
-            x = tl.load(ptrs, mask=keep, other=0.0).to(tl.float32)  # any input dtype -> fp32 (bf16 too)
+            ptrs = (
+                x_ptr
+                + layer * stride_l
+                + b * stride_b
+                + t[:, None] * stride_t
+                + d[None, :] * stride_d
+            )
+            x = tl.load(ptrs, mask=keep, other=0.0).to(
+                tl.float32
+            )  # any input dtype -> fp32 (bf16 too)
             acc += tl.sum(x * w[:, None], axis=0)
         tl.store(out_ptr + row * D + d, acc, mask=d_ok)
 
     @triton.jit
-    def _pool_bwd_kernel(g_ptr, w_ptr, gx_ptr, B, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _pool_bwd_kernel(
+        g_ptr, w_ptr, gx_ptr, B, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         # d mean / d x[l, b, t, :] = w[b, t], so grad_x[l, b, t, d] = w[b, t] * grad_out[l, b, d]: the pooled
         # gradient broadcast over the valid steps (divided by their count), exactly 0 at padding. One program
         # instance writes one [BLOCK_T, BLOCK_D] tile of the contiguous gradient [L, B, T, D].
@@ -438,7 +493,9 @@ if HAS_TRITON:
             out = torch.empty(L, B, D, device=states.device, dtype=torch.float32)
             BLOCK_T, BLOCK_D = _blocks(T, D)
             grid = (L * B, triton.cdiv(D, BLOCK_D))
-            _pool_fwd_kernel[grid](states, weights, out, B, T, D, *states.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            _pool_fwd_kernel[grid](
+                states, weights, out, B, T, D, *states.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+            )
             ctx.save_for_backward(weights)
             ctx.shape, ctx.dtype = states.shape, states.dtype
             return out
@@ -451,7 +508,14 @@ if HAS_TRITON:
             BLOCK_T, BLOCK_D = _blocks(T, D)
             grid = (L * B, triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
             _pool_bwd_kernel[grid](
-                grad_out.float().contiguous(), weights, grad, B, T, D, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+                grad_out.float().contiguous(),
+                weights,
+                grad,
+                B,
+                T,
+                D,
+                BLOCK_T=BLOCK_T,
+                BLOCK_D=BLOCK_D,
             )
             return grad, None
 

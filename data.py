@@ -60,7 +60,9 @@ def load_audio(path, offset=None, duration=None):
         rate = f.samplerate
         if offset:
             f.seek(round(offset * rate))
-        audio = f.read(-1 if duration is None else round(duration * rate), dtype="float32", always_2d=True)
+        audio = f.read(
+            -1 if duration is None else round(duration * rate), dtype="float32", always_2d=True
+        )
     if not np.isfinite(audio).all():
         where = f" (the segment at {offset} s)" if offset is not None else ""
         raise UserError(f"{path}{where}: the audio holds NaN or infinite samples")
@@ -89,7 +91,9 @@ def _seconds(row, field, positive):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise ValueError(f"field '{field}' must be a number of seconds, got {value!r}")
     if value < 0 or (positive and value == 0):
-        raise ValueError(f"field '{field}' must be {'> 0' if positive else '>= 0'} seconds, got {value}")
+        raise ValueError(
+            f"field '{field}' must be {'> 0' if positive else '>= 0'} seconds, got {value}"
+        )
     return float(value)
 
 
@@ -97,7 +101,9 @@ def _check_row(row, root):
     """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is wrong."""
     if not isinstance(row, dict):
         raise ValueError("a line must be a JSON object")
-    required = ("audio",) if row.get("task") == "qa" else ("audio", "text")  # a QA passage may have no transcript
+    required = (
+        ("audio",) if row.get("task") == "qa" else ("audio", "text")
+    )  # a QA passage may have no transcript
     for field in required:
         if field not in row:
             raise ValueError(f"missing field '{field}'")
@@ -108,7 +114,11 @@ def _check_row(row, root):
         raise ValueError("empty transcript ('text')")
     if "answer" in row and not (
         isinstance(row["answer"], str)
-        or (isinstance(row["answer"], list) and row["answer"] and all(isinstance(a, str) for a in row["answer"]))
+        or (
+            isinstance(row["answer"], list)
+            and row["answer"]
+            and all(isinstance(a, str) for a in row["answer"])
+        )
     ):
         raise ValueError("field 'answer' must be a string or a non-empty list of strings")
     if row.get("task") == "qa" and not ("question" in row and "answer" in row):
@@ -123,14 +133,20 @@ def _check_row(row, root):
     if info.frames == 0:
         raise ValueError(f"audio file is empty (0 samples): {path}")
     seconds = info.frames / info.samplerate
-    stat = path.stat()  # the key of the frozen-encoder feature cache: this file (and segment), as it is now
+    stat = (
+        path.stat()
+    )  # the key of the frozen-encoder feature cache: this file (and segment), as it is now
     checked = {**row, "audio": str(path), "duration": seconds}
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     if "offset" in row:  # a segment of a longer recording
         offset = _seconds(row, "offset", positive=False)
-        duration = _seconds(row, "duration", positive=True) if "duration" in row else seconds - offset
+        duration = (
+            _seconds(row, "duration", positive=True) if "duration" in row else seconds - offset
+        )
         if offset >= seconds:
-            raise ValueError(f"the segment starts at {offset} s, after the end of its file ({seconds:.3f} s): {path}")
+            raise ValueError(
+                f"the segment starts at {offset} s, after the end of its file ({seconds:.3f} s): {path}"
+            )
         if offset + duration > seconds + SEGMENT_SLACK:
             raise ValueError(
                 f"the segment ends at {offset + duration:.3f} s, past the end of its file ({seconds:.3f} s): {path}"
@@ -174,7 +190,9 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
     if not rows:
         raise ManifestError(f"{path}: no usable lines" + _why_none(bad, too_long, max_seconds))
     if bad or too_long:
-        log(f"{path}: kept {len(rows)} lines, skipped {len(bad)} bad and {too_long} longer than {max_seconds} s")
+        log(
+            f"{path}: kept {len(rows)} lines, skipped {len(bad)} bad and {too_long} longer than {max_seconds} s"
+        )
     return rows
 
 
@@ -182,7 +200,9 @@ def _why_none(bad, too_long, max_seconds, show=3):
     """' (all 5 lines failed: 4 bad, 1 longer than 45 s; line 1: ...; line 2: ...)' for an unusable manifest."""
     if not bad and not too_long:
         return " (it is empty)"
-    parts = [f"{len(bad)} bad"] * bool(bad) + [f"{too_long} longer than {max_seconds} s"] * bool(too_long)
+    parts = [f"{len(bad)} bad"] * bool(bad) + [f"{too_long} longer than {max_seconds} s"] * bool(
+        too_long
+    )
     first = "".join(f"; {reason}" for reason in bad[:show]) + ("; ..." if len(bad) > show else "")
     return f" (all {len(bad) + too_long} lines failed: {', '.join(parts)}{first})"
 
@@ -254,7 +274,11 @@ def frac_subset(examples, frac, seed=42, stratify=False):
         return list(examples)
     if stratify:
         tasks = sorted({ex["task"] for ex in examples})
-        return [ex for t in tasks for ex in frac_subset([e for e in examples if e["task"] == t], frac, seed)]
+        return [
+            ex
+            for t in tasks
+            for ex in frac_subset([e for e in examples if e["task"] == t], frac, seed)
+        ]
     rng = random.Random(seed)
     idx = rng.sample(range(len(examples)), max(1, int(frac * len(examples))))
     return [examples[i] for i in idx]
@@ -285,7 +309,11 @@ class Collator:
             input_mask = torch.arange(inputs.shape[-1])[None] < lengths[:, None]
         else:
             feats = self.feature_extractor(
-                waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True, return_attention_mask=True
+                waves,
+                sampling_rate=SAMPLE_RATE,
+                return_tensors="pt",
+                padding=True,
+                return_attention_mask=True,
             )
             inputs, input_mask = feats.input_values, feats.attention_mask.bool()
         batch = {
@@ -296,7 +324,9 @@ class Collator:
         }
         if self.tokenizer is not None:
             ids = [
-                torch.tensor(self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long)
+                torch.tensor(
+                    self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long
+                )
                 for ex in examples
             ]
             lengths = torch.tensor([len(i) for i in ids])

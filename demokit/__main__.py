@@ -12,19 +12,31 @@ from demokit import BuildError, corpus_path, demo_dir, log, smollm2_path, whispe
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m demokit", description=demokit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m demokit",
+        description=demokit.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--only", choices=["models", "corpus"], default=None, help="build only the models or only the corpus"
+        "--only",
+        choices=["models", "corpus"],
+        default=None,
+        help="build only the models or only the corpus",
     )
     p.add_argument(
-        "--small", action="store_true", help="build the small corpus (corpus-small/) instead of the full one"
+        "--small",
+        action="store_true",
+        help="build the small corpus (corpus-small/) instead of the full one",
     )
     p.add_argument(
-        "--size", choices=["full", "large", "small"], default=None, help="the corpus to build (default: full)"
+        "--size",
+        choices=["full", "large", "small"],
+        default=None,
+        help="the corpus to build (default: full)",
     )
     p.add_argument(
-        "--demo-dir", default=None, help="the cache folder (default: $SPEECHLLM_DEMO_DIR, else demo/ in the repo)"
+        "--demo-dir",
+        default=None,
+        help="the cache folder (default: $SPEECHLLM_DEMO_DIR, else demo/ in the repo)",
     )
     args = p.parse_args(argv)
     if args.demo_dir:

@@ -45,7 +45,9 @@ def tts_worker(jobs, folder, seed, queue):
         onnxruntime.set_seed(seed)  # before any session exists: piper's in-graph noise then repeats
         voices = Voices()
         for index, job in jobs:
-            audio = voices.say(job["text"], job["speaker"], job["speed"], job["pitch"], seed=seed + index)
+            audio = voices.say(
+                job["text"], job["speaker"], job["speed"], job["pitch"], seed=seed + index
+            )
             sf.write(str(Path(folder) / job["audio"]), audio, SAMPLE_RATE, subtype="PCM_16")
             queue.put((index, len(audio) / SAMPLE_RATE))
     except BaseException:
@@ -60,11 +62,15 @@ def synthesise(plan, folder, seed, workers):
 
     from tqdm import tqdm
 
-    ctx = mp.get_context("spawn")  # fresh interpreters: nothing of the parent's torch threads is inherited
+    ctx = mp.get_context(
+        "spawn"
+    )  # fresh interpreters: nothing of the parent's torch threads is inherited
     queue = ctx.Queue()
     shares = [[(i, job) for i, job in enumerate(plan) if i % workers == w] for w in range(workers)]
     procs = [
-        ctx.Process(target=tts_worker, args=(share, str(folder), seed + 1000 * w, queue), daemon=True)
+        ctx.Process(
+            target=tts_worker, args=(share, str(folder), seed + 1000 * w, queue), daemon=True
+        )
         for w, share in enumerate(shares)
     ]
     for p in procs:
@@ -76,14 +82,18 @@ def synthesise(plan, folder, seed, workers):
                 msg = queue.get(timeout=10)
             except queue_module.Empty:
                 if not any(p.is_alive() for p in procs):
-                    raise BuildError("a TTS worker died without a word (killed? out of memory?)") from None
+                    raise BuildError(
+                        "a TTS worker died without a word (killed? out of memory?)"
+                    ) from None
                 continue
             if msg is None:
                 running -= 1
             elif msg[0] == "error":
                 for p in procs:
                     p.terminate()
-                raise RuntimeError(f"TTS failed in a worker:\n{msg[1]}")  # a bug: keep the worker's traceback
+                raise RuntimeError(
+                    f"TTS failed in a worker:\n{msg[1]}"
+                )  # a bug: keep the worker's traceback
             else:
                 durations[msg[0]] = msg[1]
                 bar.update()
@@ -103,9 +113,13 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
     plan = plan_corpus(size, seed, pico=pico)
     speakers = sorted({j["speaker"] for j in plan})
     held_out = sorted({j["speaker"] for j in plan if j["split"] == "open_test"})
-    log(f"synthesising {len(plan)} utterances with {workers} worker processes: {', '.join(speakers)}")
+    log(
+        f"synthesising {len(plan)} utterances with {workers} worker processes: {', '.join(speakers)}"
+    )
     if not pico:
-        log("ttspico is not installed: the corpus is built without the two Pico voices (corpus.json says so)")
+        log(
+            "ttspico is not installed: the corpus is built without the two Pico voices (corpus.json says so)"
+        )
     durations = synthesise(plan, out, seed, workers)
     tts_seconds = time.time() - t0
     manifests = manifest_lines(plan, durations)
@@ -115,7 +129,9 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         )
     hours = {
         f"{kind}_{split}": round(
-            sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split)) / 3600, 3
+            sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split))
+            / 3600,
+            3,
         )
         for kind, splits in SPLITS.items()
         for split in splits
@@ -134,7 +150,9 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         pitch=PITCH,
         voices={
             name: dict(
-                engine=VOICES[name][0], voice=VOICES[name][1], utterances=sum(j["speaker"] == name for j in plan)
+                engine=VOICES[name][0],
+                voice=VOICES[name][1],
+                utterances=sum(j["speaker"] == name for j in plan),
             )
             for name in speakers
         },
@@ -142,9 +160,13 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
         pico="installed" if pico else "ttspico is not installed: built without the Pico voices",
         tts_seconds=round(tts_seconds, 1),
     )
-    if size == "full":  # listen to a few dev sentences of every voice: a broken voice fails loudly here
+    if (
+        size == "full"
+    ):  # listen to a few dev sentences of every voice: a broken voice fails loudly here
         summary["whisper_wer"] = check_voices(
-            out, [j for j in plan if j["kind"] == "sentences" and j["split"] in ("dev", "open_test")], speakers
+            out,
+            [j for j in plan if j["kind"] == "sentences" and j["split"] in ("dev", "open_test")],
+            speakers,
         )
     summary["build_seconds"] = round(time.time() - t0, 1)
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -161,7 +183,9 @@ def manifest_lines(plan, durations):
         lines = manifests[f"{job['kind']}_{job['split']}.jsonl"]
         if job["kind"] == "sentences":
             line = dict(audio=job["audio"], text=job["text"])
-            if "translation" in job:  # Bible verses carry their German verse; Wikipedia sentences none
+            if (
+                "translation" in job
+            ):  # Bible verses carry their German verse; Wikipedia sentences none
                 line.update(translation=job["translation"], tgt_lang="de")
             line.update(speaker=job["speaker"], duration=round(seconds, 2), source=job["source"])
             if "ref" in job:  # the verse, book.chapter.verse
@@ -189,13 +213,19 @@ def check_voices(folder, jobs, speakers, per_voice=8, limit=0.5):
     import soundfile as sf
 
     whisper = whisper_tiny_path()
-    log(f"listening to every voice with Whisper tiny.en ({per_voice} dev or open-test sentences each)")
+    log(
+        f"listening to every voice with Whisper tiny.en ({per_voice} dev or open-test sentences each)"
+    )
     results = {}
     for speaker in speakers:
         picked = [j for j in jobs if j["speaker"] == speaker][:per_voice]
-        heard = transcribe(whisper, [sf.read(str(folder / j["audio"]), dtype="float32")[0] for j in picked])
+        heard = transcribe(
+            whisper, [sf.read(str(folder / j["audio"]), dtype="float32")[0] for j in picked]
+        )
         results[speaker] = round(word_error_rate([j["text"] for j in picked], heard), 3)
-        log(f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> {heard[0]!r}")
+        log(
+            f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> {heard[0]!r}"
+        )
         if results[speaker] > limit:
             raise BuildError(
                 f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): TTS is broken"

@@ -57,7 +57,9 @@ def build_smollm2(out):
         gguf_dir, gguf_file = Path(src, member).parent, Path(member).name
         log("loading SmolLM2 from its GGUF file (dequantising Q4_1 to float32, about 30 s)")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_file, dtype=torch.float32
+        )
     # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain LlamaForCausalLM.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -82,13 +84,21 @@ def check_smollm2(folder):
     """Greedy answer to a question through the chat template, from the saved folder; must name Paris."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer, model = (
+        AutoTokenizer.from_pretrained(folder),
+        AutoModelForCausalLM.from_pretrained(folder).eval(),
+    )
     question = "What is the capital of France?"
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(
+        out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
     if "paris" not in answer.lower():
         raise BuildError(
             f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} (expected Paris). "
@@ -129,7 +139,9 @@ def read_ctranslate2(path):
         shape = struct.unpack_from(f"<{rank}I", data, pos)
         pos += 4 * rank
         dtype, nbytes = dtypes[read("B")], read("I")
-        variables[name] = np.frombuffer(data, dtype, nbytes // np.dtype(dtype).itemsize, pos).reshape(shape)
+        variables[name] = np.frombuffer(
+            data, dtype, nbytes // np.dtype(dtype).itemsize, pos
+        ).reshape(shape)
         pos += nbytes
     return variables
 
@@ -181,7 +193,9 @@ def ctranslate2_to_hf_whisper(ct2):
         sd[f"model.{side}.embed_positions.weight"] = tensor(f"{side}/position_encodings/encodings")
     linear("model.encoder.conv1", "encoder/conv1")
     linear("model.encoder.conv2", "encoder/conv2")
-    sd["model.decoder.embed_tokens.weight"] = tensor("decoder/embeddings/weight")  # tied with proj_out
+    sd["model.decoder.embed_tokens.weight"] = tensor(
+        "decoder/embeddings/weight"
+    )  # tied with proj_out
     return sd, n_layers
 
 
@@ -206,7 +220,9 @@ def build_whisper_tiny(out):
         ct2 = read_ctranslate2(src / "model.bin")
         ct2_config = json.loads((src / "config.json").read_text())
         tokenizer = WhisperTokenizer(
-            tokenizer_file=str(src / "tokenizer.json"), pad_token="<|endoftext|>", model_max_length=448
+            tokenizer_file=str(src / "tokenizer.json"),
+            pad_token="<|endoftext|>",
+            model_max_length=448,
         )
     sd, n_layers = ctranslate2_to_hf_whisper(ct2)
     d_model, n_mels = ct2["encoder/conv1/weight"].shape[:2]
@@ -231,19 +247,25 @@ def build_whisper_tiny(out):
     )
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if set(missing) != {"proj_out.weight"} or unexpected:  # proj_out is tied to the decoder's embeddings
-        raise BuildError(f"Whisper conversion FAILED: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    if (
+        set(missing) != {"proj_out.weight"} or unexpected
+    ):  # proj_out is tied to the decoder's embeddings
+        raise BuildError(
+            f"Whisper conversion FAILED: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     model.tie_weights()
-    model.generation_config = GenerationConfig(  # English-only: <|startoftranscript|> <|notimestamps|>, then text
-        **special,
-        no_timestamps_token_id=50362,
-        prev_sot_token_id=50360,
-        is_multilingual=False,
-        return_timestamps=False,
-        max_length=448,
-        suppress_tokens=suppress,
-        begin_suppress_tokens=ct2_config["suppress_ids_begin"],
-        alignment_heads=ct2_config["alignment_heads"],
+    model.generation_config = (
+        GenerationConfig(  # English-only: <|startoftranscript|> <|notimestamps|>, then text
+            **special,
+            no_timestamps_token_id=50362,
+            prev_sot_token_id=50360,
+            is_multilingual=False,
+            return_timestamps=False,
+            max_length=448,
+            suppress_tokens=suppress,
+            begin_suppress_tokens=ct2_config["suppress_ids_begin"],
+            alignment_heads=ct2_config["alignment_heads"],
+        )
     )
     model.save_pretrained(out)
     WhisperProcessor(WhisperFeatureExtractor(feature_size=n_mels), tokenizer).save_pretrained(out)
@@ -273,7 +295,9 @@ def transcribe(folder, audios, batch_size=8):
                 audios[i : i + batch_size], sampling_rate=SAMPLE_RATE, return_tensors="pt"
             ).input_features
             with torch.no_grad():
-                ids = model.generate(features)  # prompt and limits from the generation config; greedy
+                ids = model.generate(
+                    features
+                )  # prompt and limits from the generation config; greedy
             texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     finally:
         logging.set_verbosity(verbosity)

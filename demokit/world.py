@@ -86,7 +86,20 @@ MONTHS = [
     "November",
     "December",
 ]
-NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+NUMBERS = [
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 COUNTS = [n for n in NUMBERS if n != "one"]  # how many objects / hours: plural
 # part of the day -> the hours that make sense in it
 PARTS_OF_DAY = {
@@ -148,7 +161,11 @@ def random_passage(rng):
         rng.choice(list(NUMBERS)),
         rng.choice(COUNTS),
     )
-    obj, vehicle, event = rng.choice(sorted(OBJECTS)), rng.choice(sorted(VEHICLES)), rng.choice(EVENTS)
+    obj, vehicle, event = (
+        rng.choice(sorted(OBJECTS)),
+        rng.choice(sorted(VEHICLES)),
+        rng.choice(EVENTS),
+    )
     she, her, her_poss = ("she", "her", "her") if PEOPLE[a] == "f" else ("he", "him", "his")
     evening_hour = rng.choice(PARTS_OF_DAY["evening"])
     kind = rng.randrange(4)
@@ -263,7 +280,9 @@ def random_passage(rng):
             (f"Where will {b} wait?", "where"),
         ]
     text, spans = join_pieces(pieces)
-    return text, [(q, spans[tag][1], spans[tag][0]) for q, tag in rng.sample(questions, QUESTIONS_PER_PASSAGE)]
+    return text, [
+        (q, spans[tag][1], spans[tag][0]) for q, tag in rng.sample(questions, QUESTIONS_PER_PASSAGE)
+    ]
 
 
 def join_pieces(pieces):
@@ -309,26 +328,44 @@ def plan_corpus(size="full", seed=SEED, verses=None, open_text=None, pico=None):
 
     def add(kind, split, prefix, texts, speakers, **extra):
         for number, (item, speaker) in enumerate(zip(texts, speakers), len(plan) + 1):
-            job = dict(kind=kind, split=split, audio=f"audio/{prefix}{number:05d}.wav", speaker=speaker)
+            job = dict(
+                kind=kind, split=split, audio=f"audio/{prefix}{number:05d}.wav", speaker=speaker
+            )
             job.update(speed=round(rng.uniform(*SPEED), 3), pitch=round(rng.uniform(*PITCH), 3))
             plan.append({**job, **item, **extra})
 
     by_verse = {}
     for ref, english, german, source in verses:
-        by_verse.setdefault(ref, []).append(dict(text=english, translation=german, source=source, ref=ref))
+        by_verse.setdefault(ref, []).append(
+            dict(text=english, translation=german, source=source, ref=ref)
+        )
     refs = sorted(by_verse)
     rng.shuffle(refs)
     train, dev, test = sizes["sentences"]
-    for split, count in (("dev", dev), ("test", test), ("train", train)):  # train last: "None" takes the rest
+    for split, count in (
+        ("dev", dev),
+        ("test", test),
+        ("train", train),
+    ):  # train last: "None" takes the rest
         picked = []
         while refs and (count is None or len(picked) < count):
             picked += by_verse[refs.pop()]
-        picked = picked if count is None else picked[:count]  # a verse cut at the boundary is not used again
+        picked = (
+            picked if count is None else picked[:count]
+        )  # a verse cut at the boundary is not used again
         if count is not None and len(picked) < count:
-            raise ValueError(f"{len(verses)} verses are too few for {size} splits {sizes['sentences']}")
+            raise ValueError(
+                f"{len(verses)} verses are too few for {size} splits {sizes['sentences']}"
+            )
         add("sentences", split, "s", picked, split_voices(pattern, len(picked), rng))
     opened = rng.sample(sorted(set(open_text)), sizes["open_test"])
-    add("sentences", "open_test", "o", [dict(text=t, source="wikipedia") for t in opened], [held_out] * len(opened))
+    add(
+        "sentences",
+        "open_test",
+        "o",
+        [dict(text=t, source="wikipedia") for t in opened],
+        [held_out] * len(opened),
+    )
 
     seen = set()
     for split, count in zip(("train", "dev", "test"), sizes["passages"]):

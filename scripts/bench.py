@@ -35,7 +35,13 @@ import torch.nn.functional as F
 
 import common
 from contrastive import select_layers
-from contrastive_fast import HAS_TRITON, contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
+from contrastive_fast import (
+    HAS_TRITON,
+    contrastive_loss,
+    masked_mean,
+    sinkhorn_divergence,
+    wasserstein_logits,
+)
 
 # -----------------------------------------------------------------------------
 # Measuring
@@ -51,7 +57,9 @@ def keep_freed_cpu_memory():
 
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        )
     except OSError:
         return False
 
@@ -88,7 +96,8 @@ def peak_extra_bytes(fn, device):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
     )
     live = peak = 0
     for e in events:  # nbytes > 0: an allocation, < 0: a free
@@ -116,8 +125,12 @@ def ragged_batch(L, B, lo, hi, D, device, seed, grad=False):
     lengths = torch.randint(lo, hi + 1, (B,), generator=g)
     T = int(lengths.max())
     mask = (torch.arange(T)[None] < lengths[:, None]).to(device)
-    base = torch.randn(B, 1, D, generator=g)  # a shared direction per utterance: the loss is not trivial
-    layers = [(base + torch.randn(B, T, D, generator=g)).to(device).requires_grad_(grad) for _ in range(L)]
+    base = torch.randn(
+        B, 1, D, generator=g
+    )  # a shared direction per utterance: the loss is not trivial
+    layers = [
+        (base + torch.randn(B, T, D, generator=g)).to(device).requires_grad_(grad) for _ in range(L)
+    ]
     return layers, mask
 
 
@@ -131,7 +144,9 @@ def authors_cos_loss(text_layers, text_mask, speech_layers, speech_mask, tempera
         avg_text = F.normalize(torch.stack([t.mean(0) for t in unpad_text]), p=2, dim=1)
         avg_speech = F.normalize(torch.stack([s.mean(0) for s in unpad_speech]), p=2, dim=1)
         similarity = avg_text @ avg_speech.T / temperature
-        total = total + F.cross_entropy(similarity, torch.arange(len(similarity), device=similarity.device))
+        total = total + F.cross_entropy(
+            similarity, torch.arange(len(similarity), device=similarity.device)
+        )
     return total
 
 
@@ -144,18 +159,28 @@ def per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, div
         unpad_speech = [F.normalize(s[m].float(), p=2, dim=-1) for s, m in zip(speech, speech_mask)]
         B = len(unpad_text)
         layers.append(
-            torch.stack([torch.stack([divergence(unpad_text[i], unpad_speech[j]) for j in range(B)]) for i in range(B)])
+            torch.stack(
+                [
+                    torch.stack([divergence(unpad_text[i], unpad_speech[j]) for j in range(B)])
+                    for i in range(B)
+                ]
+            )
         )
     return torch.stack(layers)
 
 
-def per_pair_wasserstein_loss(text_layers, text_mask, speech_layers, speech_mask, divergence, temperature=0.1):
+def per_pair_wasserstein_loss(
+    text_layers, text_mask, speech_layers, speech_mask, divergence, temperature=0.1
+):
     """... and their loss: cross-entropy of -distance / temperature with diagonal targets, summed over layers."""
     distances = per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, divergence)
     L, B, _ = distances.shape
     target = torch.arange(B, device=distances.device).repeat(L)
     return (
-        F.cross_entropy((-distances / temperature).reshape(L * B, B), target, reduction="none").view(L, B).mean(1).sum()
+        F.cross_entropy((-distances / temperature).reshape(L * B, B), target, reduction="none")
+        .view(L, B)
+        .mean(1)
+        .sum()
     )
 
 
@@ -203,15 +228,23 @@ def bench_loss(args, device):
     D = 4096
     text, text_mask = ragged_batch(L, B, 5, 40, D, device, seed=0)
     speech, speech_mask = ragged_batch(L, B, 30, 250, D, device, seed=1, grad=True)
-    shape = f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    shape = (
+        f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    )
     authors = "authors' loop (per layer, per example)"
     runs = {
         authors: (lambda: authors_cos_loss(text, text_mask, speech, speech_mask), speech),
-        "ours, kernel=torch": (lambda: contrastive_loss(text, text_mask, speech, speech_mask)[0], speech),
+        "ours, kernel=torch": (
+            lambda: contrastive_loss(text, text_mask, speech, speech_mask)[0],
+            speech,
+        ),
     }
     # the model hands over one stacked [L, B, T, D] tensor rather than a tuple of layers
     st, ss = torch.stack(text).detach(), torch.stack(speech).detach().requires_grad_()
-    runs["ours, kernel=torch, stacked input"] = (lambda: contrastive_loss(st, text_mask, ss, speech_mask)[0], ss)
+    runs["ours, kernel=torch, stacked input"] = (
+        lambda: contrastive_loss(st, text_mask, ss, speech_mask)[0],
+        ss,
+    )
     if device.type == "cuda" and HAS_TRITON:
         runs["ours, kernel=triton, stacked input"] = (
             lambda: contrastive_loss(st, text_mask, ss, speech_mask, kernel="triton")[0],
@@ -247,17 +280,24 @@ def bench_loss(args, device):
     D = 256
     text, text_mask = ragged_batch(L, B, 5, 40, D, device, seed=2)
     speech, speech_mask = ragged_batch(L, B, 30, 250, D, device, seed=3, grad=True)
-    shape = f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    shape = (
+        f"B={B}, L={L}, D={D}, T_text<={text_mask.shape[1]}, T_speech<={speech_mask.shape[1]}, fp32"
+    )
     per_pair = {}  # name -> divergence of one (text, speech) pair
     try:
         from geomloss import SamplesLoss
 
-        per_pair["geomloss, one call per pair (the authors' code)"] = SamplesLoss("sinkhorn", p=2, blur=0.05)
+        per_pair["geomloss, one call per pair (the authors' code)"] = SamplesLoss(
+            "sinkhorn", p=2, blur=0.05
+        )
     except ImportError:
         print("geomloss is not installed (pip install -r requirements-dev.txt): skipping its row")
     per_pair["our Sinkhorn, one call per pair"] = our_sinkhorn_one_pair
     runs = {
-        name: (lambda fn=fn: per_pair_wasserstein_loss(text, text_mask, speech, speech_mask, fn), speech)
+        name: (
+            lambda fn=fn: per_pair_wasserstein_loss(text, text_mask, speech, speech_mask, fn),
+            speech,
+        )
         for name, fn in per_pair.items()
     }
     runs["ours: all pairs batched"] = (
@@ -265,7 +305,9 @@ def bench_loss(args, device):
         speech,
     )
     reference = next(iter(per_pair))  # geomloss when installed
-    rows += measure("2. wasserstein loss, fwd+bwd", shape, runs, device, max(1, args.repeats // 2), reference)
+    rows += measure(
+        "2. wasserstein loss, fwd+bwd", shape, runs, device, max(1, args.repeats // 2), reference
+    )
     with torch.no_grad():  # the divergences themselves, not just the loss
         ours = -wasserstein_logits(text, text_mask, speech, speech_mask, temperature=1.0)
         theirs = per_pair_divergences(text, text_mask, speech, speech_mask, per_pair[reference])
@@ -296,7 +338,9 @@ class Stopwatch:
 
             def __exit__(self, *exc):
                 sync(watch.device)
-                watch.parts[name] = watch.parts.get(name, 0.0) + (time.perf_counter() - self.t0) * 1e3
+                watch.parts[name] = (
+                    watch.parts.get(name, 0.0) + (time.perf_counter() - self.t0) * 1e3
+                )
 
         return Part()
 
@@ -308,7 +352,9 @@ def step_ours(model, batch, layers, optimizer, text_cache, watch):
     with watch("speech side (fwd)"):
         states, pool_mask, _, _ = model.speech_states(batch, layers)
     with watch("text side (cache)"):
-        text_pooled = torch.stack([text_cache[f"{layers}:{ex['text']}"] for ex in batch["examples"]], 1)
+        text_pooled = torch.stack(
+            [text_cache[f"{layers}:{ex['text']}"] for ex in batch["examples"]], 1
+        )
     with watch("loss (fwd)"):
         loss = contrastive_loss(None, None, states, pool_mask, text_pooled=text_pooled)[0]
     with watch("backward"):
@@ -335,7 +381,9 @@ def step_naive(model, batch, layers, optimizer, watch):
                 output_hidden_states=True,
             )
     with watch("LLM speech pass (fwd)"):
-        out = model.llm(inputs_embeds=speech, attention_mask=speech_mask.long(), output_hidden_states=True)
+        out = model.llm(
+            inputs_embeds=speech, attention_mask=speech_mask.long(), output_hidden_states=True
+        )
     with watch("loss (fwd)"):
         loss = authors_cos_loss(
             [text.hidden_states[i] for i in layers],
@@ -375,24 +423,35 @@ def bench_step(args, device):
     # the demo recipe's models, projector and batch size; no sink token: the naive step has none, and both
     # steps must compute the same loss
     recipe = common.RECIPES["demo"]
-    demo = SimpleNamespace(**{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False})
+    demo = SimpleNamespace(
+        **{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False}
+    )
     model = pretrain.build_model(demo, torch.float32).to(device)
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    batches = [to_device(collate(rows[i : i + demo.batch_size]), device) for i in range(0, len(rows), demo.batch_size)]
+    batches = [
+        to_device(collate(rows[i : i + demo.batch_size]), device)
+        for i in range(0, len(rows), demo.batch_size)
+    ]
     layers = select_layers("all", model.num_layers)
     shape = f"SmolLM2-135M + Whisper tiny.en, demo projector, batch {demo.batch_size}, layers {layers}, fp32"
     text_cache, results, losses = {}, {}, {}
-    for b in batches:  # the caches a real run fills in its first epoch: encoder features, pooled transcripts
+    for b in (
+        batches
+    ):  # the caches a real run fills in its first epoch: encoder features, pooled transcripts
         with torch.no_grad():
             model.speech_frames(b)
             text = masked_mean(*model.text_states(b, layers))
-            text_cache.update({f"{layers}:{ex['text']}": text[:, i] for i, ex in enumerate(b["examples"])})
+            text_cache.update(
+                {f"{layers}:{ex['text']}": text[:, i] for i, ex in enumerate(b["examples"])}
+            )
     for name in ("naive", "ours"):
         proj = copy.deepcopy(model.projector.state_dict())
-        optimizer = torch.optim.AdamW(model.projector.parameters(), lr=0.0)  # lr 0: every step sees the same projector
+        optimizer = torch.optim.AdamW(
+            model.projector.parameters(), lr=0.0
+        )  # lr 0: every step sees the same projector
         totals, parts = [], []
         for i, batch in enumerate(batches):
             watch = Stopwatch(device)
@@ -407,7 +466,10 @@ def bench_step(args, device):
                 totals.append((time.perf_counter() - t0) * 1e3)
                 parts.append(watch.parts)
         model.projector.load_state_dict(proj)
-        results[name] = (statistics.median(totals), {k: statistics.median(p[k] for p in parts) for k in parts[0]})
+        results[name] = (
+            statistics.median(totals),
+            {k: statistics.median(p[k] for p in parts) for k in parts[0]},
+        )
     floors = []
     for batch in batches[1:]:
         watch = Stopwatch(device)
@@ -416,7 +478,13 @@ def bench_step(args, device):
     floor = statistics.median(floors)
     mem = {
         name: peak_extra_bytes(
-            lambda: fn(model, batches[-1], layers, torch.optim.AdamW(model.projector.parameters(), lr=0.0), *extra),  # noqa: B023
+            lambda: fn(
+                model,
+                batches[-1],
+                layers,
+                torch.optim.AdamW(model.projector.parameters(), lr=0.0),
+                *extra,
+            ),  # noqa: B023
             device,
         )
         for name, fn, extra in (
@@ -465,9 +533,17 @@ def bench_step(args, device):
 def print_table(rows, device, args):
     """One markdown table. A row is a dict: section, shape, what, ms, and optionally speedup, mem (bytes),
     diff; bench_step (section 3) returns rows of the same form, and notes go to args.notes."""
-    cache = ", freed CPU memory kept by malloc (--no-malloc-cache to turn off)" if args.malloc_cache else ""
-    print(f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}{cache}\n")
-    print("| section | shapes | implementation | time (ms, median) | speed-up | peak extra memory | loss rel. diff |")
+    cache = (
+        ", freed CPU memory kept by malloc (--no-malloc-cache to turn off)"
+        if args.malloc_cache
+        else ""
+    )
+    print(
+        f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}{cache}\n"
+    )
+    print(
+        "| section | shapes | implementation | time (ms, median) | speed-up | peak extra memory | loss rel. diff |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         speedup = f"{r['speedup']:.1f}x" if r.get("speedup") is not None else ""
@@ -488,9 +564,13 @@ def main():
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--only", choices=["loss", "step", "all"], default="all", help="which sections to run")
+    p.add_argument(
+        "--only", choices=["loss", "step", "all"], default="all", help="which sections to run"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per measurement (after one warm-up)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -499,7 +579,9 @@ def main():
         "every implementation gets the same; 1 is the most repeatable)",
     )
     p.add_argument(
-        "--small-corpus", action="store_true", help="section 3 reads the small smoke-test corpus (the tests' quick run)"
+        "--small-corpus",
+        action="store_true",
+        help="section 3 reads the small smoke-test corpus (the tests' quick run)",
     )
     p.add_argument(
         "--no-malloc-cache",
@@ -514,7 +596,9 @@ def main():
     )
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.malloc_cache = device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()
+    args.malloc_cache = (
+        device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()
+    )
     rows, args.notes = [], []
     if args.only in ("loss", "all"):
         rows += bench_loss(args, device)

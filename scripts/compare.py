@@ -47,16 +47,30 @@ VARIANTS = {
     "wass-all": ["--sim", "wasserstein"],
     "cos-all+asr": ["--loss", "contrastive+asr"],
 }
-KEY_VARIANTS = ["cos-all", "asr", "none"]  # run with every --seeds; the others with the first seed only
-TASKS = {"asr": "sentences", "qa": "qa", "st": "sentences"}  # fine-tuning task -> the corpus's manifests
+KEY_VARIANTS = [
+    "cos-all",
+    "asr",
+    "none",
+]  # run with every --seeds; the others with the first seed only
+TASKS = {
+    "asr": "sentences",
+    "qa": "qa",
+    "st": "sentences",
+}  # fine-tuning task -> the corpus's manifests
 FULL_DATA = 1.0  # the no-pretraining model on all the data: the task-specialised model
-METRIC = {"asr": ("wer", "lower"), "qa": ("f1", "higher"), "st": ("bleu", "higher")}  # each task's headline
+METRIC = {
+    "asr": ("wer", "lower"),
+    "qa": ("f1", "higher"),
+    "st": ("bleu", "higher"),
+}  # each task's headline
 
 # Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
 DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
 _SMALL = "--dev-size 4 --batch-size 4 --grad-accum 1"  # what every --quick training run shares
 QUICK = {  # tiny budgets: every cell runs, nothing learns
-    "pretrain": shlex.split(f"--max-steps 3 --emb-steps 1 --eval-every 2 {_SMALL} --center-items 8"),
+    "pretrain": shlex.split(
+        f"--max-steps 3 --emb-steps 1 --eval-every 2 {_SMALL} --center-items 8"
+    ),
     "pretrain_asr": shlex.split(f"--max-steps 2 {_SMALL} --center-items 8"),
     "finetune": shlex.split(f"--max-steps 2 {_SMALL}"),
     "evaluate": ["--limit", "4"],
@@ -64,30 +78,64 @@ QUICK = {  # tiny budgets: every cell runs, nothing learns
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
-        "--corpus", default=None, help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)"
+        "--corpus",
+        default=None,
+        help="folder with sentences_*.jsonl and qa_*.jsonl (default: the demo corpus)",
     )
     common.add_demo_corpus_flag(p)
     p.add_argument("--out", default="out/compare", help="cells, tables, figures")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of the key cells (cos-all, asr, none)")
     p.add_argument(
-        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="stage-1 variants to run"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[42, 43],
+        help="seeds of the key cells (cos-all, asr, none)",
     )
-    p.add_argument("--tasks", nargs="+", default=["asr", "qa"], choices=list(TASKS), help="st: en->X translation")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="stage-1 variants to run",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["asr", "qa"],
+        choices=list(TASKS),
+        help="st: en->X translation",
+    )
     p.add_argument("--frac", type=float, default=0.1, help="fine-tuning fraction of every variant")
     p.add_argument(
-        "--quick", action="store_true", help="tiny budgets and one seed: checks the whole grid runs, in minutes"
+        "--quick",
+        action="store_true",
+        help="tiny budgets and one seed: checks the whole grid runs, in minutes",
     )
-    p.add_argument("--report", action="store_true", help="run nothing: the table and figures from the finished cells")
     p.add_argument(
-        "--llm", default=None, help="passed to pretrain.py / finetune.py (default: their default, the demo's)"
+        "--report",
+        action="store_true",
+        help="run nothing: the table and figures from the finished cells",
+    )
+    p.add_argument(
+        "--llm",
+        default=None,
+        help="passed to pretrain.py / finetune.py (default: their default, the demo's)",
     )
     p.add_argument("--encoder", default=None, help="passed to pretrain.py / finetune.py")
-    p.add_argument("--pretrain-args", default="", help="extra flags for every pretrain.py run, one string")
-    p.add_argument("--finetune-args", default="", help="extra flags for every finetune.py run, one string")
     p.add_argument(
-        "--evaluate-args", default="--batch-size 16", help="extra flags for every evaluate.py run, one string"
+        "--pretrain-args", default="", help="extra flags for every pretrain.py run, one string"
+    )
+    p.add_argument(
+        "--finetune-args", default="", help="extra flags for every finetune.py run, one string"
+    )
+    p.add_argument(
+        "--evaluate-args",
+        default="--batch-size 16",
+        help="extra flags for every evaluate.py run, one string",
     )
     p.add_argument(
         "--toplines",
@@ -117,13 +165,23 @@ def run_cell(out, name, command, log):
     log.write(f"\n=== {name}: {shlex.join(command)}\n")
     log.flush()
     t0 = time.time()
-    result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    result = subprocess.run(
+        [sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
     if result.returncode != 0:
-        raise SystemExit(f"compare.py: cell {name} failed (exit {result.returncode}); its output is in {log.name}")
-    done = {"name": name, "command": "python " + shlex.join(command), "seconds": round(time.time() - t0, 1)}
+        raise SystemExit(
+            f"compare.py: cell {name} failed (exit {result.returncode}); its output is in {log.name}"
+        )
+    done = {
+        "name": name,
+        "command": "python " + shlex.join(command),
+        "seconds": round(time.time() - t0, 1),
+    }
     record.parent.mkdir(parents=True, exist_ok=True)
     record.with_suffix(".tmp").write_text(json.dumps(done, indent=2))
-    record.with_suffix(".tmp").replace(record)  # atomic: a killed run never records a half-finished cell
+    record.with_suffix(".tmp").replace(
+        record
+    )  # atomic: a killed run never records a half-finished cell
     return done
 
 
@@ -139,13 +197,18 @@ def corpus_files(args):
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
         for split in ("train", "dev", "test")
     }
-    if (corpus / "sentences_open_test.jsonl").is_file():  # ASR is also scored on it, in a column of its own
+    if (
+        corpus / "sentences_open_test.jsonl"
+    ).is_file():  # ASR is also scored on it, in a column of its own
         files["open_test"] = {"sentences": str(corpus / "sentences_open_test.jsonl")}
     return files, corpus
 
 
 def model_flags(args):
-    return [*(["--llm", args.llm] if args.llm else []), *(["--encoder", args.encoder] if args.encoder else [])]
+    return [
+        *(["--llm", args.llm] if args.llm else []),
+        *(["--encoder", args.encoder] if args.encoder else []),
+    ]
 
 
 def stage1(args, out, files, variant, seed, log):
@@ -251,7 +314,9 @@ def score_open_test(args, out, files, name, command, folder, cell, log):
     if cell["task"] != "asr" or "open_test" not in files:
         return cell
     command = with_value(
-        with_value(command, "--data", files["open_test"]["sentences"]), "--out", folder / "eval-open.json"
+        with_value(command, "--data", files["open_test"]["sentences"]),
+        "--out",
+        folder / "eval-open.json",
     )
     scored = run_cell(out, name, command, log)
     if scored is None:  # --report, and this split not scored yet: the cell as it is
@@ -309,7 +374,9 @@ def topline(args, out, files, read, task, log):
         "commands": [scored["command"]],
         **read_eval(folder / "eval.json"),
     }
-    return score_open_test(args, out, files, f"topline-open-{read}-{task}", command, folder, cell, log)
+    return score_open_test(
+        args, out, files, f"topline-open-{read}-{task}", command, folder, cell, log
+    )
 
 
 def read_eval(path):
@@ -329,7 +396,9 @@ def read_eval(path):
 def spread(values):
     """'mean' for one value, 'mean ± half the range' for several (range = max - min over the seeds)."""
     mean = sum(values) / len(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+    return (
+        f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+    )
 
 
 def table(cells, stage1_seconds, args):
@@ -349,7 +418,8 @@ def table(cells, stage1_seconds, args):
     columns = [
         c
         for c in columns
-        if c[0] in args.tasks and (c[1] != "open_wer" or any("open_wer" in x["metrics"] for x in cells))
+        if c[0] in args.tasks
+        and (c[1] != "open_wer" or any("open_wer" in x["metrics"] for x in cells))
     ]
     lines = [
         "| start | fine-tuning data | "
@@ -360,13 +430,19 @@ def table(cells, stage1_seconds, args):
     for (variant, frac), group in rows.items():
         values = []
         for task, metric, _ in columns:
-            found = [c["metrics"][metric] for c in group if c["task"] == task and metric in c["metrics"]]
+            found = [
+                c["metrics"][metric] for c in group if c["task"] == task and metric in c["metrics"]
+            ]
             values.append(spread(found) if found else "-")
         seeds = sorted({c["seed"] for c in group if "seed" in c})
         s1 = [stage1_seconds[(variant, s)] for s in seeds if (variant, s) in stage1_seconds]
         ft = []  # the mean fine-tuning time of each task
         for task in args.tasks:
-            times = [c["finetune_seconds"] for c in group if c["task"] == task and "finetune_seconds" in c]
+            times = [
+                c["finetune_seconds"]
+                for c in group
+                if c["task"] == task and "finetune_seconds" in c
+            ]
             ft.append(f"{sum(times) / len(times) / 60:.1f}" if times else "-")
         data = "-" if frac is None else f"{frac:.0%}"
         lines.append(
@@ -384,7 +460,9 @@ def table(cells, stage1_seconds, args):
 def cpu_name():
     try:  # Linux: the model name, e.g. "AMD EPYC 7B13"
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -454,12 +532,19 @@ def plots(out, cells, args):
             curves[name] = points
     if curves:
         layers = curves[next(iter(curves))][-1]["layers"]
-        fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False
+        )
         for name, points in curves.items():
             for ax, (i, layer) in zip(axes[0], enumerate(layers)):
                 key = "dev_r1_centred" if "dev_r1_centred" in points[-1] else "dev_r1"
                 xs = [p["step"] for p in points if key in p and i < len(p[key])]
-                ax.plot(xs, [p[key][i] for p in points if key in p and i < len(p[key])], marker=".", label=name)
+                ax.plot(
+                    xs,
+                    [p[key][i] for p in points if key in p and i < len(p[key])],
+                    marker=".",
+                    label=name,
+                )
                 ax.set_title(f"layer {layer}")
                 ax.set_xlabel("stage-1 step")
         axes[0][0].set_ylabel("dev R@1 (centred)")
@@ -547,9 +632,19 @@ def main(argv=None):
     plan += [(v, s) for s in args.seeds[1:] for v in KEY_VARIANTS if v in args.variants]
     for i, (variant, seed) in enumerate(plan):
         for task in args.tasks:
-            add(finetune_and_score(args, out, files, variant, seed, task, args.frac, start(variant, seed), log))
-            if variant == "none" and seed == first:  # the task-specialised model: no pretraining, all the data
-                add(finetune_and_score(args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True))
+            add(
+                finetune_and_score(
+                    args, out, files, variant, seed, task, args.frac, start(variant, seed), log
+                )
+            )
+            if (
+                variant == "none" and seed == first
+            ):  # the task-specialised model: no pretraining, all the data
+                add(
+                    finetune_and_score(
+                        args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True
+                    )
+                )
             write_results(out, cells, stage1_seconds, args, started)
         if i == len([v for v in KEY_VARIANTS if v in args.variants]) - 1:
             for read in args.toplines:

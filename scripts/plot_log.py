@@ -78,10 +78,18 @@ def plot(records, out, smooth=1, title=None):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if field is None:  # the losses
-            ax.plot([r["step"] for r in train], smoothed([r["loss"] for r in train], smooth), label="training")
+            ax.plot(
+                [r["step"] for r in train],
+                smoothed([r["loss"] for r in train], smooth),
+                label="training",
+            )
             if any("asr" in r for r in train):
                 asr = [r for r in train if "asr" in r]
-                ax.plot([r["step"] for r in asr], smoothed([r["asr"] for r in asr], smooth), label="ASR part")
+                ax.plot(
+                    [r["step"] for r in asr],
+                    smoothed([r["asr"] for r in asr], smooth),
+                    label="ASR part",
+                )
             dev = [r for r in records if "dev_loss" in r]
             if dev:
                 ax.plot([r["step"] for r in dev], [r["dev_loss"] for r in dev], "o-", label="dev")
@@ -113,10 +121,17 @@ def plot(records, out, smooth=1, title=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("log", help="a run's log.jsonl")
     p.add_argument("--out", help="the PNG to write (default: log.png next to the log)")
-    p.add_argument("--smooth", type=int, default=1, help="running mean over this many training steps (1 = none)")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        help="running mean over this many training steps (1 = none)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out or Path(args.log).with_name("log.png"))
     plot(read_log(args.log), out, args.smooth, title=str(Path(args.log).parent))

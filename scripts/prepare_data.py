@@ -82,7 +82,11 @@ def report(path, n, skipped):
     """'wrote 2301 lines to out/x.jsonl; left out 3 (2 empty translation, 1 audio file missing)'."""
     line = f"wrote {n} lines to {path}"
     if skipped:
-        line += f"; left out {sum(skipped.values())} (" + ", ".join(f"{k} {why}" for why, k in skipped.items()) + ")"
+        line += (
+            f"; left out {sum(skipped.values())} ("
+            + ", ".join(f"{k} {why}" for why, k in skipped.items())
+            + ")"
+        )
     print(line, flush=True)
 
 
@@ -100,19 +104,33 @@ def read_text_lines(path):
 # MuST-C: <root>/en-<tgt>/data/<split>/wav/<talk>.wav, one recording per talk, and txt/<split>.yaml (one
 # {wav, offset, duration, speaker_id} per segment) line-aligned with txt/<split>.en and txt/<split>.<tgt>
 
-MAX_OVERRUN = 0.5  # seconds: a segment that ends past its talk's audio by this much or less is cut at the end
+MAX_OVERRUN = (
+    0.5  # seconds: a segment that ends past its talk's audio by this much or less is cut at the end
+)
 
 
 def mustc_pairs(root, targets):
     """The en-<tgt> folders under root (or root itself, or one level down, as the archives unpack)."""
     root = Path(root)
-    found = [root] if (root / "data").is_dir() else sorted(root.glob("en-*")) + sorted(root.glob("*/en-*"))
-    pairs = {p.name.split("-", 1)[1]: p for p in found if re.fullmatch(r"en-\w+", p.name) and (p / "data").is_dir()}
+    found = (
+        [root]
+        if (root / "data").is_dir()
+        else sorted(root.glob("en-*")) + sorted(root.glob("*/en-*"))
+    )
+    pairs = {
+        p.name.split("-", 1)[1]: p
+        for p in found
+        if re.fullmatch(r"en-\w+", p.name) and (p / "data").is_dir()
+    }
     if not pairs:
-        raise UserError(f"{root}: no MuST-C language pair here (expected folders like en-de/data/train/wav)")
+        raise UserError(
+            f"{root}: no MuST-C language pair here (expected folders like en-de/data/train/wav)"
+        )
     missing = [t for t in targets or () if t not in pairs]
     if missing:
-        raise UserError(f"{root}: no en-{missing[0]} here (found: {', '.join('en-' + t for t in pairs)})")
+        raise UserError(
+            f"{root}: no en-{missing[0]} here (found: {', '.join('en-' + t for t in pairs)})"
+        )
     return {t: p for t, p in pairs.items() if not targets or t in targets}
 
 
@@ -152,11 +170,22 @@ def mustc_split(pair_dir, tgt, split, out):
         elif offset + duration > seconds + MAX_OVERRUN:
             skipped[f"segment ending more than {MAX_OVERRUN} s past its talk"] += 1
         else:
-            if offset + duration > seconds:  # ends a little past the audio: cut at the end of the talk
+            if (
+                offset + duration > seconds
+            ):  # ends a little past the audio: cut at the end of the talk
                 cut += 1
                 duration = seconds - offset
-            row = {"audio": audio_ref(wav, out), "offset": round(offset, 6), "duration": round(duration, 6)}
-            row.update(text=text, translation=translation, tgt_lang=tgt, speaker=str(seg.get("speaker_id", "")))
+            row = {
+                "audio": audio_ref(wav, out),
+                "offset": round(offset, 6),
+                "duration": round(duration, 6),
+            }
+            row.update(
+                text=text,
+                translation=translation,
+                tgt_lang=tgt,
+                speaker=str(seg.get("speaker_id", "")),
+            )
             rows.append(row)
     return rows, skipped, cut
 
@@ -166,9 +195,15 @@ def convert_mustc(args):
         splits = sorted({p.parent.parent.name for p in (pair_dir / "data").glob("*/txt/*.yaml")})
         for split in splits if not args.splits else [s for s in splits if s in args.splits]:
             rows, skipped, cut = mustc_split(pair_dir, tgt, split, args.out)
-            report(write_manifest(Path(args.out) / f"mustc_en-{tgt}_{split}.jsonl", rows), len(rows), skipped)
+            report(
+                write_manifest(Path(args.out) / f"mustc_en-{tgt}_{split}.jsonl", rows),
+                len(rows),
+                skipped,
+            )
             if cut:
-                print(f"  {cut} segments ended up to {MAX_OVERRUN} s past their talk's audio: cut at its end")
+                print(
+                    f"  {cut} segments ended up to {MAX_OVERRUN} s past their talk's audio: cut at its end"
+                )
 
 
 # -----------------------------------------------------------------------------
@@ -176,7 +211,10 @@ def convert_mustc(args):
 # context is the ASR transcript of the spoken passage), and the audio from Spoken-SQuAD_audio.zip, whose
 # train_wav.zip and dev_wav.zip (the test set's audio) hold one wav per sentence, <a>_<b>_<k>.wav
 
-SPOKEN_SQUAD = {"train": ("spoken_train-v1.1.json", "train_wav"), "test": ("spoken_test-v1.1.json", "dev_wav")}
+SPOKEN_SQUAD = {
+    "train": ("spoken_train-v1.1.json", "train_wav"),
+    "test": ("spoken_test-v1.1.json", "dev_wav"),
+}
 
 
 def find_one(root, name):
@@ -210,10 +248,14 @@ def passage_file(files, target):
         parts = [sf.read(str(f), dtype="float32", always_2d=True) for f in files]
         rates = {rate for _, rate in parts}
         if len(rates) > 1:
-            raise UserError(f"{files[0].parent}: the sentences of one passage have different rates: {sorted(rates)}")
+            raise UserError(
+                f"{files[0].parent}: the sentences of one passage have different rates: {sorted(rates)}"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        sf.write(str(tmp), np.concatenate([audio for audio, _ in parts]), rates.pop(), format="FLAC")
+        sf.write(
+            str(tmp), np.concatenate([audio for audio, _ in parts]), rates.pop(), format="FLAC"
+        )
         os.replace(tmp, target)
     return target
 
@@ -233,7 +275,11 @@ def convert_spoken_squad(args):
             continue
         if audio_dir is None or not audio_dir.is_dir():
             zipped = find_one(root, audio_name + ".zip")
-            hint = f"unzip {zipped} (Spoken-SQuAD_audio.zip holds one zip per split)" if zipped else "download it"
+            hint = (
+                f"unzip {zipped} (Spoken-SQuAD_audio.zip holds one zip per split)"
+                if zipped
+                else "download it"
+            )
             raise UserError(f"{root}: no {audio_name}/ folder with the {split} audio: {hint}")
         index = passage_audio_index(audio_dir)
         articles = json.loads(source.read_text(encoding="utf-8-sig"))["data"]
@@ -244,7 +290,9 @@ def convert_spoken_squad(args):
                 if not files:
                     skipped["passage audio missing"] += len(paragraph["qas"])
                     continue
-                audio = passage_file(files, out / "audio" / "spoken_squad" / split / f"{a}_{b}.flac")
+                audio = passage_file(
+                    files, out / "audio" / "spoken_squad" / split / f"{a}_{b}.flac"
+                )
                 seconds = sf.info(str(audio)).duration
                 for qa in paragraph["qas"]:
                     answers = unique(answer["text"] for answer in qa["answers"])
@@ -252,8 +300,12 @@ def convert_spoken_squad(args):
                         skipped["no question or no answer"] += 1
                         continue
                     row = {"audio": audio_ref(audio, out), "task": "qa"}
-                    row.update({"text": context} if (context := paragraph["context"].strip()) else {})
-                    row.update(question=qa["question"].strip(), answer=answers, duration=round(seconds, 3))
+                    row.update(
+                        {"text": context} if (context := paragraph["context"].strip()) else {}
+                    )
+                    row.update(
+                        question=qa["question"].strip(), answer=answers, duration=round(seconds, 3)
+                    )
                     row.update(id=qa["id"], passage=f"{a}_{b}")
                     rows.append(row)
         report(write_manifest(out / f"spoken_squad_{split}.jsonl", rows), len(rows), skipped)
@@ -268,9 +320,13 @@ def convert_librispeech(args):
     root, out = Path(args.root), Path(args.out)
     if (root / "LibriSpeech").is_dir():  # the archives unpack into LibriSpeech/
         root = root / "LibriSpeech"
-    splits = sorted(d for d in root.iterdir() if d.is_dir() and next(d.glob("*/*/*.trans.txt"), None))
+    splits = sorted(
+        d for d in root.iterdir() if d.is_dir() and next(d.glob("*/*/*.trans.txt"), None)
+    )
     if not splits:
-        raise UserError(f"{root}: no LibriSpeech split here (expected <split>/<speaker>/<chapter>/*.trans.txt)")
+        raise UserError(
+            f"{root}: no LibriSpeech split here (expected <split>/<speaker>/<chapter>/*.trans.txt)"
+        )
     for split in splits if not args.splits else [s for s in splits if s.name in args.splits]:
         rows, skipped = [], Counter()
         for trans in tqdm(sorted(split.glob("*/*/*.trans.txt")), desc=f"librispeech {split.name}"):
@@ -283,7 +339,11 @@ def convert_librispeech(args):
                     skipped["empty transcript"] += 1
                 else:
                     text = text.strip().lower() if args.lowercase else text.strip()
-                    row = {"audio": audio_ref(flac, out), "text": text, "speaker": utt.split("-")[0]}
+                    row = {
+                        "audio": audio_ref(flac, out),
+                        "text": text,
+                        "speaker": utt.split("-")[0],
+                    }
                     rows.append({**row, "duration": round(sf.info(str(flac)).duration, 3)})
         report(write_manifest(out / f"librispeech_{split.name}.jsonl", rows), len(rows), skipped)
 
@@ -295,7 +355,13 @@ HF_PRESETS = {  # the authors' column names (scripts/data_configs in their repos
     "mustc": dict(text_column="sentence", translation_column="translation"),
     "spoken-squad": dict(question_column="question", answer_column="answer"),
 }
-HF_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+HF_BUILDERS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+}
 
 
 def open_hf_dataset(paths, split):
@@ -305,7 +371,9 @@ def open_hf_dataset(paths, split):
     import datasets  # optional (requirements-extras.txt): only this converter needs it
 
     first = Path(paths[0])
-    if first.is_dir() and any((first / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+    if first.is_dir() and any(
+        (first / name).exists() for name in ("dataset_info.json", "dataset_dict.json")
+    ):
         ds = datasets.load_from_disk(str(first))
         if isinstance(ds, datasets.DatasetDict):
             if split is None and len(ds) > 1:
@@ -318,7 +386,9 @@ def open_hf_dataset(paths, split):
     if builder is None:
         raise UserError(f"{first}: not a dataset folder nor a {' / '.join(HF_BUILDERS)} file")
     files = [str(p) for p in paths]
-    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True), first.parent
+    return datasets.load_dataset(
+        builder, data_files=files, split="train", streaming=True
+    ), first.parent
 
 
 def undecoded(ds, column):
@@ -327,13 +397,21 @@ def undecoded(ds, column):
 
     features = ds.features or {}
     if column not in features and features:
-        raise UserError(f"no column '{column}' (the columns: {', '.join(features)}); name it with --audio-column")
+        raise UserError(
+            f"no column '{column}' (the columns: {', '.join(features)}); name it with --audio-column"
+        )
     if isinstance(features.get(column), datasets.Audio):
         ds = ds.cast_column(column, datasets.Audio(decode=False))
     return ds
 
 
-AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3", b"\xff\xfb": ".mp3"}
+AUDIO_MAGIC = {
+    b"RIFF": ".wav",
+    b"fLaC": ".flac",
+    b"OggS": ".ogg",
+    b"ID3": ".mp3",
+    b"\xff\xfb": ".mp3",
+}
 
 
 def hf_audio_file(value, base, out):
@@ -350,12 +428,19 @@ def hf_audio_file(value, base, out):
         ext = Path(value.get("path") or "").suffix.lower()
         if ext not in {".wav", ".flac", ".ogg", ".mp3"}:
             ext = next((e for magic, e in AUDIO_MAGIC.items() if data.startswith(magic)), ".wav")
-        return write_once(out, hashlib.sha1(data).hexdigest(), ext, lambda tmp: tmp.write_bytes(data))
+        return write_once(
+            out, hashlib.sha1(data).hexdigest(), ext, lambda tmp: tmp.write_bytes(data)
+        )
     if value.get("array") is not None:
         array = np.asarray(value["array"], dtype=np.float32)
         digest = hashlib.sha1(array.tobytes() + str(value["sampling_rate"]).encode()).hexdigest()
         rate = value["sampling_rate"]
-        return write_once(out, digest, ".flac", lambda tmp: sf.write(str(tmp), array, rate, "PCM_16", format="FLAC"))
+        return write_once(
+            out,
+            digest,
+            ".flac",
+            lambda tmp: sf.write(str(tmp), array, rate, "PCM_16", format="FLAC"),
+        )
     if value.get("path"):
         path = Path(value["path"])
         for candidate in (path, base / path, Path.cwd() / path):
@@ -442,12 +527,16 @@ def convert_hf(args):
     if args.preset == "mustc" and args.tgt_lang is None:
         pair = language_pair(args.paths[0])
         if pair is None:
-            raise UserError(f"{args.paths[0]}: no <src>-<tgt> folder in the path; give the target with --tgt-lang")
+            raise UserError(
+                f"{args.paths[0]}: no <src>-<tgt> folder in the path; give the target with --tgt-lang"
+            )
         args.tgt_lang = pair[1]
     if args.text_column is None and args.question_column is None:
         args.text_column = "text"
     if args.translation_column and not args.tgt_lang:
-        raise UserError("--translation-column needs --tgt-lang (the target language's code: de, fr, ...)")
+        raise UserError(
+            "--translation-column needs --tgt-lang (the target language's code: de, fr, ...)"
+        )
     if bool(args.question_column) != bool(args.answer_column):
         raise UserError("spoken QA needs both --question-column and --answer-column")
     columns = {
@@ -463,7 +552,9 @@ def convert_hf(args):
     for record in tqdm(undecoded(ds, args.audio_column), desc=f"hf {paths[0].name}"):
         missing = [c for c in [args.audio_column, *columns.values()] if c and c not in record]
         if missing:
-            raise UserError(f"no column '{missing[0]}' (the columns: {', '.join(record)}); see --help for the flags")
+            raise UserError(
+                f"no column '{missing[0]}' (the columns: {', '.join(record)}); see --help for the flags"
+            )
         row, why = hf_row(record, columns)
         audio = hf_audio_file(record[args.audio_column], base, out) if row else None
         if row and audio is None:
@@ -503,7 +594,9 @@ def read_jsonl(path, out):
                 continue
             row = json.loads(line)
             if "duration" not in row:
-                raise UserError(f"{path}:{line_no}: no 'duration' (the converters write one; mix filters on it)")
+                raise UserError(
+                    f"{path}:{line_no}: no 'duration' (the converters write one; mix filters on it)"
+                )
             if not Path(row["audio"]).is_absolute():
                 row["audio"] = audio_ref(Path(path).parent / row["audio"], out)
             rows.append(row)
@@ -548,28 +641,44 @@ def convert_mix(args):
     # MuST-C en-fr, en-it, en-es: ST only (their English side is not ASR data a second time)
     for split in ("train", "dev"):
         parts = [mustc_rows(folder, tgt, [split], out) for tgt in args.st_langs]
-        rows = None if None in parts else [{**r, "task": "st"} for part in parts for r in within(part, lo, hi)]
+        rows = (
+            None
+            if None in parts
+            else [{**r, "task": "st"} for part in parts for r in within(part, lo, hi)]
+        )
         write(f"st_{split}", rows)
     for tgt in ["de", *args.st_langs]:
         rows = mustc_rows(folder, tgt, tests, out)
-        write(f"st-{tgt}_test", None if rows is None else [{**r, "task": "st"} for r in within(rows, lo)])
+        write(
+            f"st-{tgt}_test",
+            None if rows is None else [{**r, "task": "st"} for r in within(rows, lo)],
+        )
     # Spoken-SQuAD: train 1-150 s, minus --qa-dev-passages whole passages held out as a dev set; test 1-100 s
     train = folder / "spoken_squad_train.jsonl"
     if train.exists():
         rows = within(read_jsonl(train, out), lo, args.qa_max_seconds)
         passages = sorted({r.get("passage", r["audio"]) for r in rows})
-        dev = set(random.Random(args.seed).sample(passages, min(args.qa_dev_passages, len(passages))))
+        dev = set(
+            random.Random(args.seed).sample(passages, min(args.qa_dev_passages, len(passages)))
+        )
         write("qa_train", [r for r in rows if r.get("passage", r["audio"]) not in dev])
         write("qa_dev", [r for r in rows if r.get("passage", r["audio"]) in dev])
     else:
         missing += ["qa_train", "qa_dev"]
     test = folder / "spoken_squad_test.jsonl"
-    write("qa_test", within(read_jsonl(test, out), lo, args.qa_test_max_seconds) if test.exists() else None)
+    write(
+        "qa_test",
+        within(read_jsonl(test, out), lo, args.qa_test_max_seconds) if test.exists() else None,
+    )
 
     width = max(len(name) for name, _ in written) if written else 0
-    print("\n".join(f"  {name:<{width}}  {n:>8} lines" for name, n in written) or "  nothing written")
+    print(
+        "\n".join(f"  {name:<{width}}  {n:>8} lines" for name, n in written) or "  nothing written"
+    )
     if missing:
-        print(f"not written, their converter's manifests are missing in {folder}: {', '.join(missing)}")
+        print(
+            f"not written, their converter's manifests are missing in {folder}: {', '.join(missing)}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -580,49 +689,121 @@ OUT_HELP = "the folder to write the manifests (and any audio written out) to"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("mustc", help="MuST-C: <root>/en-<tgt>/data/<split>/{wav,txt}")
     g.add_argument("root", help="the folder holding en-de/, en-fr/, ... (or one en-<tgt> folder)")
-    g.add_argument("--pairs", nargs="+", metavar="TGT", help="target languages to convert (default: every pair)")
-    g.add_argument("--splits", nargs="+", help="splits to convert (default: all: train dev tst-COMMON tst-HE)")
+    g.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="TGT",
+        help="target languages to convert (default: every pair)",
+    )
+    g.add_argument(
+        "--splits", nargs="+", help="splits to convert (default: all: train dev tst-COMMON tst-HE)"
+    )
     g.add_argument("--out", required=True, help=OUT_HELP)
 
-    g = sub.add_parser("spoken-squad", help="Spoken-SQuAD: spoken_{train,test}-v1.1.json + train_wav/, dev_wav/")
+    g = sub.add_parser(
+        "spoken-squad", help="Spoken-SQuAD: spoken_{train,test}-v1.1.json + train_wav/, dev_wav/"
+    )
     g.add_argument("root", help="the folder holding the JSON files and the unzipped audio folders")
     g.add_argument("--out", required=True, help=OUT_HELP)
 
-    g = sub.add_parser("librispeech", help="LibriSpeech: <split>/<speaker>/<chapter>/*.flac + *.trans.txt")
+    g = sub.add_parser(
+        "librispeech", help="LibriSpeech: <split>/<speaker>/<chapter>/*.flac + *.trans.txt"
+    )
     g.add_argument("root", help="the folder holding the splits (or LibriSpeech/ itself)")
     g.add_argument("--splits", nargs="+", help="splits to convert (default: every one found)")
-    g.add_argument("--lowercase", action="store_true", help="lower-case the transcripts (distributed upper case)")
+    g.add_argument(
+        "--lowercase",
+        action="store_true",
+        help="lower-case the transcripts (distributed upper case)",
+    )
     g.add_argument("--out", required=True, help=OUT_HELP)
 
     g = sub.add_parser("hf", help="a Hugging Face datasets dataset with an audio column")
-    g.add_argument("paths", nargs="+", help="a save_to_disk folder, a dataset folder, or data files (parquet, ...)")
-    g.add_argument("--preset", choices=list(HF_PRESETS), help="the authors' column names for their data")
+    g.add_argument(
+        "paths",
+        nargs="+",
+        help="a save_to_disk folder, a dataset folder, or data files (parquet, ...)",
+    )
+    g.add_argument(
+        "--preset", choices=list(HF_PRESETS), help="the authors' column names for their data"
+    )
     g.add_argument("--split", help="the split of a dataset with several")
     g.add_argument("--name", help="the manifest's name (default: from the path; see the docstring)")
-    g.add_argument("--audio-column", default="audio", help="audio: an Audio feature, bytes/path structs or paths")
-    g.add_argument("--text-column", help="the transcript (default: text; mustc preset: sentence; QA: none)")
-    g.add_argument("--translation-column", help="the translation (mustc preset: translation); needs --tgt-lang")
-    g.add_argument("--tgt-lang", help="the translation's language code (mustc preset: from the en-<tgt> folder)")
-    g.add_argument("--question-column", help="spoken QA: the question (spoken-squad preset: question)")
-    g.add_argument("--answer-column", help="spoken QA: the answer, a string or a list (spoken-squad preset: answer)")
+    g.add_argument(
+        "--audio-column",
+        default="audio",
+        help="audio: an Audio feature, bytes/path structs or paths",
+    )
+    g.add_argument(
+        "--text-column", help="the transcript (default: text; mustc preset: sentence; QA: none)"
+    )
+    g.add_argument(
+        "--translation-column", help="the translation (mustc preset: translation); needs --tgt-lang"
+    )
+    g.add_argument(
+        "--tgt-lang",
+        help="the translation's language code (mustc preset: from the en-<tgt> folder)",
+    )
+    g.add_argument(
+        "--question-column", help="spoken QA: the question (spoken-squad preset: question)"
+    )
+    g.add_argument(
+        "--answer-column",
+        help="spoken QA: the answer, a string or a list (spoken-squad preset: answer)",
+    )
     g.add_argument("--speaker-column", help="the speaker (optional)")
     g.add_argument("--out", required=True, help=OUT_HELP)
 
-    g = sub.add_parser("mix", help="the paper's fine-tuning mix and test sets from the manifests above")
+    g = sub.add_parser(
+        "mix", help="the paper's fine-tuning mix and test sets from the manifests above"
+    )
     g.add_argument("folder", help="the folder the converters wrote to")
     g.add_argument("--out", help="where to write (default: the same folder)")
-    g.add_argument("--st-langs", nargs="+", default=["fr", "it", "es"], help="the other ST pairs besides en-de")
-    g.add_argument("--with-tst-he", action="store_true", help="MuST-C tests: tst-COMMON + tst-HE, as the authors")
-    g.add_argument("--min-seconds", type=float, default=1.0, help="shortest audio kept, every set (the authors: 1)")
-    g.add_argument("--max-seconds", type=float, default=45.0, help="longest MuST-C train/dev segment (the authors: 45)")
-    g.add_argument("--qa-max-seconds", type=float, default=150.0, help="longest Spoken-SQuAD train passage (150)")
-    g.add_argument("--qa-test-max-seconds", type=float, default=100.0, help="longest Spoken-SQuAD test passage (100)")
-    g.add_argument("--qa-dev-passages", type=int, default=100, help="Spoken-SQuAD train passages held out as dev")
+    g.add_argument(
+        "--st-langs", nargs="+", default=["fr", "it", "es"], help="the other ST pairs besides en-de"
+    )
+    g.add_argument(
+        "--with-tst-he",
+        action="store_true",
+        help="MuST-C tests: tst-COMMON + tst-HE, as the authors",
+    )
+    g.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="shortest audio kept, every set (the authors: 1)",
+    )
+    g.add_argument(
+        "--max-seconds",
+        type=float,
+        default=45.0,
+        help="longest MuST-C train/dev segment (the authors: 45)",
+    )
+    g.add_argument(
+        "--qa-max-seconds",
+        type=float,
+        default=150.0,
+        help="longest Spoken-SQuAD train passage (150)",
+    )
+    g.add_argument(
+        "--qa-test-max-seconds",
+        type=float,
+        default=100.0,
+        help="longest Spoken-SQuAD test passage (100)",
+    )
+    g.add_argument(
+        "--qa-dev-passages",
+        type=int,
+        default=100,
+        help="Spoken-SQuAD train passages held out as dev",
+    )
     g.add_argument("--seed", type=int, default=42, help="the draw of the dev passages")
 
     return p.parse_args(argv)

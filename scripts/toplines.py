@@ -15,17 +15,28 @@ from pathlib import Path
 import common
 import demokit
 from data import load_row_audio, need_transcripts, read_manifest, task_examples
-from evaluate import add_decoding_flags, print_results, score, test_manifest, unique_questions, write_results
+from evaluate import (
+    add_decoding_flags,
+    print_results,
+    score,
+    test_manifest,
+    unique_questions,
+    write_results,
+)
 from model import SpeechLLM
 
 
 def get_args(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--read", choices=["transcript", "whisper"], required=True, help="what the LLM reads")
+    p.add_argument(
+        "--read", choices=["transcript", "whisper"], required=True, help="what the LLM reads"
+    )
     p.add_argument("--task", choices=["asr", "st", "qa"], required=True, help="the task to score")
     add_decoding_flags(p)
     p.add_argument("--llm", default="smollm2", help=common.LLMS)
-    p.add_argument("--encoder", default="whisper-tiny", help="the encoder the model is built with (not run)")
+    p.add_argument(
+        "--encoder", default="whisper-tiny", help="the encoder the model is built with (not run)"
+    )
     p.add_argument("--asr-model", default="demo", help="--read whisper: a Whisper folder or hub id")
     p.add_argument("--ckpt", help="ignored (compare.py passes its cell folder)")
     p.add_argument("--out", help="results JSON (default: out/read-<read>/eval-<task>.json)")
@@ -53,9 +64,13 @@ def main(argv=None):
         heard = [ex["text"] for ex in need_transcripts(examples, "--read transcript")]
     else:
         heard = whisper_transcripts(args.asr_model, examples, args.batch_size)
-    examples = [{**ex, "heard": h} for ex, h in zip(examples, heard)]  # evaluate.generate_answers reads it
+    examples = [
+        {**ex, "heard": h} for ex, h in zip(examples, heard)
+    ]  # evaluate.generate_answers reads it
     cascade = args.read == "whisper" and args.task == "asr"  # Whisper's transcript is the answer
-    result = score(model, args.task, examples, args, device, dtype, hypotheses=heard if cascade else None)
+    result = score(
+        model, args.task, examples, args, device, dtype, hypotheses=heard if cascade else None
+    )
     result = {"ckpt": f"read-{args.read}", "data": data, **result}
     print_results(result, args.show)
     write_results(Path(args.out or f"out/read-{args.read}/eval-{args.task}.json"), result)

@@ -24,8 +24,12 @@ def test_bench_prints_every_row_and_our_wasserstein_matches_geomloss():
     for row in rows:  # a time in every row; the losses agree with their section's reference
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3]) > 0
-        tolerance = 5e-2 if cells[0].startswith("3.") else 1e-2  # section 3: our step reads fp16-cached features
+        tolerance = (
+            5e-2 if cells[0].startswith("3.") else 1e-2
+        )  # section 3: our step reads fp16-cached features
         assert cells[6] == "" or float(cells[6]) < tolerance, row
     divergences = re.search(r"section 2: .* max relative difference ([0-9.e+-]+)", result.stdout)
-    assert divergences and float(divergences.group(1)) < 1e-2  # the 700 divergences themselves, against geomloss
+    assert (
+        divergences and float(divergences.group(1)) < 1e-2
+    )  # the 700 divergences themselves, against geomloss
     assert re.search(r"section 3: ours / floor = [0-9.]+", result.stdout)

@@ -16,7 +16,10 @@ def corpus(tmp_path_factory):
     write_manifest(folder, n=4, seed=3, name="sentences_open_test.jsonl")
     for split, n, seed in (("train", 40, 0), ("dev", 4, 1), ("test", 4, 2)):
         write_manifest(folder, n=n, seed=seed, name=f"sentences_{split}.jsonl")
-        qa = {i: {"task": "qa", "question": f"what is number {i}?", "answer": f"number {i}"} for i in range(n)}
+        qa = {
+            i: {"task": "qa", "question": f"what is number {i}?", "answer": f"number {i}"}
+            for i in range(n)
+        }
         write_manifest(folder, n=n, seed=10 + seed, name=f"qa_{split}.jsonl", extra=qa)
     return folder
 
@@ -60,7 +63,10 @@ def test_the_table_spreads_over_seeds():
     assert "open test" not in table  # a corpus without an open test split: no column for it
     cells[0]["metrics"]["open_wer"] = 20.0
     table = compare.table(cells, {}, args)
-    assert "| ASR median WER | ASR WER, open test | seeds |" in table and "| 0.0 ± 0.0 | 20.0 | 2 |" in table
+    assert (
+        "| ASR median WER | ASR WER, open test | seeds |" in table
+        and "| 0.0 ± 0.0 | 20.0 | 2 |" in table
+    )
 
 
 @pytest.mark.slow
@@ -83,10 +89,17 @@ def test_a_small_grid_and_its_resume(corpus, tmp_path, capsys):
         ("none", 1.0),
         ("read-transcript", None),
     }
-    assert all({"wer", "exact", "wer_median", "open_wer", "open_exact"} <= set(c["metrics"]) for c in results["cells"])
+    assert all(
+        {"wer", "exact", "wer_median", "open_wer", "open_exact"} <= set(c["metrics"])
+        for c in results["cells"]
+    )
     table = (tmp_path / "results.md").read_text()
     assert "| ASR WER, open test |" in table
-    assert "| none | 10% |" in table and "| none | 100% |" in table and "| read-transcript | - |" in table
+    assert (
+        "| none | 10% |" in table
+        and "| none | 100% |" in table
+        and "| read-transcript | - |" in table
+    )
     assert (tmp_path / "metrics.png").stat().st_size > 0
 
     # a killed grid: one cell never recorded; the rerun runs that cell alone
@@ -103,7 +116,10 @@ def test_the_whole_quick_grid(corpus, tmp_path):
     grid(corpus, tmp_path, "--toplines", "transcript")
     results = json.loads((tmp_path / "results.json").read_text())
     starts = {(c["variant"], c.get("frac")) for c in results["cells"]}
-    assert starts == {(v, 0.1) for v in compare.VARIANTS} | {("none", 1.0), ("read-transcript", None)}
+    assert starts == {(v, 0.1) for v in compare.VARIANTS} | {
+        ("none", 1.0),
+        ("read-transcript", None),
+    }
     assert {c["task"] for c in results["cells"]} == {"asr", "qa"}
     assert set(results["stage1_seconds"]) == {f"{v}-s42" for v in compare.VARIANTS if v != "none"}
     assert (tmp_path / "r1_per_layer.png").exists() and (tmp_path / "metrics.png").exists()

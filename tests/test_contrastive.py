@@ -34,7 +34,15 @@ def ragged(L=3, B=4, T=10, D=16, min_len=1, seed=0, dtype=torch.float32, grad=Fa
     return layers, mask
 
 
-def authors_cos(text_layers, text_mask, speech_layers, speech_mask, temperature=0.1, symmetric=False, center=False):
+def authors_cos(
+    text_layers,
+    text_mask,
+    speech_layers,
+    speech_mask,
+    temperature=0.1,
+    symmetric=False,
+    center=False,
+):
     """Per layer: unpad every example, mean over its tokens, L2-normalise, similarity / temperature,
     cross-entropy over the speech columns with the diagonal as targets. Returns (sum, per-layer list)."""
     per_layer = []
@@ -54,7 +62,10 @@ def authors_cos(text_layers, text_mask, speech_layers, speech_mask, temperature=
 
 def all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask):
     """The diameter that starts the batched call's epsilon schedule: over all layers' normalised tokens."""
-    t, s = (F.normalize(torch.stack(list(x)).detach().float(), dim=-1) for x in (text_layers, speech_layers))
+    t, s = (
+        F.normalize(torch.stack(list(x)).detach().float(), dim=-1)
+        for x in (text_layers, speech_layers)
+    )
     return contrastive._diameter(t, text_mask, s, speech_mask)
 
 
@@ -70,7 +81,11 @@ def pairwise_sinkhorn(impl, text_layers, text_mask, speech_layers, speech_mask, 
             torch.cat(
                 [
                     impl.sinkhorn_divergence(
-                        t[i : i + 1], text_mask[i : i + 1], s[j : j + 1], speech_mask[j : j + 1], diameter=diameter
+                        t[i : i + 1],
+                        text_mask[i : i + 1],
+                        s[j : j + 1],
+                        speech_mask[j : j + 1],
+                        diameter=diameter,
                     )[0]
                     for j in range(len(s))
                 ]
@@ -133,7 +148,9 @@ def test_select_layers_rejects_bad_specs(spec, num_layers):
 @IMPLS
 def test_masked_mean_list_stacked_and_loop(impl):
     layers, _ = ragged(L=2, B=5, T=7)
-    mask = torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) < 0.5  # holes, not just right padding
+    mask = (
+        torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) < 0.5
+    )  # holes, not just right padding
     mask[:, 3] = True
     mask[0] = False
     mask[0, 6] = True  # a single valid position at the end
@@ -163,8 +180,12 @@ def test_bad_arguments(impl):
         impl.contrastive_loss(layers, mask, layers, mask, sim="dot")
     with pytest.raises(ValueError):
         impl.contrastive_loss(layers, mask, layers[:2], mask)
-    with pytest.raises(ValueError, match="once"):  # the text side twice: as states and as pooled vectors
-        impl.contrastive_loss(layers, mask, layers, mask, text_pooled=impl.masked_mean(layers, mask))
+    with pytest.raises(
+        ValueError, match="once"
+    ):  # the text side twice: as states and as pooled vectors
+        impl.contrastive_loss(
+            layers, mask, layers, mask, text_pooled=impl.masked_mean(layers, mask)
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +214,9 @@ def test_list_and_stacked_inputs_give_the_same_loss(impl):
     speech, speech_mask = ragged(T=20, seed=4)
     for sim in ("cos", "wasserstein"):
         a = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim)[1]
-        b = impl.contrastive_loss(torch.stack(text), text_mask, torch.stack(speech), speech_mask, sim=sim)[1]
+        b = impl.contrastive_loss(
+            torch.stack(text), text_mask, torch.stack(speech), speech_mask, sim=sim
+        )[1]
         assert close(a, b)
 
 
@@ -206,9 +229,13 @@ def test_padded_positions_never_matter(impl, sim):
     speech = [h.requires_grad_() for h in speech]
     noisy = [garbage(h, speech_mask).detach().requires_grad_() for h in speech]
     clean_loss = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim)[0]
-    noisy_loss = impl.contrastive_loss([garbage(h, text_mask) for h in text], text_mask, noisy, speech_mask, sim=sim)[0]
+    noisy_loss = impl.contrastive_loss(
+        [garbage(h, text_mask) for h in text], text_mask, noisy, speech_mask, sim=sim
+    )[0]
     assert close(clean_loss, noisy_loss)
-    for g_clean, g_noisy in zip(torch.autograd.grad(clean_loss, speech), torch.autograd.grad(noisy_loss, noisy)):
+    for g_clean, g_noisy in zip(
+        torch.autograd.grad(clean_loss, speech), torch.autograd.grad(noisy_loss, noisy)
+    ):
         assert close(g_clean, g_noisy, atol=1e-7)
         assert torch.equal(g_noisy[~speech_mask], torch.zeros_like(g_noisy[~speech_mask]))
 
@@ -218,8 +245,12 @@ def test_padded_positions_never_matter(impl, sim):
 def test_symmetric_and_center_match_the_reference(impl, symmetric, center):
     text, text_mask = ragged(T=9, seed=7)
     speech, speech_mask = ragged(T=20, seed=8, grad=True)
-    total, per_layer = impl.contrastive_loss(text, text_mask, speech, speech_mask, symmetric=symmetric, center=center)
-    ref_total, ref_per_layer = authors_cos(text, text_mask, speech, speech_mask, symmetric=symmetric, center=center)
+    total, per_layer = impl.contrastive_loss(
+        text, text_mask, speech, speech_mask, symmetric=symmetric, center=center
+    )
+    ref_total, ref_per_layer = authors_cos(
+        text, text_mask, speech, speech_mask, symmetric=symmetric, center=center
+    )
     assert close(per_layer, torch.stack(ref_per_layer))
     for g, r in zip(torch.autograd.grad(total, speech), torch.autograd.grad(ref_total, speech)):
         assert close(g, r, atol=1e-7)
@@ -231,7 +262,12 @@ def test_cached_pooled_text_equals_the_full_path(impl):
     speech, speech_mask = ragged(T=20, seed=10, grad=True)
     full = impl.contrastive_loss(text, text_mask, speech, speech_mask, return_logits=True)
     cached = impl.contrastive_loss(
-        None, None, speech, speech_mask, return_logits=True, text_pooled=impl.masked_mean(text, text_mask)
+        None,
+        None,
+        speech,
+        speech_mask,
+        return_logits=True,
+        text_pooled=impl.masked_mean(text, text_mask),
     )
     for a, b in zip(full, cached):
         assert close(a, b)
@@ -239,7 +275,12 @@ def test_cached_pooled_text_equals_the_full_path(impl):
         assert close(g, r, atol=1e-7)
     with pytest.raises(ValueError, match="wasserstein"):
         impl.contrastive_loss(
-            None, None, speech, speech_mask, sim="wasserstein", text_pooled=impl.masked_mean(text, text_mask)
+            None,
+            None,
+            speech,
+            speech_mask,
+            sim="wasserstein",
+            text_pooled=impl.masked_mean(text, text_mask),
         )
 
 
@@ -253,8 +294,12 @@ def test_bf16_inputs_use_float32_math(impl):
             text, text_mask, speech, speech_mask, sim=sim, return_logits=True
         )
         assert total.dtype == per_layer.dtype == logits.dtype == torch.float32
-        ref = impl.contrastive_loss([h.float() for h in text], text_mask, as_fp32, speech_mask, sim=sim)[0]
-        assert close(total, ref)  # the same numbers as casting the inputs up front: no bf16 arithmetic
+        ref = impl.contrastive_loss(
+            [h.float() for h in text], text_mask, as_fp32, speech_mask, sim=sim
+        )[0]
+        assert close(
+            total, ref
+        )  # the same numbers as casting the inputs up front: no bf16 arithmetic
         grads = torch.autograd.grad(total, speech)
         assert all(g.dtype == torch.bfloat16 for g in grads)
         for g, r in zip(grads, torch.autograd.grad(ref, as_fp32)):
@@ -268,9 +313,13 @@ def test_autocast_does_not_reach_the_loss_math(impl):
     text, text_mask = ragged(T=9, seed=11)
     speech, speech_mask = ragged(T=20, seed=12)
     for sim in ("cos", "wasserstein"):
-        ref = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim, return_logits=True)
+        ref = impl.contrastive_loss(
+            text, text_mask, speech, speech_mask, sim=sim, return_logits=True
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = impl.contrastive_loss(text, text_mask, speech, speech_mask, sim=sim, return_logits=True)
+            got = impl.contrastive_loss(
+                text, text_mask, speech, speech_mask, sim=sim, return_logits=True
+            )
             pooled = impl.masked_mean(speech, speech_mask)
         assert all(torch.equal(a, b) for a, b in zip(got, ref)), sim
         assert torch.equal(pooled, impl.masked_mean(speech, speech_mask))
@@ -315,7 +364,10 @@ def test_sinkhorn_reads_no_padding_whatever_the_pattern(impl):
     """Valid steps scattered anywhere (in order) and NaN at padding: the divergences and gradients of right padding."""
     text, text_mask = ragged(L=2, B=4, T=9, D=8, seed=23)
     speech, speech_mask = ragged(L=2, B=5, T=20, D=8, seed=24)
-    t, s = F.normalize(torch.stack(text), dim=-1), F.normalize(torch.stack(speech), dim=-1).requires_grad_()
+    t, s = (
+        F.normalize(torch.stack(text), dim=-1),
+        F.normalize(torch.stack(speech), dim=-1).requires_grad_(),
+    )
     right = impl.sinkhorn_divergence(t, text_mask, s, speech_mask)
     g = torch.Generator().manual_seed(25)
     scattered, holes = torch.full_like(s, float("nan")), torch.zeros_like(speech_mask)
@@ -324,7 +376,10 @@ def test_sinkhorn_reads_no_padding_whatever_the_pattern(impl):
         scattered[:, j, steps], holes[j, steps] = s[:, j, :n], True
     scattered_div = impl.sinkhorn_divergence(t, text_mask, scattered, holes)
     assert close(scattered_div, right, rtol=1e-5, atol=1e-6)
-    (g_right,), (g_scattered,) = torch.autograd.grad(right.sum(), s), torch.autograd.grad(scattered_div.sum(), s)
+    (g_right,), (g_scattered,) = (
+        torch.autograd.grad(right.sum(), s),
+        torch.autograd.grad(scattered_div.sum(), s),
+    )
     assert close(g_scattered, g_right, rtol=1e-5, atol=1e-6)
 
 
@@ -342,9 +397,9 @@ def test_sinkhorn_value_and_gradient_match_geomloss(impl):
     geomloss = pytest.importorskip("geomloss")
     x = clustered(12, 8, seed=19)[None].requires_grad_()
     y = clustered(25, 8, seed=20)[None].requires_grad_()
-    ours = impl.sinkhorn_divergence(x, torch.ones(1, 12, dtype=torch.bool), y, torch.ones(1, 25, dtype=torch.bool))[
-        0, 0
-    ]
+    ours = impl.sinkhorn_divergence(
+        x, torch.ones(1, 12, dtype=torch.bool), y, torch.ones(1, 25, dtype=torch.bool)
+    )[0, 0]
     x2, y2 = x.detach()[0].requires_grad_(), y.detach()[0].requires_grad_()
     ref = geomloss.SamplesLoss("sinkhorn", p=2, blur=0.05)(x2, y2)
     assert close(ours, ref)
@@ -363,7 +418,12 @@ def geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diamete
         logits.append(
             torch.stack(
                 [
-                    torch.stack([-sinkhorn(t[i][text_mask[i]], s[j][speech_mask[j]]) / 0.1 for j in range(len(s))])
+                    torch.stack(
+                        [
+                            -sinkhorn(t[i][text_mask[i]], s[j][speech_mask[j]]) / 0.1
+                            for j in range(len(s))
+                        ]
+                    )
                     for i in range(len(t))
                 ]
             )
@@ -384,7 +444,8 @@ def test_wasserstein_matches_geomloss(impl):
     ref = geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diameter=True)
     assert close(logits, ref, rtol=1e-4, atol=1e-4)
     for g, r in zip(
-        torch.autograd.grad(info_nce(logits).sum(), speech), torch.autograd.grad(info_nce(ref).sum(), speech)
+        torch.autograd.grad(info_nce(logits).sum(), speech),
+        torch.autograd.grad(info_nce(ref).sum(), speech),
     ):
         assert close(g, r, rtol=1e-3, atol=1e-5)
 
@@ -397,10 +458,15 @@ def test_info_nce_and_cos_logits_against_cross_entropy():
     logits = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(18))
     target = torch.arange(5)
     assert close(info_nce(logits), torch.stack([F.cross_entropy(x, target) for x in logits]))
-    both = torch.stack([(F.cross_entropy(x, target) + F.cross_entropy(x.T, target)) / 2 for x in logits])
+    both = torch.stack(
+        [(F.cross_entropy(x, target) + F.cross_entropy(x.T, target)) / 2 for x in logits]
+    )
     assert close(info_nce(logits, symmetric=True), both)
     t, s = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    assert close(cos_logits(t, s, temperature=0.5), F.cosine_similarity(t[:, :, None], s[:, None], dim=-1) / 0.5)
+    assert close(
+        cos_logits(t, s, temperature=0.5),
+        F.cosine_similarity(t[:, :, None], s[:, None], dim=-1) / 0.5,
+    )
 
 
 def test_retrieval_r1():
@@ -416,14 +482,26 @@ def test_retrieval_r1_from_pooled_states_centred_or_not():
     no centring, each side centred by its own means, or centred by given means (a per-example loop)."""
     g = torch.Generator().manual_seed(26)
     common = 5 * torch.randn(2, 1, 8, generator=g)  # a large shared direction, as LLM states have
-    text, speech = common + torch.randn(2, 12, 8, generator=g), common + torch.randn(2, 12, 8, generator=g)
-    speech[:, :6] = text[:, :6] + 0.3 * torch.randn(2, 6, 8, generator=g)  # 6 utterances close to their transcript
+    text, speech = (
+        common + torch.randn(2, 12, 8, generator=g),
+        common + torch.randn(2, 12, 8, generator=g),
+    )
+    speech[:, :6] = text[:, :6] + 0.3 * torch.randn(
+        2, 6, 8, generator=g
+    )  # 6 utterances close to their transcript
     means = (torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g))
     zero = torch.zeros(2, 8)
-    for center, (t_mean, s_mean) in [(False, (zero, zero)), (True, (text.mean(1), speech.mean(1))), (means, means)]:
+    for center, (t_mean, s_mean) in [
+        (False, (zero, zero)),
+        (True, (text.mean(1), speech.mean(1))),
+        (means, means),
+    ]:
         t, s = text - t_mean[:, None], speech - s_mean[:, None]
         nearest = [
-            [max(range(12), key=lambda i: F.cosine_similarity(s[k, j], t[k, i], dim=0).item()) for j in range(12)]
+            [
+                max(range(12), key=lambda i: F.cosine_similarity(s[k, j], t[k, i], dim=0).item())
+                for j in range(12)
+            ]
             for k in range(2)
         ]
         expected = torch.tensor([sum(i == j for j, i in enumerate(row)) / 12 for row in nearest])

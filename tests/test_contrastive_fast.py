@@ -40,7 +40,14 @@ def test_fast_loss_equals_the_reference(sim, symmetric, center, holes):
     for impl in (contrastive, fast):
         s = [h.clone().requires_grad_() for h in speech]
         total, per_layer, logits = impl.contrastive_loss(
-            text, text_mask, s, speech_mask, sim=sim, symmetric=symmetric, center=center, return_logits=True
+            text,
+            text_mask,
+            s,
+            speech_mask,
+            sim=sim,
+            symmetric=symmetric,
+            center=center,
+            return_logits=True,
         )
         results.append((total, per_layer, logits, *torch.autograd.grad(total, s)))
     for a, b in zip(*results):
@@ -57,7 +64,11 @@ def test_fast_equals_the_reference_stacked_bf16_sink_and_cached_text():
     text, speech = torch.stack(text), torch.stack(speech)
     pooled = [impl.masked_mean(text, text_mask) for impl in (contrastive, fast)]
     assert close(*pooled)
-    for kwargs in ({"sim": "cos"}, {"sim": "wasserstein"}, {"sim": "cos", "text_pooled": pooled[0]}):
+    for kwargs in (
+        {"sim": "cos"},
+        {"sim": "wasserstein"},
+        {"sim": "cos", "text_pooled": pooled[0]},
+    ):
         results = []
         for impl in (contrastive, fast):
             s = speech.clone().requires_grad_()
@@ -67,7 +78,9 @@ def test_fast_equals_the_reference_stacked_bf16_sink_and_cached_text():
             assert grad.dtype == torch.bfloat16
             results.append((total, per_layer, grad.float()))
         for a, b in zip(*results):
-            assert close(a, b, rtol=1e-2 if a.dim() == 4 else 1e-5, atol=1e-6)  # bf16 gradients: one rounding
+            assert close(
+                a, b, rtol=1e-2 if a.dim() == 4 else 1e-5, atol=1e-6
+            )  # bf16 gradients: one rounding
 
 
 @pytest.mark.parametrize("given_diameter", [False, True])
@@ -83,7 +96,9 @@ def test_fast_sinkhorn_equals_the_reference(given_diameter):
         results.append((S, *torch.autograd.grad(S.sum(), x)))
     (S, grad), (S_fast, grad_fast) = results
     assert close(S_fast, S, rtol=1e-5, atol=1e-6)
-    assert close(grad_fast, grad, rtol=1e-4, atol=1e-5)  # sums of all 20 pairs' gradients: float32 round-off
+    assert close(
+        grad_fast, grad, rtol=1e-4, atol=1e-5
+    )  # sums of all 20 pairs' gradients: float32 round-off
 
 
 def test_bad_kernel():
@@ -114,47 +129,79 @@ def test_masked_mean_of_runs_reads_only_the_runs(dtype):
     assert out.dtype == torch.float32 and torch.equal(out[:, 2], torch.zeros(3, 16))
     ref = torch.stack(
         [
-            torch.stack([h[b][mask[b]].float().mean(0) if mask[b].any() else torch.zeros(16) for b in range(5)])
+            torch.stack(
+                [
+                    h[b][mask[b]].float().mean(0) if mask[b].any() else torch.zeros(16)
+                    for b in range(5)
+                ]
+            )
             for h in states.unbind(0)
         ]
     )
     assert close(out, ref)
-    assert close(out, fast.masked_mean([h.detach() for h in layers], mask))  # a list of layers: the same
+    assert close(
+        out, fast.masked_mean([h.detach() for h in layers], mask)
+    )  # a list of layers: the same
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     (grad,) = torch.autograd.grad((out * weights).sum(), states)
     (ref_grad,) = torch.autograd.grad((ref * weights).sum(), states)
-    assert grad.dtype == dtype and close(grad.float(), ref_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert grad.dtype == dtype and close(
+        grad.float(), ref_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5
+    )
     assert torch.equal(grad[:, ~mask], torch.zeros_like(grad[:, ~mask]))
 
 
 def test_valid_spans():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 0]], dtype=torch.bool)
     assert fast._valid_spans(mask) == [(0, 2), (1, 3), (0, 0)]
-    assert fast._valid_spans(torch.tensor([[1, 0, 1]], dtype=torch.bool)) is None  # a hole: the general path
+    assert (
+        fast._valid_spans(torch.tensor([[1, 0, 1]], dtype=torch.bool)) is None
+    )  # a hole: the general path
 
 
 def test_logsumexp_read_off_log_softmax_equals_torch():
-    z = 500 * torch.randn(4, 6, 50, generator=torch.Generator().manual_seed(21))  # terms hundreds apart
+    z = 500 * torch.randn(
+        4, 6, 50, generator=torch.Generator().manual_seed(21)
+    )  # terms hundreds apart
     z[..., 7:] = float("-inf")  # padding (packed to the right: the first entry stays finite)
-    assert close(fast._logsumexp(z, -1), torch.logsumexp(z.double(), -1).float(), rtol=0, atol=1e-4)  # ~ulp(500)
-    assert close(fast._logsumexp(z.transpose(1, 2), 1), torch.logsumexp(z.double(), -1).float(), rtol=0, atol=1e-4)
+    assert close(
+        fast._logsumexp(z, -1), torch.logsumexp(z.double(), -1).float(), rtol=0, atol=1e-4
+    )  # ~ulp(500)
+    assert close(
+        fast._logsumexp(z.transpose(1, 2), 1),
+        torch.logsumexp(z.double(), -1).float(),
+        rtol=0,
+        atol=1e-4,
+    )
 
 
 def test_buckets_hold_every_sets_valid_tokens_first_in_order():
     x = torch.arange(2 * 3 * 5 * 1, dtype=torch.float).view(2, 3, 5, 1)  # [layers, sets, steps, D]
     mask = torch.tensor([[0, 1, 0, 1, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
-    buckets = fast._buckets(x, mask, waste=1.0)  # one bucket per length: sets 2 (1 token), 0 (2), 1 (3)
+    buckets = fast._buckets(
+        x, mask, waste=1.0
+    )  # one bucket per length: sets 2 (1 token), 0 (2), 1 (3)
     assert [group for group, _, _ in buckets] == [[2], [0], [1]]
     assert [xb[1, :, :, 0].tolist() for _, xb, _ in buckets] == [[[29]], [[16, 18]], [[20, 21, 22]]]
-    group, xb, mb = fast._buckets(x, mask, waste=float("inf"))[0]  # all in one: padding repeats the first token
+    group, xb, mb = fast._buckets(x, mask, waste=float("inf"))[
+        0
+    ]  # all in one: padding repeats the first token
     assert group == [2, 0, 1] and mb.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     assert xb[1, :, :, 0].tolist() == [[29, 29, 29], [16, 18, 16], [20, 21, 22]]
 
 
 def test_length_buckets():
-    assert fast._length_buckets([5, 40, 6, 38, 5]) == [[0, 4, 2], [3, 1]]  # sorted by length, cut where padding grows
-    assert fast._length_buckets([7, 3, 9], waste=math.inf) == [[1, 0, 2]]  # one bucket: plain padding
-    assert fast._length_buckets([4, 4, 5], waste=1.0) == [[0, 1], [2]]  # only equal lengths share a bucket
+    assert fast._length_buckets([5, 40, 6, 38, 5]) == [
+        [0, 4, 2],
+        [3, 1],
+    ]  # sorted by length, cut where padding grows
+    assert fast._length_buckets([7, 3, 9], waste=math.inf) == [
+        [1, 0, 2]
+    ]  # one bucket: plain padding
+    assert fast._length_buckets([4, 4, 5], waste=1.0) == [
+        [0, 1],
+        [2],
+    ]  # only equal lengths share a bucket
 
 
 def test_sinkhorn_buckets_change_nothing_but_the_speed():
@@ -171,7 +218,8 @@ def test_sinkhorn_buckets_change_nothing_but_the_speed():
         bucketed = divergences(waste)
         assert close(bucketed, padded, rtol=1e-5, atol=1e-6)
         for g, r in zip(
-            torch.autograd.grad(bucketed.sum(), speech), torch.autograd.grad(padded.sum(), speech, retain_graph=True)
+            torch.autograd.grad(bucketed.sum(), speech),
+            torch.autograd.grad(padded.sum(), speech, retain_graph=True),
         ):
             assert close(g, r, rtol=1e-4, atol=1e-6)
 

@@ -41,14 +41,32 @@ def test_good_manifest_resolves_relative_paths(tmp_path):
         ('{"audio": "notaudio.wav", "text": "hi"}', "not a readable audio file"),
         ('{"audio": "empty.wav", "text": "hi"}', "audio file is empty"),
         ('{"audio": "audio/u0_0.wav", "text": "hi", "answer": 5}', "'answer' must be a string"),
-        ('{"audio": "long.wav", "text": "hi", "offset": 5.5, "duration": 1.0}', "ends at 6.500 s, past the end"),
-        ('{"audio": "long.wav", "text": "hi", "offset": 7.0, "duration": 1.0}', "starts at 7.0 s, after the end"),
-        ('{"audio": "long.wav", "text": "hi", "offset": -1, "duration": 1.0}', "'offset' must be >= 0 seconds"),
-        ('{"audio": "long.wav", "text": "hi", "offset": "2", "duration": 1.0}', "'offset' must be a number"),
-        ('{"audio": "long.wav", "text": "hi", "offset": 1, "duration": 0}', "'duration' must be > 0 seconds"),
+        (
+            '{"audio": "long.wav", "text": "hi", "offset": 5.5, "duration": 1.0}',
+            "ends at 6.500 s, past the end",
+        ),
+        (
+            '{"audio": "long.wav", "text": "hi", "offset": 7.0, "duration": 1.0}',
+            "starts at 7.0 s, after the end",
+        ),
+        (
+            '{"audio": "long.wav", "text": "hi", "offset": -1, "duration": 1.0}',
+            "'offset' must be >= 0 seconds",
+        ),
+        (
+            '{"audio": "long.wav", "text": "hi", "offset": "2", "duration": 1.0}',
+            "'offset' must be a number",
+        ),
+        (
+            '{"audio": "long.wav", "text": "hi", "offset": 1, "duration": 0}',
+            "'duration' must be > 0 seconds",
+        ),
         ('{"audio": "nan.wav", "text": "hi"}', "nan.wav: the audio holds NaN or infinite samples"),
         ('{"audio": "inf.wav", "text": "hi"}', "inf.wav: the audio holds NaN or infinite samples"),
-        ('{"audio": "audio/u0_0.wav", "task": "qa", "question": "who?"}', "needs 'question' and 'answer'"),
+        (
+            '{"audio": "audio/u0_0.wav", "task": "qa", "question": "who?"}',
+            "needs 'question' and 'answer'",
+        ),
     ],
 )
 def test_bad_line_names_file_and_line(tmp_path, line, message):
@@ -59,7 +77,9 @@ def test_bad_line_names_file_and_line(tmp_path, line, message):
     for name, value in (("nan", np.nan), ("inf", np.inf)):
         wave = np.zeros(1600, dtype="float32")
         wave[800] = value
-        sf.write(tmp_path / f"{name}.wav", wave, 16000, subtype="FLOAT")  # only float samples can hold NaN
+        sf.write(
+            tmp_path / f"{name}.wav", wave, 16000, subtype="FLOAT"
+        )  # only float samples can hold NaN
     path.write_text(path.read_text() + line + "\n")
     with pytest.raises(ManifestError, match=f"{path}:3: .*{message}"):
         read_manifest(path)
@@ -78,7 +98,9 @@ def test_long_audio_is_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_audio_is_converted_to_mono_16k(tmp_path, rate):
     t = np.arange(rate) / rate
-    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], 1).astype("float32")
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], 1).astype(
+        "float32"
+    )
     sf.write(tmp_path / "x.flac", stereo, rate)
     audio = load_audio(tmp_path / "x.flac")
     assert audio.dtype == np.float32 and audio.ndim == 1 and abs(len(audio) - 16000) <= 1
@@ -95,7 +117,11 @@ def test_tasks_and_mix(tmp_path):
     asr, st, qa = (task_examples(rows, t) for t in ("asr", "st", "qa"))
     assert len(asr) == 2 and len(st) == 1 and len(qa) == 1  # a QA passage is not an ASR example
     assert st[0]["target"] == "hallo" and "german" in st[0]["instruction"]
-    assert qa[0]["target"] == "anna" and qa[0]["references"] == ["anna", "Anna"] and "who?" in qa[0]["instruction"]
+    assert (
+        qa[0]["target"] == "anna"
+        and qa[0]["references"] == ["anna", "Anna"]
+        and "who?" in qa[0]["instruction"]
+    )
     assert [e["task"] for e in task_examples(rows, "mix")] == ["asr", "asr", "st", "qa"]
     with pytest.raises(ManifestError, match="no examples for task 'qa'"):
         task_examples(rows[2:], "qa")
@@ -135,7 +161,9 @@ def test_collator_text_side_is_transcript_tokens_only(tmp_path):
 def long_recording(path, seconds=6, rate=16000):
     """A recording whose second k is a tone of 200 * (k + 1) Hz, so a segment's samples say where they came from."""
     t = np.arange(rate) / rate
-    wave = np.concatenate([0.5 * np.sin(2 * np.pi * 200 * (k + 1) * t) for k in range(seconds)]).astype("float32")
+    wave = np.concatenate(
+        [0.5 * np.sin(2 * np.pi * 200 * (k + 1) * t) for k in range(seconds)]
+    ).astype("float32")
     sf.write(path, wave, rate)
     return wave
 
@@ -146,8 +174,17 @@ def test_segments_read_their_own_samples_only(tmp_path, monkeypatch, rate):
     lines = [
         {"audio": "talk.wav", "offset": 1.0, "duration": 1.0, "text": "second one"},
         {"audio": "talk.wav", "offset": 3.25, "duration": 1.5, "text": "second three"},
-        {"audio": "talk.wav", "offset": 5.0, "text": "to the end"},  # no duration: to the end of the file
-        {"audio": "talk.wav", "offset": 5.5, "duration": 0.5005, "text": "rounded"},  # within SEGMENT_SLACK
+        {
+            "audio": "talk.wav",
+            "offset": 5.0,
+            "text": "to the end",
+        },  # no duration: to the end of the file
+        {
+            "audio": "talk.wav",
+            "offset": 5.5,
+            "duration": 0.5005,
+            "text": "rounded",
+        },  # within SEGMENT_SLACK
         {"audio": "talk.wav", "text": "the whole talk"},
     ]
     manifest = tmp_path / "m.jsonl"
@@ -155,7 +192,9 @@ def test_segments_read_their_own_samples_only(tmp_path, monkeypatch, rate):
     rows = read_manifest(manifest)
     spans = [(r.get("offset"), r["duration"]) for r in rows]
     assert spans == [(1.0, 1.0), (3.25, 1.5), (5.0, 1.0), (5.5, 0.5), (None, 6.0)]
-    assert len({r["key"] for r in rows}) == 5  # the feature cache tells the segments of one file apart
+    assert (
+        len({r["key"] for r in rows}) == 5
+    )  # the feature cache tells the segments of one file apart
 
     frames_read = []
     real = data.sf.SoundFile
@@ -168,12 +207,17 @@ def test_segments_read_their_own_samples_only(tmp_path, monkeypatch, rate):
 
     monkeypatch.setattr(data.sf, "SoundFile", Spy)
     second_three = load_row_audio(rows[1])
-    assert frames_read == [int(1.5 * rate)]  # only the segment's samples were read, not the 6 s talk
+    assert frames_read == [
+        int(1.5 * rate)
+    ]  # only the segment's samples were read, not the 6 s talk
     if rate == 16000:  # the same samples as the whole file's, sliced
         np.testing.assert_array_equal(second_three, load_audio(tmp_path / "talk.wav")[52000:76000])
     assert len(second_three) == 24000
     peak = lambda a, lo, hi: np.argmax(np.abs(np.fft.rfft(a[lo:hi]))) * 16000 / (hi - lo)  # noqa: E731
-    assert abs(peak(second_three, 0, 12000) - 800) < 5 and abs(peak(second_three, 12000, 24000) - 1000) < 5
+    assert (
+        abs(peak(second_three, 0, 12000) - 800) < 5
+        and abs(peak(second_three, 12000, 24000) - 1000) < 5
+    )
     assert len(load_row_audio(rows[2])) == 16000 and len(load_row_audio(rows[4])) == 6 * 16000
 
     from transformers import Wav2Vec2FeatureExtractor
@@ -186,7 +230,9 @@ def test_load_audio_refuses_nan(tmp_path):
     wave = np.zeros(3 * 16000, dtype="float32")
     wave[2 * 16000 + 5] = np.nan  # in the third second only
     sf.write(tmp_path / "x.wav", wave, 16000, subtype="FLOAT")
-    assert len(load_audio(tmp_path / "x.wav", offset=0.0, duration=2.0)) == 32000  # the clean part reads
+    assert (
+        len(load_audio(tmp_path / "x.wav", offset=0.0, duration=2.0)) == 32000
+    )  # the clean part reads
     with pytest.raises(UserError, match=r"x.wav \(the segment at 1.5 s\): the audio holds NaN"):
         load_audio(tmp_path / "x.wav", offset=1.5, duration=1.0)
 
@@ -209,8 +255,15 @@ def test_a_manifest_whose_lines_all_fail_says_why(tmp_path):
     with pytest.raises(ManifestError) as e:
         read_manifest(path, skip_bad=True, max_seconds=0.1, log=lambda *_: None)
     message = str(e.value)
-    assert "no usable lines (all 6 lines failed: 5 bad, 1 longer than 0.1 s; line 1: audio file not found" in message
-    assert "line 2: audio file not found" in message and "line 3:" in message and "line 4:" not in message
+    assert (
+        "no usable lines (all 6 lines failed: 5 bad, 1 longer than 0.1 s; line 1: audio file not found"
+        in message
+    )
+    assert (
+        "line 2: audio file not found" in message
+        and "line 3:" in message
+        and "line 4:" not in message
+    )
     assert message.endswith("; ...)")
     path.write_text("\n\n")
     with pytest.raises(ManifestError, match="no usable lines \\(it is empty\\)"):
@@ -218,7 +271,9 @@ def test_a_manifest_whose_lines_all_fail_says_why(tmp_path):
 
 
 def test_a_qa_line_may_leave_its_transcript_out(tmp_path):
-    path = write_manifest(tmp_path, n=2, extra={1: {"task": "qa", "question": "who?", "answer": "anna"}})
+    path = write_manifest(
+        tmp_path, n=2, extra={1: {"task": "qa", "question": "who?", "answer": "anna"}}
+    )
     lines = path.read_text().splitlines()
     row = json.loads(lines[1])
     del row["text"]

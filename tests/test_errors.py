@@ -40,7 +40,9 @@ def fails_in_one_line(command, expect, env=None):
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1 and result.stderr.rstrip("\n").endswith(errors[0]), result.stderr[-3000:]
+    assert len(errors) == 1 and result.stderr.rstrip("\n").endswith(errors[0]), result.stderr[
+        -3000:
+    ]
     assert errors[0].startswith(f"{script}: error: ") and re.search(expect, errors[0]), errors[0]
 
 
@@ -67,12 +69,18 @@ def test_a_bad_manifest_line(tiny, manifest, tmp_path):
     lines[1] = json.dumps({"audio": json.loads(lines[1])["audio"]})  # no transcript
     bad = manifest.parent / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    fails_in_one_line(f"pretrain.py {tiny} --data {bad} --out {tmp_path}", "bad.jsonl:2: missing field 'text'")
+    fails_in_one_line(
+        f"pretrain.py {tiny} --data {bad} --out {tmp_path}", "bad.jsonl:2: missing field 'text'"
+    )
 
 
 def test_a_missing_checkpoint(tmp_path, manifest):
-    fails_in_one_line(f"evaluate.py --ckpt {tmp_path}/nowhere --data {manifest}", "No checkpoint at .*nowhere")
-    fails_in_one_line(f"finetune.py --init {tmp_path}/nowhere --data {manifest}", "no stage-1 checkpoint there")
+    fails_in_one_line(
+        f"evaluate.py --ckpt {tmp_path}/nowhere --data {manifest}", "No checkpoint at .*nowhere"
+    )
+    fails_in_one_line(
+        f"finetune.py --init {tmp_path}/nowhere --data {manifest}", "no stage-1 checkpoint there"
+    )
 
 
 def test_a_checkpoint_that_does_not_fit(tiny, manifest, stage1):
@@ -98,13 +106,17 @@ def test_a_model_out_of_reach_or_not_loadable(paths, manifest, tmp_path):
 
 
 def test_conflicting_flags(manifest, stage1, capsys):
-    fails_in_one_line(f"finetune.py --init {stage1} --llm tiny --data {manifest}", "--llm tiny does not match")
+    fails_in_one_line(
+        f"finetune.py --init {stage1} --llm tiny --data {manifest}", "--llm tiny does not match"
+    )
     # flags that contradict each other on the command line itself: argparse's usage and one error line, exit 2
     with pytest.raises(SystemExit) as stopped:
         pretrain.get_args(["--gather-negatives", "--sim", "wasserstein"])
     assert stopped.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last.endswith(": error: --gather-negatives gathers pooled vectors: it works with --sim cos only")
+    assert last.endswith(
+        ": error: --gather-negatives gathers pooled vectors: it works with --sim cos only"
+    )
 
 
 def test_run_main_keeps_the_traceback_of_a_bug():

@@ -16,15 +16,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from scripts import toplines
 from tiny import pooled_pairs, write_manifest
 
-import common
 import evaluate
 import model as model_lib
 from contrastive import cos_logits, retrieval_r1
 from data import Collator, UserError, load_audio, read_manifest
 from model import QFormerConfig, SpeechLLM
+from scripts import toplines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,14 +100,21 @@ def test_unique_questions_pool_their_answers():
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     extra = {i: {"translation": f"satz {i}", "tgt_lang": "de"} for i in range(3)}
-    extra.update({i: {"task": "qa", "question": "who is it?", "answer": ["anna", "Anna"]} for i in range(3, 6)})
+    extra.update(
+        {
+            i: {"task": "qa", "question": "who is it?", "answer": ["anna", "Anna"]}
+            for i in range(3, 6)
+        }
+    )
     return write_manifest(tmp_path_factory.mktemp("data"), n=6, extra=extra)
 
 
 @pytest.fixture(scope="module")
 def model(paths):
     torch.manual_seed(0)
-    return SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).eval()
+    return SpeechLLM(
+        paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    ).eval()
 
 
 def steered(model, script):
@@ -128,24 +134,34 @@ def steered(model, script):
 
 def test_generation_stops_at_end_of_turn_or_the_cap(model, manifest):
     rows = read_manifest(manifest)[:3]
-    batch = Collator(model.encoder.feature_extractor)(rows)  # three lengths: left padding in one batch
+    batch = Collator(model.encoder.feature_extractor)(
+        rows
+    )  # three lengths: left padding in one batch
     instructions = ["Can you transcribe this audio?"] * 3
     eot = model.prompt_ids(instructions[0])[2]
     tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731  (byte tokens)
 
     handle = steered(model, [eot])
     try:
-        assert model.generate(batch, instructions, max_new_tokens=8) == ["", "", ""]  # end-of-turn at once
+        assert model.generate(batch, instructions, max_new_tokens=8) == [
+            "",
+            "",
+            "",
+        ]  # end-of-turn at once
     finally:
         handle.remove()
     handle = steered(model, [tok("a"), tok("b"), tok("c"), eot, tok("z")])
     try:
-        assert model.generate(batch, instructions, max_new_tokens=8) == ["abc"] * 3  # stops at end-of-turn, not at 8
+        assert (
+            model.generate(batch, instructions, max_new_tokens=8) == ["abc"] * 3
+        )  # stops at end-of-turn, not at 8
     finally:
         handle.remove()
     handle = steered(model, [tok("a")])
     try:
-        assert model.generate(batch, instructions, max_new_tokens=5) == ["aaaaa"] * 3  # never ends: the cap
+        assert (
+            model.generate(batch, instructions, max_new_tokens=5) == ["aaaaa"] * 3
+        )  # never ends: the cap
     finally:
         handle.remove()
     # evaluate.py keeps an answer's first line only, as the authors (stop string "\n")
@@ -153,7 +169,9 @@ def test_generation_stops_at_end_of_turn_or_the_cap(model, manifest):
     handle = steered(model, [tok("a"), tok("b"), tok("\n"), tok("c"), eot])
     try:
         assert (
-            evaluate.generate_answers(model, examples, 3, 8, torch.device("cpu"), torch.float32, progress=False)
+            evaluate.generate_answers(
+                model, examples, 3, 8, torch.device("cpu"), torch.float32, progress=False
+            )
             == ["ab"] * 3
         )
     finally:
@@ -165,29 +183,41 @@ def test_a_looping_model_stops_at_the_guard_and_keeps_one_copy(model, manifest):
     batch = Collator(model.encoder.feature_extractor)(rows)
     instructions = ["Can you transcribe this audio?"] * 3
     tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731  (byte tokens)
-    loop = [tok("x"), tok("a"), tok("b"), tok("c")] + [tok("a"), tok("b"), tok("c")] * 20  # "xabcabcabc..."
+    loop = [tok("x"), tok("a"), tok("b"), tok("c")] + [
+        tok("a"),
+        tok("b"),
+        tok("c"),
+    ] * 20  # "xabcabcabc..."
     handle = steered(model, loop)
     try:
-        texts, why = model.generate(batch, instructions, max_new_tokens=40, loop_repeats=3, stop_reasons=True)
+        texts, why = model.generate(
+            batch, instructions, max_new_tokens=40, loop_repeats=3, stop_reasons=True
+        )
         assert texts == ["xabc"] * 3 and why == ["loop"] * 3  # stopped after 3 copies, one kept
     finally:
         handle.remove()
     handle = steered(model, loop)
     try:  # the guard off (the authors): it runs to the cap
-        texts, why = model.generate(batch, instructions, max_new_tokens=13, loop_repeats=0, stop_reasons=True)
+        texts, why = model.generate(
+            batch, instructions, max_new_tokens=13, loop_repeats=0, stop_reasons=True
+        )
         assert texts == ["xabcabcabcabc"] * 3 and why == ["cap"] * 3
     finally:
         handle.remove()
     handle = steered(model, [tok("a")])
     try:  # one cap per utterance: each answer stops at its own
-        texts, why = model.generate(batch, instructions, max_new_tokens=[2, 5, 3], stop_reasons=True)
+        texts, why = model.generate(
+            batch, instructions, max_new_tokens=[2, 5, 3], stop_reasons=True
+        )
         assert texts == ["aa", "aaaaa", "aaa"] and why == ["cap"] * 3
     finally:
         handle.remove()
     eot = model.prompt_ids(instructions[0])[2]
     handle = steered(model, [tok("a"), tok("b"), eot])
     try:
-        assert model.generate(batch, instructions, max_new_tokens=8, loop_repeats=3, stop_reasons=True) == (
+        assert model.generate(
+            batch, instructions, max_new_tokens=8, loop_repeats=3, stop_reasons=True
+        ) == (
             ["ab"] * 3,
             ["end"] * 3,
         )
@@ -199,7 +229,9 @@ def test_loop_period_by_hand():
     assert model_lib.loop_period([1, 2, 3, 2, 3, 2, 3], repeats=3, max_period=12) == 2
     assert model_lib.loop_period([5, 5, 5], repeats=3, max_period=12) == 1
     assert model_lib.loop_period([1, 2, 3, 2, 3], repeats=3, max_period=12) == 0  # only two copies
-    assert model_lib.loop_period([1, 2, 1, 2, 1, 2], repeats=3, max_period=1) == 0  # period longer than allowed
+    assert (
+        model_lib.loop_period([1, 2, 1, 2, 1, 2], repeats=3, max_period=1) == 0
+    )  # period longer than allowed
 
 
 def test_answer_cap_follows_the_audio():
@@ -210,9 +242,13 @@ def test_answer_cap_follows_the_audio():
 
 
 def test_wer_median_and_exact_by_hand():
-    scores = evaluate.compute_metrics("asr", ["a b", "a x", "x y", "a b c"], ["a b", "a b", "a b", "a b c"])
+    scores = evaluate.compute_metrics(
+        "asr", ["a b", "a x", "x y", "a b c"], ["a b", "a b", "a b", "a b c"]
+    )
     assert scores["exact"] == pytest.approx(50.0)  # 2 of 4 without an error
-    assert scores["wer_median"] == pytest.approx(25.0)  # per utterance 0, 50, 100, 0: median (0 + 50) / 2
+    assert scores["wer_median"] == pytest.approx(
+        25.0
+    )  # per utterance 0, 50, 100, 0: median (0 + 50) / 2
     assert scores["wer_mean"] == pytest.approx(37.5)
 
 
@@ -230,19 +266,36 @@ def finetuned(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre")
-    model.save_projector(out, step=1, layers=[0, 5, 10])  # what pretrain.py writes: no task, its layers
+    model.save_projector(
+        out, step=1, layers=[0, 5, 10]
+    )  # what pretrain.py writes: no task, its layers
     return out
 
 
 def test_cli_generation_task(finetuned, manifest, capsys):
     results = evaluate.main(
-        ["--ckpt", str(finetuned), "--data", str(manifest), "--max-new-tokens", "3", "--device", "cpu"]
+        [
+            "--ckpt",
+            str(finetuned),
+            "--data",
+            str(manifest),
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ]
     )
     printed = capsys.readouterr().out
-    saved = json.loads((finetuned / "eval-qa.json").read_text())  # the checkpoint's own task by default
+    saved = json.loads(
+        (finetuned / "eval-qa.json").read_text()
+    )  # the checkpoint's own task by default
     assert saved == json.loads(json.dumps(results["qa"]))
     assert saved["task"] == "qa" and saved["n"] == 3 and set(saved["metrics"]) == {"em", "f1"}
-    assert saved["outputs"][0]["references"] == ["anna", "Anna"] and "ref: anna | Anna" in printed and "hyp:" in printed
+    assert (
+        saved["outputs"][0]["references"] == ["anna", "Anna"]
+        and "ref: anna | Anna" in printed
+        and "hyp:" in printed
+    )
     evaluate.main(
         [
             "--ckpt",
@@ -260,7 +313,9 @@ def test_cli_generation_task(finetuned, manifest, capsys):
         ]
     )
     st = json.loads((finetuned / "st.json").read_text())
-    assert st["n"] == 3 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(st["metrics"])
+    assert st["n"] == 3 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(
+        st["metrics"]
+    )
     assert "bleu" in capsys.readouterr().out
 
 
@@ -268,10 +323,16 @@ def test_cli_all_tasks_of_a_mix_checkpoint(model, manifest, tmp_path, monkeypatc
     model.save_projector(tmp_path, step=1, stage="finetune", task="mix", init="none")
     # instead of the demo's test splits
     monkeypatch.setattr(evaluate, "test_manifest", lambda data, task, size: str(manifest))
-    evaluate.main(["--ckpt", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"])  # a mix -> all three tasks
+    evaluate.main(
+        ["--ckpt", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"]
+    )  # a mix -> all three tasks
     saved = json.loads((tmp_path / "eval-all.json").read_text())
     assert {task: r["n"] for task, r in saved.items()} == {"asr": 3, "st": 3, "qa": 3}
-    assert "wer" in saved["asr"]["metrics"] and "bleu" in saved["st"]["metrics"] and "f1" in saved["qa"]["metrics"]
+    assert (
+        "wer" in saved["asr"]["metrics"]
+        and "bleu" in saved["st"]["metrics"]
+        and "f1" in saved["qa"]["metrics"]
+    )
     assert "summary:" in capsys.readouterr().out
 
 
@@ -283,7 +344,9 @@ def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
     assert metrics["layers"] == [0, 5, 10] and metrics["chance"] == pytest.approx(100 / 6)
     text, speech = pooled_pairs(model, read_manifest(manifest), [0, 5, 10])
     assert metrics["r1"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech))).tolist())
-    assert metrics["r1_centred"] == pytest.approx((100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist())
+    assert metrics["r1_centred"] == pytest.approx(
+        (100 * retrieval_r1(cos_logits(text, speech, center=True))).tolist()
+    )
     assert json.loads((stage1 / "eval-retrieval.json").read_text())["metrics"] == metrics
 
 
@@ -313,13 +376,19 @@ def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkey
     )
     saved = json.loads(out.read_text())
     assert (
-        saved["n"] == 3 and "wer" in saved["metrics"] and sum(saved["decoding"]["stopped"].values()) == 3
+        saved["n"] == 3
+        and "wer" in saved["metrics"]
+        and sum(saved["decoding"]["stopped"].values()) == 3
     )  # the ASR rows
     model = SpeechLLM(paths["llm"], paths["hubert"]).eval()
     rows = read_manifest(manifest)[:3]
     heard, mask = evaluate.embed_texts(model, [r["text"] for r in rows], torch.device("cpu"))
-    expected = model.generate_from(heard, mask, ["Can you transcribe this audio?"] * len(rows), 3, loop_repeats=3)
-    assert [o["hypothesis"] for o in saved["outputs"]] == [e.split("\n")[0].strip() for e in expected]
+    expected = model.generate_from(
+        heard, mask, ["Can you transcribe this audio?"] * len(rows), 3, loop_repeats=3
+    )
+    assert [o["hypothesis"] for o in saved["outputs"]] == [
+        e.split("\n")[0].strip() for e in expected
+    ]
     with pytest.raises(SystemExit):  # a checkpoint is required
         evaluate.main(["--task", "asr", "--data", str(manifest)])
 
@@ -346,26 +415,51 @@ def test_cli_one_recording(model, finetuned, tmp_path):
         "cpu",
     ]
     result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     args = evaluate.get_args(cmd[2:])
     expected = evaluate.answer_one(model, args, "qa", torch.device("cpu"), torch.float32)
     assert result.stdout.rstrip("\n") == expected.split("\n")[0].strip()
     with pytest.raises(UserError, match="needs --question"):
-        evaluate.main(["--ckpt", str(finetuned), "--audio", str(tmp_path / "clip.flac"), "--device", "cpu"])
+        evaluate.main(
+            ["--ckpt", str(finetuned), "--audio", str(tmp_path / "clip.flac"), "--device", "cpu"]
+        )
 
 
 def test_one_recording_in_other_formats(finetuned, tmp_path, capsys):
     """--audio reads what soundfile reads (here an MP3 and an 8 kHz OGG); anything else is one clear error."""
     t = np.arange(int(1.0 * 22050)) / 22050
     sf.write(tmp_path / "clip.mp3", (0.3 * np.sin(2 * np.pi * 220 * t)).astype("float32"), 22050)
-    sf.write(tmp_path / "clip.ogg", (0.3 * np.sin(2 * np.pi * 220 * t[::3])).astype("float32"), 7350)
+    sf.write(
+        tmp_path / "clip.ogg", (0.3 * np.sin(2 * np.pi * 220 * t[::3])).astype("float32"), 7350
+    )
     for name in ("clip.mp3", "clip.ogg"):
         answer = evaluate.main(
-            ["--ckpt", str(finetuned), "--task", "asr", "--audio", str(tmp_path / name), "--max-new-tokens", "3"]
+            [
+                "--ckpt",
+                str(finetuned),
+                "--task",
+                "asr",
+                "--audio",
+                str(tmp_path / name),
+                "--max-new-tokens",
+                "3",
+            ]
         )
-        assert isinstance(answer, str) and capsys.readouterr().out.strip() == answer.split("\n")[0].strip()
-    (tmp_path / "clip.m4a").write_bytes(b"\0\0\0\x20ftypM4A " + bytes(64))  # an AAC file's header: not readable
+        assert (
+            isinstance(answer, str)
+            and capsys.readouterr().out.strip() == answer.split("\n")[0].strip()
+        )
+    (tmp_path / "clip.m4a").write_bytes(
+        b"\0\0\0\x20ftypM4A " + bytes(64)
+    )  # an AAC file's header: not readable
     with pytest.raises(UserError, match="not a readable audio file.*ffmpeg"):
-        evaluate.main(["--ckpt", str(finetuned), "--task", "asr", "--audio", str(tmp_path / "clip.m4a")])
+        evaluate.main(
+            ["--ckpt", str(finetuned), "--task", "asr", "--audio", str(tmp_path / "clip.m4a")]
+        )

@@ -32,7 +32,10 @@ def manifest(tmp_path_factory):
     """12 utterances: 8 sentences with a German translation (ASR + ST examples) and 4 QA passages."""
     extra = {i: {"translation": f"satz {i}", "tgt_lang": "de"} for i in range(8)}
     extra.update(
-        {i: {"task": "qa", "question": f"what is number {i}?", "answer": ["anna", "Anna B."]} for i in range(8, 12)}
+        {
+            i: {"task": "qa", "question": f"what is number {i}?", "answer": ["anna", "Anna B."]}
+            for i in range(8, 12)
+        }
     )
     return write_manifest(tmp_path_factory.mktemp("data"), n=12, extra=extra)
 
@@ -61,9 +64,13 @@ def ft_args(paths, manifest, out, *extra):
 
 def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeypatch):
     torch.manual_seed(0)
-    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).eval()
+    model = SpeechLLM(
+        paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    ).eval()
     examples = task_examples(read_manifest(manifest), "mix")
-    batch = Collator(model.encoder.feature_extractor)([examples[0], examples[9], examples[-1]])  # asr, st, qa
+    batch = Collator(model.encoder.feature_extractor)(
+        [examples[0], examples[9], examples[-1]]
+    )  # asr, st, qa
     seen = {}
     real_lm_loss = model.lm_loss
 
@@ -79,7 +86,9 @@ def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeyp
     for i, ex in enumerate(batch["examples"]):
         answer = model.tokenizer(ex["target"], add_special_tokens=False).input_ids + [eot]
         supervised = (labels[i] != -100).nonzero().flatten()
-        n = int(mask[i].sum())  # right padding: the sequence is positions 0..n-1, the answer its last tokens
+        n = int(
+            mask[i].sum()
+        )  # right padding: the sequence is positions 0..n-1, the answer its last tokens
         assert supervised.tolist() == list(range(n - len(answer), n))
         assert labels[i, supervised].tolist() == answer
         # everything before is the prompt: chat header, speech, then the instruction (with the QA question)
@@ -87,7 +96,10 @@ def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeyp
         speech_len = n - len(answer) - len(before) - len(after)
         assert speech_len > 0 and model.tokenizer.decode(after).strip().endswith("assistant")
         assert ex["instruction"] in model.tokenizer.decode(after)
-    assert batch["examples"][2]["task"] == "qa" and "what is number" in batch["examples"][2]["instruction"]
+    assert (
+        batch["examples"][2]["task"] == "qa"
+        and "what is number" in batch["examples"][2]["instruction"]
+    )
     # the loss is the mean cross-entropy over those positions and no others
     with torch.no_grad():
         logits = model.llm(inputs_embeds=seen["embeds"], attention_mask=mask.long()).logits
@@ -102,12 +114,18 @@ def test_frac_subset_is_deterministic_and_sized(paths, manifest):
         return [(ex["task"], ex["audio"]) for ex in finetune.load_data(args)[0]]
 
     everything = draw()
-    assert len(everything) == 8 + 8 + 4  # asr + st (the sentences) + qa (the passages), in the authors' order
+    assert (
+        len(everything) == 8 + 8 + 4
+    )  # asr + st (the sentences) + qa (the passages), in the authors' order
     half = draw("--frac", "0.5")
     assert half == draw("--frac", "0.5")  # seed 42: the same subset every run...
-    assert len(half) == 10 and set(half) <= set(everything)  # ...of int(0.5 * 20) examples of the mix
+    assert len(half) == 10 and set(half) <= set(
+        everything
+    )  # ...of int(0.5 * 20) examples of the mix
     assert half != draw("--frac", "0.5", "--frac-seed", "1")
-    assert draw("--frac", "0.5", "--seed", "7") == half  # the training seed does not move the subset
+    assert (
+        draw("--frac", "0.5", "--seed", "7") == half
+    )  # the training seed does not move the subset
     per_task = draw("--frac", "0.5", "--stratify")
     assert sorted(t for t, _ in per_task) == ["asr"] * 4 + ["qa"] * 2 + ["st"] * 4
     with pytest.raises(SystemExit):
@@ -138,12 +156,22 @@ def test_cli_from_scratch(paths, manifest, tmp_path):
         ),
     ]
     result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final dev loss" in result.stdout and "python evaluate.py --ckpt" in result.stdout
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["stage"] == "finetune" and meta["task"] == "qa" and meta["init"] == "none" and meta["step"] == 2
+    assert (
+        meta["stage"] == "finetune"
+        and meta["task"] == "qa"
+        and meta["init"] == "none"
+        and meta["step"] == 2
+    )
     assert (
         meta["qformer"]["dim"] == 32 and meta["args"]["lr"] == 1e-4 and meta["args"]["epochs"] == 2
     )  # the paper's recipe
@@ -205,21 +233,35 @@ def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
             "0.0",
         )
     )
-    before, after = load_file(stage1 / "projector.safetensors"), load_file(out / "projector.safetensors")
+    before, after = (
+        load_file(stage1 / "projector.safetensors"),
+        load_file(out / "projector.safetensors"),
+    )
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    meta, stage1_meta = json.loads((out / "meta.json").read_text()), json.loads((stage1 / "meta.json").read_text())
-    assert meta["llm"] == stage1_meta["llm"] and meta["encoder"] == stage1_meta["encoder"]  # taken from the checkpoint
+    meta, stage1_meta = (
+        json.loads((out / "meta.json").read_text()),
+        json.loads((stage1 / "meta.json").read_text()),
+    )
+    assert (
+        meta["llm"] == stage1_meta["llm"] and meta["encoder"] == stage1_meta["encoder"]
+    )  # taken from the checkpoint
     assert meta["qformer"] == {**stage1_meta["qformer"], "dropout": 0.0}
     assert meta["init"] == str(stage1) and meta["task"] == "mix"
 
 
-def test_the_init_checkpoint_and_the_recipe_say_what_they_set(paths, manifest, stage1, tmp_path, capsys):
+def test_the_init_checkpoint_and_the_recipe_say_what_they_set(
+    paths, manifest, stage1, tmp_path, capsys
+):
     """--init decides the models and the projector's shape, the recipe the optimisation: the run's first two
     lines say what each set, and meta.json keeps both."""
     out = tmp_path / "ft"
-    finetune.main(ft_args(paths, manifest, out, "--task", "asr", "--init", str(stage1), "--max-steps", "1"))
+    finetune.main(
+        ft_args(paths, manifest, out, "--task", "asr", "--init", str(stage1), "--max-steps", "1")
+    )
     first, second = capsys.readouterr().out.splitlines()[:2]
-    assert first.startswith(f"--init {stage1} sets llm={paths['llm']} encoder={paths['hubert']} qformer_dim=32")
+    assert first.startswith(
+        f"--init {stage1} sets llm={paths['llm']} encoder={paths['hubert']} qformer_dim=32"
+    )
     assert second.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets lr=0.0001")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["init_set"]["qformer_dim"] == 32 and meta["init_set"]["sink_token"] is False
@@ -235,7 +277,9 @@ def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, s
         run("--llm", "tiny")
     with pytest.raises(UserError, match="--encoder tiny-whisper does not match"):
         run("--encoder", "tiny-whisper")
-    with pytest.raises(UserError, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"):
+    with pytest.raises(
+        UserError, match="--qformer-dim 64: the projector's shape comes from the --init checkpoint"
+    ):
         run("--qformer-dim", "64")
     with pytest.raises(UserError, match="no stage-1 checkpoint there.*--init none"):
         finetune.main(ft_args(paths, manifest, tmp_path, "--init", str(tmp_path / "nowhere")))
@@ -243,7 +287,9 @@ def test_mismatched_flags_against_the_checkpoint_fail_clearly(paths, manifest, s
 
 def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, manifest):
     torch.manual_seed(0)
-    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
+    model = SpeechLLM(
+        paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    ).train()
     frozen = {k: v.clone() for k, v in model.llm.state_dict().items()}
     batch = Collator(model.encoder.feature_extractor)(task_examples(read_manifest(manifest), "qa"))
     optimizer = torch.optim.AdamW(model.projector.parameters(), lr=3e-3)
@@ -278,14 +324,35 @@ def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
     losses = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        common_flags = ["--llm", paths["llm"], "--encoder", paths["whisper"], *TINY_PROJECTOR, "--seed", "0"]
+        common_flags = [
+            "--llm",
+            paths["llm"],
+            "--encoder",
+            paths["whisper"],
+            *TINY_PROJECTOR,
+            "--seed",
+            "0",
+        ]
         finetune.main(
-            ft_args(paths, manifest, out, "--task", "asr", "--init", "none", *common_flags, "--max-steps", "3")
+            ft_args(
+                paths,
+                manifest,
+                out,
+                "--task",
+                "asr",
+                "--init",
+                "none",
+                *common_flags,
+                "--max-steps",
+                "3",
+            )
             + ["--dtype", dtype, "--dropout", "0"]
         )
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         losses[dtype] = [r["loss"] for r in log if "loss" in r] + [log[-1]["dev_loss"]]
-    torch.testing.assert_close(torch.tensor(losses["bfloat16"]), torch.tensor(losses["float32"]), rtol=0.02, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(losses["bfloat16"]), torch.tensor(losses["float32"]), rtol=0.02, atol=0
+    )
 
 
 def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
@@ -313,7 +380,10 @@ def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
     )
     run(tmp_path / "straight")
     run(tmp_path / "stopped")
-    for leftover in ("projector.safetensors", "meta.json"):  # as if killed after the step-2 checkpoint
+    for leftover in (
+        "projector.safetensors",
+        "meta.json",
+    ):  # as if killed after the step-2 checkpoint
         (tmp_path / "stopped" / leftover).unlink()
     shutil.rmtree(tmp_path / "stopped" / "ckpt-0000004")
     run(tmp_path / "stopped", "--resume")
@@ -348,14 +418,30 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
         "0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "finetune.py",
+    ]
     for cmd in (
         torchrun + ft_args(paths, manifest, tmp_path / "ddp", *common),
-        [sys.executable, "finetune.py", *ft_args(paths, manifest, tmp_path / "one", *common), "--grad-accum", "2"],
+        [
+            sys.executable,
+            "finetune.py",
+            *ft_args(paths, manifest, tmp_path / "one", *common),
+            "--grad-accum",
+            "2",
+        ],
     ):
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    a, b = load_file(tmp_path / "ddp" / "projector.safetensors"), load_file(tmp_path / "one" / "projector.safetensors")
+    a, b = (
+        load_file(tmp_path / "ddp" / "projector.safetensors"),
+        load_file(tmp_path / "one" / "projector.safetensors"),
+    )
     for k in a:
         x, y = a[k], b[k]
         if k.endswith(

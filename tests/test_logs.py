@@ -56,21 +56,40 @@ class FakeWriter:
 def fakes(monkeypatch):
     wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter)
+    )
     FakeWriter.written = []
     return wandb
 
 
 def test_wandb_and_tensorboard_get_what_log_jsonl_gets(tmp_path, fakes):
     log = common.JsonLog(tmp_path, wandb_project="proj", tensorboard=True, config={"lr": 1e-4})
-    log(step=3, loss=torch.tensor(0.5).item(), per_layer=torch.tensor([0.25, 0.75]), acc=[0.5, 1.0], layers=[0, 5])
+    log(
+        step=3,
+        loss=torch.tensor(0.5).item(),
+        per_layer=torch.tensor([0.25, 0.75]),
+        acc=[0.5, 1.0],
+        layers=[0, 5],
+    )
     log(step=4, dev_r1=[0.1, 0.2], layers=[0, 5], note="text is not a scalar")
     log.close()
     line = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert line["loss"] == 0.5 and line["per_layer"] == [0.25, 0.75] and line["layers"] == [0, 5]
-    assert fakes.inits == [{"project": "proj", "name": tmp_path.name, "dir": str(tmp_path), "config": {"lr": 1e-4}}]
-    expect = {"loss": 0.5, "per_layer/layer0": 0.25, "per_layer/layer5": 0.75, "acc/layer0": 0.5, "acc/layer5": 1.0}
-    assert fakes.logged[0][0] == 3 and {k: v for k, v in fakes.logged[0][1].items() if k != "time"} == expect
+    assert fakes.inits == [
+        {"project": "proj", "name": tmp_path.name, "dir": str(tmp_path), "config": {"lr": 1e-4}}
+    ]
+    expect = {
+        "loss": 0.5,
+        "per_layer/layer0": 0.25,
+        "per_layer/layer5": 0.75,
+        "acc/layer0": 0.5,
+        "acc/layer5": 1.0,
+    }
+    assert (
+        fakes.logged[0][0] == 3
+        and {k: v for k, v in fakes.logged[0][1].items() if k != "time"} == expect
+    )
     assert fakes.logged[1] == (4, {"dev_r1/layer0": 0.1, "dev_r1/layer5": 0.2})
     assert ("acc/layer5", 1.0, 3) in FakeWriter.written and FakeWriter.written[-1] == "closed"
     assert fakes.finished == 1
@@ -118,12 +137,26 @@ def synthetic_pretrain_log(path, steps=40, layers=(0, 5, 10)):
         for step in range(1, steps + 1):
             shown = [0] if step <= 10 else list(layers)  # the demo's warm start logs layer 0 only
             acc = [min(1.0, step / steps + 0.1 * i) for i in range(len(shown))]
-            record = {"step": step, "loss": 5.0 / step, "per_layer": [1.0] * len(shown), "acc": acc, "layers": shown}
+            record = {
+                "step": step,
+                "loss": 5.0 / step,
+                "per_layer": [1.0] * len(shown),
+                "acc": acc,
+                "layers": shown,
+            }
             f.write(json.dumps(record) + "\n")
             if step % 20 == 0:
                 r1 = [step / steps / (i + 1) for i in range(len(layers))]
                 f.write(
-                    json.dumps({"step": step, "dev_r1": r1, "dev_r1_centred": r1[::-1], "layers": list(layers)}) + "\n"
+                    json.dumps(
+                        {
+                            "step": step,
+                            "dev_r1": r1,
+                            "dev_r1_centred": r1[::-1],
+                            "layers": list(layers),
+                        }
+                    )
+                    + "\n"
                 )
         f.write('{"step": 41, "loss": ')  # a run killed mid-write
 
@@ -141,7 +174,9 @@ def test_plot_a_pretrain_log(tmp_path):
 
 def test_plot_a_finetune_log_and_errors(tmp_path):
     log = tmp_path / "log.jsonl"
-    lines = [{"step": s, "loss": 2.0 / s, "lr": 1e-4} for s in range(1, 11)] + [{"step": 10, "dev_loss": 0.3}]
+    lines = [{"step": s, "loss": 2.0 / s, "lr": 1e-4} for s in range(1, 11)] + [
+        {"step": 10, "dev_loss": 0.3}
+    ]
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = plot_log.main([str(log), "--out", str(tmp_path / "ft.png")])
     assert out.read_bytes()[:4] == b"\x89PNG"

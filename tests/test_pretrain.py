@@ -59,13 +59,18 @@ def test_step_changes_projector_only(paths, manifest):
     torch.manual_seed(0)
     model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
     args = pretrain.get_args(tiny_args(paths, manifest, "unused"))
-    frozen = {k: v.clone() for k, v in list(model.llm.state_dict().items()) + list(model.encoder.state_dict().items())}
+    frozen = {
+        k: v.clone()
+        for k, v in list(model.llm.state_dict().items()) + list(model.encoder.state_dict().items())
+    }
     before = {k: v.clone() for k, v in model.projector.state_dict().items()}
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-3)
     for loss_name in ("contrastive", "asr", "contrastive+asr"):
         args.loss = loss_name
-        loss, logs = pretrain.train_step_loss(model.train(), batch, [0, 5, 10], args, text_cache=None)
+        loss, logs = pretrain.train_step_loss(
+            model.train(), batch, [0, 5, 10], args, text_cache=None
+        )
         loss.backward()
         assert all(p.grad is None for p in model.llm.parameters())
         optimizer.step()
@@ -88,11 +93,20 @@ def test_contrastive_plus_asr_runs_the_encoder_and_projector_once(paths, manifes
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     calls = {"encoder": 0, "projector": 0}
     for name in calls:
-        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        getattr(model, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
     args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss", "contrastive+asr"))
     _, logs = pretrain.train_step_loss(model, batch, [0, 5, 10], args, text_cache=None)
     assert calls == {"encoder": 1, "projector": 1}
-    assert logs["asr"] == pytest.approx(model.answer_loss(*model.encode_speech(batch), ["Can you transcribe this audio?"] * len(batch["examples"]), [ex["text"] for ex in batch["examples"]]).item(), rel=1e-6)
+    assert logs["asr"] == pytest.approx(
+        model.answer_loss(
+            *model.encode_speech(batch),
+            ["Can you transcribe this audio?"] * len(batch["examples"]),
+            [ex["text"] for ex in batch["examples"]],
+        ).item(),
+        rel=1e-6,
+    )
 
 
 @pytest.mark.parametrize("sim", ["cos", "wasserstein"])
@@ -100,27 +114,46 @@ def test_loss_impl_reference_gives_the_fast_numbers(paths, manifest, sim):
     """--loss-impl reference (contrastive.py) and fast (contrastive_fast.py, the default) in a real step: the
     same loss, in-batch R@1 and projector gradients; with the text cache (cos), also on the cached text."""
     torch.manual_seed(0)
-    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
+    model = SpeechLLM(
+        paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    ).train()
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     results = {}
     for impl in ("torch", "reference"):
-        args = pretrain.get_args(tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim))
+        args = pretrain.get_args(
+            tiny_args(paths, manifest, "unused", "--loss-impl", impl, "--sim", sim)
+        )
         text_cache = {} if sim == "cos" else None
-        for _ in range(2 if sim == "cos" else 1):  # cos: the second step reads the pooled text from the cache
-            loss, per_layer, acc, _ = pretrain.contrastive_step(model, batch, [0, 5, 10], args, text_cache)
-            grads = torch.autograd.grad(loss, [p for p in model.projector.parameters() if p.requires_grad])
+        for _ in range(
+            2 if sim == "cos" else 1
+        ):  # cos: the second step reads the pooled text from the cache
+            loss, per_layer, acc, _ = pretrain.contrastive_step(
+                model, batch, [0, 5, 10], args, text_cache
+            )
+            grads = torch.autograd.grad(
+                loss, [p for p in model.projector.parameters() if p.requires_grad]
+            )
             results.setdefault(impl, []).append((loss, per_layer, acc, *grads))
     for fast, reference in zip(results["torch"], results["reference"]):
-        (loss, per_layer, acc, *grads), (ref_loss, ref_per_layer, ref_acc, *ref_grads) = fast, reference
-        assert torch.allclose(loss, ref_loss, rtol=1e-5) and torch.allclose(per_layer, ref_per_layer, rtol=1e-5)
+        (loss, per_layer, acc, *grads), (ref_loss, ref_per_layer, ref_acc, *ref_grads) = (
+            fast,
+            reference,
+        )
+        assert torch.allclose(loss, ref_loss, rtol=1e-5) and torch.allclose(
+            per_layer, ref_per_layer, rtol=1e-5
+        )
         assert torch.equal(acc, ref_acc)
-        for g, r in zip(grads, ref_grads):  # through the projector: float32 round-off of the two orders of sums
+        for g, r in zip(
+            grads, ref_grads
+        ):  # through the projector: float32 round-off of the two orders of sums
             assert torch.allclose(g, r, rtol=1e-3, atol=1e-5)
 
 
 def test_overfit_tiny_batch_retrieval_becomes_perfect(paths, manifest):
     torch.manual_seed(0)
-    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)).train()
+    model = SpeechLLM(
+        paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    ).train()
     args = pretrain.get_args(tiny_args(paths, manifest, "unused"))
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     optimizer = torch.optim.AdamW(model.projector.parameters(), lr=3e-3)
@@ -149,17 +182,28 @@ def test_cli_smoke_and_outputs(paths, manifest, tmp_path):
     assert len(log[0]["per_layer"]) == 3 and len(log[0]["acc"]) == 3
 
 
-def test_the_recipe_says_what_it_set_first_and_meta_json_keeps_it(paths, manifest, tmp_path, capsys):
+def test_the_recipe_says_what_it_set_first_and_meta_json_keeps_it(
+    paths, manifest, tmp_path, capsys
+):
     """A flag left out takes the recipe's value (paper: the LLM is not smollm2); the run's first line names the
     recipe and every value it set, and meta.json keeps them, with the resolved values in its args."""
     out = tmp_path / "run"
     pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "1", "--eval-every", "0"))
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets ") and "window=17" in first
+    assert (
+        first.startswith(f"recipe paper (the default for --llm {paths['llm']}) sets ")
+        and "window=17" in first
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["recipe"]["name"] == "paper" and meta["recipe"]["set"]["window"] == 17
-    assert "qformer_dim" not in meta["recipe"]["set"] and "encoder" not in meta["recipe"]["set"]  # given as flags
-    assert meta["args"]["lr"] == 1e-4 and meta["args"]["window_pos"] is False and meta["args"]["dropout"] == 0.1
+    assert (
+        "qformer_dim" not in meta["recipe"]["set"] and "encoder" not in meta["recipe"]["set"]
+    )  # given as flags
+    assert (
+        meta["args"]["lr"] == 1e-4
+        and meta["args"]["window_pos"] is False
+        and meta["args"]["dropout"] == 0.1
+    )
 
 
 def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_path, capsys):
@@ -168,7 +212,9 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
     import evaluate
 
     out = tmp_path / "run"
-    pretrain.main(tiny_args(paths, manifest, out, "--max-steps", "1", "--center", "--center-items", "5"))
+    pretrain.main(
+        tiny_args(paths, manifest, out, "--max-steps", "1", "--center", "--center-items", "5")
+    )
     assert "centred (stored train means)" in capsys.readouterr().out
     model, meta = SpeechLLM.from_checkpoint(out)
     layers = meta["layers"]
@@ -180,7 +226,9 @@ def test_center_stores_the_training_means_for_retrieval(paths, manifest, tmp_pat
         speech.mean(1), speech_mean, atol=1e-4
     )  # other batches: other padding
     assert common.load_centers(out, layers[:-1]) is None  # stored for other layers: not used
-    metrics = evaluate.main(["--ckpt", str(out), "--data", str(manifest), "--device", "cpu", "--dtype", "float32"])
+    metrics = evaluate.main(
+        ["--ckpt", str(out), "--data", str(manifest), "--device", "cpu", "--dtype", "float32"]
+    )
     metrics = metrics["retrieval"]["metrics"]
     rows = read_manifest(manifest)
     text, speech = pooled_pairs(model, rows, layers)

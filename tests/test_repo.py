@@ -12,7 +12,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SELF = "tests/test_repo.py"  # holds the pattern itself
 MACHINE_PATH = re.compile(r"(/work/|/home/[a-z]|/root/|/tmp/)[A-Za-z0-9_.-]+/")
-BINARY = {".png", ".jpg", ".jpeg", ".gif", ".ogg", ".wav", ".flac", ".mp3", ".pt", ".safetensors", ".gz", ".zip"}
+BINARY = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".ogg",
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".pt",
+    ".safetensors",
+    ".gz",
+    ".zip",
+}
 MAX_BYTES = 1_500_000
 
 
@@ -20,13 +33,19 @@ def tracked_files():
     """Repository-relative paths of the tracked files, or a skip when this is not a git checkout."""
     try:
         top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=REPO, capture_output=True, text=True, timeout=60
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"git not usable: {e}")
     if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO:
         pytest.skip(f"{REPO} is not the root of a git checkout")
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60, check=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60, check=True
+    )
     return [name for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0") if name]
 
 
@@ -60,6 +79,7 @@ def test_tracked_files_under_the_size_limit():
             sizes[name] = os.lstat(path).st_size
     total = sum(sizes.values())
     largest = sorted(sizes.items(), key=lambda item: -item[1])[:10]
-    assert total < MAX_BYTES, f"tracked files: {total:,} bytes, limit {MAX_BYTES:,}; largest:\n" + "\n".join(
-        f"{size:>10,}  {name}" for name, size in largest
+    assert total < MAX_BYTES, (
+        f"tracked files: {total:,} bytes, limit {MAX_BYTES:,}; largest:\n"
+        + "\n".join(f"{size:>10,}  {name}" for name, size in largest)
     )

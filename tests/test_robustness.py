@@ -89,7 +89,9 @@ def assert_same_projector(a, b, tol=1e-5):
         # Likewise any weight whose gradient is ~0 at some step: its sign is round-off, and Adam makes it a
         # step of ~lr. A few such elements (one in a thousand) are allowed; a real difference moves most.
         differ = ~torch.isclose(x, y, atol=tol, rtol=tol)
-        assert differ.sum() <= max(1, x.numel() // 1000), f"{k}: {differ.sum()} of {x.numel()} elements differ"
+        assert differ.sum() <= max(1, x.numel() // 1000), (
+            f"{k}: {differ.sum()} of {x.numel()} elements differ"
+        )
 
 
 @pytest.mark.parametrize("gather", [False, True])
@@ -97,7 +99,14 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
     """2 ranks x batch 2 == 1 process with the same global batch: with per-rank negatives that is batch 2
     with 2 accumulation steps (two separate 2x2 losses, averaged); with gathered negatives, batch 4."""
     common = ["--max-steps", "3", "--dropout", "0", "--no-text-cache"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "pretrain.py",
+    ]
     ddp_args = args_for(
         paths,
         manifest,
@@ -110,8 +119,18 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
         *(["--gather-negatives"] if gather else []),
     )
     run(torchrun + ddp_args)
-    single = ["--batch-size", "4", "--grad-accum", "1"] if gather else ["--batch-size", "2", "--grad-accum", "2"]
-    run([sys.executable, "pretrain.py", *args_for(paths, manifest, tmp_path / "one", *single, *common)])
+    single = (
+        ["--batch-size", "4", "--grad-accum", "1"]
+        if gather
+        else ["--batch-size", "2", "--grad-accum", "2"]
+    )
+    run(
+        [
+            sys.executable,
+            "pretrain.py",
+            *args_for(paths, manifest, tmp_path / "one", *single, *common),
+        ]
+    )
     assert_same_projector(tmp_path / "ddp", tmp_path / "one")
 
 
@@ -139,7 +158,9 @@ def test_sigkill_then_resume_ends_with_the_same_projector(paths, manifest, tmp_p
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "projector.safetensors").exists(), "the run finished before it could be killed"
+    assert not (killed / "projector.safetensors").exists(), (
+        "the run finished before it could be killed"
+    )
     run([sys.executable, "pretrain.py", *args_for(paths, manifest, killed, *steps, "--resume")])
     assert_same_projector(tmp_path / "straight", killed)
 
@@ -156,17 +177,31 @@ def test_non_finite_steps_are_skipped_then_stop(paths, manifest, tmp_path, monke
     monkeypatch.setattr(pretrain, "train_step_loss", sometimes_nan)
     out = tmp_path / "run"
     with pytest.raises(UserError, match="5 non-finite steps in a row.*last good checkpoint"):
-        pretrain.main(args_for(paths, manifest, out, "--max-steps", "20", "--save-every", "3", "--batch-size", "4"))
+        pretrain.main(
+            args_for(
+                paths, manifest, out, "--max-steps", "20", "--save-every", "3", "--batch-size", "4"
+            )
+        )
     printed = capsys.readouterr().out
-    assert "step 1: non-finite gradient norm" in printed  # step index 1 = the 2nd call, skipped, run went on
+    assert (
+        "step 1: non-finite gradient norm" in printed
+    )  # step index 1 = the 2nd call, skipped, run went on
     ckpt = out / "ckpt-0000003"
-    assert (ckpt / "projector.safetensors").exists() and json.loads((ckpt / "meta.json").read_text())["step"] == 3
+    assert (ckpt / "projector.safetensors").exists() and json.loads(
+        (ckpt / "meta.json").read_text()
+    )["step"] == 3
 
 
 def test_same_seed_same_losses(paths, manifest, tmp_path):
     def losses(out):
-        pretrain.main(args_for(paths, manifest, out, "--max-steps", "4", "--batch-size", "4", "--seed", "7"))
-        return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+        pretrain.main(
+            args_for(paths, manifest, out, "--max-steps", "4", "--batch-size", "4", "--seed", "7")
+        )
+        return [
+            r["loss"]
+            for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in r
+        ]
 
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
@@ -176,6 +211,15 @@ def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(paths, manifest
     with pytest.raises(ModelError, match="qformer.*does not fit|does not fit.*qformer"):
         pretrain.main(
             args_for(
-                paths, manifest, tmp_path, "--max-steps", "2", "--batch-size", "4", "--resume", "--qformer-dim", "64"
+                paths,
+                manifest,
+                tmp_path,
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--resume",
+                "--qformer-dim",
+                "64",
             )
         )

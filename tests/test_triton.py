@@ -58,7 +58,9 @@ def test_pooling_forward_backward_parity(dtype):
 def test_pooling_several_tiles_per_row(monkeypatch):
     monkeypatch.setattr(contrastive_fast, "BLOCK_T", 8)
     monkeypatch.setattr(contrastive_fast, "BLOCK_D", 16)
-    check_parity(L=2, B=3, T=37, D=40, seed=1)  # 5 time tiles and 3 feature blocks, the last ones partial
+    check_parity(
+        L=2, B=3, T=37, D=40, seed=1
+    )  # 5 time tiles and 3 feature blocks, the last ones partial
 
 
 @pytest.mark.slow
@@ -69,15 +71,22 @@ def test_pooling_and_loss_at_larger_shapes():
     text, text_mask = ragged(3, 6, 40, 300, seed=4)
     speech, speech_mask = ragged(3, 6, 150, 300, seed=5)
     text_mask[:, 0] = speech_mask[:, 0] = True
-    losses = [contrastive_loss(text, text_mask, speech, speech_mask, kernel=k)[1] for k in ("torch", "triton")]
+    losses = [
+        contrastive_loss(text, text_mask, speech, speech_mask, kernel=k)[1]
+        for k in ("torch", "triton")
+    ]
     torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_list_and_strided_inputs():
     x, mask = ragged(2, 3, 9, 16, seed=3)
     assert torch.equal(triton_masked_mean(list(x), mask), triton_masked_mean(x, mask))
-    wide = torch.randn(3, 2, 9, 32, device=DEVICE).transpose(0, 1)  # non-contiguous [L, B, T, D] view
-    torch.testing.assert_close(triton_masked_mean(wide[..., ::2], mask), masked_mean(wide[..., ::2], mask))
+    wide = torch.randn(3, 2, 9, 32, device=DEVICE).transpose(
+        0, 1
+    )  # non-contiguous [L, B, T, D] view
+    torch.testing.assert_close(
+        triton_masked_mean(wide[..., ::2], mask), masked_mean(wide[..., ::2], mask)
+    )
 
 
 def test_padding_is_never_read():
@@ -94,7 +103,9 @@ def test_full_loss_triton_equals_torch(center):
     results = {}
     for kernel in ("torch", "triton"):
         s = speech.clone().requires_grad_()
-        total, per_layer = contrastive_loss(text, text_mask, s, speech_mask, center=center, kernel=kernel)
+        total, per_layer = contrastive_loss(
+            text, text_mask, s, speech_mask, center=center, kernel=kernel
+        )
         results[kernel] = (total, per_layer, torch.autograd.grad(total, s)[0])
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -102,7 +113,9 @@ def test_full_loss_triton_equals_torch(center):
 
 def test_auto_kernel():
     x, mask = ragged(2, 3, 9, 16, seed=7)
-    torch.testing.assert_close(masked_mean(x, mask, kernel="triton"), masked_mean(x, mask, kernel="torch"))
+    torch.testing.assert_close(
+        masked_mean(x, mask, kernel="triton"), masked_mean(x, mask, kernel="torch")
+    )
     torch.testing.assert_close(
         masked_mean(x, mask, kernel="auto"), masked_mean(x, mask)
     )  # torch on the CPU, Triton on a GPU

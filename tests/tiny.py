@@ -15,7 +15,11 @@ def tiny_models(folder):
     """Build the tiny LLM and encoders with their tokenizer / feature extractors into `folder` once."""
     folder = Path(folder)
     paths = {"llm": folder / "llm", "hubert": folder / "hubert", "whisper": folder / "whisper"}
-    for name, build in (("llm", build_tiny_llm), ("hubert", build_tiny_hubert), ("whisper", build_tiny_whisper)):
+    for name, build in (
+        ("llm", build_tiny_llm),
+        ("hubert", build_tiny_hubert),
+        ("whisper", build_tiny_whisper),
+    ):
         if not (paths[name] / "config.json").exists():
             build(paths[name])
     return {k: str(v) for k, v in paths.items()}
@@ -32,7 +36,9 @@ def write_manifest(folder, n=8, seed=0, rate=16000, name="train.jsonl", extra=No
         seconds = rng.uniform(0.6, 1.6)
         t = np.arange(int(seconds * rate)) / rate
         freqs = rng.uniform(100, 3000, size=3)
-        wave = sum(np.sin(2 * np.pi * f * t) for f in freqs) / 3 + 0.05 * rng.standard_normal(len(t))
+        wave = sum(np.sin(2 * np.pi * f * t) for f in freqs) / 3 + 0.05 * rng.standard_normal(
+            len(t)
+        )
         sf.write(folder / "audio" / f"u{seed}_{i}.wav", wave.astype("float32"), rate)
         text = " ".join(rng.choice(WORDS, size=rng.integers(3, 7)))
         row = {"audio": f"audio/u{seed}_{i}.wav", "text": f"{i} {text}"}
@@ -48,4 +54,6 @@ def pooled_pairs(model, rows, layers, batch_size=16):
     from data import Collator
 
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
-    return model.pooled_pairs((collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)), layers)
+    return model.pooled_pairs(
+        (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)), layers
+    )
