@@ -1,10 +1,13 @@
 """
 common.py: the recipes and the flags the two training scripts share, then their plumbing (nanochat's
-common.py): one-line errors, models by name, torchrun setup, the data order, the schedule, checkpoints,
-atomic writes and the log. It imports nothing from the project, so every other file can import it.
+common.py): one-line errors, models by name, torchrun setup, the data order, the schedule,
+checkpoints, atomic writes and the log. It imports nothing from the project, so every other file can
+import it.
 
-    python pretrain.py --help                 # every flag with the value that will run (the demo's recipe)
-    python pretrain.py --llm llama --help     # the same under the paper's recipe
+    # every flag with the value that will run (the demo's recipe)
+    python pretrain.py --help
+    # the same under the paper's recipe
+    python pretrain.py --llm llama --help
 """
 
 import argparse
@@ -27,10 +30,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
-# Recipes: the defaults of every flag a run leaves out. "paper" = the authors' scripts (the default for every
-# LLM but the demo's). "demo" = what makes the all-layer loss learn within minutes on a 2-core CPU with a 135M
-# LLM; the README's recipe table says what each departure buys.
-#   model     the models and the projector (pretrain.py, and finetune.py --init none; a checkpoint brings its own)
+# Recipes: the defaults of every flag a run leaves out. "paper" = the authors' scripts (the default
+# for every LLM but the demo's). "demo" = what makes the all-layer loss learn within minutes on a
+# 2-core CPU with a 135M LLM; the README's recipe table says what each departure buys.
+#   model     the models and the projector (pretrain.py, and finetune.py --init none; a checkpoint
+#             brings its own)
 #   pretrain  stage 1's loss and optimisation
 #   finetune  stage 2's optimisation
 
@@ -40,7 +44,8 @@ RECIPES = {
                    window_pos=False, dropout=0.1, time_mask=0.0, sink_token=False, match_embedding_rms=False),
         pretrain=dict(lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0, warmup_ratio=0.03,
                       center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
-        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000),
+        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
+                      compress=False, lora=0, ctc_weight=0.0),
     ),
     "demo": dict(
         model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
@@ -48,20 +53,21 @@ RECIPES = {
                    match_embedding_rms=True),
         pretrain=dict(lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
                       center=True, emb_steps=400, emb_lr=1e-3, eval_every=100),
-        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50),
+        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
+                      compress=False, lora=0, ctc_weight=0.0),
     ),
 }  # fmt: skip
 
 # the projector's shape flags -> QFormerConfig's fields (dropout and time_mask only act in training)
-SHAPE_FLAGS = dict(qformer_dim="dim", qformer_heads="heads", qformer_layers="layers", queries="queries",
-                   window="window", window_pos="window_pos")  # fmt: skip
+SHAPE_FLAGS = dict(qformer_dim="dim", qformer_heads="heads", qformer_layers="layers",
+                   queries="queries", window="window", window_pos="window_pos")  # fmt: skip
 
 
 def recipe_defaults(first, given, parts):
-    """The recipe's values of `parts` ("model", "pretrain", "finetune") as argparse defaults. first: the
-    command line parsed once (its --recipe and --llm pick the recipe: demo for --llm smollm2, else paper);
-    given: the flags on the command line. Also sets `recipe_set` (what the recipe decided, for the run's
-    first line and meta.json)."""
+    """The recipe's values of `parts` ("model", "pretrain", "finetune") as argparse defaults. first:
+    the command line parsed once (its --recipe and --llm pick the recipe: demo for --llm smollm2,
+    else paper); given: the flags on the command line. Also sets `recipe_set` (what the recipe
+    decided, for the run's first line and meta.json)."""
     name = first.recipe or ("demo" if first.llm == "smollm2" else "paper")
     because = "--recipe" if first.recipe else f"the default for --llm {first.llm}"
     values = {flag: value for part in parts for flag, value in RECIPES[name][part].items()}
@@ -74,8 +80,9 @@ def recipe_defaults(first, given, parts):
 
 
 def parse_args(p, argv, defaults_for):
-    """Parse twice: once for the flags the defaults depend on (--llm, --recipe, --init, ...), then with the
-    defaults defaults_for(first, given) returns, so --help and the run show the values that will run."""
+    """Parse twice: once for the flags the defaults depend on (--llm, --recipe, --init, ...), then
+    with the defaults defaults_for(first, given) returns, so --help and the run show the values that
+    will run."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     first, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     p.set_defaults(**defaults_for(first, given_flags(p, argv)))
@@ -89,7 +96,8 @@ def given_flags(p, argv):
 
 
 def announce(what, chosen):
-    """'recipe demo (the default for --llm smollm2) sets encoder=whisper-tiny ... / lr=0.0003 ...'."""
+    """'recipe demo (the default for --llm smollm2) sets encoder=whisper-tiny ... / lr=0.0003
+    ...'."""
     models = {"llm", *RECIPES["paper"]["model"]}
     first = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag in models)
     second = " ".join(f"{flag}={value}" for flag, value in chosen.items() if flag not in models)
@@ -97,8 +105,8 @@ def announce(what, chosen):
 
 
 # -----------------------------------------------------------------------------
-# The flags pretrain.py and finetune.py share. A flag a recipe sets is declared without a default: the
-# script's parse_args fills it in before the final parse.
+# The flags pretrain.py and finetune.py share. A flag a recipe sets is declared without a default:
+# the script's parse_args fills it in before the final parse.
 
 LLMS = "llama | smollm2 | tiny | a hub id | a local folder"
 ENCODERS = "hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a local folder"
@@ -106,7 +114,8 @@ ON_OFF = argparse.BooleanOptionalAction
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default (the value that will run) after its help."""
+    """The docstring as written, and every flag's default (the value that will run) after its
+    help."""
 
 
 def parser(doc):
@@ -149,7 +158,8 @@ def add_demo_corpus_flag(p):
 
 
 def data_defaults(first, encoder):
-    """The demo corpus's dev split and feature cache when --data is the demo's (demokit builds it on use)."""
+    """The demo corpus's dev split and feature cache when --data is the demo's (demokit builds it on
+    use)."""
     if first.data not in ("demo", ["demo"]):
         return {}
     import demokit  # the demo's plumbing, outside the tutorial files
@@ -190,7 +200,8 @@ def add_optimisation_flags(p):
 
 
 def add_system_flags(p, training=True):
-    """--device, --dtype; for training also checkpoints, --resume and the optional log destinations."""
+    """--device, --dtype; for training also checkpoints, --resume and the optional log
+    destinations."""
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
@@ -218,7 +229,8 @@ def add_system_flags(p, training=True):
 
 
 class UserError(Exception):
-    """A mistake in the input (a bad manifest line, conflicting flags): the scripts print it as one line."""
+    """A mistake in the input (a bad manifest line, conflicting flags): the scripts print it as one
+    line."""
 
 
 class ModelError(Exception):
@@ -226,8 +238,8 @@ class ModelError(Exception):
 
 
 def run_main(main):
-    """Every script ends in `common.run_main(main)`: a UserError or ModelError is one line on stderr and exit
-    status 1; anything else is a bug in the code, and keeps its traceback."""
+    """Every script ends in `common.run_main(main)`: a UserError or ModelError is one line on stderr
+    and exit status 1; anything else is a bug in the code, and keeps its traceback."""
     try:
         main()
     except (UserError, ModelError) as e:
@@ -235,17 +247,18 @@ def run_main(main):
 
 
 # -----------------------------------------------------------------------------
-# Models by name: the paper's presets are hub ids; the demo's ('smollm2', 'whisper-tiny', and the tiny random
-# models for smoke runs) are folders that demokit builds on first use; anything else is a hub id or a folder.
+# Models by name: the paper's presets are hub ids; the demo's ('smollm2', 'whisper-tiny', and the
+# tiny random models for smoke runs) are folders that demokit builds on first use; anything else is
+# a hub id or a folder.
 
 LLM_PRESETS = {
     "llama": "meta-llama/Llama-3.1-8B-Instruct"
 }  # the paper (gated: `huggingface-cli login`)
 ENCODER_PRESETS = {"hubert": "facebook/hubert-large-ls960-ft"}  # the paper
 HOW_TO_GET_MODELS = (
-    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as meta-llama/* also "
-    "need an accepted licence and `huggingface-cli login`, and the paper's setup needs a GPU. "
-    "`python pretrain.py` with no arguments runs the offline CPU demo instead."
+    "Hugging Face ids need the hub (or a local copy in the HF cache); gated models such as "
+    "meta-llama/* also need an accepted licence and `huggingface-cli login`, and the paper's "
+    "setup needs a GPU. `python pretrain.py` with no arguments runs the offline CPU demo instead."
 )
 
 
@@ -263,7 +276,8 @@ def resolve_model(name, kind):
 
 
 def check_hub(repo_id):
-    """Fail at once (rather than after minutes of retries) when a hub id is neither cached nor reachable."""
+    """Fail at once (rather than after minutes of retries) when a hub id is neither cached nor
+    reachable."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
@@ -275,8 +289,8 @@ def check_hub(repo_id):
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
         raise ModelError(
-            f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, and the hub "
-            f"({host}) is out of reach ({e}). " + HOW_TO_GET_MODELS
+            f"Cannot load '{repo_id}': it is not a local folder, not in the Hugging Face cache, "
+            f"and the hub ({host}) is out of reach ({e}). " + HOW_TO_GET_MODELS
         ) from None
 
 
@@ -294,7 +308,8 @@ def load_pretrained(auto_class, name_or_path, what, **kwargs):
 
 
 def same_model(given, saved):
-    """A --llm / --encoder value against a checkpoint's: equal as preset names, hub ids or folders."""
+    """A --llm / --encoder value against a checkpoint's: equal as preset names, hub ids or
+    folders."""
     presets = {**LLM_PRESETS, **ENCODER_PRESETS}
     a, b = presets.get(given, given), presets.get(saved, saved)
     if Path(a).exists() and Path(b).exists():
@@ -307,8 +322,9 @@ def same_model(given, saved):
 
 
 def setup(device_arg="auto", seed=1337):
-    """Returns (rank, world, device). Every rank gets the same seed: the projector must start identical
-    everywhere (DDP also broadcasts it); the data shards come from BatchOrder, not from the RNG."""
+    """Returns (rank, world, device). Every rank gets the same seed: the projector must start
+    identical everywhere (DDP also broadcasts it); the data shards come from BatchOrder, not from
+    the RNG."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
@@ -330,15 +346,16 @@ def print0(*args, **kwargs):
 
 
 def autocast(device, dtype):
-    """bf16/fp16 autocast (the frozen weights are loaded in that dtype too; the projector stays float32)."""
+    """bf16/fp16 autocast (the frozen weights are loaded in that dtype too; the projector stays
+    float32)."""
     if dtype != torch.float32:
         return torch.autocast(device.type, dtype=dtype)
     return nullcontext()
 
 
 def resolve_dtype(name, device):
-    """--dtype -> a torch dtype. auto: bf16 where the hardware multiplies bf16 natively (CUDA, or a CPU with
-    Intel AMX), float32 elsewhere (an emulated bf16 would be slower than float32)."""
+    """--dtype -> a torch dtype. auto: bf16 where the hardware multiplies bf16 natively (CUDA, or a
+    CPU with Intel AMX), float32 elsewhere (an emulated bf16 would be slower than float32)."""
     if name == "auto":
         native = device.type == "cuda" or (
             device.type == "cpu" and torch.cpu._is_amx_tile_supported()
@@ -402,9 +419,9 @@ def cosine_lr(step, total_steps, lr, warmup_steps):
 
 
 class NonFiniteGuard:
-    """Skip optimiser steps whose gradient norm is inf/NaN (fp16/bf16 overflow, a degenerate batch), and
-    stop the run after `patience` in a row. The norm is taken after DDP's all-reduce, so every rank
-    makes the same decision."""
+    """Skip optimiser steps whose gradient norm is inf/NaN (fp16/bf16 overflow, a degenerate batch),
+    and stop the run after `patience` in a row. The norm is taken after DDP's all-reduce, so every
+    rank makes the same decision."""
 
     def __init__(self, patience=5):
         self.patience, self.in_a_row, self.skipped = patience, 0, 0
@@ -416,12 +433,13 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         print0(
-            f"step {step}: non-finite gradient norm ({grad_norm.item()}), skipped ({self.in_a_row} in a row)"
+            f"step {step}: non-finite gradient norm ({grad_norm.item()}), skipped "
+            f"({self.in_a_row} in a row)"
         )
         if self.in_a_row >= self.patience:
             raise UserError(
-                f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint in {out} is "
-                "intact; try a lower --lr, --dtype float32, or check the data."
+                f"Stopping: {self.in_a_row} non-finite steps in a row. The last good checkpoint "
+                f"in {out} is intact; try a lower --lr, --dtype float32, or check the data."
             )
         return False
 
@@ -431,8 +449,8 @@ class NonFiniteGuard:
 
 
 def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
-    """Everything a run needs to continue exactly, written to a temporary folder and renamed, so a kill
-    mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
+    """Everything a run needs to continue exactly, written to a temporary folder and renamed, so a
+    kill mid-write leaves the previous checkpoint as the newest complete one. Rank 0 only."""
     out = Path(out)
 
     def write(tmp):
@@ -463,7 +481,8 @@ def latest_checkpoint(out):
 
 
 def resume(out, model, optimizer, order):
-    """Load the newest checkpoint in `out`; returns the step to continue from (0 if there is none)."""
+    """Load the newest checkpoint in `out`; returns the step to continue from (0 if there is
+    none)."""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         print0(f"--resume: no checkpoint in {out}, starting from scratch")
@@ -485,7 +504,8 @@ CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py
 
 
 def save_centers(folder, text_mean, speech_mean, layers, items):
-    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training pairs."""
+    """Store the per-layer means [L, D] of the pooled text and speech states over `items` training
+    pairs."""
     tensors = {
         "text": text_mean.float().contiguous().cpu(),
         "speech": speech_mean.float().contiguous().cpu(),
@@ -522,8 +542,9 @@ def write_atomically(path, write):
 
 
 def write_folder_atomically(folder, write):
-    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of `folder`
-    (replacing an older one). A killed write leaves only the hidden folder, which the next write removes."""
+    """write(tmp) into a new hidden folder .<name>.tmp beside `folder`, then put it in the place of
+    `folder` (replacing an older one). A killed write leaves only the hidden folder, which the next
+    write removes."""
     folder = Path(folder)
     for stale in folder.parent.glob(f".{folder.name}.tmp*"):  # left by a killed write
         shutil.rmtree(stale, ignore_errors=True)
@@ -540,13 +561,15 @@ def write_folder_atomically(folder, write):
 
 
 # -----------------------------------------------------------------------------
-# The log: one JSON line per logged step in <out>/log.jsonl, optionally mirrored to W&B / TensorBoard
+# The log: one JSON line per logged step in <out>/log.jsonl, optionally mirrored to W&B /
+# TensorBoard
 
 
 class JsonLog:
-    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots (scripts/plot_log.py) and the
-    README's numbers; with --wandb and/or --tensorboard the same values go there too, a per-layer list as
-    one scalar per layer ("dev_r1/layer5"). Both are optional packages, imported only when asked for."""
+    """One JSON line per logged step in <out>/log.jsonl (rank 0), for plots (scripts/plot_log.py)
+    and the README's numbers; with --wandb and/or --tensorboard the same values go there too, a
+    per-layer list as one scalar per layer ("dev_r1/layer5"). Both are optional packages, imported
+    only when asked for."""
 
     def __init__(self, out, enabled=True, wandb_project=None, tensorboard=False, config=None):
         self.path, self.enabled, self.t0 = Path(out) / "log.jsonl", enabled, time.time()
@@ -573,7 +596,8 @@ class JsonLog:
 
     @classmethod
     def for_run(cls, args, enabled):
-        """The log of a training run: --out, --wandb (--wandb-project), --tensorboard; the flags as config."""
+        """The log of a training run: --out, --wandb (--wandb-project), --tensorboard; the flags as
+        config."""
         wandb_project = args.wandb_project if args.wandb else None
         return cls(args.out, enabled, wandb_project, args.tensorboard, config=vars(args))
 
@@ -592,7 +616,8 @@ class JsonLog:
 
     @staticmethod
     def scalars(record):
-        """The numbers of a record by name, each entry of a per-layer list under <name>/layer<index>."""
+        """The numbers of a record by name, each entry of a per-layer list under
+        <name>/layer<index>."""
         layers = record.get("layers") or []
         out = {}
         for name, value in record.items():

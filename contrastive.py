@@ -1,5 +1,6 @@
 """
-contrastive.py: the paper's all-layer contrastive loss, written out by hand to be read top to bottom.
+contrastive.py: the paper's all-layer contrastive loss, written out by hand to be read top to bottom,
+and at its end the token-level alignment this project adds beside it (CTC over the LLM's embeddings).
 
 The speech side (projector outputs) and the text side (the transcript's token embeddings) both go through
 the frozen LLM. At a few of its hidden states ("layers") every speech utterance in the batch is compared
@@ -339,3 +340,82 @@ def contrastive_loss(
     per_layer = info_nce(logits, symmetric)
     total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
     return (total, per_layer, logits) if return_logits else (total, per_layer)
+
+
+# -----------------------------------------------------------------------------
+# Token-level alignment (an addition, not the paper's: pretrain.py --loss ctc | contrastive+ctc)
+#
+# Every projector output is scored against every row of the frozen LLM's input-embedding table plus one
+# learned blank vector (cosine / temperature), and CTC trains the speech positions to spell the
+# transcript's tokens in order, with blanks in between. No LLM pass: the embedding table is the output
+# layer of a CTC recogniser whose features are the very vectors the LLM reads. The blank is the last
+# class (index V, the vocabulary size). The same scores read the projector out (ctc_readout) and shorten
+# what the LLM reads to about one vector per token (ctc_compress).
+
+
+def ctc_logits(speech, embedding_table, blank, temperature=0.05):
+    """[B, S, D] -> [B, S, V + 1]: cosine / temperature against the vocabulary, then the blank (last).
+    In float32 with autocast off: a log-softmax over a 49k-128k vocabulary in bf16 loses the small
+    probabilities CTC needs. The frozen table never gets a gradient (detached)."""
+    with float32_math():
+        queries = F.normalize(speech.float(), dim=-1) / temperature
+        tokens = queries @ F.normalize(embedding_table.detach().float(), dim=-1).T  # [B, S, V]
+        blanks = queries @ F.normalize(blank.float(), dim=0)  # [B, S]
+        return torch.cat([tokens, blanks[..., None]], dim=-1)
+
+
+def ctc_alignment_loss(
+    speech, speech_mask, token_ids, token_mask, embedding_table, blank, temperature=0.05
+):
+    """CTC loss of the transcripts' tokens [B, T] (mask [B, T]) given the projector outputs [B, S, D]
+    (mask [B, S], valid positions first): PyTorch's 'mean', each utterance's loss divided by its target
+    length, then averaged. A transcript with more tokens than speech positions cannot align: 0, not inf."""
+    log_probs = ctc_logits(speech, embedding_table, blank, temperature).log_softmax(-1)
+    lengths, target_lengths = speech_mask.sum(-1), token_mask.sum(-1)
+    return F.ctc_loss(log_probs.transpose(0, 1), token_ids, lengths, target_lengths,
+                      blank=len(embedding_table), zero_infinity=True)  # fmt: skip
+
+
+def ctc_runs(path, blank_id):
+    """One best path (class ids; -1 = padding) -> [(token id, start, end)]: CTC's collapse (repeats merged,
+    blanks dropped), keeping where each token's run sits."""
+    runs, previous = [], None
+    for i, c in enumerate(path):
+        if c not in (blank_id, -1):
+            if c == previous:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([c, i, i + 1])
+        previous = c
+    return [tuple(run) for run in runs]
+
+
+@torch.no_grad()
+def ctc_paths(speech, speech_mask, embedding_table, blank):
+    """The best class of every position as lists, -1 at padding (the temperature cannot change it)."""
+    best = ctc_logits(speech, embedding_table, blank).argmax(-1)
+    return best.masked_fill(~speech_mask, -1).tolist()
+
+
+def ctc_readout(speech, speech_mask, embedding_table, blank):
+    """Greedy CTC decoding: one list of token ids per utterance (decode it with the LLM's tokenizer)."""
+    paths = ctc_paths(speech, speech_mask, embedding_table, blank)
+    return [[token for token, _, _ in ctc_runs(path, len(embedding_table))] for path in paths]
+
+
+def ctc_compress(speech, speech_mask, embedding_table, blank):
+    """About one vector per token: blank positions dropped, each run of one token replaced by the mean of
+    its vectors (the gradient reaches all of them). Returns (speech [B, S', D], mask [B, S']), valid
+    positions first. An utterance with no token keeps the mean of its positions, so no row is empty."""
+    rows = []
+    for b, path in enumerate(ctc_paths(speech, speech_mask, embedding_table, blank)):
+        runs = ctc_runs(path, len(embedding_table))
+        if runs:
+            rows.append(torch.stack([speech[b, start:end].mean(0) for _, start, end in runs]))
+        else:
+            rows.append(speech[b][speech_mask[b]].mean(0, keepdim=True))
+    lengths = torch.tensor([len(row) for row in rows], device=speech.device)
+    compressed = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return compressed, torch.arange(compressed.shape[1], device=speech.device)[None] < lengths[
+        :, None
+    ]

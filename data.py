@@ -8,17 +8,22 @@ A manifest is a JSONL file, one utterance per line:
     {"audio": "p7.wav", "task": "qa", "text": "<passage transcript>", "question": "who ...?", "answer": "anna"}
     {"audio": "talks/ted_767.wav", "offset": 16.73, "duration": 3.5, "text": "...", "translation": "..."}
 
-`audio` is relative to the manifest's folder (or absolute); `text` is the transcript (a QA line may leave its
-passage transcript out). Optional: `task` (asr|st|qa), `translation` + `tgt_lang` (speech translation),
-`question` + `answer` (spoken QA; the answer may be a list of gold answers), `speaker`, `duration` (seconds).
-A line with `offset` (seconds) is a segment of a longer recording, as in NeMo manifests: `duration` seconds
-from `offset` (to the end of the file without `duration`), read without loading the rest of the file.
-Without `offset`, the whole file is the utterance and `duration` is informational. Audio in any format and
-rate soundfile reads is mixed to mono and resampled to 16 kHz with soxr. docs/data.md has the details.
+`audio` is relative to the manifest's folder (or absolute); `text` is the transcript (a QA line may
+leave its passage transcript out). Optional: `task` (asr|st|qa), `translation` + `tgt_lang` (speech
+translation), `question` + `answer` (spoken QA; the answer may be a list of gold answers),
+`speaker`, `duration` (seconds). A line with `offset` (seconds) is a segment of a longer recording,
+as in NeMo manifests: `duration` seconds from `offset` (to the end of the file without `duration`),
+read without loading the rest of the file. Without `offset`, the whole file is the utterance and
+`duration` is informational. Audio in any format and rate soundfile reads is mixed to mono and
+resampled to 16 kHz with soxr. docs/data.md has the details.
 
     rows = read_manifest("train.jsonl")                  # checks every line, errors name file:line
     examples = task_examples(rows, "qa")                 # instruction + target per task
-    loader = DataLoader(examples, batch_size=8, collate_fn=Collator(model.encoder.feature_extractor, model.tokenizer))
+    loader = DataLoader(
+        examples,
+        batch_size=8,
+        collate_fn=Collator(model.encoder.feature_extractor, model.tokenizer),
+    )
 """
 
 import json
@@ -34,8 +39,8 @@ from common import UserError
 
 SAMPLE_RATE = 16000
 
-# The instruction of each fine-tuning task, written once (the paper's likely index-0 prompts for ASR/ST;
-# its QA prompt is unknown: the authors' released code does not include it).
+# The instruction of each fine-tuning task, written once (the paper's likely index-0 prompts for
+# ASR/ST; its QA prompt is unknown: the authors' released code does not include it).
 INSTRUCTIONS = {
     "asr": "Can you transcribe this audio?",
     "st": "Can you translate this audio from english to {language}?",
@@ -53,9 +58,9 @@ class ManifestError(UserError, ValueError):
 
 
 def load_audio(path, offset=None, duration=None):
-    """Any soundfile-readable file, or a segment of it (offset and duration in seconds: soundfile seeks to
-    the segment and reads only its samples) -> mono float32 numpy array at 16 kHz. Audio holding NaN or
-    infinite samples is a UserError naming the file."""
+    """Any soundfile-readable file, or a segment of it (offset and duration in seconds: soundfile
+    seeks to the segment and reads only its samples) -> mono float32 numpy array at 16 kHz. Audio
+    holding NaN or infinite samples is a UserError naming the file."""
     with sf.SoundFile(str(path)) as f:
         rate = f.samplerate
         if offset:
@@ -73,16 +78,18 @@ def load_audio(path, offset=None, duration=None):
 
 
 def load_row_audio(row):
-    """A checked manifest row's audio: its segment (offset, duration) or, without `offset`, the whole file."""
+    """A checked manifest row's audio: its segment (offset, duration) or, without `offset`, the
+    whole file."""
     if "offset" in row:
         return load_audio(row["audio"], row["offset"], row["duration"])
     return load_audio(row["audio"])
 
 
-# A segment may end this much past the end of its file (times rounded to the millisecond); more is a bad line.
+# A segment may end this much past the end of its file (times rounded to the millisecond); more is a
+# bad line.
 SEGMENT_SLACK = 0.001
-# Sample formats that can hold NaN or infinite values; only these are scanned when a manifest is read (a
-# full read of every file would make checking a large manifest as slow as an epoch).
+# Sample formats that can hold NaN or infinite values; only these are scanned when a manifest is
+# read (a full read of every file would make checking a large manifest as slow as an epoch).
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
 
 
@@ -98,7 +105,8 @@ def _seconds(row, field, positive):
 
 
 def _check_row(row, root):
-    """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is wrong."""
+    """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is
+    wrong."""
     if not isinstance(row, dict):
         raise ValueError("a line must be a JSON object")
     required = (
@@ -145,11 +153,13 @@ def _check_row(row, root):
         )
         if offset >= seconds:
             raise ValueError(
-                f"the segment starts at {offset} s, after the end of its file ({seconds:.3f} s): {path}"
+                f"the segment starts at {offset} s, after the end of its file ({seconds:.3f} s): "
+                f"{path}"
             )
         if offset + duration > seconds + SEGMENT_SLACK:
             raise ValueError(
-                f"the segment ends at {offset + duration:.3f} s, past the end of its file ({seconds:.3f} s): {path}"
+                f"the segment ends at {offset + duration:.3f} s, past the end of its file "
+                f"({seconds:.3f} s): {path}"
             )
         duration = min(duration, seconds - offset)
         checked.update(offset=offset, duration=duration)
@@ -163,10 +173,10 @@ def _check_row(row, root):
 
 
 def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
-    """Read and check every line of a JSONL manifest (UTF-8; a byte-order mark at the start, as Windows tools
-    write it, is fine). A bad line raises ManifestError naming the file and line, unless skip_bad, which
-    skips it and reports how many were skipped. Audio longer than max_seconds is skipped and counted. A
-    manifest with no usable line says how many failed and why."""
+    """Read and check every line of a JSONL manifest (UTF-8; a byte-order mark at the start, as
+    Windows tools write it, is fine). A bad line raises ManifestError naming the file and line,
+    unless skip_bad, which skips it and reports how many were skipped. Audio longer than max_seconds
+    is skipped and counted. A manifest with no usable line says how many failed and why."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
@@ -191,13 +201,15 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
         raise ManifestError(f"{path}: no usable lines" + _why_none(bad, too_long, max_seconds))
     if bad or too_long:
         log(
-            f"{path}: kept {len(rows)} lines, skipped {len(bad)} bad and {too_long} longer than {max_seconds} s"
+            f"{path}: kept {len(rows)} lines, skipped {len(bad)} bad and {too_long} longer than "
+            f"{max_seconds} s"
         )
     return rows
 
 
 def _why_none(bad, too_long, max_seconds, show=3):
-    """' (all 5 lines failed: 4 bad, 1 longer than 45 s; line 1: ...; line 2: ...)' for an unusable manifest."""
+    """' (all 5 lines failed: 4 bad, 1 longer than 45 s; line 1: ...; line 2: ...)' for an unusable
+    manifest."""
     if not bad and not too_long:
         return " (it is empty)"
     parts = [f"{len(bad)} bad"] * bool(bad) + [f"{too_long} longer than {max_seconds} s"] * bool(
@@ -208,13 +220,14 @@ def _why_none(bad, too_long, max_seconds, show=3):
 
 
 def need_transcripts(rows, use):
-    """Raise ManifestError unless every row has a transcript (`text`), which `use` needs (a QA line may
-    leave its passage transcript out)."""
+    """Raise ManifestError unless every row has a transcript (`text`), which `use` needs (a QA line
+    may leave its passage transcript out)."""
     missing = [row["audio"] for row in rows if "text" not in row]
     if missing:
         raise ManifestError(
-            f"{use} needs a transcript ('text') on every line; {len(missing)} lines have none (the first: "
-            f"{missing[0]}). Give the converter the transcript column, or use a manifest that has them."
+            f"{use} needs a transcript ('text') on every line; {len(missing)} lines have none "
+            f"(the first: {missing[0]}). Give the converter the transcript column, or use a "
+            "manifest that has them."
         )
     return rows
 
@@ -224,13 +237,14 @@ def need_transcripts(rows, use):
 
 
 def task_examples(rows, task):
-    """Rows -> examples with `instruction` and `target` for one task (asr|st|qa), or `mix`: every task
-    that applies to each row, concatenated in the authors' order (ASR, ST, QA)."""
+    """Rows -> examples with `instruction` and `target` for one task (asr|st|qa), or `mix`: every
+    task that applies to each row, concatenated in the authors' order (ASR, ST, QA)."""
     tasks = ("asr", "st", "qa") if task == "mix" else (task,)
     examples = [ex for t in tasks for row in rows if (ex := _example(row, t))]
     if not examples:
         raise ManifestError(
-            f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs 'question' and 'answer')"
+            f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs "
+            "'question' and 'answer')"
         )
     return examples
 
@@ -266,8 +280,9 @@ def _example(row, task):
 
 
 def frac_subset(examples, frac, seed=42, stratify=False):
-    """A seeded random fraction of the examples, as the authors draw it (random.seed(42); random.sample
-    over the whole concatenated mix). stratify=True draws the fraction from each task separately."""
+    """A seeded random fraction of the examples, as the authors draw it (random.seed(42);
+    random.sample over the whole concatenated mix). stratify=True draws the fraction from each task
+    separately."""
     if not 0 < frac <= 1:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
     if frac == 1:
@@ -289,9 +304,9 @@ def frac_subset(examples, frac, seed=42, stratify=False):
 
 
 class Collator:
-    """Examples -> one padded batch: the encoder's own input features (raw waveform for HuBERT/wav2vec2,
-    log-mel for Whisper) with a mask, and the transcript tokens as the paper's text side of the
-    contrastive pair: transcript tokens only, no BOS, no chat template, no EOS."""
+    """Examples -> one padded batch: the encoder's own input features (raw waveform for
+    HuBERT/wav2vec2, log-mel for Whisper) with a mask, and the transcript tokens as the paper's text
+    side of the contrastive pair: transcript tokens only, no BOS, no chat template, no EOS."""
 
     def __init__(self, feature_extractor, tokenizer=None):
         self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
@@ -304,7 +319,8 @@ class Collator:
             inputs = self.feature_extractor(
                 waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest"
             ).input_features
-            # A clip of n samples has n // hop log-mel frames (the extractor's own mask rounds up by one).
+            # A clip of n samples has n // hop log-mel frames (the extractor's own mask rounds up by
+            # one).
             lengths = torch.tensor([len(w) // self.feature_extractor.hop_length for w in waves])
             input_mask = torch.arange(inputs.shape[-1])[None] < lengths[:, None]
         else:

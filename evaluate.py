@@ -177,6 +177,36 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
 
 
 # -----------------------------------------------------------------------------
+# What the LLM hears: any projector read out without the LLM (SpeechLLM.read_out), and its WER
+
+
+def evaluate_readout(model, rows, batch_size, device, dtype):
+    """The greedy CTC readout of each utterance (each projector output's nearest token embedding or the
+    blank, collapsed), scored as ASR. Meaningful for a projector trained with CTC; for any other it
+    shows how near the LLM's own embeddings its outputs lie."""
+    need_transcripts(rows, "the readout")
+    collate = Collator(model.encoder.feature_extractor)
+    hypotheses = []
+    for i in range(0, len(rows), batch_size):
+        batch = to_device(
+            collate(rows[i : i + batch_size]), device
+        )  # outside autocast: the log-mel
+        with common.autocast(device, dtype):
+            hypotheses += model.read_out(batch)
+    references = [row["text"] for row in rows]
+    outputs = [
+        {"audio": r["audio"], "hypothesis": h, "references": [r["text"]]}
+        for r, h in zip(rows, hypotheses)
+    ]
+    return {
+        "task": "readout",
+        "n": len(rows),
+        "metrics": word_error_rates(hypotheses, references),
+        "outputs": outputs,
+    }
+
+
+# -----------------------------------------------------------------------------
 # Generation: the answers of a fine-tuned model
 
 
@@ -343,7 +373,7 @@ def get_args(argv=None):
     p.add_argument(
         "--ckpt", required=True, help="a checkpoint folder from pretrain.py or finetune.py"
     )
-    tasks = ["asr", "st", "qa", "all", "retrieval"]
+    tasks = ["asr", "st", "qa", "all", "retrieval", "readout"]
     p.add_argument(
         "--task", choices=tasks, help="default: the checkpoint's task, retrieval after stage 1"
     )
@@ -375,11 +405,13 @@ def default_task(meta):
     return "all" if meta["task"] == "mix" else meta["task"]
 
 
-def test_manifest(data, task, size):
+def split_manifest(data, task, size):
     """--data: a manifest, or (default) the demo corpus's test split of the task, or "open" its open test."""
     if data not in (None, "open"):
         return data
-    return demokit.manifests("asr" if task == "retrieval" else task, data or "test", size)[0]
+    return demokit.manifests(
+        "asr" if task in ("retrieval", "readout") else task, data or "test", size
+    )[0]
 
 
 def answer_one(model, args, task, device, dtype):
@@ -440,12 +472,13 @@ def print_results(result, show):
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
-    stopped = result["decoding"]["stopped"]
-    print(
-        f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
-        f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
-        f"--loop-repeats {result['decoding']['loop_repeats']})"
-    )
+    stopped = result.get("decoding", {}).get("stopped")
+    if stopped:  # generated answers (not the readout)
+        print(
+            f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
+            f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
+            f"--loop-repeats {result['decoding']['loop_repeats']})"
+        )
     for out in result["outputs"][:show]:
         print(f"  ref: {' | '.join(out['references'])}\n  hyp: {out['hypothesis']}")
 
@@ -466,7 +499,7 @@ def main(argv=None):
         )
     results = {}
     for each in ("asr", "st", "qa") if task == "all" else (task,):
-        data = test_manifest(args.data, each, args.demo_corpus)
+        data = split_manifest(args.data, each, args.demo_corpus)
         rows = read_manifest(data)[: args.limit]
         if each == "retrieval":
             layers = retrieval_layers(args.layers, meta, model.num_layers)
@@ -475,6 +508,8 @@ def main(argv=None):
                 model, rows, layers, args.batch_size, device, dtype, centers
             )
             result = {"task": each, "n": len(rows), "metrics": metrics}
+        elif each == "readout":
+            result = evaluate_readout(model, rows, args.batch_size, device, dtype)
         else:
             result = evaluate_task(model, each, rows, args, device, dtype)
         results[each] = {"ckpt": str(args.ckpt), "data": data, **result}

@@ -12,6 +12,7 @@ and the end-of-turn token only. Only the projector trains; the encoder and the L
     python finetune.py --task mix --frac 0.1 --no-cache-features --init runs/contr-cos-all --out runs/ft \\
         --data data/paper/sentences_train.jsonl data/paper/st_train.jsonl data/paper/qa_train.jsonl  # the paper
     torchrun --standalone --nproc_per_node=4 finetune.py --task mix --data mix.jsonl --init runs/contr-cos-all
+    python finetune.py --task asr --frac 0.1 --compress --lora 8 --ctc-weight 1   # after a CTC stage 1
     python finetune.py --task qa --out out/finetune-qa --resume   # continue a killed run
     python evaluate.py --ckpt out/finetune-qa            # then score it (EM / F1 on the test split)
 """
@@ -57,6 +58,14 @@ def get_args(argv=None):
     )
     common.add_model_flags(p)
     common.add_projector_flags(p, "projector (--init none; a checkpoint brings its own shape)")
+    g = p.add_argument_group("how the LLM reads the speech (additions, off in the paper's recipe)")
+    g.add_argument("--compress", action=common.ON_OFF, help="CTC-compressed: ~one vector per token")
+    g.add_argument("--lora", type=int, help="LoRA of this rank on the LLM's q/k/v/o (0: none)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA's alpha (default: 2 x rank)")
+    g.add_argument(
+        "--ctc-weight", type=float, help="keep the CTC alignment with this weight (0: off)"
+    )
+    g.add_argument("--ctc-temperature", type=float, default=0.05, help="the CTC loss's temperature")
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
     g.add_argument("--out", help="checkpoints, final projector, log.jsonl")
@@ -128,6 +137,11 @@ def build_model(args, dtype):
         model.load_projector(args.init)
     elif args.match_embedding_rms:
         model.match_embedding_rms()
+    model.compress = args.compress
+    if args.ctc_weight:
+        model.train_blank()
+    if args.lora:
+        model.add_lora(args.lora, args.lora_alpha)
     return model
 
 
@@ -168,12 +182,18 @@ def count(examples):
     return ", ".join(f"{n} {task}" for task, n in tasks.items())
 
 
-def answer_loss(model, batch):
-    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers."""
+def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05):
+    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers; with
+    ctc_weight, plus the CTC alignment of the transcript on the projector's outputs, which keeps them on
+    the LLM's embedding table while the answer loss pulls them elsewhere."""
     speech, speech_mask = model.encode_speech(batch)
+    ctc = model.ctc_loss(speech, speech_mask, batch, ctc_temperature) if ctc_weight else 0.0
     examples = batch["examples"]
-    return model.answer_loss(speech, speech_mask, [ex["instruction"] for ex in examples],
-                             [ex["target"] for ex in examples])  # fmt: skip
+    instructions, targets = (
+        [ex["instruction"] for ex in examples],
+        [ex["target"] for ex in examples],
+    )
+    return model.answer_loss(speech, speech_mask, instructions, targets) + ctc_weight * ctc
 
 
 @torch.no_grad()
@@ -218,19 +238,23 @@ def main(argv=None):
         model.load_feature_cache(args.feature_cache_file)
 
     order = common.BatchOrder(len(examples), args.batch_size, rank, world, seed=args.seed)
+    # the transcripts' tokens only for the CTC alignment: the targets go through the chat template
     collate = Collator(
-        model.encoder.feature_extractor
-    )  # no text side: the targets go through the chat template
-    params = [p for p in model.projector.parameters() if p.requires_grad]
+        model.encoder.feature_extractor, model.tokenizer if args.ctc_weight else None
+    )
+    params = [
+        p for p in model.parameters() if p.requires_grad
+    ]  # the projector (and --lora's weights)
     optimizer = torch.optim.AdamW(
         params, lr=args.lr, weight_decay=0.0
     )  # a fresh optimiser, as the authors
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * total_steps))
     step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    if (
-        world > 1
-    ):  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    if world > 1 and args.lora:
+        raise UserError("--lora trains weights inside the LLM, which DDP here does not synchronise")
+    # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model.projector = DDP(model.projector, device_ids=ids, broadcast_buffers=False)
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
@@ -262,7 +286,7 @@ def main(argv=None):
             if world > 1:  # all-reduce the gradients only on the last micro-step (nanoGPT's trick)
                 model.projector.require_backward_grad_sync = micro == args.grad_accum - 1
             with common.autocast(device, dtype):
-                loss = answer_loss(model, batch)
+                loss = answer_loss(model, batch, args.ctc_weight, args.ctc_temperature)
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if guard.ok(grad_norm, step, args.out):  # skip a step whose gradient is inf/NaN

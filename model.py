@@ -185,6 +185,9 @@ class WindowQFormer(nn.Module):
         self.query_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([QFormerBlock(cfg, enc_dim) for _ in range(cfg.layers)])
         self.out = nn.Linear(cfg.dim, llm_dim)
+        # the CTC blank (contrastive.ctc_logits), scored beside the LLM's token embeddings; part of the
+        # projector so that it is saved with it; frozen unless a CTC objective trains it (train_blank)
+        self.blank = nn.Parameter(torch.randn(llm_dim) * 0.02, requires_grad=False)
 
     def forward(self, frames, mask):
         if self.training and self.cfg.time_mask > 0:
@@ -243,9 +246,9 @@ class SpeechLLM(nn.Module):
         self.num_layers = self.llm.config.num_hidden_layers
         self.projector = WindowQFormer(self.encoder.dim, self.llm.config.hidden_size, qformer)
         self.sink_token = sink_token
-        self.feature_cache = (
-            None  # dict key -> frozen encoder frames, set by the training scripts when asked
-        )
+        self.compress = False  # the LLM reads CTC-compressed speech (finetune.py --compress)
+        self.lora = None  # {"rank", "alpha"} of the LoRA on the LLM (finetune.py --lora; add_lora)
+        self.feature_cache = None  # key -> frozen encoder frames (the scripts' --cache-features)
 
     def train(self, mode=True):
         # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no dropout).
@@ -294,6 +297,44 @@ class SpeechLLM(nn.Module):
         """Collated batch -> (speech embeddings [B, S, D_llm], mask [B, S]). Gradients reach the projector."""
         frames, mask = self.speech_frames(batch)
         return self.projector(frames.float(), mask)
+
+    def for_llm(self, speech, speech_mask):
+        """What the LLM reads in the speech's place: the projector's outputs, or with self.compress about
+        one vector per token (contrastive.ctc_compress: blanks dropped, each token's run averaged)."""
+        if not self.compress:
+            return speech, speech_mask
+        return contrastive.ctc_compress(speech, speech_mask, self.embedding_table(), self.blank)
+
+    def ctc_loss(self, speech, speech_mask, batch, temperature=0.05):
+        """The token-level alignment: CTC of the transcript's tokens (batch["text_ids"]) over the LLM's
+        embedding table and the blank (contrastive.ctc_alignment_loss). No LLM pass."""
+        table, ids, mask = self.embedding_table(), batch["text_ids"], batch["text_mask"]
+        return contrastive.ctc_alignment_loss(
+            speech, speech_mask, ids, mask, table, self.blank, temperature
+        )
+
+    @torch.no_grad()
+    def read_out(self, batch):
+        """What the projector spells, without the LLM: each output's nearest token embedding or the blank,
+        collapsed as CTC does (greedy), decoded to text. One string per utterance."""
+        was_training = self.training
+        speech, speech_mask = self.eval().encode_speech(batch)
+        self.train(was_training)
+        ids = contrastive.ctc_readout(speech, speech_mask, self.embedding_table(), self.blank)
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
+
+    def train_blank(self):
+        """The CTC objectives train the blank with the projector (the others never use it)."""
+        self.blank.requires_grad_(True)
+        return self
+
+    @property
+    def blank(self):
+        return unwrap(self.projector).blank
+
+    def embedding_table(self):
+        """The frozen LLM's input-embedding table [V, D]: the CTC alignment's classes."""
+        return self.llm.get_input_embeddings().weight
 
     def embed_tokens(self, ids):
         return self.llm.get_input_embeddings()(ids)
@@ -461,10 +502,14 @@ class SpeechLLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[supervised])
 
     def answer_loss(self, speech, speech_mask, instructions, targets):
-        """Stage 2's loss (and ASR pretraining's): each utterance's speech spliced into the chat prompt before
-        its instruction, next-token cross-entropy on the target and the end-of-turn token only."""
+        """Stage 2's loss (and ASR pretraining's): each utterance's speech (the projector's outputs, as the
+        LLM reads them: for_llm) spliced into the chat prompt before its instruction, next-token
+        cross-entropy on the target and the end-of-turn token only."""
+        speech, speech_mask = self.for_llm(speech, speech_mask)
         embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
-        return self.lm_loss(embeds, mask, labels, prefix=self.shared_prefix(instructions))
+        # with LoRA the shared prefix's keys and values depend on trained weights: no cached prefix then
+        prefix = 0 if self.lora else self.shared_prefix(instructions)
+        return self.lm_loss(embeds, mask, labels, prefix=prefix)
 
     def shared_prefix(self, instructions):
         """How many positions every chat_batch sequence of these instructions starts with in common: the chat
@@ -479,7 +524,7 @@ class SpeechLLM(nn.Module):
         loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens, and
         keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end" (the
         end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
-        speech, speech_mask = self.encode_speech(batch)
+        speech, speech_mask = self.for_llm(*self.encode_speech(batch))
         return self.generate_from(
             speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons
         )
@@ -520,6 +565,18 @@ class SpeechLLM(nn.Module):
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return (texts, reasons) if stop_reasons else texts
 
+    # --- LoRA on the frozen LLM (finetune.py --lora; an addition, the paper trains the projector only) ----
+
+    def add_lora(self, rank, alpha=None):
+        """Wrap the LLM's attention projections (q/k/v/o) in LoRALinear; their low-rank updates train and
+        are saved beside the projector (lora.safetensors)."""
+        alpha = alpha or 2 * rank
+        for module in list(self.llm.modules()):
+            for name, child in list(module.named_children()):
+                if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                    setattr(module, name, LoRALinear(child, rank, alpha))
+        self.lora = {"rank": rank, "alpha": alpha}
+
     # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
 
     def meta(self):
@@ -530,6 +587,8 @@ class SpeechLLM(nn.Module):
             "sink_token": self.sink_token,
             "llm_dim": self.llm.config.hidden_size,
             "encoder_dim": self.encoder.dim,
+            "compress": self.compress,
+            "lora": self.lora,
         }
 
     def save_projector(self, out, **extra):
@@ -540,6 +599,13 @@ class SpeechLLM(nn.Module):
             k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()
         }
         write_atomically(out / "projector.safetensors", lambda tmp: save_file(state, tmp))
+        if self.lora:  # the LoRA weights: a few MB beside the projector, never the LLM itself
+            lora = {
+                k: v.detach().contiguous().cpu()
+                for k, v in self.llm.named_parameters()
+                if ".lora_" in k
+            }
+            write_atomically(out / "lora.safetensors", lambda tmp: save_file(lora, tmp))
         meta = json.dumps({**self.meta(), **extra}, indent=2, default=str)
         write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
 
@@ -566,7 +632,11 @@ class SpeechLLM(nn.Module):
                     f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
                     f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')})."
                 )
-        unwrap(self.projector).load_state_dict(load_file(ckpt / "projector.safetensors"))
+        state = load_file(ckpt / "projector.safetensors")
+        state.setdefault("blank", self.blank.detach().clone())  # saved before the CTC blank existed
+        unwrap(self.projector).load_state_dict(state)
+        if meta.get("lora") and self.lora:  # a checkpoint with LoRA, into a model that has it
+            self.llm.load_state_dict(load_file(ckpt / "lora.safetensors"), strict=False)
         return meta
 
     @classmethod
@@ -590,8 +660,30 @@ class SpeechLLM(nn.Module):
             meta.get("sink_token", False),
             resolve=resolve,
         )
+        if meta.get("lora"):
+            model.add_lora(**meta["lora"])
+        model.compress = meta.get("compress", False)
         model.load_projector(ckpt)
         return model, meta
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention (SmolLM2, Llama)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear W plus a trainable low-rank update (Hu et al. 2021): W x + (alpha / r) B A x,
+    with A random and B zero, so the wrapped LLM starts exactly as the frozen one."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.zeros_(self.lora_b.weight)  # the update starts at zero
+
+    def forward(self, x):
+        # the update in float32: it is small next to the frozen output, and bf16 would round it away
+        return self.base(x) + (self.lora_b(self.lora_a(x.float())) * self.scale).to(x.dtype)
 
 
 def unwrap(module):

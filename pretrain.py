@@ -8,6 +8,7 @@ transcripts in the batch (contrastive.py). Only the projector trains.
     python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~8 min, 2 cores)
     python pretrain.py --llm llama --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
     python pretrain.py --loss asr             # the ASR-pretraining baseline
+    python pretrain.py --loss contrastive+ctc  # the paper's loss plus token-level alignment (CTC)
     torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl   # several GPUs (DDP)
     python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2   # a smoke run
     python pretrain.py --out out/pretrain --resume      # continue a killed run from its newest checkpoint
@@ -39,12 +40,8 @@ def get_args(argv=None):
     common.add_model_flags(p)
     common.add_data_flags(p, several=False, max_audio_seconds=45.0)  # the paper keeps 1-45 s
     g = p.add_argument_group("objective")
-    g.add_argument(
-        "--loss",
-        choices=["contrastive", "asr", "contrastive+asr"],
-        default="contrastive",
-        help="objective",
-    )
+    losses = ["contrastive", "asr", "contrastive+asr", "ctc", "contrastive+ctc"]
+    g.add_argument("--loss", choices=losses, default="contrastive", help="the objective")
     g.add_argument(
         "--sim",
         choices=["cos", "wasserstein"],
@@ -52,6 +49,8 @@ def get_args(argv=None):
         help="mean-pooled cosine, or Sinkhorn",
     )
     g.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list")
+    g.add_argument("--ctc-weight", type=float, default=1.0, help="+ctc: the CTC loss's weight")
+    g.add_argument("--ctc-temperature", type=float, default=0.05, help="ctc: cosine / this")
     g.add_argument("--temperature", type=float, default=0.1, help="the logits' temperature")
     g.add_argument(
         "--symmetric", action="store_true", help="also speech->text (the paper: text->speech)"
@@ -82,15 +81,17 @@ def get_args(argv=None):
 
     def defaults_for(first, given):
         recipe = common.recipe_defaults(first, given, ["model", "pretrain"])
-        if first.loss == "asr":
+        if first.loss in ("asr", "ctc"):
             recipe["emb_steps"] = 0  # the warm start is the contrastive loss's
         return {**recipe, **common.data_defaults(first, first.encoder or recipe["encoder"])}
 
     args = common.parse_args(p, argv, defaults_for)
     if args.gather_negatives and args.sim != "cos":
         p.error("--gather-negatives gathers pooled vectors: it works with --sim cos only")
-    if args.loss == "asr" and args.emb_steps:
-        p.error("--emb-steps warms up the contrastive loss: it does not apply to --loss asr")
+    if args.loss in ("asr", "ctc") and args.emb_steps:
+        p.error(
+            f"--emb-steps warms up the contrastive loss: it does not apply to --loss {args.loss}"
+        )
     return args
 
 
@@ -174,11 +175,12 @@ def gathered_cos_loss(text_pooled, speech_pooled, args):
 
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):
-    """Returns (loss to backpropagate, dict of things to log incl. the loss value). contrastive+asr runs the
-    encoder and the projector once for both losses. ASR pretraining (the baseline) is stage 2's answer loss
-    with the transcript as the answer."""
+    """Returns (loss to backpropagate, dict of things to log incl. the loss value). A combined objective
+    runs the encoder and the projector once for both losses. ASR pretraining (the baseline) is stage 2's
+    answer loss with the transcript as the answer; CTC, the token-level alignment over the LLM's own
+    embedding table (SpeechLLM.ctc_loss), needs no LLM pass."""
     objective, loss, logs, speech = objective or args.loss, 0.0, {"loss": 0.0}, None
-    if objective in ("contrastive", "contrastive+asr"):
+    if objective in ("contrastive", "contrastive+asr", "contrastive+ctc"):
         contrastive_loss, per_layer, acc, speech = contrastive_step(
             model, batch, layers, args, text_cache
         )
@@ -190,6 +192,11 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
         asr = model.answer_loss(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
+    if objective in ("ctc", "contrastive+ctc"):
+        speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
+        ctc = model.ctc_loss(speech, speech_mask, batch, args.ctc_temperature)
+        loss = loss + args.ctc_weight * ctc
+        logs.update(loss=logs["loss"] + args.ctc_weight * ctc.item(), ctc=ctc.item())
     return loss, logs
 
 
@@ -247,6 +254,8 @@ def main(argv=None):
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
     model = build_model(args, dtype).to(device)
+    if "ctc" in args.loss:
+        model.train_blank()
     try:
         layers = contrastive.select_layers(args.layers, model.num_layers)
     except ValueError as e:
@@ -284,7 +293,7 @@ def main(argv=None):
         desc="pretrain",
     )
     for step in progress:
-        # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass) before the full objective
+        # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass; with CTC if asked)
         warm = step < args.emb_steps
         step_layers = [0] if warm else layers
         cosine = common.cosine_lr(
@@ -299,6 +308,10 @@ def main(argv=None):
             progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(r1['plain'])} "
                            f"centred {fmt(r1['centred'])}")  # fmt: skip
             log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers)
+            if "ctc" in args.loss:  # what the projector spells so far, read out without the LLM
+                batch = to_device(collate(dev[:2]), device)
+                for row, heard in zip(dev[:2], model.read_out(batch)):
+                    progress.write(f"  said: {row['text']}\n  read: {heard}")
         if master and args.save_every and step > 0 and step % args.save_every == 0:
             common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
             model.save_feature_cache(args.feature_cache_file)
@@ -309,7 +322,8 @@ def main(argv=None):
             if world > 1:  # all-reduce the gradients only on the last micro-step (nanoGPT's trick)
                 model.projector.require_backward_grad_sync = micro == args.grad_accum - 1
             with common.autocast(device, dtype):
-                objective = "contrastive" if warm else args.loss
+                warm_loss = "contrastive+ctc" if args.loss == "contrastive+ctc" else "contrastive"
+                objective = warm_loss if warm else args.loss
                 loss, logs = train_step_loss(model, batch, step_layers, args, text_cache, objective)
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -335,7 +349,9 @@ def main(argv=None):
             if "per_layer" in logs:
                 line += f" per layer {step_layers}: {fmt(logs['per_layer'])} in-batch R@1 {fmt(logs['acc'])}"
             progress.write(
-                line + (f" asr {logs['asr']:.3f}" if "asr" in logs else "") + f" ({seconds:.2f}s)"
+                line
+                + "".join(f" {name} {logs[name]:.3f}" for name in ("asr", "ctc") if name in logs)
+                + f" ({seconds:.2f}s)"
             )
 
     step = total_steps

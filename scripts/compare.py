@@ -1,23 +1,29 @@
 """
-compare.py: the paper's comparison in one command. Stage-1 variants (none, ASR pretraining, contrastive
-at the embedding layer or at all layers, cosine or Wasserstein, contrastive + ASR) -> fine-tuning of each
-on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the task-specialised model
-the paper compares against) -> test scores, next to a text topline and a Whisper cascade.
+compare.py: the paper's comparison in one command. Stage-1 variants (none, ASR pretraining,
+contrastive at the embedding layer or at all layers, cosine or Wasserstein, contrastive + ASR) ->
+fine-tuning of each on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the
+task-specialised model the paper compares against) -> test scores, next to a text topline and a
+Whisper cascade.
 
-    python -m scripts.compare                          # the demo grid (2 cores: ~4.5 h float32); rerun to continue
-    python -m scripts.compare --quick                  # the whole grid with tiny budgets, in minutes (a smoke test)
-    python -m scripts.compare --corpus /data/mine      # another corpus in the demo's layout (below)
-    python -m scripts.compare --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44   # the paper's setup (GPU)
+    # the demo grid (2 cores: ~4.5 h float32); rerun to continue
+    python -m scripts.compare
+    # the whole grid with tiny budgets, in minutes (a smoke test)
+    python -m scripts.compare --quick
+    # another corpus in the demo's layout (below)
+    python -m scripts.compare --corpus /data/mine
+    # the paper's setup (GPU)
+    python -m scripts.compare --llm llama --encoder hubert --corpus /data/paper --seeds 42 43 44
 
-It runs the scripts as a user would (`python pretrain.py ...`, `python finetune.py ...`, `python
-evaluate.py ...`), one cell at a time, and records each finished cell in <out>/cells/<name>.json (its
-command, wall time and metrics); a rerun skips finished cells, so a killed grid continues where it stopped.
-At the end (and after every cell) it writes <out>/results.md (the table), results.json, and two figures:
-r1_per_layer.png (dev R@1 per layer over the stage-1 steps) and metrics.png (test metrics per variant,
-toplines as lines).
+It runs the scripts as a user would (`python pretrain.py ...`, `python finetune.py ...`,
+`python evaluate.py ...`), one cell at a time, and records each finished cell in
+<out>/cells/<name>.json (its command, wall time and metrics); a rerun skips finished cells, so a
+killed grid continues where it stopped.
+At the end (and after every cell) it writes <out>/results.md (the table), results.json, and two
+figures: r1_per_layer.png (dev R@1 per layer over the stage-1 steps) and metrics.png (test metrics
+per variant, toplines as lines).
 
-The corpus folder holds sentences_{train,dev,test}.jsonl (ASR; stage 1 trains on sentences_train) and
-qa_{train,dev,test}.jsonl (spoken QA), in data.py's manifest format, as the demo's does.
+The corpus folder holds sentences_{train,dev,test}.jsonl (ASR; stage 1 trains on sentences_train)
+and qa_{train,dev,test}.jsonl (spoken QA), in data.py's manifest format, as the demo's does.
 """
 
 import argparse
@@ -142,8 +148,9 @@ def get_args(argv=None):
         nargs="*",
         default=["transcript", "whisper"],
         choices=["transcript", "whisper"],
-        help="also score the LLM reading the transcript (text topline) and Whisper's transcript (cascade; the demo's "
-        "Whisper tiny.en, or --evaluate-args '--asr-model ...'); none: --toplines with no value",
+        help="also score the LLM reading the transcript (text topline) and Whisper's transcript "
+        "(cascade; the demo's Whisper tiny.en, or --evaluate-args '--asr-model ...'); none: "
+        "--toplines with no value",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -170,7 +177,8 @@ def run_cell(out, name, command, log):
     )
     if result.returncode != 0:
         raise SystemExit(
-            f"compare.py: cell {name} failed (exit {result.returncode}); its output is in {log.name}"
+            f"compare.py: cell {name} failed (exit {result.returncode}); its output is in "
+            f"{log.name}"
         )
     done = {
         "name": name,
@@ -242,9 +250,9 @@ def stage1(args, out, files, variant, seed, log):
 
 
 def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, same_steps=False):
-    """finetune.py on one task from one start, then evaluate.py on the task's test split. same_steps: train
-    for as many steps as a --frac run does (the epochs scaled by frac / 1.0), so the 100% model gets the
-    same compute and sees as many examples, only more distinct ones."""
+    """finetune.py on one task from one start, then evaluate.py on the task's test split.
+    same_steps: train for as many steps as a --frac run does (the epochs scaled by frac / 1.0), so
+    the 100% model gets the same compute and sees as many examples, only more distinct ones."""
     name = f"{variant}-s{seed}-{task}-{frac:g}"
     folder = out / "finetune" / name
     budget = QUICK["finetune"] if args.quick else []
@@ -309,8 +317,9 @@ def with_value(command, flag, value):
 
 
 def score_open_test(args, out, files, name, command, folder, cell, log):
-    """ASR only: the same evaluate.py command on the open test split (an unseen text source and a held-out
-    voice), merged into the cell as open_<metric>. Other tasks, and corpora without that split: the cell."""
+    """ASR only: the same evaluate.py command on the open test split (an unseen text source and a
+    held-out voice), merged into the cell as open_<metric>. Other tasks, and corpora without that
+    split: the cell."""
     if cell["task"] != "asr" or "open_test" not in files:
         return cell
     command = with_value(
@@ -394,7 +403,8 @@ def read_eval(path):
 
 
 def spread(values):
-    """'mean' for one value, 'mean ± half the range' for several (range = max - min over the seeds)."""
+    """'mean' for one value, 'mean ± half the range' for several (range = max - min over the
+    seeds)."""
     mean = sum(values) / len(values)
     return (
         f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
@@ -486,12 +496,14 @@ def write_results(out, cells, stage1_seconds, args, started):
     )
     text = (
         f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
-        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test split, and "
-        "corpus WER on the open test split (where the corpus has one: a text source and a voice unseen in "
-        "training); "
+        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test "
+        "split, and corpus WER on the open test split (where the corpus has one: a text source "
+        "and a voice unseen in training); "
         "QA: SQuAD F1 / EM (%). "
-        f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, torch {info['torch']}"
-        f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: {wall / 60:.0f} min.\n"
+        f"Mean ± half the range over seeds. Machine: {info['processor']}, {info['cpus']} CPUs, "
+        f"torch {info['torch']}"
+        f"{', ' + info['gpu'] if info['gpu'] else ''}. Run time of all cells: "
+        f"{wall / 60:.0f} min.\n"
     )
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(
@@ -603,7 +615,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files, corpus = corpus_files(args)
-    # the frozen encoder's outputs, computed once for the whole grid (the demo keeps them inside its corpus)
+    # the frozen encoder's outputs, computed once for the whole grid (the demo keeps them inside its
+    # corpus)
     cache = (
         corpus if args.corpus is None else out
     ) / f"features-{(args.encoder or 'whisper-tiny').replace('/', '_')}.pt"
@@ -624,8 +637,8 @@ def main(argv=None):
             stage1_seconds[(variant, seed)] = record["seconds"]
         return folder
 
-    # the key comparison first (cos-all, asr, none; both tasks; the 100% model; the toplines), then the other
-    # variants, then the key variants' other seeds
+    # the key comparison first (cos-all, asr, none; both tasks; the 100% model; the toplines), then
+    # the other variants, then the key variants' other seeds
     first = args.seeds[0]
     plan = [(v, first) for v in KEY_VARIANTS if v in args.variants]
     plan += [(v, first) for v in args.variants if v not in KEY_VARIANTS]

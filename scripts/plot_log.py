@@ -1,14 +1,17 @@
 """
-plot_log.py: a run's log.jsonl as one PNG: the loss over the steps, and for stage 1 the in-batch and the dev
-speech->text R@1 of every contrastive layer.
+plot_log.py: a run's log.jsonl as one PNG: the loss over the steps, and for stage 1 the in-batch and
+the dev speech->text R@1 of every contrastive layer.
 
-    python -m scripts.plot_log out/pretrain/log.jsonl                 # -> out/pretrain/log.png
-    python -m scripts.plot_log out/finetune-qa/log.jsonl --out qa.png  # stage 2: training and dev loss
-    python -m scripts.plot_log runs/contr-cos-all/log.jsonl --smooth 50   # a running mean over 50 steps (long runs)
+    # -> out/pretrain/log.png
+    python -m scripts.plot_log out/pretrain/log.jsonl
+    # stage 2: training and dev loss
+    python -m scripts.plot_log out/finetune-qa/log.jsonl --out qa.png
+    # a running mean over 50 steps (long runs)
+    python -m scripts.plot_log runs/contr-cos-all/log.jsonl --smooth 50
 
-The log is what pretrain.py and finetune.py write (common.JsonLog): one line per training step (loss,
-per_layer, acc = in-batch R@1 per layer, lr, ...) and one per dev evaluation (dev_r1, dev_r1_centred per
-layer, or dev_loss). A half-written last line (a killed run) is skipped.
+The log is what pretrain.py and finetune.py write (common.JsonLog): one line per training step
+(loss, per_layer, acc = in-batch R@1 per layer, lr, ...) and one per dev evaluation (dev_r1,
+dev_r1_centred per layer, or dev_loss). A half-written last line (a killed run) is skipped.
 """
 
 import argparse
@@ -38,7 +41,8 @@ def read_log(path):
 
 
 def per_layer(records, field):
-    """{layer: (steps, values)} of a per-layer field (acc, dev_r1, ...) over the records that have it."""
+    """{layer: (steps, values)} of a per-layer field (acc, dev_r1, ...) over the records that have
+    it."""
     series = {}
     for r in records:
         if field in r:
@@ -60,7 +64,8 @@ def smoothed(values, window):
 
 
 def plot(records, out, smooth=1, title=None):
-    """Draw the panels the log has data for (loss; in-batch R@1 per layer; dev R@1 per layer) into `out`."""
+    """Draw the panels the log has data for (loss; in-batch R@1 per layer; dev R@1 per layer) into
+    `out`."""
     import matplotlib
 
     matplotlib.use("Agg")  # a file, no display

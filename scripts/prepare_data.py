@@ -1,41 +1,57 @@
-"""
+r"""
 prepare_data.py: the corpora as people download them -> data.py's JSONL manifests, one command each.
 
-    python -m scripts.prepare_data mustc /data/MUST-C --out data/paper          # every en-<tgt> pair and split found
+    # every en-<tgt> pair and split found
+    python -m scripts.prepare_data mustc /data/MUST-C --out data/paper
+
     python -m scripts.prepare_data spoken-squad /data/Spoken-SQuAD --out data/paper
     python -m scripts.prepare_data librispeech /data/LibriSpeech --out data/libri --lowercase
-    python -m scripts.prepare_data hf /data/authors/en-de/train.parquet --preset mustc --out data/paper   # the authors' data
-    python -m scripts.prepare_data hf /data/authors/spoken_squad_train.parquet --preset spoken-squad --out data/paper
-    python -m scripts.prepare_data hf /data/my_saved_dataset --split test --text-column sentence --out data/mine
-    python -m scripts.prepare_data mix data/paper     # the paper's selection, in the layout compare.py and the README use
+
+    # the authors' data
+    python -m scripts.prepare_data hf /data/authors/en-de/train.parquet --preset mustc \
+        --out data/paper
+    python -m scripts.prepare_data hf /data/authors/spoken_squad_train.parquet \
+        --preset spoken-squad --out data/paper
+
+    python -m scripts.prepare_data hf /data/my_saved_dataset --split test --text-column sentence \
+        --out data/mine
+
+    # the paper's selection, in the layout compare.py and the README use
+    python -m scripts.prepare_data mix data/paper
 
 What each writes (into --out):
 
-    mustc          mustc_en-<tgt>_<split>.jsonl: one line per segment of a talk (offset + duration into the talk's
-                   wav), transcript, translation, tgt_lang, speaker. Splits as MuST-C names them (train, dev,
-                   tst-COMMON, tst-HE).
-    spoken-squad   spoken_squad_{train,test}.jsonl: one QA line per question, the passage's audio, its ASR
-                   transcript, the question and the gold answers. Passages kept as one file per sentence are
-                   joined into one file per passage, written once under <out>/audio/spoken_squad/.
+    mustc          mustc_en-<tgt>_<split>.jsonl: one line per segment of a talk (offset + duration
+                   into the talk's wav), transcript, translation, tgt_lang, speaker. Splits as
+                   MuST-C names them (train, dev, tst-COMMON, tst-HE).
+    spoken-squad   spoken_squad_{train,test}.jsonl: one QA line per question, the passage's audio,
+                   its ASR transcript, the question and the gold answers. Passages kept as one file
+                   per sentence are joined into one file per passage, written once under
+                   <out>/audio/spoken_squad/.
     librispeech    librispeech_<split>.jsonl: one line per utterance.
-    hf             <name>.jsonl from any Hugging Face `datasets` dataset with an audio column (a save_to_disk
-                   folder, or parquet / arrow / json / csv files): audio kept as bytes is written out once (as
-                   it is, named by its hash, under <out>/audio/); audio kept as paths is read in place.
-                   --preset mustc / spoken-squad: the authors' column names (<src>-<tgt>/<split>.parquet with
-                   sentence, translation, audio, duration; spoken_squad_<split>.parquet with question, answer,
-                   audio), and the names that `mix` reads (mustc_en-de_train, spoken_squad_test, ...).
-    mix            from the manifests above, the paper's fine-tuning mix and test sets (durations 1-45 s for
-                   MuST-C, 1-150 s for Spoken-SQuAD train, 1-100 s for its test, >= 1 s for the MuST-C tests):
-                   sentences_{train,dev,test}.jsonl  MuST-C en-de: transcript + German translation (ASR, ST, stage 1)
-                   st_{train,dev}.jsonl              MuST-C en-fr, en-it, en-es as ST-only lines ("task": "st")
+    hf             <name>.jsonl from any Hugging Face `datasets` dataset with an audio column (a
+                   save_to_disk folder, or parquet / arrow / json / csv files): audio kept as bytes
+                   is written out once (as it is, named by its hash, under <out>/audio/); audio kept
+                   as paths is read in place. --preset mustc / spoken-squad: the authors' column
+                   names (<src>-<tgt>/<split>.parquet with sentence, translation, audio, duration;
+                   spoken_squad_<split>.parquet with question, answer, audio), and the names that
+                   `mix` reads (mustc_en-de_train, spoken_squad_test, ...).
+    mix            from the manifests above, the paper's fine-tuning mix and test sets (durations
+                   1-45 s for MuST-C, 1-150 s for Spoken-SQuAD train, 1-100 s for its test, >= 1 s
+                   for the MuST-C tests):
+                   sentences_{train,dev,test}.jsonl  MuST-C en-de: transcript + German translation
+                                                     (ASR, ST, stage 1)
+                   st_{train,dev}.jsonl              MuST-C en-fr, en-it, en-es as ST-only lines
+                                                     ("task": "st")
                    st-<tgt>_test.jsonl               each pair's test set, ST only (de, fr, it, es)
-                   qa_{train,dev,test}.jsonl         Spoken-SQuAD (dev: passages held out from train)
+                   qa_{train,dev,test}.jsonl         Spoken-SQuAD (dev: passages held out from
+                                                     train)
 
-Every converter counts and reports what it left out, and why. docs/paper-setup.md has the commands from
-the downloads to evaluate.py; docs/data.md the manifest fields and the quirks of each layout.
+Every converter counts and reports what it left out, and why. docs/paper-setup.md has the commands
+from the downloads to evaluate.py; docs/data.md the manifest fields and the quirks of each layout.
 
-Sections: writing manifests | MuST-C | Spoken-SQuAD | LibriSpeech | Hugging Face datasets | the paper's mix |
-the command line.
+Sections: writing manifests | MuST-C | Spoken-SQuAD | LibriSpeech | Hugging Face datasets | the
+paper's mix | the command line.
 """
 
 import argparse
@@ -59,15 +75,16 @@ from data import UserError
 
 
 def audio_ref(path, out):
-    """A manifest's `audio` field: relative to the manifest's folder when the file lies inside it (the audio
-    a converter wrote), else absolute (the corpus stays where it was downloaded)."""
+    """A manifest's `audio` field: relative to the manifest's folder when the file lies inside it
+    (the audio a converter wrote), else absolute (the corpus stays where it was downloaded)."""
     path = Path(path).resolve()
     out = Path(out).resolve()
     return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
 
 
 def write_manifest(path, rows):
-    """Write rows as JSONL, atomically (a temporary file, then rename): a killed run leaves no half manifest."""
+    """Write rows as JSONL, atomically (a temporary file, then rename): a killed run leaves no half
+    manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -91,9 +108,9 @@ def report(path, n, skipped):
 
 
 def read_text_lines(path):
-    """The lines of a text file, split at '\\n' only: str.splitlines() also breaks at U+2028, U+0085, form feeds
-    and the like (and a file opened in text mode at a lone '\\r'); one such character inside a line of TED
-    text would shift every later line against its segment."""
+    """The lines of a text file, split at '\\n' only: str.splitlines() also breaks at U+2028,
+    U+0085, form feeds and the like (and a file opened in text mode at a lone '\\r'); one such
+    character inside a line of TED text would shift every later line against its segment."""
     lines = Path(path).read_bytes().decode("utf-8-sig").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -101,8 +118,9 @@ def read_text_lines(path):
 
 
 # -----------------------------------------------------------------------------
-# MuST-C: <root>/en-<tgt>/data/<split>/wav/<talk>.wav, one recording per talk, and txt/<split>.yaml (one
-# {wav, offset, duration, speaker_id} per segment) line-aligned with txt/<split>.en and txt/<split>.<tgt>
+# MuST-C: <root>/en-<tgt>/data/<split>/wav/<talk>.wav, one recording per talk, and txt/<split>.yaml
+# (one {wav, offset, duration, speaker_id} per segment) line-aligned with txt/<split>.en and
+# txt/<split>.<tgt>
 
 MAX_OVERRUN = (
     0.5  # seconds: a segment that ends past its talk's audio by this much or less is cut at the end
@@ -110,7 +128,8 @@ MAX_OVERRUN = (
 
 
 def mustc_pairs(root, targets):
-    """The en-<tgt> folders under root (or root itself, or one level down, as the archives unpack)."""
+    """The en-<tgt> folders under root (or root itself, or one level down, as the archives
+    unpack)."""
     root = Path(root)
     found = (
         [root]
@@ -135,8 +154,8 @@ def mustc_pairs(root, targets):
 
 
 def read_segments(path):
-    """MuST-C's segment YAML: a list of one-line mappings, one per segment (~230k in en-de's train split).
-    PyYAML's C loader when it has one: the pure-Python loader is many times slower."""
+    """MuST-C's segment YAML: a list of one-line mappings, one per segment (~230k in en-de's train
+    split). PyYAML's C loader when it has one: the pure-Python loader is many times slower."""
     import yaml  # PyYAML, a dependency of transformers
 
     with open(path, encoding="utf-8") as f:
@@ -144,15 +163,15 @@ def read_segments(path):
 
 
 def mustc_split(pair_dir, tgt, split, out):
-    """The manifest rows of one split of one pair, the Counter of segments left out (by reason), and how many
-    segments were cut at the end of their talk."""
+    """The manifest rows of one split of one pair, the Counter of segments left out (by reason), and
+    how many segments were cut at the end of their talk."""
     txt = pair_dir / "data" / split / "txt"
     segments = read_segments(txt / f"{split}.yaml")
     english, target = read_text_lines(txt / f"{split}.en"), read_text_lines(txt / f"{split}.{tgt}")
     if not len(segments) == len(english) == len(target):
         raise UserError(
-            f"{txt}: {len(segments)} segments in {split}.yaml but {len(english)} lines in {split}.en and "
-            f"{len(target)} in {split}.{tgt}: the files must be line-aligned"
+            f"{txt}: {len(segments)} segments in {split}.yaml but {len(english)} lines in "
+            f"{split}.en and {len(target)} in {split}.{tgt}: the files must be line-aligned"
         )
     talk_seconds, rows, skipped, cut = {}, [], Counter(), 0
     for seg, text, translation in zip(segments, english, target):
@@ -202,14 +221,16 @@ def convert_mustc(args):
             )
             if cut:
                 print(
-                    f"  {cut} segments ended up to {MAX_OVERRUN} s past their talk's audio: cut at its end"
+                    f"  {cut} segments ended up to {MAX_OVERRUN} s past their talk's audio: cut "
+                    "at its end"
                 )
 
 
 # -----------------------------------------------------------------------------
-# Spoken-SQuAD: spoken_{train,test}-v1.1.json (SQuAD format: data[a].paragraphs[b] = {context, qas}; the
-# context is the ASR transcript of the spoken passage), and the audio from Spoken-SQuAD_audio.zip, whose
-# train_wav.zip and dev_wav.zip (the test set's audio) hold one wav per sentence, <a>_<b>_<k>.wav
+# Spoken-SQuAD: spoken_{train,test}-v1.1.json (SQuAD format: data[a].paragraphs[b] = {context, qas};
+# the context is the ASR transcript of the spoken passage), and the audio from
+# Spoken-SQuAD_audio.zip, whose train_wav.zip and dev_wav.zip (the test set's audio) hold one wav
+# per sentence, <a>_<b>_<k>.wav
 
 SPOKEN_SQUAD = {
     "train": ("spoken_train-v1.1.json", "train_wav"),
@@ -218,7 +239,8 @@ SPOKEN_SQUAD = {
 
 
 def find_one(root, name):
-    """root/name, or the one match one or two folders down (the archives nest their folders), else None."""
+    """root/name, or the one match one or two folders down (the archives nest their folders), else
+    None."""
     for pattern in (name, f"*/{name}", f"*/*/{name}"):
         matches = sorted(Path(root).glob(pattern))
         if matches:
@@ -227,9 +249,9 @@ def find_one(root, name):
 
 
 def passage_audio_index(audio_dir):
-    """(a, b) -> the passage's audio: its own file <a>_<b>.wav, or its sentence files <a>_<b>_<k>.wav in the
-    order of k. One listing of the folder (it holds a file per sentence; a glob per passage would list it again
-    for every passage)."""
+    """(a, b) -> the passage's audio: its own file <a>_<b>.wav, or its sentence files
+    <a>_<b>_<k>.wav in the order of k. One listing of the folder (it holds a file per sentence; a
+    glob per passage would list it again for every passage)."""
     index = {}
     for name in os.listdir(audio_dir):
         m = re.fullmatch(r"(\d+)_(\d+)(?:_(\d+))?\.(wav|flac)", name)
@@ -240,8 +262,9 @@ def passage_audio_index(audio_dir):
 
 
 def passage_file(files, target):
-    """One file for the passage: the file itself, or its sentences joined (in order, at their own rate) and
-    written once as FLAC to `target` (to a temporary name first: a killed run leaves no half file)."""
+    """One file for the passage: the file itself, or its sentences joined (in order, at their own
+    rate) and written once as FLAC to `target` (to a temporary name first: a killed run leaves no
+    half file)."""
     if len(files) == 1:
         return files[0]
     if not target.exists():
@@ -249,7 +272,8 @@ def passage_file(files, target):
         rates = {rate for _, rate in parts}
         if len(rates) > 1:
             raise UserError(
-                f"{files[0].parent}: the sentences of one passage have different rates: {sorted(rates)}"
+                f"{files[0].parent}: the sentences of one passage have different rates: "
+                f"{sorted(rates)}"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
@@ -312,8 +336,8 @@ def convert_spoken_squad(args):
 
 
 # -----------------------------------------------------------------------------
-# LibriSpeech: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac, with <speaker>-<chapter>.trans.txt
-# (one "<id> <TRANSCRIPT>" per line, upper case, no punctuation)
+# LibriSpeech: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac, with
+# <speaker>-<chapter>.trans.txt (one "<id> <TRANSCRIPT>" per line, upper case, no punctuation)
 
 
 def convert_librispeech(args):
@@ -365,9 +389,10 @@ HF_BUILDERS = {
 
 
 def open_hf_dataset(paths, split):
-    """(rows to iterate, the folder relative audio paths are read from). A save_to_disk folder is memory-mapped;
-    data files and other folders are streamed (load_dataset(..., streaming=True)), so nothing is copied into
-    the datasets cache. Audio columns are left undecoded: their bytes or paths are all a manifest needs."""
+    """(rows to iterate, the folder relative audio paths are read from). A save_to_disk folder is
+    memory-mapped; data files and other folders are streamed (load_dataset(..., streaming=True)), so
+    nothing is copied into the datasets cache. Audio columns are left undecoded: their bytes or
+    paths are all a manifest needs."""
     import datasets  # optional (requirements-extras.txt): only this converter needs it
 
     first = Path(paths[0])
@@ -398,7 +423,8 @@ def undecoded(ds, column):
     features = ds.features or {}
     if column not in features and features:
         raise UserError(
-            f"no column '{column}' (the columns: {', '.join(features)}); name it with --audio-column"
+            f"no column '{column}' (the columns: {', '.join(features)}); name it with "
+            "--audio-column"
         )
     if isinstance(features.get(column), datasets.Audio):
         ds = ds.cast_column(column, datasets.Audio(decode=False))
@@ -415,10 +441,10 @@ AUDIO_MAGIC = {
 
 
 def hf_audio_file(value, base, out):
-    """One row's audio value -> a file on disk: bytes are written once to <out>/audio/<hash><ext> (as they
-    are: no decoding, no re-encoding; the same bytes in two datasets, as the English audio of each MuST-C
-    pair, make one file), a path is read in place, a decoded array is written as FLAC. None if the value
-    holds no audio."""
+    """One row's audio value -> a file on disk: bytes are written once to <out>/audio/<hash><ext>
+    (as they are: no decoding, no re-encoding; the same bytes in two datasets, as the English audio
+    of each MuST-C pair, make one file), a path is read in place, a decoded array is written as
+    FLAC. None if the value holds no audio."""
     if isinstance(value, str):
         value = {"path": value, "bytes": None}
     if not isinstance(value, dict):
@@ -461,8 +487,9 @@ def write_once(out, digest, ext, write):
 
 
 def hf_name(args, path):
-    """The manifest's name: --name, else the names `mix` reads for the presets (mustc_en-de_train from
-    en-de/train.parquet, spoken_squad_test from spoken_squad_test.parquet), else the file or folder name."""
+    """The manifest's name: --name, else the names `mix` reads for the presets (mustc_en-de_train
+    from en-de/train.parquet, spoken_squad_test from spoken_squad_test.parquet), else the file or
+    folder name."""
     if args.name:
         return args.name
     stem = path.stem if path.is_file() else path.name
@@ -473,7 +500,8 @@ def hf_name(args, path):
 
 
 def language_pair(path):
-    """('en', 'de') from a path with a <src>-<tgt> folder (the authors' en-de/train.parquet), else None."""
+    """('en', 'de') from a path with a <src>-<tgt> folder (the authors' en-de/train.parquet), else
+    None."""
     for part in reversed(Path(path).resolve().parts):
         m = re.fullmatch(r"([a-z]{2,3})-([a-z]{2,3})", part)
         if m:
@@ -487,8 +515,8 @@ def hf_question(text):
 
 
 def hf_answers(value):
-    """An answer column's value -> a string, a list of distinct strings, or None: a string, a list, or the
-    SQuAD layout of the hub's QA datasets ({"text": [...], "answer_start": [...]})."""
+    """An answer column's value -> a string, a list of distinct strings, or None: a string, a list,
+    or the SQuAD layout of the hub's QA datasets ({"text": [...], "answer_start": [...]})."""
     if isinstance(value, dict):
         value = value.get("text")
     if isinstance(value, (list, tuple)):
@@ -499,7 +527,8 @@ def hf_answers(value):
 
 
 def hf_row(record, columns):
-    """A dataset record -> (the manifest row without its audio, None), or (None, why it is left out)."""
+    """A dataset record -> (the manifest row without its audio, None), or (None, why it is left
+    out)."""
     row = {}
     for field, column in columns.items():
         if column is None or record[column] is None:
@@ -528,7 +557,8 @@ def convert_hf(args):
         pair = language_pair(args.paths[0])
         if pair is None:
             raise UserError(
-                f"{args.paths[0]}: no <src>-<tgt> folder in the path; give the target with --tgt-lang"
+                f"{args.paths[0]}: no <src>-<tgt> folder in the path; give the target with "
+                "--tgt-lang"
             )
         args.tgt_lang = pair[1]
     if args.text_column is None and args.question_column is None:
@@ -553,7 +583,8 @@ def convert_hf(args):
         missing = [c for c in [args.audio_column, *columns.values()] if c and c not in record]
         if missing:
             raise UserError(
-                f"no column '{missing[0]}' (the columns: {', '.join(record)}); see --help for the flags"
+                f"no column '{missing[0]}' (the columns: {', '.join(record)}); see --help for the "
+                "flags"
             )
         row, why = hf_row(record, columns)
         audio = hf_audio_file(record[args.audio_column], base, out) if row else None
@@ -574,7 +605,8 @@ def convert_hf(args):
 
 
 # -----------------------------------------------------------------------------
-# The paper's mix (the authors' scripts/data_configs): from the manifests above, in the folder they are in
+# The paper's mix (the authors' scripts/data_configs): from the manifests above, in the folder they
+# are in
 
 SPLIT_NAMES = {  # our converters' names, then the authors' parquet names
     "train": ["train"],
@@ -585,8 +617,8 @@ SPLIT_NAMES = {  # our converters' names, then the authors' parquet names
 
 
 def read_jsonl(path, out):
-    """The rows of a converter's manifest (each with its `duration`, which the selection filters on), with
-    relative audio paths made relative to `out` instead."""
+    """The rows of a converter's manifest (each with its `duration`, which the selection filters
+    on), with relative audio paths made relative to `out` instead."""
     rows = []
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
@@ -604,7 +636,8 @@ def read_jsonl(path, out):
 
 
 def mustc_rows(folder, tgt, splits, out):
-    """The lines of these MuST-C splits of en-<tgt> (our names or the authors'), or None if one is missing."""
+    """The lines of these MuST-C splits of en-<tgt> (our names or the authors'), or None if one is
+    missing."""
     rows = []
     for split in splits:
         paths = [folder / f"mustc_en-{tgt}_{name}.jsonl" for name in SPLIT_NAMES[split]]
@@ -653,7 +686,8 @@ def convert_mix(args):
             f"st-{tgt}_test",
             None if rows is None else [{**r, "task": "st"} for r in within(rows, lo)],
         )
-    # Spoken-SQuAD: train 1-150 s, minus --qa-dev-passages whole passages held out as a dev set; test 1-100 s
+    # Spoken-SQuAD: train 1-150 s, minus --qa-dev-passages whole passages held out as a dev set;
+    # test 1-100 s
     train = folder / "spoken_squad_train.jsonl"
     if train.exists():
         rows = within(read_jsonl(train, out), lo, args.qa_max_seconds)
@@ -677,7 +711,8 @@ def convert_mix(args):
     )
     if missing:
         print(
-            f"not written, their converter's manifests are missing in {folder}: {', '.join(missing)}"
+            f"not written, their converter's manifests are missing in {folder}: "
+            f"{', '.join(missing)}"
         )
 
 

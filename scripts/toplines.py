@@ -1,13 +1,17 @@
-"""
+r"""
 The comparison's toplines: no projector, the frozen LLM reads text where the speech would be.
 
-    python -m scripts.toplines --read transcript --task asr    # the text topline: the reference transcript
-    python -m scripts.toplines --read whisper --task qa        # a cascade: Whisper tiny.en's transcript
-    python -m scripts.toplines --read whisper --task asr --asr-model openai/whisper-large-v3 --data test.jsonl
+    # the text topline: the reference transcript
+    python -m scripts.toplines --read transcript --task asr
+    # a cascade: Whisper tiny.en's transcript
+    python -m scripts.toplines --read whisper --task qa
 
-The transcript's own token embeddings take the speech's place in the same chat prompt, and the answers are
-generated and scored exactly as evaluate.py does (for --read whisper --task asr, Whisper's transcript is the
-answer). Writes out/read-<read>/eval-<task>.json unless --out.
+    python -m scripts.toplines --read whisper --task asr --asr-model openai/whisper-large-v3 \
+        --data test.jsonl
+
+The transcript's own token embeddings take the speech's place in the same chat prompt, and the
+answers are generated and scored exactly as evaluate.py does (for --read whisper --task asr,
+Whisper's transcript is the answer). Writes out/read-<read>/eval-<task>.json unless --out.
 """
 
 from pathlib import Path
@@ -19,7 +23,7 @@ from evaluate import (
     add_decoding_flags,
     print_results,
     score,
-    test_manifest,
+    split_manifest,
     unique_questions,
     write_results,
 )
@@ -57,7 +61,7 @@ def main(argv=None):
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
     model = SpeechLLM(args.llm, args.encoder, dtype=dtype).to(device).eval()
-    data = test_manifest(args.data, args.task, args.demo_corpus)
+    data = split_manifest(args.data, args.task, args.demo_corpus)
     examples = task_examples(read_manifest(data)[: args.limit], args.task)
     examples = unique_questions(examples) if args.task == "qa" else examples
     if args.read == "transcript":

@@ -1,5 +1,6 @@
 """bench.py runs end to end and its table holds what the README reports (slow: real demo models, the
-paper-sized loss shapes, one timed repeat): `python -m pytest -m slow tests/test_bench.py`. CI runs it."""
+paper-sized loss shapes, one timed repeat): `python -m pytest -m slow tests/test_bench.py`. CI runs
+it."""
 
 import re
 import subprocess

@@ -1,5 +1,5 @@
-"""compare.py: the grid runs end to end (--quick, tiny models), writes its table, JSON and figures, and a
-rerun skips the cells that finished."""
+"""compare.py: the grid runs end to end (--quick, tiny models), writes its table, JSON and figures,
+and a rerun skips the cells that finished."""
 
 import json
 
@@ -11,7 +11,8 @@ from scripts import compare
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The demo corpus's layout with tiny synthetic data: sentences_* (ASR, with an open test split) and qa_*."""
+    """The demo corpus's layout with tiny synthetic data: sentences_* (ASR, with an open test split)
+    and qa_*."""
     folder = tmp_path_factory.mktemp("corpus")
     write_manifest(folder, n=4, seed=3, name="sentences_open_test.jsonl")
     for split, n, seed in (("train", 40, 0), ("dev", 4, 1), ("test", 4, 2)):

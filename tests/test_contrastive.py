@@ -1,11 +1,12 @@
 """Tests of the loss against obviously-correct slow references (CPU, a few seconds): the reference
-contrastive.py, and the same functions of contrastive_fast.py (`impl`; its internals and its direct parity
-with the reference: tests/test_contrastive_fast.py).
+contrastive.py, and the same functions of contrastive_fast.py (`impl`; its internals and its direct
+parity with the reference: tests/test_contrastive_fast.py).
 
     python -m pytest -q tests/test_contrastive.py
 
-The references are written like the authors' code: unpad each example, mean, normalise, similarity matrix,
-cross-entropy with the diagonal as targets, one layer at a time; geomloss per (text, speech) pair.
+The references are written like the authors' code: unpad each example, mean, normalise, similarity
+matrix, cross-entropy with the diagonal as targets, one layer at a time; geomloss per (text, speech)
+pair.
 """
 
 import pytest
@@ -16,7 +17,8 @@ import contrastive
 import contrastive_fast
 from contrastive import center_pooled, cos_logits, info_nce, retrieval_r1, select_layers
 
-# the public functions both files have: contrastive_loss, masked_mean, sinkhorn_divergence, wasserstein_logits
+# the public functions both files have: contrastive_loss, masked_mean, sinkhorn_divergence,
+# wasserstein_logits
 IMPLS = pytest.mark.parametrize("impl", [contrastive, contrastive_fast], ids=["reference", "fast"])
 
 # -----------------------------------------------------------------------------
@@ -24,8 +26,9 @@ IMPLS = pytest.mark.parametrize("impl", [contrastive, contrastive_fast], ids=["r
 
 
 def ragged(L=3, B=4, T=10, D=16, min_len=1, seed=0, dtype=torch.float32, grad=False):
-    """L layers of [B, T, D] states (a list, like transformers' hidden_states) and a right-padded bool mask
-    with random lengths in [min_len, T]; the last example has exactly one valid position."""
+    """L layers of [B, T, D] states (a list, like transformers' hidden_states) and a right-padded
+    bool mask with random lengths in [min_len, T]; the last example has exactly one valid
+    position."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, T + 1, (B,), generator=g)
     lengths[-1] = 1
@@ -44,7 +47,8 @@ def authors_cos(
     center=False,
 ):
     """Per layer: unpad every example, mean over its tokens, L2-normalise, similarity / temperature,
-    cross-entropy over the speech columns with the diagonal as targets. Returns (sum, per-layer list)."""
+    cross-entropy over the speech columns with the diagonal as targets. Returns (sum, per-layer
+    list)."""
     per_layer = []
     for text, speech in zip(text_layers, speech_layers):
         t = torch.stack([x[m].float().mean(0) for x, m in zip(text.detach(), text_mask)])
@@ -61,7 +65,8 @@ def authors_cos(
 
 
 def all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask):
-    """The diameter that starts the batched call's epsilon schedule: over all layers' normalised tokens."""
+    """The diameter that starts the batched call's epsilon schedule: over all layers' normalised
+    tokens."""
     t, s = (
         F.normalize(torch.stack(list(x)).detach().float(), dim=-1)
         for x in (text_layers, speech_layers)
@@ -70,9 +75,9 @@ def all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask):
 
 
 def pairwise_sinkhorn(impl, text_layers, text_mask, speech_layers, speech_mask, temperature=0.1):
-    """Logits from one sinkhorn_divergence call per (layer, text, speech) pair, with the same epsilon
-    schedule as the batched call (same diameter, the largest over the layers), so the two must agree to
-    rounding."""
+    """Logits from one sinkhorn_divergence call per (layer, text, speech) pair, with the same
+    epsilon schedule as the batched call (same diameter, the largest over the layers), so the two
+    must agree to rounding."""
     diameter = all_layers_diameter(text_layers, text_mask, speech_layers, speech_mask)
     logits = []
     for text, speech in zip(text_layers, speech_layers):
@@ -308,8 +313,8 @@ def test_bf16_inputs_use_float32_math(impl):
 
 @IMPLS
 def test_autocast_does_not_reach_the_loss_math(impl):
-    """Under bf16 autocast (--dtype bfloat16, CPU or CUDA) a product of float32 tensors would run in bf16;
-    the loss switches autocast off, so it gives the float32 numbers exactly."""
+    """Under bf16 autocast (--dtype bfloat16, CPU or CUDA) a product of float32 tensors would run in
+    bf16; the loss switches autocast off, so it gives the float32 numbers exactly."""
     text, text_mask = ragged(T=9, seed=11)
     speech, speech_mask = ragged(T=20, seed=12)
     for sim in ("cos", "wasserstein"):
@@ -361,7 +366,8 @@ def test_wasserstein_batched_equals_a_per_pair_loop(impl):
 
 @IMPLS
 def test_sinkhorn_reads_no_padding_whatever_the_pattern(impl):
-    """Valid steps scattered anywhere (in order) and NaN at padding: the divergences and gradients of right padding."""
+    """Valid steps scattered anywhere (in order) and NaN at padding: the divergences and gradients
+    of right padding."""
     text, text_mask = ragged(L=2, B=4, T=9, D=8, seed=23)
     speech, speech_mask = ragged(L=2, B=5, T=20, D=8, seed=24)
     t, s = (
@@ -384,8 +390,9 @@ def test_sinkhorn_reads_no_padding_whatever_the_pattern(impl):
 
 
 def clustered(n, D, seed, centers=3, jitter=0.03):
-    """n unit vectors around a few centres: neighbours within the Sinkhorn blur, so that the transport
-    plans (OT(a, a)'s included) are not trivial permutations and gradients test something."""
+    """n unit vectors around a few centres: neighbours within the Sinkhorn blur, so that the
+    transport plans (OT(a, a)'s included) are not trivial permutations and gradients test
+    something."""
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(centers, D, generator=g)
     x = c[torch.randint(0, centers, (n,), generator=g)] + jitter * torch.randn(n, D, generator=g)
@@ -408,8 +415,9 @@ def test_sinkhorn_value_and_gradient_match_geomloss(impl):
 
 
 def geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diameter):
-    """The authors' loop: one SamplesLoss call per (layer, text, speech) pair, tokens L2-normalised in
-    float32. same_diameter: start every pair's epsilon schedule where our batched call starts it."""
+    """The authors' loop: one SamplesLoss call per (layer, text, speech) pair, tokens L2-normalised
+    in float32. same_diameter: start every pair's epsilon schedule where our batched call starts
+    it."""
     d = all_layers_diameter(text, text_mask, speech, speech_mask) if same_diameter else None
     logits = []
     for t, s in zip(text, speech):
@@ -437,7 +445,8 @@ def test_wasserstein_matches_geomloss(impl):
     text, text_mask = ragged(L=2, B=3, T=9, D=16, seed=16)
     speech, speech_mask = ragged(L=2, B=3, T=20, D=16, seed=17, grad=True)
     logits = impl.wasserstein_logits(text, text_mask, speech, speech_mask)
-    # exactly the authors' calls: each pair anneals from its own diameter, we from the batch's: within 2%
+    # exactly the authors' calls: each pair anneals from its own diameter, we from the batch's:
+    # within 2%
     ref = geomloss_logits(geomloss, text, text_mask, speech, speech_mask, same_diameter=False)
     assert ((logits - ref).abs() / ref.abs()).max() < 0.02
     # the same schedule: the same numbers and the same gradients
@@ -478,8 +487,9 @@ def test_retrieval_r1():
 
 
 def test_retrieval_r1_from_pooled_states_centred_or_not():
-    """retrieval_r1(cos_logits(...)): for each utterance, is its own transcript the closest by cosine, with
-    no centring, each side centred by its own means, or centred by given means (a per-example loop)."""
+    """retrieval_r1(cos_logits(...)): for each utterance, is its own transcript the closest by
+    cosine, with no centring, each side centred by its own means, or centred by given means (a
+    per-example loop)."""
     g = torch.Generator().manual_seed(26)
     common = 5 * torch.randn(2, 1, 8, generator=g)  # a large shared direction, as LLM states have
     text, speech = (

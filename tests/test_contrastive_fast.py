@@ -1,10 +1,10 @@
-"""contrastive_fast.py: the same numbers as the reference contrastive.py (values and gradients, every option),
-and its speed machinery checked piece by piece (CPU, a few seconds).
+"""contrastive_fast.py: the same numbers as the reference contrastive.py (values and gradients,
+every option), and its speed machinery checked piece by piece (CPU, a few seconds).
 
     python -m pytest -q tests/test_contrastive_fast.py
 
-Both files are also checked against the slow per-example loops and geomloss in tests/test_contrastive.py;
-the Triton kernel against the PyTorch pooling in tests/test_triton.py.
+Both files are also checked against the slow per-example loops and geomloss in
+tests/test_contrastive.py; the Triton kernel against the PyTorch pooling in tests/test_triton.py.
 """
 
 import math
@@ -22,7 +22,8 @@ import contrastive_fast as fast
 
 
 def with_holes(mask, seed):
-    """The mask with random holes, each row keeping at least its first valid step (any padding pattern)."""
+    """The mask with random holes, each row keeping at least its first valid step (any padding
+    pattern)."""
     keep = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.7
     keep[torch.arange(len(mask)), mask.int().argmax(1)] = True
     return mask & keep
@@ -55,8 +56,8 @@ def test_fast_loss_equals_the_reference(sim, symmetric, center, holes):
 
 
 def test_fast_equals_the_reference_stacked_bf16_sink_and_cached_text():
-    """The model's form: one stacked bf16 [L, B, T, D] tensor, the sink step left out of the pool; and the
-    cached text side (text_pooled)."""
+    """The model's form: one stacked bf16 [L, B, T, D] tensor, the sink step left out of the pool;
+    and the cached text side (text_pooled)."""
     text, text_mask = ragged(T=9, seed=35, dtype=torch.bfloat16)
     speech, speech_mask = ragged(T=20, seed=36, dtype=torch.bfloat16)
     text_mask[:, 0], speech_mask[:, 0] = False, False
@@ -115,8 +116,9 @@ def test_bad_kernel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_mean_of_runs_reads_only_the_runs(dtype):
-    """Masks whose valid steps form one run per row (right padding; the sink position dropped; an empty
-    row) take the span path: the values and gradients of the slow loop, and padding is never read."""
+    """Masks whose valid steps form one run per row (right padding; the sink position dropped; an
+    empty row) take the span path: the values and gradients of the slow loop, and padding is never
+    read."""
     layers, mask = ragged(L=3, B=5, T=9, dtype=dtype, seed=23)
     mask[1, 0] = False  # a run that starts later (the sink token left out of the pool)
     mask[2] = False  # no valid step
@@ -205,7 +207,8 @@ def test_length_buckets():
 
 
 def test_sinkhorn_buckets_change_nothing_but_the_speed():
-    """Padding each block of pairs only to its own longest sets must give the numbers of padding everything."""
+    """Padding each block of pairs only to its own longest sets must give the numbers of padding
+    everything."""
     text, text_mask = ragged(L=2, B=5, T=11, D=8, seed=21)
     speech, speech_mask = ragged(L=2, B=6, T=30, D=8, seed=22, grad=True)
 

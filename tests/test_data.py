@@ -1,4 +1,5 @@
-"""data.py: manifest checking (bad lines name the file and line), audio conversion, tasks, subsets, batches."""
+"""data.py: manifest checking (bad lines name the file and line), audio conversion, tasks, subsets,
+batches."""
 
 import json
 
@@ -159,7 +160,8 @@ def test_collator_text_side_is_transcript_tokens_only(tmp_path):
 
 
 def long_recording(path, seconds=6, rate=16000):
-    """A recording whose second k is a tone of 200 * (k + 1) Hz, so a segment's samples say where they came from."""
+    """A recording whose second k is a tone of 200 * (k + 1) Hz, so a segment's samples say where
+    they came from."""
     t = np.arange(rate) / rate
     wave = np.concatenate(
         [0.5 * np.sin(2 * np.pi * 200 * (k + 1) * t) for k in range(seconds)]
@@ -213,7 +215,7 @@ def test_segments_read_their_own_samples_only(tmp_path, monkeypatch, rate):
     if rate == 16000:  # the same samples as the whole file's, sliced
         np.testing.assert_array_equal(second_three, load_audio(tmp_path / "talk.wav")[52000:76000])
     assert len(second_three) == 24000
-    peak = lambda a, lo, hi: np.argmax(np.abs(np.fft.rfft(a[lo:hi]))) * 16000 / (hi - lo)  # noqa: E731
+    peak = lambda a, lo, hi: np.argmax(np.abs(np.fft.rfft(a[lo:hi]))) * 16000 / (hi - lo)
     assert (
         abs(peak(second_three, 0, 12000) - 800) < 5
         and abs(peak(second_three, 12000, 24000) - 1000) < 5
@@ -256,8 +258,8 @@ def test_a_manifest_whose_lines_all_fail_says_why(tmp_path):
         read_manifest(path, skip_bad=True, max_seconds=0.1, log=lambda *_: None)
     message = str(e.value)
     assert (
-        "no usable lines (all 6 lines failed: 5 bad, 1 longer than 0.1 s; line 1: audio file not found"
-        in message
+        "no usable lines (all 6 lines failed: 5 bad, 1 longer than 0.1 s; line 1: audio file not "
+        "found" in message
     )
     assert (
         "line 2: audio file not found" in message

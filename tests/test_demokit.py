@@ -1,7 +1,7 @@
-"""demokit without downloads or TTS: the text's normalisation and sources (a tiny bible.db, wiki markup), the QA
-spans, the splits and the held-out voice, the manifest lines, the atomic build, the wheel hash check, the
-CTranslate2 -> transformers Whisper converter (round trip through a tiny random Whisper), the demo's presets,
-and imports that run one way. Seconds on a CPU:
+"""demokit without downloads or TTS: the text's normalisation and sources (a tiny bible.db, wiki
+markup), the QA spans, the splits and the held-out voice, the manifest lines, the atomic build, the
+wheel hash check, the CTranslate2 -> transformers Whisper converter (round trip through a tiny
+random Whisper), the demo's presets, and imports that run one way. Seconds on a CPU:
 
     python -m pytest -q tests/test_demokit.py
     python -m pytest -q -m slow tests/test_demokit.py   # + the real TTS engines and a small corpus
@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_texts(verses=1500, sentences=400):
-    """Stand-ins for demokit.text's Bible verses (two English versions each) and Wikipedia sentences."""
+    """Stand-ins for demokit.text's Bible verses (two English versions each) and Wikipedia
+    sentences."""
     bible = [
         (
             f"1.{i // 40 + 1}.{i % 40 + 1}",
@@ -80,7 +81,8 @@ def test_normalise_makes_what_is_written_what_is_spoken(written, spoken):
 def test_wiki_markup_to_plain_sentences():
     wikitext = (
         "{{Infobox|name={{nested}}}}\n"
-        "'''Anarchism''' is a [[political philosophy]] that rejects [[hierarchy|hierarchies]].<ref>A source</ref> "
+        "'''Anarchism''' is a [[political philosophy]] that rejects "
+        "[[hierarchy|hierarchies]].<ref>A source</ref> "
         "It is usually described as [[Left-wing politics|left-wing]].<ref name=x/>\n"
         "== History ==\n"
         "* a list item that is not running text.\n"
@@ -94,8 +96,8 @@ def test_wiki_markup_to_plain_sentences():
 
 
 def test_bible_verses_from_a_tiny_database(tmp_path, monkeypatch):
-    """A bible.db in the real schema, inside a wheel-shaped zip: verses in both English versions with their
-    German, normalised and filtered; the result is cached."""
+    """A bible.db in the real schema, inside a wheel-shaped zip: verses in both English versions
+    with their German, normalised and filtered; the result is cached."""
     import sqlite3
     import zipfile
 
@@ -103,7 +105,8 @@ def test_bible_verses_from_a_tiny_database(tmp_path, monkeypatch):
     db = tmp_path / "bible.db"
     con = sqlite3.connect(db)
     con.execute(
-        "CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, vNumber INTEGER, vText TEXT)"
+        "CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, vNumber "
+        "INTEGER, vText TEXT)"
     )
     rows = [
         ("4", 43, 11, 35, "Now Jesus loved Martha, and her sister."),
@@ -180,7 +183,8 @@ def test_no_dev_or_test_text_in_train_and_sizes():
             assert [len(texts[kind, split]) for split in ("train", "dev", "test")] == list(
                 counts
             )  # no duplicates
-        # both English versions of a verse fall in one split: no paraphrase of a test sentence is trained on
+        # both English versions of a verse fall in one split: no paraphrase of a test sentence is
+        # trained on
         refs = {split: refs[split] - {None} for split in ("train", "dev", "test")}
         assert (
             not refs["train"] & refs["dev"]
@@ -394,7 +398,8 @@ def test_ctranslate2_reader(tmp_path):
 
 
 def to_ctranslate2(model, heads):
-    """A transformers Whisper -> CTranslate2 variables (fp16), the inverse of the converter, by hand."""
+    """A transformers Whisper -> CTranslate2 variables (fp16), the inverse of the converter, by
+    hand."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     out = {
         "encoder/num_heads": np.array(heads, np.int16),
@@ -449,7 +454,8 @@ def to_ctranslate2(model, heads):
 
 
 def test_whisper_round_trip_through_ctranslate2(tmp_path):
-    """A tiny random Whisper -> CTranslate2 model.bin -> our reader and converter -> the same logits."""
+    """A tiny random Whisper -> CTranslate2 model.bin -> our reader and converter -> the same
+    logits."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
@@ -493,8 +499,9 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
 
 
 def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkeypatch):
-    """--llm tiny --encoder tiny: common.resolve_model builds the tiny models in the demo folder once; the
-    checkpoint records the names as given, and from_checkpoint rebuilds the model through the same resolver."""
+    """--llm tiny --encoder tiny: common.resolve_model builds the tiny models in the demo folder
+    once; the checkpoint records the names as given, and from_checkpoint rebuilds the model through
+    the same resolver."""
     import common
     from model import QFormerConfig, SpeechLLM
 
@@ -519,7 +526,8 @@ def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkey
 
 
 def project_imports(path):
-    """The project's own modules that the file imports, anywhere in it (imports inside functions included)."""
+    """The project's own modules that the file imports, anywhere in it (imports inside functions
+    included)."""
     own = {p.stem for p in REPO.glob("*.py")} | {"demokit"}
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -542,17 +550,18 @@ LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
 
 
 def test_imports_run_one_way():
-    """Layers, one way. common.py (the recipes, the flags, the plumbing) imports none of the project's modules
-    at its top (demokit only inside the functions that resolve the demo's models and data); contrastive.py
-    imports nothing either, data.py only common.py, model.py only common.py and contrastive.py,
-    contrastive_fast.py only contrastive.py (the reference it matches); demokit only common.py. The three
-    scripts sit on top and never import each other; the tools in scripts/ sit above them."""
+    """Layers, one way. common.py (the recipes, the flags, the plumbing) imports none of the
+    project's modules at its top (demokit only inside the functions that resolve the demo's models
+    and data); contrastive.py imports nothing either, data.py only common.py, model.py only
+    common.py and contrastive.py, contrastive_fast.py only contrastive.py (the reference it
+    matches); demokit only common.py. The three scripts sit on top and never import each other; the
+    tools in scripts/ sit above them."""
     assert {
         p.stem for p in REPO.glob("*.py")
     } == SCRIPTS | LIBRARY  # a new file takes its place here
     assert len(SCRIPTS | LIBRARY) <= 8
-    allowed = {"common": {"demokit"}, "contrastive": set(), "data": {"common"}, "model": {"common", "contrastive"},
-               "contrastive_fast": {"contrastive"}}  # fmt: skip
+    allowed = {"common": {"demokit"}, "contrastive": set(), "data": {"common"},
+               "model": {"common", "contrastive"}, "contrastive_fast": {"contrastive"}}  # fmt: skip
     for name, imports in allowed.items():
         assert project_imports(REPO / f"{name}.py") <= imports, name
     tree = ast.parse((REPO / "common.py").read_text())

@@ -1,6 +1,7 @@
-"""A user error ends a script with one line on stderr and a non-zero exit, never a traceback: a bad manifest
-line, a missing or unfitting checkpoint, a model that cannot be reached or loaded, conflicting flags. Each
-script runs as a user runs it (a subprocess, on the tiny models); a bug in the code keeps its traceback.
+"""A user error ends a script with one line on stderr and a non-zero exit, never a traceback: a bad
+manifest line, a missing or unfitting checkpoint, a model that cannot be reached or loaded,
+conflicting flags. Each script runs as a user runs it (a subprocess, on the tiny models); a bug in
+the code keeps its traceback.
 
     python -m pytest -q tests/test_errors.py
 """
@@ -26,8 +27,9 @@ TINY_PROJECTOR = "--qformer-dim 32 --qformer-heads 4 --qformer-layers 2 --device
 
 
 def fails_in_one_line(command, expect, env=None):
-    """Run `python <command>`: exit status 1, no traceback, and the last line of stderr the only error line,
-    '<script>: error: ...' matching `expect`. (Above it stderr may hold transformers' progress bars.)"""
+    """Run `python <command>`: exit status 1, no traceback, and the last line of stderr the only
+    error line, '<script>: error: ...' matching `expect`. (Above it stderr may hold transformers'
+    progress bars.)"""
     script, *args = shlex.split(command)
     result = subprocess.run(
         [sys.executable, script, *args],
@@ -85,7 +87,8 @@ def test_a_missing_checkpoint(tmp_path, manifest):
 
 def test_a_checkpoint_that_does_not_fit(tiny, manifest, stage1):
     fails_in_one_line(
-        f"pretrain.py {tiny} --data {manifest} --out {stage1} --batch-size 4 --resume --qformer-dim 64",
+        f"pretrain.py {tiny} --data {manifest} --out {stage1} --batch-size 4 --resume "
+        "--qformer-dim 64",
         "Checkpoint .* does not fit this model: qformer",
     )
 
@@ -99,7 +102,8 @@ def test_a_model_out_of_reach_or_not_loadable(paths, manifest, tmp_path):
     )
     (tmp_path / "empty").mkdir()
     fails_in_one_line(
-        f"finetune.py --init none --llm {tmp_path}/empty --encoder {paths['hubert']} --data {manifest}",
+        f"finetune.py --init none --llm {tmp_path}/empty --encoder {paths['hubert']} --data "
+        f"{manifest}",
         "Could not load the LLM's tokenizer '.*empty'",
         env=offline,
     )
@@ -109,7 +113,8 @@ def test_conflicting_flags(manifest, stage1, capsys):
     fails_in_one_line(
         f"finetune.py --init {stage1} --llm tiny --data {manifest}", "--llm tiny does not match"
     )
-    # flags that contradict each other on the command line itself: argparse's usage and one error line, exit 2
+    # flags that contradict each other on the command line itself: argparse's usage and one error
+    # line, exit 2
     with pytest.raises(SystemExit) as stopped:
         pretrain.get_args(["--gather-negatives", "--sim", "wasserstein"])
     assert stopped.value.code == 2
@@ -120,7 +125,8 @@ def test_conflicting_flags(manifest, stage1, capsys):
 
 
 def test_run_main_keeps_the_traceback_of_a_bug():
-    """common.run_main: a user error becomes SystemExit with one line; anything else propagates untouched."""
+    """common.run_main: a user error becomes SystemExit with one line; anything else propagates
+    untouched."""
 
     def user_error():
         raise UserError("first line\nsecond line")

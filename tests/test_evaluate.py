@@ -1,6 +1,6 @@
-"""evaluate.py: the metrics on cases worked out by hand, generation that stops at the end-of-turn token (or
-the cap, or the first newline), and the command line: a generation task, retrieval on a stage-1
-checkpoint, and the answer for one recording.
+"""evaluate.py: the metrics on cases worked out by hand, generation that stops at the end-of-turn
+token (or the cap, or the first newline), and the command line: a generation task, retrieval on a
+stage-1 checkpoint, and the answer for one recording.
 
     PYTHONPATH=.:tests python3 -m pytest -q tests/test_evaluate.py
 """
@@ -38,7 +38,8 @@ def test_wer_corpus_and_mean_by_hand():
     # corpus WER = (0 + 1) / (6 + 2) = 12.5 %; mean of per-utterance WERs = (0 + 50) / 2 = 25 %
     scores = evaluate.compute_metrics("asr", hyps, refs)
     assert scores["wer"] == pytest.approx(12.5) and scores["wer_mean"] == pytest.approx(25.0)
-    # the authors' normalisation: all punctuation goes, so "Don't" == "dont"; an empty answer deletes every word
+    # the authors' normalisation: all punctuation goes, so "Don't" == "dont"; an empty answer
+    # deletes every word
     assert evaluate.compute_metrics("asr", ["dont  STOP"], ["Don't stop!"])["wer"] == 0
     assert evaluate.compute_metrics("asr", [""], ["a b c"])["wer"] == pytest.approx(100.0)
     assert evaluate.compute_metrics("asr", ["a b c d"], ["a b"])["wer"] == pytest.approx(
@@ -49,8 +50,9 @@ def test_wer_corpus_and_mean_by_hand():
 def test_bleu_and_chrf_by_hand():
     hyps = ["Der Hund bellt laut.", "Guten Morgen"]
     refs = ["Der Hund bellt laut.", "Guten Abend"]
-    # 13a tokens: "Der Hund bellt laut ." (5) + "Guten Morgen" (2): 7 hypothesis tokens, 7 reference tokens, BP = 1.
-    # n-gram precisions: 1-gram 6/7, 2-gram 4/5, 3-gram 3/3, 4-gram 2/2 -> BLEU = (6/7 * 4/5 * 1 * 1) ** (1/4)
+    # 13a tokens: "Der Hund bellt laut ." (5) + "Guten Morgen" (2): 7 hypothesis tokens, 7 reference
+    # tokens, BP = 1. n-gram precisions: 1-gram 6/7, 2-gram 4/5, 3-gram 3/3, 4-gram 2/2 -> BLEU =
+    # (6/7 * 4/5 * 1 * 1) ** (1/4)
     scores = evaluate.compute_metrics("st", hyps, refs)
     assert scores["bleu"] == pytest.approx(100 * (6 / 7 * 4 / 5) ** 0.25, abs=1e-6)
     assert (
@@ -74,7 +76,8 @@ def test_squad_em_and_f1_by_hand():
     # 1: "bakery" == normalised second gold -> EM 1, F1 1
     # 2: {two, apples} vs {two}: 1 shared, precision 1/2, recall 1 -> F1 2/3; EM 0
     # 3: nothing shared -> 0, 0
-    # 4: max over golds: "anna" vs "anna b" F1 = 2 * 1 * 1/2 / (1 + 1/2) = 2/3, vs "anna" 1 -> EM 1, F1 1
+    # 4: max over golds: "anna" vs "anna b" F1 = 2 * 1 * 1/2 / (1 + 1/2) = 2/3, vs "anna" 1 -> EM 1,
+    # F1 1
     scores = evaluate.compute_metrics("qa", hyps, refs)
     assert scores["em"] == pytest.approx(100 * 2 / 4)
     assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 0 + 1) / 4)
@@ -118,8 +121,8 @@ def model(paths):
 
 
 def steered(model, script):
-    """Make the LLM's greedy choice follow `script` (token ids; the last one repeats) by adding a large
-    bias to one logit per decoding step. Returns the hook handle."""
+    """Make the LLM's greedy choice follow `script` (token ids; the last one repeats) by adding a
+    large bias to one logit per decoding step. Returns the hook handle."""
     step = {"n": 0}
 
     def hook(module, inputs, logits):
@@ -139,7 +142,7 @@ def test_generation_stops_at_end_of_turn_or_the_cap(model, manifest):
     )  # three lengths: left padding in one batch
     instructions = ["Can you transcribe this audio?"] * 3
     eot = model.prompt_ids(instructions[0])[2]
-    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731  (byte tokens)
+    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # (byte tokens)
 
     handle = steered(model, [eot])
     try:
@@ -182,7 +185,7 @@ def test_a_looping_model_stops_at_the_guard_and_keeps_one_copy(model, manifest):
     rows = read_manifest(manifest)[:3]
     batch = Collator(model.encoder.feature_extractor)(rows)
     instructions = ["Can you transcribe this audio?"] * 3
-    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731  (byte tokens)
+    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # (byte tokens)
     loop = [tok("x"), tok("a"), tok("b"), tok("c")] + [
         tok("a"),
         tok("b"),
@@ -322,7 +325,7 @@ def test_cli_generation_task(finetuned, manifest, capsys):
 def test_cli_all_tasks_of_a_mix_checkpoint(model, manifest, tmp_path, monkeypatch, capsys):
     model.save_projector(tmp_path, step=1, stage="finetune", task="mix", init="none")
     # instead of the demo's test splits
-    monkeypatch.setattr(evaluate, "test_manifest", lambda data, task, size: str(manifest))
+    monkeypatch.setattr(evaluate, "split_manifest", lambda data, task, size: str(manifest))
     evaluate.main(
         ["--ckpt", str(tmp_path), "--max-new-tokens", "2", "--device", "cpu"]
     )  # a mix -> all three tasks
@@ -351,8 +354,9 @@ def test_cli_retrieval_on_a_stage1_checkpoint(model, stage1, manifest):
 
 
 def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkeypatch):
-    """scripts/toplines.py --read transcript: no checkpoint; the LLM gets each transcript's token embeddings where the speech
-    would be, and answers the same as generate_from on those embeddings."""
+    """scripts/toplines.py --read transcript: no checkpoint; the LLM gets each transcript's token
+    embeddings where the speech would be, and answers the same as generate_from on those
+    embeddings."""
     out = tmp_path / "topline.json"
     toplines.main(
         [
@@ -394,8 +398,8 @@ def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkey
 
 
 def test_cli_one_recording(model, finetuned, tmp_path):
-    """`python evaluate.py --audio` on a 44.1 kHz stereo FLAC: the answer equals the in-process one on the
-    same audio (resampled to 16 kHz mono by data.load_audio)."""
+    """`python evaluate.py --audio` on a 44.1 kHz stereo FLAC: the answer equals the in-process one
+    on the same audio (resampled to 16 kHz mono by data.load_audio)."""
     t = np.arange(int(1.2 * 44100)) / 44100
     wave = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], axis=1) * 0.3
     sf.write(tmp_path / "clip.flac", wave.astype("float32"), 44100)
@@ -433,7 +437,8 @@ def test_cli_one_recording(model, finetuned, tmp_path):
 
 
 def test_one_recording_in_other_formats(finetuned, tmp_path, capsys):
-    """--audio reads what soundfile reads (here an MP3 and an 8 kHz OGG); anything else is one clear error."""
+    """--audio reads what soundfile reads (here an MP3 and an 8 kHz OGG); anything else is one clear
+    error."""
     t = np.arange(int(1.0 * 22050)) / 22050
     sf.write(tmp_path / "clip.mp3", (0.3 * np.sin(2 * np.pi * 220 * t)).astype("float32"), 22050)
     sf.write(

@@ -1,6 +1,7 @@
-"""finetune.py: only the answer is supervised, --frac draws the same subset every time and of the right
-size, the CLI runs from scratch (--init none) and from a stage-1 checkpoint (whose projector it really
-starts from), and a wrong --llm / --encoder / shape flag against that checkpoint fails clearly.
+"""finetune.py: only the answer is supervised, --frac draws the same subset every time and of the
+right size, the CLI runs from scratch (--init none) and from a stage-1 checkpoint (whose projector
+it really starts from), and a wrong --llm / --encoder / shape flag against that checkpoint fails
+clearly.
 
     PYTHONPATH=.:tests python3 -m pytest -q tests/test_finetune.py
 """
@@ -29,7 +30,8 @@ TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-laye
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    """12 utterances: 8 sentences with a German translation (ASR + ST examples) and 4 QA passages."""
+    """12 utterances: 8 sentences with a German translation (ASR + ST examples) and 4 QA
+    passages."""
     extra = {i: {"translation": f"satz {i}", "tgt_lang": "de"} for i in range(8)}
     extra.update(
         {
@@ -41,7 +43,8 @@ def manifest(tmp_path_factory):
 
 
 def ft_args(paths, manifest, out, *extra):
-    """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training file."""
+    """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training
+    file."""
     return [
         "--data",
         str(manifest),
@@ -56,7 +59,8 @@ def ft_args(paths, manifest, out, *extra):
         "--device",
         "cpu",
         "--dtype",
-        "float32",  # resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
+        # resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
+        "float32",
         "--no-cache-features",
         *extra,
     ]
@@ -91,7 +95,8 @@ def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeyp
         )  # right padding: the sequence is positions 0..n-1, the answer its last tokens
         assert supervised.tolist() == list(range(n - len(answer), n))
         assert labels[i, supervised].tolist() == answer
-        # everything before is the prompt: chat header, speech, then the instruction (with the QA question)
+        # everything before is the prompt: chat header, speech, then the instruction (with the QA
+        # question)
         before, after, _ = model.prompt_ids(ex["instruction"])
         speech_len = n - len(answer) - len(before) - len(after)
         assert speech_len > 0 and model.tokenizer.decode(after).strip().endswith("assistant")
@@ -252,8 +257,8 @@ def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
 def test_the_init_checkpoint_and_the_recipe_say_what_they_set(
     paths, manifest, stage1, tmp_path, capsys
 ):
-    """--init decides the models and the projector's shape, the recipe the optimisation: the run's first two
-    lines say what each set, and meta.json keeps both."""
+    """--init decides the models and the projector's shape, the recipe the optimisation: the run's
+    first two lines say what each set, and meta.json keeps both."""
     out = tmp_path / "ft"
     finetune.main(
         ft_args(paths, manifest, out, "--task", "asr", "--init", str(stage1), "--max-steps", "1")
@@ -301,7 +306,8 @@ def test_a_few_steps_lower_the_answer_loss_and_train_the_projector_only(paths, m
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    # A random 64-wide LLM can only be steered so far through its input (5.34 -> ~5.05 here), but it moves.
+    # A random 64-wide LLM can only be steered so far through its input (5.34 -> ~5.05 here), but it
+    # moves.
     assert losses[-1] < losses[0] - 0.15, losses
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in frozen.items())
 
@@ -319,8 +325,9 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 
 def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
-    """--dtype bfloat16 on a CPU (autocast; the frozen weights in bf16, the projector in float32): it runs
-    through the Whisper log-mel path (which must stay float32) and gives about the float32 losses."""
+    """--dtype bfloat16 on a CPU (autocast; the frozen weights in bf16, the projector in float32):
+    it runs through the Whisper log-mel path (which must stay float32) and gives about the float32
+    losses."""
     losses = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
@@ -356,8 +363,9 @@ def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
 
 
 def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
-    """A run stopped after its step-2 checkpoint and resumed ends with the projector of an uninterrupted
-    run (same data order, optimiser state and dropout RNG: common.resume, shared with pretrain.py)."""
+    """A run stopped after its step-2 checkpoint and resumed ends with the projector of an
+    uninterrupted run (same data order, optimiser state and dropout RNG: common.resume, shared with
+    pretrain.py)."""
     run = lambda out, *extra: finetune.main(
         ft_args(
             paths,
@@ -396,8 +404,8 @@ def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
-    """torchrun with 2 ranks x batch 2 == 1 process with batch 2 x 2 accumulation steps (the answer loss is a
-    per-micro-batch mean, and DDP averages the ranks' gradients)."""
+    """torchrun with 2 ranks x batch 2 == 1 process with batch 2 x 2 accumulation steps (the answer
+    loss is a per-micro-batch mean, and DDP averages the ranks' gradients)."""
     common = [
         "--task",
         "mix",

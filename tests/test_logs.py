@@ -1,5 +1,5 @@
-"""Logs people can look at: --wandb / --tensorboard get the values of log.jsonl (optional packages, faked here
-unless installed), and plot_log.py draws a run's log as a PNG.
+"""Logs people can look at: --wandb / --tensorboard get the values of log.jsonl (optional packages,
+faked here unless installed), and plot_log.py draws a run's log as a PNG.
 
     python -m pytest -q tests/test_logs.py
 """
@@ -118,8 +118,14 @@ def test_real_tensorboard_events(tmp_path):
 def test_pretrain_flags_reach_the_log(paths, tmp_path, fakes):
     manifest = write_manifest(tmp_path / "data", n=8)
     out = tmp_path / "run"
-    flags = f"--llm {paths['llm']} --encoder {paths['hubert']} --qformer-dim 32 --qformer-heads 4 --qformer-layers 2"
-    run = f"{flags} --device cpu --data {manifest} --dev-data {manifest} --out {out} --batch-size 4 --max-steps 2"
+    flags = (
+        f"--llm {paths['llm']} --encoder {paths['hubert']} --qformer-dim 32 --qformer-heads 4 "
+        "--qformer-layers 2"
+    )
+    run = (
+        f"{flags} --device cpu --data {manifest} --dev-data {manifest} --out {out} --batch-size 4 "
+        "--max-steps 2"
+    )
     pretrain.main(shlex.split(f"{run} --wandb --wandb-project p --tensorboard"))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2]  # two training steps, the final dev retrieval

@@ -1,5 +1,5 @@
-"""model.py: tiny random models saved to a temp folder and loaded through the same from_pretrained path
-users take; windows, masks, hidden states, the chat prompt, checkpoints."""
+"""model.py: tiny random models saved to a temp folder and loaded through the same from_pretrained
+path users take; windows, masks, hidden states, the chat prompt, checkpoints."""
 
 import pytest
 import torch
@@ -26,7 +26,9 @@ def batch(model, tmp_path_factory):
 def test_frozen_parts_and_trainable_projector(model):
     assert all(not p.requires_grad for p in model.llm.parameters())
     assert all(not p.requires_grad for p in model.encoder.parameters())
-    assert all(p.requires_grad for p in model.projector.parameters())
+    trainable = dict(model.projector.named_parameters())
+    assert not trainable.pop("blank").requires_grad  # until a CTC objective trains it (train_blank)
+    assert all(p.requires_grad for p in trainable.values())
     model.train()
     assert not model.llm.training and not model.encoder.model.training and model.projector.training
     model.eval()
@@ -132,7 +134,8 @@ def test_speech_embeddings_and_feature_cache(model, batch):
     model.feature_cache = None
     assert speech.shape[:2] == mask.shape and speech.shape[-1] == model.llm.config.hidden_size
     assert torch.equal(cached_mask, mask)
-    # valid positions only: fully padded windows attend to whatever padding they hold, and are masked
+    # valid positions only: fully padded windows attend to whatever padding they hold, and are
+    # masked
     torch.testing.assert_close(
         first[mask], speech[mask], atol=2e-3, rtol=2e-3
     )  # the cache keeps fp16 frames
@@ -140,7 +143,8 @@ def test_speech_embeddings_and_feature_cache(model, batch):
 
 
 def test_whisper_encoder_true_length_is_batch_invariant(paths, tmp_path):
-    """The encoder runs on each clip's true length: batch padding must not change a clip's frames."""
+    """The encoder runs on each clip's true length: batch padding must not change a clip's
+    frames."""
     model = SpeechLLM(
         paths["llm"], paths["whisper"], QFormerConfig(dim=32, heads=4, layers=1, dropout=0.0)
     )
@@ -234,8 +238,8 @@ def test_lm_loss_equals_cross_entropy_over_full_logits(model):
 
 
 def test_lm_loss_with_a_shared_prefix_cached_is_the_same(model):
-    """lm_loss(prefix=k) computes the first k positions once and lets every sequence attend to that copy:
-    the loss and the gradient into the (speech) embeddings must not change."""
+    """lm_loss(prefix=k) computes the first k positions once and lets every sequence attend to that
+    copy: the loss and the gradient into the (speech) embeddings must not change."""
     instructions = ["Can you transcribe this audio?"] * 3
     prefix = model.shared_prefix(instructions)
     assert prefix == len(model.prompt_ids(instructions[0])[0]) > 0

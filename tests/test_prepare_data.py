@@ -1,5 +1,6 @@
-"""prepare_data.py: each converter on a tiny fake copy of the layout people download, built here (seconds of
-generated audio, no download); the manifests it writes pass data.read_manifest and read the right samples.
+"""prepare_data.py: each converter on a tiny fake copy of the layout people download, built here
+(seconds of generated audio, no download); the manifests it writes pass data.read_manifest and read
+the right samples.
 
     python -m pytest -q tests/test_prepare_data.py
 """
@@ -34,15 +35,16 @@ def lines(path):
 
 
 def fake_mustc(root, tgt, split, segments, talks):
-    """root/en-<tgt>/data/<split>/{wav/<talk>.wav, txt/<split>.{yaml,en,<tgt>}}. segments: (talk, offset,
-    duration, english, translation); talks: {talk: its audio}."""
+    """root/en-<tgt>/data/<split>/{wav/<talk>.wav, txt/<split>.{yaml,en,<tgt>}}. segments: (talk,
+    offset, duration, english, translation); talks: {talk: its audio}."""
     folder = root / f"en-{tgt}" / "data" / split
     (folder / "wav").mkdir(parents=True)
     (folder / "txt").mkdir()
     for talk, audio in talks.items():
         sf.write(folder / "wav" / f"{talk}.wav", audio, 16000)
     yaml = "".join(
-        f"- {{duration: {d:.6f}, offset: {o:.6f}, rW: 3, uW: 0, speaker_id: spk.{t[4:]}, wav: {t}.wav}}\n"
+        f"- {{duration: {d:.6f}, offset: {o:.6f}, rW: 3, uW: 0, speaker_id: spk.{t[4:]}, wav: "
+        f"{t}.wav}}\n"
         for t, o, d, _, _ in segments
     )
     (folder / "txt" / f"{split}.yaml").write_text(yaml)
@@ -99,8 +101,8 @@ def test_mustc_segments_of_every_pair_and_split(mustc_root, tmp_path, capsys):
     ]
     printed = capsys.readouterr().out
     assert (
-        "left out 2 (1 empty transcript or translation, 1 segment ending more than 0.5 s past its talk)"
-        in printed
+        "left out 2 (1 empty transcript or translation, 1 segment ending more than 0.5 s past "
+        "its talk)" in printed
     )
     assert "1 segments ended up to 0.5 s past their talk's audio: cut at its end" in printed
 
@@ -181,8 +183,9 @@ def squad_json(paragraphs):
 
 @pytest.fixture(scope="module")
 def squad_root(tmp_path_factory):
-    """As Spoken-SQuAD unpacks: the JSON files, and Spoken-SQuAD_audio/{train_wav,dev_wav}/ with one 24 kHz wav
-    per sentence (<article>_<paragraph>_<sentence>.wav); the test audio here as one file per passage."""
+    """As Spoken-SQuAD unpacks: the JSON files, and Spoken-SQuAD_audio/{train_wav,dev_wav}/ with one
+    24 kHz wav per sentence (<article>_<paragraph>_<sentence>.wav); the test audio here as one file
+    per passage."""
     root = tmp_path_factory.mktemp("Spoken-SQuAD")
     train = [
         (
@@ -264,7 +267,8 @@ def test_librispeech(tmp_path, capsys):
     sf.write(chapter / "84-121123-0000.flac", tone(1.0, 440), 16000)
     sf.write(chapter / "84-121123-0001.flac", tone(0.5, 880), 16000)
     (chapter / "84-121123.trans.txt").write_text(
-        "84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n84-121123-0002 NO AUDIO\n"
+        "84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS THAN FIVE MINUTES\n"
+        "84-121123-0002 NO AUDIO\n"
     )
     (tmp_path / "LibriSpeech" / "SPEAKERS.TXT").write_text("; not a split\n")
     out = tmp_path / "out"
@@ -288,7 +292,8 @@ def wav_bytes(seconds, freq, path):
 
 def test_hf_authors_mustc_parquet_and_saved_dataset(tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
-    # the authors' layout: <src>-<tgt>/<split>.parquet with sentence, translation, audio (bytes), duration
+    # the authors' layout: <src>-<tgt>/<split>.parquet with sentence, translation, audio (bytes),
+    # duration
     clips = [wav_bytes(1.0 + i / 2, 300 * (i + 1), tmp_path / f"c{i}.wav") for i in range(3)]
     for tgt, translations in (("de", ["eins", "zwei", "drei"]), ("fr", ["un", "deux", ""])):
         ds = datasets.Dataset.from_dict(
@@ -325,9 +330,10 @@ def test_hf_authors_mustc_parquet_and_saved_dataset(tmp_path, capsys):
     fr = read_manifest(out / "mustc_en-fr_train.jsonl")
     assert [r["audio"] for r in fr] == [r["audio"] for r in de[:2]]
 
-    # a save_to_disk folder with two splits, audio kept as paths: read in place; column names as flags
+    # a save_to_disk folder with two splits, audio kept as paths: read in place; column names as
+    # flags
     paths = [str(tmp_path / f"c{i}.wav") for i in range(3)]
-    split = lambda i: datasets.Dataset.from_dict({"wav": paths[i:], "words": ["a", "b", "c"][i:]})  # noqa: E731
+    split = lambda i: datasets.Dataset.from_dict({"wav": paths[i:], "words": ["a", "b", "c"][i:]})
     saved = datasets.DatasetDict({"train": split(0), "test": split(1)})
     saved.save_to_disk(str(tmp_path / "saved"))
     flags = ["--audio-column", "wav", "--text-column", "words", "--out", str(out)]
@@ -428,7 +434,8 @@ def test_mix_writes_the_papers_selection_in_compare_layout(
     for name in ("sentences", "qa"):  # what compare.py --corpus reads
         assert all((out / f"{name}_{split}.jsonl").exists() for split in ("train", "dev", "test"))
 
-    # finetune.py --task mix --data sentences_train st_train qa_train: ASR (en-de), ST (de, then fr), QA
+    # finetune.py --task mix --data sentences_train st_train qa_train: ASR (en-de), ST (de, then
+    # fr), QA
     rows = [
         r
         for name in ("sentences_train", "st_train", "qa_train")
@@ -440,8 +447,8 @@ def test_mix_writes_the_papers_selection_in_compare_layout(
 
 
 # -----------------------------------------------------------------------------
-# docs/paper-setup.md: its commands, from the downloads to evaluate.py, on the fake layouts (tiny models,
-# one step each)
+# docs/paper-setup.md: its commands, from the downloads to evaluate.py, on the fake layouts (tiny
+# models, one step each)
 
 
 def test_the_paper_setup_commands_run_on_the_converters_outputs(

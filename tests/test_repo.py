@@ -1,6 +1,7 @@
-"""The repository holds code, not runs: no tracked text file names an absolute path of the machine that
-wrote it (/work/..., /home/<user>/..., /root/..., /tmp/...), and the tracked files stay under 1.5 MB in all.
-Fast (reads `git ls-files`; skipped outside a git checkout): `python -m pytest tests/test_repo.py -q`."""
+"""The repository holds code, not runs: no tracked text file names an absolute path of the machine
+that wrote it (/work/..., /home/<user>/..., /root/..., /tmp/...), and the tracked files stay under
+1.5 MB in all. Fast (reads `git ls-files`; skipped outside a git checkout):
+`python -m pytest tests/test_repo.py -q`."""
 
 import os
 import re
@@ -27,6 +28,8 @@ BINARY = {
     ".zip",
 }
 MAX_BYTES = 1_500_000
+MAX_LINE = 100  # pyproject.toml's line-length: ruff format sets the code, prose is wrapped by hand
+MAX_LONG_SHARE = 0.05
 
 
 def tracked_files():
@@ -66,8 +69,8 @@ def test_no_absolute_machine_path_in_tracked_files():
                 offending.append(f"{name}:{number}: {line.strip()[:160]}")
                 break
     assert not offending, (
-        f"{len(offending)} tracked file(s) hold an absolute machine path (make it repository-relative):\n"
-        + "\n".join(offending[:10])
+        f"{len(offending)} tracked file(s) hold an absolute machine path (make it "
+        "repository-relative):\n" + "\n".join(offending[:10])
     )
 
 
@@ -82,4 +85,24 @@ def test_tracked_files_under_the_size_limit():
     assert total < MAX_BYTES, (
         f"tracked files: {total:,} bytes, limit {MAX_BYTES:,}; largest:\n"
         + "\n".join(f"{size:>10,}  {name}" for name, size in largest)
+    )
+
+
+def test_few_lines_run_past_100_characters():
+    per_file = {}
+    total = 0
+    for name in tracked_files():
+        path = REPO / name
+        if not name.endswith(".py") or not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        total += len(lines)
+        per_file[name] = sum(len(line) > MAX_LINE for line in lines)
+    long = sum(per_file.values())
+    share = long / max(total, 1)
+    worst = sorted(per_file.items(), key=lambda item: -item[1])[:5]
+    assert share < MAX_LONG_SHARE, (
+        f"{long} of {total} lines ({share:.1%}) of the tracked *.py files run past {MAX_LINE} "
+        f"characters (limit {MAX_LONG_SHARE:.0%}); rewrap the prose. Most in:\n"
+        + "\n".join(f"{count:>5}  {name}" for name, count in worst)
     )

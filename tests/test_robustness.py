@@ -1,5 +1,5 @@
-"""Scale out and hold up: DDP equals one process, a SIGKILLed run resumes exactly, non-finite steps are
-skipped and then stop the run, the same seed gives the same losses."""
+"""Scale out and hold up: DDP equals one process, a SIGKILLed run resumes exactly, non-finite steps
+are skipped and then stop the run, the same seed gives the same losses."""
 
 import json
 import os
@@ -81,13 +81,14 @@ def assert_same_projector(a, b, tol=1e-5):
     for k in pa:
         x, y = pa[k], pb[k]
         if k.endswith("in_proj_bias"):
-            # The key bias's true gradient is 0 (softmax ignores a constant added to every score), so
-            # Adam turns its float round-off (which differs between all-reduce and accumulation) into
-            # +-lr steps. Compare the query and value biases only.
+            # The key bias's true gradient is 0 (softmax ignores a constant added to every score),
+            # so Adam turns its float round-off (which differs between all-reduce and accumulation)
+            # into +-lr steps. Compare the query and value biases only.
             d = len(x) // 3
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
-        # Likewise any weight whose gradient is ~0 at some step: its sign is round-off, and Adam makes it a
-        # step of ~lr. A few such elements (one in a thousand) are allowed; a real difference moves most.
+        # Likewise any weight whose gradient is ~0 at some step: its sign is round-off, and Adam
+        # makes it a step of ~lr. A few such elements (one in a thousand) are allowed; a real
+        # difference moves most.
         differ = ~torch.isclose(x, y, atol=tol, rtol=tol)
         assert differ.sum() <= max(1, x.numel() // 1000), (
             f"{k}: {differ.sum()} of {x.numel()} elements differ"
@@ -96,8 +97,9 @@ def assert_same_projector(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("gather", [False, True])
 def test_ddp_two_processes_equal_one(paths, manifest, tmp_path, gather):
-    """2 ranks x batch 2 == 1 process with the same global batch: with per-rank negatives that is batch 2
-    with 2 accumulation steps (two separate 2x2 losses, averaged); with gathered negatives, batch 4."""
+    """2 ranks x batch 2 == 1 process with the same global batch: with per-rank negatives that is
+    batch 2 with 2 accumulation steps (two separate 2x2 losses, averaged); with gathered negatives,
+    batch 4."""
     common = ["--max-steps", "3", "--dropout", "0", "--no-text-cache"]
     torchrun = [
         sys.executable,

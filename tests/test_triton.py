@@ -1,10 +1,13 @@
-"""The Triton pooling kernel of contrastive_fast.py against its PyTorch pooling (forward and backward).
+"""The Triton pooling kernel of contrastive_fast.py against its PyTorch pooling (forward and
+backward).
 
-    python -m pytest -q tests/test_triton.py            # on the CPU through TRITON_INTERPRET=1 (conftest.py)
-    python -m pytest -q -m slow tests/test_triton.py    # the larger shapes too (several tiles per row)
+    # on the CPU through TRITON_INTERPRET=1 (conftest.py)
+    python -m pytest -q tests/test_triton.py
+    # the larger shapes too (several tiles per row)
+    python -m pytest -q -m slow tests/test_triton.py
 
-Skipped when triton is not installed (`pip install -r requirements-triton.txt`). The interpreter runs every
-program instance in numpy, so the shapes stay tiny.
+Skipped when triton is not installed (`pip install -r requirements-triton.txt`). The interpreter
+runs every program instance in numpy, so the shapes stay tiny.
 """
 
 import os
@@ -24,8 +27,8 @@ if DEVICE == "cpu" and not INTERPRETED:
 
 
 def ragged(L, B, T, D, seed, dtype=torch.float32):
-    """Fresh random [L, B, T, D] states with a ragged right-padded mask: random lengths, one row with a
-    single valid position, one row with none (pools to 0)."""
+    """Fresh random [L, B, T, D] states with a ragged right-padded mask: random lengths, one row
+    with a single valid position, one row with none (pools to 0)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(L, B, T, D, generator=g).to(dtype)
     lengths = torch.randint(1, T + 1, (B,), generator=g)

@@ -1,4 +1,5 @@
-"""Small helpers the tests share: tiny random models saved to a temp folder, and synthetic manifests."""
+"""Small helpers the tests share: tiny random models saved to a temp folder, and synthetic
+manifests."""
 
 import json
 from pathlib import Path
@@ -8,11 +9,15 @@ import soundfile as sf
 
 from demokit.tiny import build_tiny_hubert, build_tiny_llm, build_tiny_whisper
 
-WORDS = "anna ben carla david eva frank meets calls visits at nine ten noon in paris rome oslo on monday friday".split()
+WORDS = (
+    "anna ben carla david eva frank meets calls visits at nine ten noon in paris rome oslo on "
+    "monday friday"
+).split()
 
 
 def tiny_models(folder):
-    """Build the tiny LLM and encoders with their tokenizer / feature extractors into `folder` once."""
+    """Build the tiny LLM and encoders with their tokenizer / feature extractors into `folder`
+    once."""
     folder = Path(folder)
     paths = {"llm": folder / "llm", "hubert": folder / "hubert", "whisper": folder / "whisper"}
     for name, build in (
@@ -26,8 +31,8 @@ def tiny_models(folder):
 
 
 def write_manifest(folder, n=8, seed=0, rate=16000, name="train.jsonl", extra=None):
-    """n utterances of distinct noise-like 'speech' (a different tone mix per utterance) with distinct
-    transcripts, so a projector can learn to tell them apart. Returns the manifest path."""
+    """n utterances of distinct noise-like 'speech' (a different tone mix per utterance) with
+    distinct transcripts, so a projector can learn to tell them apart. Returns the manifest path."""
     folder = Path(folder)
     (folder / "audio").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -50,10 +55,19 @@ def write_manifest(folder, n=8, seed=0, rate=16000, name="train.jsonl", extra=No
 
 
 def pooled_pairs(model, rows, layers, batch_size=16):
-    """SpeechLLM.pooled_pairs over manifest rows, collated in batches as pretrain.py and evaluate.py do."""
+    """SpeechLLM.pooled_pairs over manifest rows, collated in batches as pretrain.py and evaluate.py
+    do."""
     from data import Collator
 
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     return model.pooled_pairs(
         (collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)), layers
     )
+
+
+def argv(line, **values):
+    """A command line written as one string, its {fields} filled in:
+    argv("--out {out}", out=path)."""
+    import shlex
+
+    return shlex.split(line.format(**{k: str(v) for k, v in values.items()}))

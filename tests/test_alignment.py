@@ -1,0 +1,147 @@
+"""The token-level alignment (contrastive.py's CTC section, SpeechLLM.read_out / for_llm, LoRA): each piece
+against a slow, obviously-correct version, and the CLI paths end to end with tiny models.
+
+    python -m pytest -q tests/test_alignment.py
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import argv, write_manifest
+
+import evaluate
+import finetune
+import pretrain
+from contrastive import ctc_alignment_loss, ctc_compress, ctc_logits, ctc_readout, ctc_runs
+from data import Collator, read_manifest
+from model import QFormerConfig, SpeechLLM
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("data"), n=8)
+
+
+def test_ctc_runs_collapse_repeats_and_drop_blanks():
+    blank = 9
+    assert ctc_runs([3, 3, 9, 3, 5, 5, 9, 9, -1, -1], blank) == [(3, 0, 2), (3, 3, 4), (5, 4, 6)]
+    assert ctc_runs([9, 9, -1], blank) == []
+
+
+def test_ctc_loss_is_pytorch_ctc_on_cosine_logits():
+    """The loss against F.ctc_loss on logits built one position and one class at a time."""
+    torch.manual_seed(0)
+    table, blank = torch.randn(11, 6), torch.randn(6)
+    speech = torch.randn(2, 7, 6, requires_grad=True)
+    speech_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    ids, ids_mask = (
+        torch.tensor([[1, 2, 2], [4, 0, 0]]),
+        torch.tensor([[True] * 3, [True, False, False]]),
+    )
+    classes = torch.cat([table, blank[None]])
+    slow = torch.stack(
+        [
+            torch.stack(
+                [F.cosine_similarity(speech[b, s], classes, dim=-1) / 0.05 for s in range(7)]
+            )
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(ctc_logits(speech, table, blank), slow)
+    expected = F.ctc_loss(
+        slow.log_softmax(-1).transpose(0, 1),
+        ids,
+        torch.tensor([7, 5]),
+        torch.tensor([3, 1]),
+        blank=11,
+    )
+    loss = ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert speech.grad[1, 5:].abs().sum() == 0  # padding gets no gradient
+
+
+def test_readout_and_compression_follow_the_nearest_embedding():
+    """Outputs placed on token embeddings (or the blank) read out as those tokens; compression keeps one
+    vector per run, the mean of the run, and the gradient reaches every vector of it."""
+    torch.manual_seed(0)
+    table, blank = torch.randn(11, 6), torch.randn(6)
+    path = [[3, 3, 11, 7, 7, 7, 11], [5, 11, 11, 11, 11, 11, 11]]
+    classes = torch.cat([table, blank[None]])
+    speech = torch.stack([classes[p] for p in path]) * 2.0  # the scale does not change a cosine
+    speech = (speech + 0.01 * torch.randn_like(speech)).requires_grad_(True)
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    assert ctc_readout(speech, mask, table, blank) == [[3, 7], [5]]
+    short, short_mask = ctc_compress(speech, mask, table, blank)
+    assert short_mask.tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(short[0, 1], speech[0, 3:6].mean(0))
+    short[0, 1].sum().backward()
+    assert (speech.grad[0, 3:6] != 0).all() and (speech.grad[0, :3] == 0).all()
+
+
+def test_lora_starts_as_the_frozen_llm_and_trains_alone(paths, manifest):
+    torch.manual_seed(0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
+    ids = torch.tensor([[1, 5, 7, 2]])
+    before = model.llm(ids).logits
+    model.add_lora(4)
+    torch.testing.assert_close(
+        model.llm(ids).logits, before
+    )  # B = 0: the same function at the start
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        name.startswith("projector.") or ".lora_" in name for name in trainable
+    )
+    assert any(".lora_" in name for name in trainable)
+
+
+def test_a_ctc_step_trains_the_projector_and_its_blank_only(paths, manifest):
+    """--loss ctc: a real CTC loss (4-frame windows give enough positions for the tiny transcripts), a
+    gradient for every projector weight and the blank, none for the frozen LLM."""
+    torch.manual_seed(0)
+    cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).train_blank().train()
+    args = pretrain.get_args(argv("--llm {llm} --encoder {hubert} --data x --loss ctc", **paths))
+    batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
+    loss, logs = pretrain.train_step_loss(model, batch, [0], args, text_cache=None)
+    assert logs["ctc"] > 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    grads = {name: p.grad for name, p in model.projector.named_parameters()}
+    assert grads["blank"] is not None and grads["out.weight"].abs().sum() > 0
+
+
+def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tmp_path):
+    """pretrain.py --loss contrastive+ctc, finetune.py --compress --lora --ctc-weight, evaluate.py on both:
+    the fine-tuned checkpoint rebuilds its LoRA and compression, and answers as the in-process model."""
+    common = "--llm {llm} --encoder {hubert} --data {data} --dev-data {data} --device cpu --dtype float32"
+    values = dict(paths, data=manifest)
+    stage1 = tmp_path / "s1"
+    pretrain.main(
+        argv(common + " --out {out} --loss contrastive+ctc --max-steps 3 --emb-steps 1 --batch-size 4"
+             " --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 --window 4", **values, out=stage1)
+    )  # fmt: skip
+    result = evaluate.main(
+        argv("--ckpt {ckpt} --task readout --data {data} --device cpu", ckpt=stage1, data=manifest)
+    )
+    assert result["readout"]["n"] == 8 and "wer" in result["readout"]["metrics"]
+    stage2 = tmp_path / "s2"
+    finetune.main(
+        argv(common + " --out {out} --init {init} --task asr --max-steps 2 --batch-size 2 --compress --lora 2"
+             " --ctc-weight 1 --no-cache-features", **values, out=stage2, init=stage1)
+    )  # fmt: skip
+    meta = json.loads((stage2 / "meta.json").read_text())
+    assert meta["compress"] is True and meta["lora"] == {"rank": 2, "alpha": 4}
+    assert (stage2 / "lora.safetensors").exists()
+    model, _ = SpeechLLM.from_checkpoint(stage2)
+    assert model.compress and any(".lora_" in name for name, _ in model.llm.named_parameters())
+    rows = read_manifest(manifest)[:2]
+    batch = Collator(model.encoder.feature_extractor)(rows)
+    expected = model.eval().generate(batch, ["Can you transcribe this audio?"] * 2, 3)
+    args = "--ckpt {ckpt} --task asr --data {data} --limit 2 --max-new-tokens 3 --loop-repeats 0 --device cpu"
+    scored = evaluate.main(argv(args + " --dtype float32", ckpt=stage2, data=manifest))["asr"]
+    assert sorted(o["hypothesis"] for o in scored["outputs"]) == sorted(
+        e.split("\n")[0].strip() for e in expected
+    )
