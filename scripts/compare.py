@@ -52,7 +52,11 @@ VARIANTS = {
     "cos-all": [],  # contrastive, layers 0, 5, ..., last (the paper's best; pretrain.py's default)
     "wass-all": ["--sim", "wasserstein"],
     "cos-all+asr": ["--loss", "contrastive+asr"],
+    # token-level alignment (an addition): CTC over the LLM's embedding table, alone and with the paper's
+    "ctc": ["--loss", "ctc"],
+    "cos-all+ctc": ["--loss", "contrastive+ctc"],
 }
+NO_WARM_START = ("asr", "ctc")  # variants without the contrastive loss: no --emb-steps
 KEY_VARIANTS = [
     "cos-all",
     "asr",
@@ -224,7 +228,7 @@ def stage1(args, out, files, variant, seed, log):
     folder = out / "stage1" / f"{variant}-s{seed}"
     demo = args.llm in (None, "smollm2")
     budget = (
-        (QUICK["pretrain_asr"] if variant == "asr" else QUICK["pretrain"])
+        (QUICK["pretrain_asr"] if variant in NO_WARM_START else QUICK["pretrain"])
         if args.quick
         else DEMO_BUDGET.get(variant, [])
         if demo
@@ -247,6 +251,17 @@ def stage1(args, out, files, variant, seed, log):
         *shlex.split(args.pretrain_args),
     ]
     return folder, run_cell(out, f"stage1-{variant}-s{seed}", command, log)
+
+
+def readout(args, out, files, variant, seed, folder, log):
+    """evaluate.py --task readout on the test sentences: what the stage-1 projector spells without the
+    LLM (each output's nearest token embedding, collapsed as CTC does). Returns its WER."""
+    path = folder / "readout.json"
+    command = ["evaluate.py", "--ckpt", str(folder), "--task", "readout", "--data",
+               files["test"]["sentences"], "--out", str(path), *(QUICK["evaluate"] if args.quick else [])]  # fmt: skip
+    if run_cell(out, f"readout-{variant}-s{seed}", command, log) is None:
+        return None
+    return json.loads(path.read_text())["metrics"]["wer"]
 
 
 def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, same_steps=False):
@@ -411,12 +426,13 @@ def spread(values):
     )
 
 
-def table(cells, stage1_seconds, args):
+def table(cells, stage1_seconds, args, readouts=None):
     rows = {}
     for c in cells:
         rows.setdefault((c["variant"], c.get("frac")), []).append(c)
     columns = [
         ("asr", "wer", "ASR WER"),
+        ("asr", "wer_mean", "ASR mean WER"),
         ("asr", "exact", "ASR exact"),
         ("asr", "wer_median", "ASR median WER"),
         ("asr", "open_wer", "ASR WER, open test"),
@@ -434,8 +450,8 @@ def table(cells, stage1_seconds, args):
     lines = [
         "| start | fine-tuning data | "
         + " | ".join(c[2] for c in columns)
-        + f" | seeds | stage-1 time | fine-tune time ({' / '.join(args.tasks)}) |",
-        "|---" * (len(columns) + 5) + "|",
+        + f" | readout WER | seeds | stage-1 time | fine-tune time ({' / '.join(args.tasks)}) |",
+        "|---" * (len(columns) + 6) + "|",
     ]
     for (variant, frac), group in rows.items():
         values = []
@@ -455,6 +471,9 @@ def table(cells, stage1_seconds, args):
             ]
             ft.append(f"{sum(times) / len(times) / 60:.1f}" if times else "-")
         data = "-" if frac is None else f"{frac:.0%}"
+        # what the stage-1 projector spells without the LLM (evaluate.py --task readout)
+        read = [(readouts or {})[(variant, s)] for s in seeds if (variant, s) in (readouts or {})]
+        values.append(spread(read) if read else "-")
         lines.append(
             f"| {variant} | {data} | "
             + " | ".join(values)
@@ -488,15 +507,16 @@ def machine():
     }
 
 
-def write_results(out, cells, stage1_seconds, args, started):
-    md = table(cells, stage1_seconds, args)
+def write_results(out, cells, stage1_seconds, readouts, args, started):
+    md = table(cells, stage1_seconds, args, readouts)
     info = machine()
     wall = sum(stage1_seconds.values()) + sum(
         c.get("finetune_seconds", 0) + c.get("evaluate_seconds", 0) for c in cells
     )
     text = (
         f"# Comparison ({'quick' if args.quick else 'full'} grid)\n\n{md}\n\n"
-        "ASR: corpus WER, share of exact transcripts and median per-utterance WER (%) on the test "
+        "ASR: corpus WER, the mean per-utterance WER (the authors' metric), share of exact "
+        "transcripts and median per-utterance WER (%) on the test "
         "split, and corpus WER on the open test split (where the corpus has one: a text source "
         "and a voice unseen in training); "
         "QA: SQuAD F1 / EM (%). "
@@ -511,6 +531,7 @@ def write_results(out, cells, stage1_seconds, args, started):
             {
                 "cells": cells,
                 "stage1_seconds": {f"{v}-s{s}": t for (v, s), t in stage1_seconds.items()},
+                "readout_wer": {f"{v}-s{s}": w for (v, s), w in readouts.items()},
                 "machine": info,
                 "args": vars(args),
                 "started": started,
@@ -623,7 +644,7 @@ def main(argv=None):
     args.feature_flags = ["--feature-cache-file", str(cache)]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     log = None if args.report else open(out / "grid.log", "a")
-    cells, stage1_seconds = [], {}
+    cells, stage1_seconds, readouts = [], {}, {}
 
     def add(cell):
         if cell is not None:  # None: a cell --report found unfinished
@@ -635,6 +656,9 @@ def main(argv=None):
         folder, record = stage1(args, out, files, variant, seed, log)
         if record is not None:
             stage1_seconds[(variant, seed)] = record["seconds"]
+            wer = readout(args, out, files, variant, seed, folder, log)
+            if wer is not None:
+                readouts[(variant, seed)] = wer
         return folder
 
     # the key comparison first (cos-all, asr, none; both tasks; the 100% model; the toplines), then
@@ -658,12 +682,12 @@ def main(argv=None):
                         args, out, files, "none", seed, task, FULL_DATA, None, log, same_steps=True
                     )
                 )
-            write_results(out, cells, stage1_seconds, args, started)
+            write_results(out, cells, stage1_seconds, readouts, args, started)
         if i == len([v for v in KEY_VARIANTS if v in args.variants]) - 1:
             for read in args.toplines:
                 for task in args.tasks:
                     add(topline(args, out, files, read, task, log))
-    print(write_results(out, cells, stage1_seconds, args, started))
+    print(write_results(out, cells, stage1_seconds, readouts, args, started))
     print(f"wrote {out}/results.md, results.json, r1_per_layer.png, metrics.png")
 
 
