@@ -9,12 +9,15 @@ Only the projector (the Q-Former in the middle) ever trains; the encoder and the
 Hugging Face ids or local folders through transformers' Auto classes and stay frozen.
 
     from model import SpeechLLM
-    m = SpeechLLM(llm="llama", encoder="hubert")      # the paper: Llama-3.1-8B-Instruct + HuBERT-large
+    # the paper: Llama-3.1-8B-Instruct + HuBERT-large
+    m = SpeechLLM(llm="llama", encoder="hubert")
     m = SpeechLLM(llm="/path/to/any/causal/lm", encoder="/path/to/any/hubert/or/whisper")
-    m = SpeechLLM("smollm2", "whisper-tiny")          # the demo's models (demokit/ builds them offline)
+    # the demo's models (demokit/ builds them offline)
+    m = SpeechLLM("smollm2", "whisper-tiny")
 
-Sections: speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings, stage 1's
-two sides through the frozen LLM, the chat prompt and the answer loss, generation, checkpoints).
+Sections: speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings,
+stage 1's two sides through the frozen LLM, the chat prompt and the answer loss, generation,
+checkpoints).
 """
 
 import json
@@ -44,9 +47,12 @@ from common import ModelError, load_pretrained, resolve_model, write_atomically
 
 class SpeechEncoder(nn.Module):
     """A frozen HF encoder of either family:
-    - HuBERT / wav2vec2 style: raw waveform in (`input_values`), conv stack with a 320-sample stride;
-    - Whisper style: log-mel in (`input_features`, 100 frames/s), two convs, the second with stride 2.
-    Both give 50 frames per second. The batch comes from data.py's collator (feature extractor output)."""
+    - HuBERT / wav2vec2 style: raw waveform in (`input_values`), conv stack with a 320-sample
+      stride;
+    - Whisper style: log-mel in (`input_features`, 100 frames/s), two convs, the second with
+      stride 2.
+    Both give 50 frames per second. The batch comes from data.py's collator (feature extractor
+    output)."""
 
     def __init__(self, name_or_path, dtype=torch.float32):
         super().__init__()
@@ -57,20 +63,21 @@ class SpeechEncoder(nn.Module):
         config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
         self.is_whisper = config.model_type == "whisper"
         model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
-        self.model = (
-            model.encoder if self.is_whisper else model
-        )  # Whisper: keep the encoder, drop the decoder
+        # Whisper: keep the encoder, drop the decoder
+        self.model = model.encoder if self.is_whisper else model
         self.dim = config.d_model if self.is_whisper else config.hidden_size
         self.model.requires_grad_(False)
         self.model.eval()
 
     def train(self, mode=True):
-        # Always eval: HuBERT's LayerDrop would change the number of hidden states, dropout adds noise.
+        # Always eval: HuBERT's LayerDrop would change the number of hidden states, dropout adds
+        # noise.
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, inputs, input_mask):
-        """inputs: [B, samples] waveform or [B, 80, mel frames] log-mel; input_mask: [B, samples|mel frames] bool.
+        """inputs: [B, samples] waveform or [B, 80, mel frames] log-mel; input_mask:
+        [B, samples|mel frames] bool.
         Returns frames [B, T, D] and a bool mask [B, T] of valid frames."""
         if self.is_whisper:
             return self._whisper_true_length(inputs, input_mask)
@@ -79,10 +86,10 @@ class SpeechEncoder(nn.Module):
         return out, torch.arange(out.shape[1], device=out.device)[None] < lengths[:, None]
 
     def _whisper_true_length(self, mel, mel_mask):
-        # HF's WhisperEncoder insists on 30 s of (mostly padded) input: many times the work for a short clip, and
-        # the padding frames would dominate. So we run its own modules on the clip's true length, masking
-        # the batch padding in attention and zeroing it after each conv so a clip's frames do not depend
-        # on what it was batched with.
+        # HF's WhisperEncoder insists on 30 s of (mostly padded) input: many times the work for a
+        # short clip, and the padding frames would dominate. So we run its own modules on the clip's
+        # true length, masking the batch padding in attention and zeroing it after each conv so a
+        # clip's frames do not depend on what it was batched with.
         enc = self.model
         x = F.gelu(enc.conv1(mel * mel_mask[:, None, :])) * mel_mask[:, None, :]
         mask = mel_mask[:, ::2]  # conv2 has stride 2: 100 mel frames/s -> 50 frames/s
@@ -107,21 +114,19 @@ class QFormerConfig:
     heads: int = 12  # attention heads
     layers: int = 4  # blocks of self-attention + cross-attention + FFN
     queries: int = 4  # learned query tokens per window -> LLM tokens per window
-    window: int = (
-        17  # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
-    )
+    # frames per window: round(50 Hz * 1/3 s) = 17 -> 4 tokens per 0.34 s (~11.8 tokens/s)
+    window: int = 17
     dropout: float = 0.1  # BERT's hidden and attention dropout
-    window_pos: bool = (
-        False  # add a learned position-within-window to the frames (not in the paper)
-    )
-    time_mask: float = (
-        0.0  # in training, the share of encoder frames zeroed in 0.2 s spans (mask_time)
-    )
+    # add a learned position-within-window to the frames (not in the paper)
+    window_pos: bool = False
+    # in training, the share of encoder frames zeroed in 0.2 s spans (mask_time)
+    time_mask: float = 0.0
 
 
 class QFormerBlock(nn.Module):
-    """One post-LN BERT block for the queries: self-attention among the queries, cross-attention from the
-    queries to the window's encoder frames (keys/values keep the encoder width), then a feed-forward net."""
+    """One post-LN BERT block for the queries: self-attention among the queries, cross-attention
+    from the queries to the window's encoder frames (keys/values keep the encoder width), then a
+    feed-forward net."""
 
     def __init__(self, cfg, enc_dim):
         super().__init__()
@@ -148,12 +153,12 @@ class QFormerBlock(nn.Module):
 
 
 def mask_time(frames, mask, share, span=10):
-    """SpecAugment's time masking on the encoder frames [B, T, D]: zero spans of `span` frames (0.2 s) at
-    random starts, about `share` of each utterance's valid frames (spans may overlap). A regulariser: the
-    projector cannot lean on any one stretch of the audio. HuBERT masks its own features so in train mode
-    (mask_time_prob 0.05, mask_time_length 10), which the authors' trainer probably leaves on; here the
-    encoder always runs in eval mode (and its frames may come from the cache), so this flag is the only
-    masking."""
+    """SpecAugment's time masking on the encoder frames [B, T, D]: zero spans of `span` frames
+    (0.2 s) at random starts, about `share` of each utterance's valid frames (spans may overlap). A
+    regulariser: the projector cannot lean on any one stretch of the audio. HuBERT masks its own
+    features so in train mode (mask_time_prob 0.05, mask_time_length 10), which the authors' trainer
+    probably leaves on; here the encoder always runs in eval mode (and its frames may come from the
+    cache), so this flag is the only masking."""
     keep = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
     for row, length in enumerate(mask.sum(-1).tolist()):
         if length <= span:
@@ -170,8 +175,9 @@ REGULARISERS = ("dropout", "time_mask")  # QFormerConfig fields that only act in
 class WindowQFormer(nn.Module):
     """Encoder frames [B, T, D_enc] -> LLM input embeddings [B, W*Q, D_llm], W = ceil(T / window).
 
-    The time axis is cut into non-overlapping windows; every window is read independently by the same
-    learned queries, so the output length grows linearly with the audio (unlike a global Q-Former)."""
+    The time axis is cut into non-overlapping windows; every window is read independently by the
+    same learned queries, so the output length grows linearly with the audio (unlike a global
+    Q-Former)."""
 
     def __init__(self, enc_dim, llm_dim, cfg=None):
         super().__init__()
@@ -179,14 +185,14 @@ class WindowQFormer(nn.Module):
         self.ln_speech = nn.LayerNorm(enc_dim)
         self.window_pos = nn.Parameter(torch.zeros(cfg.window, enc_dim)) if cfg.window_pos else None
         self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.dim) * 0.02)
-        self.query_ln = nn.LayerNorm(
-            cfg.dim, eps=1e-12
-        )  # BERT's embedding LayerNorm, applied to the queries
+        # BERT's embedding LayerNorm, applied to the queries
+        self.query_ln = nn.LayerNorm(cfg.dim, eps=1e-12)
         self.query_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([QFormerBlock(cfg, enc_dim) for _ in range(cfg.layers)])
         self.out = nn.Linear(cfg.dim, llm_dim)
-        # the CTC blank (contrastive.ctc_logits), scored beside the LLM's token embeddings; part of the
-        # projector so that it is saved with it; frozen unless a CTC objective trains it (train_blank)
+        # the CTC blank (contrastive.ctc_logits), scored beside the LLM's token embeddings; part of
+        # the projector so that it is saved with it; frozen unless a CTC objective trains it
+        # (train_blank)
         self.blank = nn.Parameter(torch.randn(llm_dim) * 0.02, requires_grad=False)
 
     def forward(self, frames, mask):
@@ -195,17 +201,16 @@ class WindowQFormer(nn.Module):
         B, T, D = frames.shape
         k, Q = self.cfg.window, self.cfg.queries
         W = -(-T // k)  # ceil
-        frames = F.pad(
-            self.ln_speech(frames), (0, 0, 0, W * k - T)
-        )  # zero-pad the end to a multiple of k
+        # zero-pad the end to a multiple of k
+        frames = F.pad(self.ln_speech(frames), (0, 0, 0, W * k - T))
         mask = F.pad(mask, (0, W * k - T), value=False)
         frames = frames.view(B * W, k, D)
         if self.window_pos is not None:
             frames = frames + self.window_pos
         mask = mask.view(B * W, k)
         window_valid = mask.any(-1)  # a window is valid iff it holds at least one valid frame
-        # A fully padded window would give an all -inf softmax (NaN); let it attend to its (zero) frames
-        # instead: its output is masked out anyway.
+        # A fully padded window would give an all -inf softmax (NaN); let it attend to its (zero)
+        # frames instead: its output is masked out anyway.
         key_padding_mask = ~mask & window_valid[:, None]
         q = self.query_drop(self.query_ln(self.queries)).expand(B * W, Q, -1)
         for block in self.blocks:
@@ -230,11 +235,11 @@ class SpeechLLM(nn.Module):
         sink_token=False,
         resolve=resolve_model,
     ):
-        """llm / encoder: a preset name ('llama', 'hubert', the demo's 'smollm2', 'whisper-tiny', 'tiny'), a hub id
-        or a local folder, kept as given (the checkpoint's meta.json records it). resolve(name, kind) -> the hub
-        id or folder to load (common.resolve_model).
-        sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in contrastive
-        training (see pretrain.py --sink-token); the paper does not (False)."""
+        """llm / encoder: a preset name ('llama', 'hubert', the demo's 'smollm2', 'whisper-tiny',
+        'tiny'), a hub id or a local folder, kept as given (the checkpoint's meta.json records it).
+        resolve(name, kind) -> the hub id or folder to load (common.resolve_model).
+        sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in
+        contrastive training (see pretrain.py --sink-token); the paper does not (False)."""
         super().__init__()
         self.llm_name, self.encoder_name = llm, encoder
         llm_path = resolve(llm, "llm")
@@ -251,7 +256,8 @@ class SpeechLLM(nn.Module):
         self.feature_cache = None  # key -> frozen encoder frames (the scripts' --cache-features)
 
     def train(self, mode=True):
-        # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no dropout).
+        # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no
+        # dropout).
         self.training = mode
         self.projector.train(mode)
         return self
@@ -269,9 +275,8 @@ class SpeechLLM(nn.Module):
                 batch["speech_inputs"][missing], batch["speech_input_mask"][missing]
             )
             for row, i in enumerate(missing):
-                cache[keys[i]] = frames[row, : mask[row].sum()].to(
-                    "cpu", torch.float16
-                )  # fp16 halves the cache
+                # fp16 halves the cache
+                cache[keys[i]] = frames[row, : mask[row].sum()].to("cpu", torch.float16)
         device = batch["speech_inputs"].device
         seqs = [cache[key] for key in keys]
         lengths = torch.tensor([len(s) for s in seqs], device=device)
@@ -294,20 +299,22 @@ class SpeechLLM(nn.Module):
             self._cached_on_disk = len(self.feature_cache)
 
     def encode_speech(self, batch):
-        """Collated batch -> (speech embeddings [B, S, D_llm], mask [B, S]). Gradients reach the projector."""
+        """Collated batch -> (speech embeddings [B, S, D_llm], mask [B, S]). Gradients reach the
+        projector."""
         frames, mask = self.speech_frames(batch)
         return self.projector(frames.float(), mask)
 
     def for_llm(self, speech, speech_mask):
-        """What the LLM reads in the speech's place: the projector's outputs, or with self.compress about
-        one vector per token (contrastive.ctc_compress: blanks dropped, each token's run averaged)."""
+        """What the LLM reads in the speech's place: the projector's outputs, or with self.compress
+        about one vector per token (contrastive.ctc_compress: blanks dropped, each token's run
+        averaged)."""
         if not self.compress:
             return speech, speech_mask
         return contrastive.ctc_compress(speech, speech_mask, self.embedding_table(), self.blank)
 
     def ctc_loss(self, speech, speech_mask, batch, temperature=0.05):
-        """The token-level alignment: CTC of the transcript's tokens (batch["text_ids"]) over the LLM's
-        embedding table and the blank (contrastive.ctc_alignment_loss). No LLM pass."""
+        """The token-level alignment: CTC of the transcript's tokens (batch["text_ids"]) over the
+        LLM's embedding table and the blank (contrastive.ctc_alignment_loss). No LLM pass."""
         table, ids, mask = self.embedding_table(), batch["text_ids"], batch["text_mask"]
         return contrastive.ctc_alignment_loss(
             speech, speech_mask, ids, mask, table, self.blank, temperature
@@ -315,8 +322,8 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def read_out(self, batch):
-        """What the projector spells, without the LLM: each output's nearest token embedding or the blank,
-        collapsed as CTC does (greedy), decoded to text. One string per utterance."""
+        """What the projector spells, without the LLM: each output's nearest token embedding or the
+        blank, collapsed as CTC does (greedy), decoded to text. One string per utterance."""
         was_training = self.training
         speech, speech_mask = self.eval().encode_speech(batch)
         self.train(was_training)
@@ -340,10 +347,11 @@ class SpeechLLM(nn.Module):
         return self.llm.get_input_embeddings()(ids)
 
     def with_sink(self, embeds, mask):
-        """One side of the contrastive pair as the LLM reads it: (embeds, attention mask, pool mask). Without
-        sink_token (the paper) that is the input itself. With it, the BOS embedding goes in front of every
-        sequence: its position takes the LLM's "attention sink" (huge activations in middle layers), and
-        since it is the same token on both sides it carries no information, so the pool mask leaves it out."""
+        """One side of the contrastive pair as the LLM reads it: (embeds, attention mask, pool
+        mask). Without sink_token (the paper) that is the input itself. With it, the BOS embedding
+        goes in front of every sequence: its position takes the LLM's "attention sink" (huge
+        activations in middle layers), and since it is the same token on both sides it carries no
+        information, so the pool mask leaves it out."""
         if not self.sink_token:
             return embeds, mask, mask
         bos = self.embed_tokens(torch.tensor([self.tokenizer.bos_token_id], device=embeds.device))
@@ -353,21 +361,22 @@ class SpeechLLM(nn.Module):
 
     def match_embedding_rms(self):
         """Scale the projector's output layer so its outputs start at the RMS of the LLM's own token
-        embeddings (PyTorch's default init gives ~0.6, while e.g. SmolLM2's embeddings have RMS ~0.14;
-        inputs far off that scale land in a region of the frozen LLM it has never seen)."""
+        embeddings (PyTorch's default init gives ~0.6, while e.g. SmolLM2's embeddings have RMS
+        ~0.14; inputs far off that scale land in a region of the frozen LLM it has never seen)."""
         target = self.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
         out = unwrap(self.projector).out
         with torch.no_grad():
-            # Kaiming-uniform init has weight variance 1/(3 fan_in); inputs are LayerNorm-ed (RMS ~1).
+            # Kaiming-uniform init has weight variance 1/(3 fan_in); inputs are LayerNorm-ed
+            # (RMS ~1).
             out.weight.mul_(target / math.sqrt(1 / 3))
             out.bias.zero_()
 
-    # --- the frozen LLM as a feature extractor: selected hidden states, no LM head ------------------
+    # --- the frozen LLM as a feature extractor: selected hidden states, no LM head ----------------
 
     def hidden_states(self, embeds, mask, layers):
-        """Run the frozen LLM on inputs_embeds and return the hidden states at `layers` as one tensor
-        [len(layers), B, T, D]. Index 0 = the input embeddings, index k = output of decoder layer k,
-        index num_layers = after the final norm (transformers' `hidden_states` convention).
+        """Run the frozen LLM on inputs_embeds and return the hidden states at `layers` as one
+        tensor [len(layers), B, T, D]. Index 0 = the input embeddings, index k = output of decoder
+        layer k, index num_layers = after the final norm (transformers' `hidden_states` convention).
         No LM head, and the forward stops after the highest layer asked for."""
         if max(layers) == 0:
             return embeds[None]  # the "emb" loss needs no LLM pass at all
@@ -384,9 +393,8 @@ class SpeechLLM(nn.Module):
         if L in layers:
             hooks.append(base.norm.register_forward_hook(keep(L)))
         all_layers = base.layers
-        base.layers = all_layers[
-            :top
-        ]  # a causal LM in depth: layer k never depends on later layers
+        # a causal LM in depth: layer k never depends on later layers
+        base.layers = all_layers[:top]
         try:
             base(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
         finally:
@@ -395,20 +403,22 @@ class SpeechLLM(nn.Module):
                 h.remove()
         return torch.stack([saved[i] for i in layers])
 
-    # --- stage 1: both sides of a contrastive pair through the frozen LLM --------------------------
+    # --- stage 1: both sides of a contrastive pair through the frozen LLM -------------------------
 
     def speech_states(self, batch, layers):
-        """The speech side: frozen encoder -> projector -> frozen LLM, with gradients into the projector.
-        Returns (states [L, B, S, D] at `layers`, the positions the mean pools [B, S] (the sink token left
-        out), the projector's outputs [B, S', D] and their mask, which an ASR loss can reuse)."""
+        """The speech side: frozen encoder -> projector -> frozen LLM, with gradients into the
+        projector. Returns (states [L, B, S, D] at `layers`, the positions the mean pools [B, S]
+        (the sink token left out), the projector's outputs [B, S', D] and their mask, which an ASR
+        loss can reuse)."""
         speech, speech_mask = self.encode_speech(batch)
         inputs, mask, pool_mask = self.with_sink(speech, speech_mask)
         return self.hidden_states(inputs, mask, layers), pool_mask, speech, speech_mask
 
     @torch.no_grad()
     def text_states(self, batch, layers):
-        """The text side: the transcript's token embeddings -> the same frozen LLM, the same layers, no
-        gradients (it has nothing to train). Returns (states [L, B, T, D], the positions the mean pools)."""
+        """The text side: the transcript's token embeddings -> the same frozen LLM, the same layers,
+        no gradients (it has nothing to train). Returns (states [L, B, T, D], the positions the mean
+        pools)."""
         text, mask, pool_mask = self.with_sink(
             self.embed_tokens(batch["text_ids"]), batch["text_mask"]
         )
@@ -416,8 +426,8 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def pooled_pairs(self, batches, layers):
-        """Mean-pooled states at `layers` of every (speech, transcript) pair of collated batches, for
-        retrieval: (text [L, N, D], speech [L, N, D])."""
+        """Mean-pooled states at `layers` of every (speech, transcript) pair of collated batches,
+        for retrieval: (text [L, N, D], speech [L, N, D])."""
         was_training, text, speech = self.training, [], []
         self.eval()
         for batch in batches:
@@ -430,22 +440,23 @@ class SpeechLLM(nn.Module):
     # --- the chat prompt: speech first in the user turn, then the instruction ---------------------
 
     def prompt_ids(self, instruction):
-        """Token ids before and after the audio in the LLM's own chat template, and the end-of-turn id."""
+        """Token ids before and after the audio in the LLM's own chat template, and the end-of-turn
+        id."""
         user = [{"role": "user", "content": f"{AUDIO}\n{instruction}"}]
         text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         before, after = text.split(AUDIO)
         full = self.tokenizer.apply_chat_template(
             user + [{"role": "assistant", "content": "X"}], tokenize=False
         )
-        end_of_turn = full[
-            len(text) + 1 :
-        ]  # what the template writes after the answer, e.g. "<|eot_id|>"
+        # what the template writes after the answer, e.g. "<|eot_id|>"
+        end_of_turn = full[len(text) + 1 :]
         encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
         return encode(before), encode(after), encode(end_of_turn)[0]
 
     def chat_batch(self, speech, speech_mask, instructions, targets=None):
         """Splice unpadded speech embeddings into the chat prompt.
-        Training (targets given): right padding, labels = answer tokens + end-of-turn, -100 elsewhere.
+        Training (targets given): right padding, labels = answer tokens + end-of-turn,
+        -100 elsewhere.
         Generation (targets None): left padding, so every sequence ends where the answer starts."""
         seqs, labels = [], []
         for i, instruction in enumerate(instructions):
@@ -474,22 +485,22 @@ class SpeechLLM(nn.Module):
         return embeds, mask, label_ids
 
     def lm_loss(self, embeds, mask, labels, prefix=0):
-        """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM head runs
-        only where a next token is supervised: a few answer tokens instead of every position (the logits
-        over a 50k-128k vocabulary would otherwise cost more memory than the rest of the step).
-        prefix: the first `prefix` positions hold the same tokens in every sequence (shared_prefix); their
-        keys and values are computed once, for one sequence and without gradients, and every sequence
-        attends to that copy: the same numbers, without a forward and backward of the prefix per example."""
+        """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM
+        head runs only where a next token is supervised: a few answer tokens instead of every
+        position (the logits over a 50k-128k vocabulary would otherwise cost more memory than the
+        rest of the step).
+        prefix: the first `prefix` positions hold the same tokens in every sequence (shared_prefix);
+        their keys and values are computed once, for one sequence and without gradients, and every
+        sequence attends to that copy: the same numbers, without a forward and backward of the
+        prefix per example."""
         decoder = self.llm.get_decoder()
         cache = None
         if prefix:
             with torch.no_grad():
                 cache = decoder(inputs_embeds=embeds[:1, :prefix], use_cache=True).cache
             cache.batch_repeat_interleave(len(embeds))
-            embeds, labels = (
-                embeds[:, prefix:],
-                labels[:, prefix:],
-            )  # the mask keeps the prefix: it covers the cache
+            # the mask keeps the prefix: it covers the cache
+            embeds, labels = embeds[:, prefix:], labels[:, prefix:]
         hidden = decoder(
             inputs_embeds=embeds,
             attention_mask=mask.long(),
@@ -502,18 +513,20 @@ class SpeechLLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[supervised])
 
     def answer_loss(self, speech, speech_mask, instructions, targets):
-        """Stage 2's loss (and ASR pretraining's): each utterance's speech (the projector's outputs, as the
-        LLM reads them: for_llm) spliced into the chat prompt before its instruction, next-token
-        cross-entropy on the target and the end-of-turn token only."""
+        """Stage 2's loss (and ASR pretraining's): each utterance's speech (the projector's outputs,
+        as the LLM reads them: for_llm) spliced into the chat prompt before its instruction,
+        next-token cross-entropy on the target and the end-of-turn token only."""
         speech, speech_mask = self.for_llm(speech, speech_mask)
         embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
-        # with LoRA the shared prefix's keys and values depend on trained weights: no cached prefix then
+        # with LoRA the shared prefix's keys and values depend on trained weights: no cached prefix
+        # then
         prefix = 0 if self.lora else self.shared_prefix(instructions)
         return self.lm_loss(embeds, mask, labels, prefix=prefix)
 
     def shared_prefix(self, instructions):
-        """How many positions every chat_batch sequence of these instructions starts with in common: the chat
-        template's text before the speech (e.g. a system turn), which does not depend on the instruction."""
+        """How many positions every chat_batch sequence of these instructions starts with in common:
+        the chat template's text before the speech (e.g. a system turn), which does not depend on
+        the instruction."""
         befores = {tuple(self.prompt_ids(instruction)[0]) for instruction in instructions}
         return len(befores.pop()) if len(befores) == 1 else 0
 
@@ -521,9 +534,9 @@ class SpeechLLM(nn.Module):
     def generate(self, batch, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
         """Greedy decoding of the answer for every utterance in a collated batch; returns strings.
         max_new_tokens: one cap for all, or a list with one cap per utterance.
-        loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens, and
-        keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end" (the
-        end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
+        loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens,
+        and keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end"
+        (the end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
         speech, speech_mask = self.for_llm(*self.encode_speech(batch))
         return self.generate_from(
             speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons
@@ -539,8 +552,8 @@ class SpeechLLM(nn.Module):
         loop_repeats=0,
         stop_reasons=False,
     ):
-        """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the projector's
-        outputs, or (evaluate.py --read) a transcript's own token embeddings."""
+        """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the
+        projector's outputs, or (evaluate.py --read) a transcript's own token embeddings."""
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
         caps = (
@@ -565,11 +578,12 @@ class SpeechLLM(nn.Module):
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return (texts, reasons) if stop_reasons else texts
 
-    # --- LoRA on the frozen LLM (finetune.py --lora; an addition, the paper trains the projector only) ----
+    # --- LoRA on the frozen LLM -------------------------------------------------------------------
+    # (finetune.py --lora; an addition, the paper trains the projector only)
 
     def add_lora(self, rank, alpha=None):
-        """Wrap the LLM's attention projections (q/k/v/o) in LoRALinear; their low-rank updates train and
-        are saved beside the projector (lora.safetensors)."""
+        """Wrap the LLM's attention projections (q/k/v/o) in LoRALinear; their low-rank updates
+        train and are saved beside the projector (lora.safetensors)."""
         alpha = alpha or 2 * rank
         for module in list(self.llm.modules()):
             for name, child in list(module.named_children()):
@@ -592,7 +606,8 @@ class SpeechLLM(nn.Module):
         }
 
     def save_projector(self, out, **extra):
-        """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are never copied."""
+        """Write <out>/projector.safetensors and <out>/meta.json atomically. Frozen weights are
+        never copied."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {
@@ -610,19 +625,20 @@ class SpeechLLM(nn.Module):
         write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
 
     def load_projector(self, ckpt):
-        """Load a projector saved by save_projector, checking it was built for these models' widths."""
+        """Load a projector saved by save_projector, checking it was built for these models'
+        widths."""
         ckpt = Path(ckpt)
         if not (ckpt / "projector.safetensors").exists():
             raise ModelError(
-                f"No projector checkpoint at {ckpt}: expected {ckpt}/projector.safetensors and meta.json"
+                f"No projector checkpoint at {ckpt}: "
+                f"expected {ckpt}/projector.safetensors and meta.json"
             )
         meta = json.loads((ckpt / "meta.json").read_text())
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
             theirs, ours = meta.get(key), mine[key]
-            if (
-                key == "qformer"
-            ):  # dropout and time masking are no part of the shape: fine-tuning may change them
+            # dropout and time masking are no part of the shape: fine-tuning may change them
+            if key == "qformer":
                 theirs, ours = (
                     {k: v for k, v in (c or {}).items() if k not in REGULARISERS}
                     for c in (theirs, ours)
@@ -630,7 +646,8 @@ class SpeechLLM(nn.Module):
             if theirs != ours:
                 raise ModelError(
                     f"Checkpoint {ckpt} does not fit this model: {key} is {theirs} there, "
-                    f"{ours} here (checkpoint made for llm={meta.get('llm')}, encoder={meta.get('encoder')})."
+                    f"{ours} here (checkpoint made for llm={meta.get('llm')}, "
+                    f"encoder={meta.get('encoder')})."
                 )
         state = load_file(ckpt / "projector.safetensors")
         state.setdefault("blank", self.blank.detach().clone())  # saved before the CTC blank existed
@@ -642,7 +659,8 @@ class SpeechLLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve_model):
         """Rebuild the SpeechLLM a checkpoint was trained with and load its projector.
-        dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as for __init__."""
+        dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as
+        for __init__."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
             raise ModelError(
@@ -671,8 +689,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear W plus a trainable low-rank update (Hu et al. 2021): W x + (alpha / r) B A x,
-    with A random and B zero, so the wrapped LLM starts exactly as the frozen one."""
+    """A frozen nn.Linear W plus a trainable low-rank update (Hu et al. 2021):
+    W x + (alpha / r) B A x, with A random and B zero, so the wrapped LLM starts exactly as the
+    frozen one."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -692,18 +711,17 @@ def unwrap(module):
 
 
 class Stops:
-    """A stopping criterion for transformers' generate: each sequence stops at its own length cap, or, with
-    loop_repeats=k > 0, as soon as its last tokens are k copies of one span of 1-12 tokens (greedy
-    decoding of a weak model loops: "in Dublin in Dublin in Dublin ..."). Records why and where."""
+    """A stopping criterion for transformers' generate: each sequence stops at its own length cap,
+    or, with loop_repeats=k > 0, as soon as its last tokens are k copies of one span of 1-12 tokens
+    (greedy decoding of a weak model loops: "in Dublin in Dublin in Dublin ..."). Records why and
+    where."""
 
     MAX_PERIOD = 12
 
     def __init__(self, caps, loop_repeats=0, end_token=None):
         self.caps, self.repeats, self.end_token = caps, loop_repeats, end_token
-        self.reason, self.keep = (
-            [None] * len(caps),
-            [None] * len(caps),
-        )  # keep: tokens kept (cap, loop)
+        # keep: tokens kept (cap, loop)
+        self.reason, self.keep = [None] * len(caps), [None] * len(caps)
 
     def __call__(self, input_ids, scores=None, **kwargs):
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -725,7 +743,8 @@ class Stops:
 
 
 def loop_period(ids, repeats, max_period):
-    """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens, else 0."""
+    """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens,
+    else 0."""
     for p in range(1, max_period + 1):
         if len(ids) >= repeats * p and all(
             ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p]

@@ -4,7 +4,7 @@ and a rerun skips the cells that finished."""
 import json
 
 import pytest
-from tiny import write_manifest
+from tiny import argv, write_manifest
 
 from scripts import compare
 
@@ -26,22 +26,11 @@ def corpus(tmp_path_factory):
 
 
 def grid(corpus, out, *extra):
-    return compare.main(
-        [
-            "--quick",
-            "--corpus",
-            str(corpus),
-            "--out",
-            str(out),
-            "--llm",
-            "tiny",
-            "--encoder",
-            "tiny",
-            "--evaluate-args",
-            "--batch-size 4",
-            *extra,
-        ]
+    line = (
+        "--quick --corpus {corpus} --out {out} --llm tiny --encoder tiny"
+        " --evaluate-args '--batch-size 4'"
     )
+    return compare.main([*argv(line, corpus=corpus, out=out), *extra])
 
 
 def test_the_table_spreads_over_seeds():

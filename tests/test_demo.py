@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import argv
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -22,22 +23,11 @@ def test_demo_models_corpus_and_two_pretraining_steps(tmp_path):
     summary = json.loads((corpus / "corpus.json").read_text())
     assert summary["lines"]["sentences_train.jsonl"] > 0 and summary["lines"]["qa_train.jsonl"] > 0
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "pretrain.py",
-        "--data",
-        str(corpus / "sentences_train.jsonl"),
-        "--dev-data",
-        str(corpus / "sentences_dev.jsonl"),
-        "--max-steps",
-        "2",
-        "--emb-steps",
-        "1",
-        "--batch-size",
-        "4",
-        "--out",
-        str(out),
-    ]
+    line = (
+        "pretrain.py --data {corpus}/sentences_train.jsonl --dev-data {corpus}/sentences_dev.jsonl"
+        " --max-steps 2 --emb-steps 1 --batch-size 4 --out {out}"
+    )
+    cmd = [sys.executable, *argv(line, corpus=corpus, out=out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "final dev R@1" in result.stdout and (out / "projector.safetensors").exists()

@@ -5,13 +5,12 @@ faked here unless installed), and plot_log.py draws a run's log as a PNG.
 """
 
 import json
-import shlex
 import sys
 import types
 
 import pytest
 import torch
-from tiny import write_manifest
+from tiny import argv, write_manifest
 
 import common
 import pretrain
@@ -118,15 +117,12 @@ def test_real_tensorboard_events(tmp_path):
 def test_pretrain_flags_reach_the_log(paths, tmp_path, fakes):
     manifest = write_manifest(tmp_path / "data", n=8)
     out = tmp_path / "run"
-    flags = (
-        f"--llm {paths['llm']} --encoder {paths['hubert']} --qformer-dim 32 --qformer-heads 4 "
-        "--qformer-layers 2"
+    line = (
+        "--llm {llm} --encoder {hubert} --qformer-dim 32 --qformer-heads 4 --qformer-layers 2"
+        " --device cpu --data {data} --dev-data {data} --out {out} --batch-size 4 --max-steps 2"
+        " --wandb --wandb-project p --tensorboard"
     )
-    run = (
-        f"{flags} --device cpu --data {manifest} --dev-data {manifest} --out {out} --batch-size 4 "
-        "--max-steps 2"
-    )
-    pretrain.main(shlex.split(f"{run} --wandb --wandb-project p --tensorboard"))
+    pretrain.main(argv(line, **paths, data=manifest, out=out))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2]  # two training steps, the final dev retrieval
     assert fakes.inits[0]["project"] == "p" and fakes.inits[0]["config"]["max_steps"] == 2
