@@ -11,9 +11,11 @@ import it.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -113,6 +115,54 @@ ENCODERS = "hubert | whisper-tiny | tiny | tiny-whisper | a hub id | a local fol
 ON_OFF = argparse.BooleanOptionalAction
 
 
+def ranged(kind, text, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type=` that parses `kind` and checks the range, so a value outside it is
+    argparse's one line: "argument --lr: must be a number > 0, got '-1'" (exit 2)."""
+
+    def parse(value):
+        try:
+            x = kind(value)
+        except ValueError:
+            x = None
+        bad = x is None or not math.isfinite(x)
+        bad = bad or (low is not None and (x < low or (low_open and x == low)))
+        bad = bad or (high is not None and (x > high or (high_open and x == high)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {text}, got {value!r}")
+        return x
+
+    return parse
+
+
+positive_int = ranged(int, "an integer >= 1", low=1)
+non_negative_int = ranged(int, "an integer >= 0", low=0)
+positive_float = ranged(float, "a number > 0", low=0, low_open=True)
+non_negative_float = ranged(float, "a number >= 0", low=0)
+fraction = ranged(float, "a number in [0, 1)", low=0, high=1, high_open=True)  # dropout, masking
+unit_interval = ranged(float, "a number in [0, 1]", low=0, high=1)  # warmup ratio
+
+
+def device_flag(value):
+    """--device: auto | cpu | cuda | cuda:N, and CUDA only where there is one."""
+    try:
+        device = torch.device(value) if value != "auto" else None
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda[:N], got {value!r}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{value}: CUDA is not available on this machine; use --device cpu (or auto)"
+        )
+    return value
+
+
+def check_projector_flags(p, args):
+    """What argparse cannot see flag by flag: the attention heads must divide the width."""
+    if args.qformer_dim % args.qformer_heads:
+        p.error(
+            f"--qformer-heads {args.qformer_heads} must divide --qformer-dim {args.qformer_dim}"
+        )
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The docstring as written, and every flag's default (the value that will run) after its
     help."""
@@ -139,11 +189,14 @@ def add_data_flags(p, several, max_audio_seconds):
         "--data", nargs=nargs, default="demo", help="training manifest(s), JSONL; demo: the demo's"
     )
     g.add_argument("--dev-data", nargs=nargs, help="dev manifest(s); demo: the demo's dev split")
-    g.add_argument("--dev-size", type=int, default=100, help="dev examples used")
+    g.add_argument("--dev-size", type=non_negative_int, default=100, help="dev examples used")
     add_demo_corpus_flag(g)
     g.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (counted)")
     g.add_argument(
-        "--max-audio-seconds", type=float, default=max_audio_seconds, help="skip longer audio"
+        "--max-audio-seconds",
+        type=positive_float,
+        default=max_audio_seconds,
+        help="skip longer audio",
     )
     g.add_argument(
         "--cache-features", action=ON_OFF, default=True, help="keep encoder outputs in memory"
@@ -174,49 +227,64 @@ def data_defaults(first, encoder):
 
 def add_projector_flags(p, title="projector"):
     g = p.add_argument_group(title)
-    g.add_argument("--qformer-dim", type=int, help="Q-Former width")
-    g.add_argument("--qformer-heads", type=int, help="attention heads")
-    g.add_argument("--qformer-layers", type=int, help="Q-Former blocks")
-    g.add_argument("--queries", type=int, help="query tokens per window")
-    g.add_argument("--window", type=int, help="encoder frames per window (17 = 0.34 s)")
+    g.add_argument("--qformer-dim", type=positive_int, help="Q-Former width")
+    g.add_argument("--qformer-heads", type=positive_int, help="attention heads")
+    g.add_argument("--qformer-layers", type=positive_int, help="Q-Former blocks")
+    g.add_argument("--queries", type=positive_int, help="query tokens per window")
+    g.add_argument("--window", type=positive_int, help="encoder frames per window (17 = 0.34 s)")
     g.add_argument("--window-pos", action=ON_OFF, help="learned position within the window")
     g.add_argument(
         "--match-embedding-rms", action=ON_OFF, help="start at the LLM's embedding scale"
     )
-    g.add_argument("--dropout", type=float, help="the projector's dropout")
-    g.add_argument("--time-mask", type=float, help="share of encoder frames masked in training")
+    g.add_argument("--dropout", type=fraction, help="the projector's dropout")
+    g.add_argument("--time-mask", type=fraction, help="share of encoder frames masked in training")
 
 
 def add_optimisation_flags(p):
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="per device")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--epochs", type=float, help="passes over the training data")
-    g.add_argument("--max-steps", type=int, default=0, help="optimiser steps (0: from --epochs)")
-    g.add_argument("--warmup-ratio", type=float, help="linear warmup, a share of the steps")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    g.add_argument("--seed", type=int, default=42, help="initialisation, data order, dropout")
+    g.add_argument("--batch-size", type=positive_int, help="per device")
+    g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimiser step")
+    g.add_argument("--lr", type=non_negative_float, help="peak learning rate")
+    g.add_argument("--epochs", type=positive_float, help="passes over the training data")
+    g.add_argument(
+        "--max-steps", type=non_negative_int, default=0, help="optimiser steps (0: from --epochs)"
+    )
+    g.add_argument("--warmup-ratio", type=unit_interval, help="linear warmup, a share of the steps")
+    g.add_argument(
+        "--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this"
+    )
+    g.add_argument(
+        "--seed", type=non_negative_int, default=42, help="initialisation, data order, dropout"
+    )
 
 
 def add_system_flags(p, training=True):
     """--device, --dtype; for training also checkpoints, --resume and the optional log
     destinations."""
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--device", type=device_flag, default="auto", help="auto | cpu | cuda")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
     g.add_argument(
         "--dtype", choices=dtypes, default="auto", help="auto: bf16 on CUDA and AMX CPUs"
     )
     if training:
         g.add_argument(
-            "--eval-every", type=int, help="dev evaluation every N steps (0: at the end)"
+            "--eval-every",
+            type=non_negative_int,
+            help="dev evaluation every N steps (0: at the end)",
         )
         g.add_argument(
-            "--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)"
+            "--save-every",
+            type=non_negative_int,
+            default=0,
+            help="checkpoint every N steps (0: at the end)",
         )
-        g.add_argument(
+        once = g.add_mutually_exclusive_group()  # one run per --out folder (start_run)
+        once.add_argument(
             "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+        )
+        once.add_argument(
+            "--overwrite", action="store_true", help="clear an earlier run out of --out first"
         )
         g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
         g.add_argument("--wandb-project", default="contrastive-speechllm", help="the W&B project")
@@ -403,6 +471,11 @@ class BatchOrder:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state):
+        if not 0 <= state["index"] <= self.per_epoch:  # another data or batch size (start_run)
+            raise UserError(
+                f"the saved data position (batch {state['index']}) lies past this epoch's "
+                f"{self.per_epoch} batches: the data or --batch-size changed"
+            )
         self.epoch, self.index = state["epoch"], state["index"]
 
 
@@ -445,7 +518,160 @@ class NonFiniteGuard:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: <out>/ckpt-<step>/ = projector.safetensors + meta.json + train_state.pt
+# One run per folder: <out>/run.json records what the run is (the script, its flags, its training
+# data's hash); a second run into the folder is refused, a resumed one must match it.
+
+RUN = "run.json"
+# what a run writes into its folder (--overwrite clears exactly these, never anything else)
+RUN_FILES = (RUN, "log.jsonl", "meta.json", "projector.safetensors", "lora.safetensors",
+             "centers.safetensors", "eval*.json", "tensorboard", "wandb", "ckpt-*", ".ckpt-*",
+             ".final*")  # fmt: skip
+# flags a resumed run may change (printed when it does): how long it runs, how often it evaluates
+# and saves, where it logs, the device and the caches (which hold the same values either way)
+CHANGEABLE = {"max_steps", "epochs", "eval_every", "save_every", "resume", "overwrite", "wandb",
+              "wandb_project", "tensorboard", "device", "dev_data", "dev_size", "cache_features",
+              "feature_cache_file", "text_cache", "loss_impl", "recipe_set", "init_set",
+              "out"}  # fmt: skip
+PATH_FLAGS = ("data", "dev_data", "init", "feature_cache_file", "llm", "encoder")
+
+
+def start_run(args, script):
+    """Check --out before anything is built, writing nothing: refuse a folder that holds another
+    run (unless --resume continues it or --overwrite clears it), and a --resume whose flags or data
+    differ where they cannot change mid-run. Returns the run's record for begin_run."""
+    out, record = Path(args.out), run_record(args, script)
+    if args.resume:
+        record["changes"] = compare_runs(out, record)
+    elif not args.overwrite and holds_run(out):
+        raise UserError(
+            f"--out {out} holds another run ({', '.join(holds_run(out))}): continue it with "
+            "--resume, pick a new --out, or pass --overwrite to clear it first"
+        )
+    return record
+
+
+def begin_run(record, args, model, optimizer, order):
+    """Once the models and data are ready: clear the folder (--overwrite), record the run in
+    <out>/run.json, and load the newest checkpoint (--resume). Returns the step to start from."""
+    out = Path(args.out)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if args.overwrite and is_rank0():
+        clear_run(out)
+    step = resume(out, model, optimizer, order) if args.resume else 0
+    if is_rank0():  # after a checkpoint that fails to load, the folder is as it was
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / RUN, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    return step
+
+
+def is_rank0():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def run_record(args, script):
+    """The script, its flags (paths made absolute) and the training data's size and hash."""
+    flags = json.loads(json.dumps(vars(args), default=str))
+    for flag in PATH_FLAGS:
+        flags[flag] = absolute(flags.get(flag))
+    data = flags.get("data") if isinstance(flags.get("data"), list) else [flags.get("data")]
+    return {"script": script, "args": flags, "data": {path: file_hash(path) for path in data}}
+
+
+def absolute(value):
+    """A path flag as an absolute path, where it names an existing file or folder."""
+    if isinstance(value, list):
+        return [absolute(v) for v in value]
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def file_hash(path):
+    """'<bytes> bytes, sha256 <hex>' of a file; None for what is not one ('demo')."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{Path(path).stat().st_size} bytes, sha256 {digest.hexdigest()}"
+
+
+def holds_run(out):
+    """The names of a run's files in `out` (none: the folder is free)."""
+    return sorted({p.name for pattern in RUN_FILES for p in Path(out).glob(pattern)})
+
+
+def clear_run(out):
+    for pattern in RUN_FILES:
+        for path in Path(out).glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print0(f"--overwrite: cleared the earlier run out of {out}")
+
+
+def compare_runs(out, record):
+    """--resume: the flags that cannot change mid-run must be those the run began with, and its
+    data unchanged; the others may change, and are printed. Returns {flag: [was, now]}."""
+    path = Path(out) / RUN
+    if not path.exists():
+        if latest_checkpoint(out) is not None:
+            print0(f"--resume: {out} has no {RUN} (an older run): its flags cannot be compared")
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        was = saved["args"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{path} is damaged ({e}): the run cannot be checked for --resume"
+        ) from None
+    if saved.get("script") != record["script"]:
+        raise UserError(
+            f"--resume: {out} holds a {saved.get('script')} run, not a {record['script']} one"
+        )
+    now = record["args"]
+    differ = {k: [was.get(k), now.get(k)] for k in sorted(set(was) | set(now))
+              if was.get(k) != now.get(k)}  # fmt: skip
+    fixed = {k: v for k, v in differ.items() if k not in CHANGEABLE}
+    if fixed:
+        named = "; ".join(
+            f"--{k.replace('_', '-')} {v[1]} (the run has {v[0]})" for k, v in fixed.items()
+        )
+        raise UserError(
+            f"--resume: {named}: cannot change mid-run. Resume with the run's values, or start a "
+            "new run (a new --out)"
+        )
+    for manifest, digest in record["data"].items():
+        if saved.get("data", {}).get(manifest, digest) != digest:
+            raise UserError(
+                f"--resume: the training data {manifest} changed since the run began "
+                f"({saved['data'][manifest]} then, {digest} now): start a new run (a new --out)"
+            )
+    quiet = ("resume", "overwrite", "recipe_set", "init_set", "out")  # follow from the others
+    changes = {k: v for k, v in differ.items() if k not in quiet}
+    for k, (a, b) in changes.items():
+        print0(f"--resume: --{k.replace('_', '-')} {a} -> {b}")
+    return changes
+
+
+def cut_log(out, step):
+    """Drop what log.jsonl holds past `step` (what a killed run logged after its checkpoint, which
+    the resumed run logs again): keep records before it and the training record of step itself."""
+    path = Path(out) / "log.jsonl"
+    if not path.exists() or not is_rank0():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if record.get("step", 0) < step or (record.get("step") == step and "lr" in record):
+            kept.append(line)
+    write_atomically(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: <out>/ckpt-<step>/ = projector.safetensors + meta.json + train_state.pt. The train
+# state is tensors and plain data only, read with weights_only=True: loading one runs no code.
 
 
 def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
@@ -455,49 +681,149 @@ def save_checkpoint(out, model, optimizer, step, order, args, keep=3, **meta):
 
     def write(tmp):
         model.save_projector(tmp, step=step, args=vars(args), **meta)
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
         state = {
             "optimizer": optimizer.state_dict(),
             "step": step,
             "order": order.state_dict(),
-            "rng": rng,
+            "rng": rng_state(),
         }
         torch.save(state, tmp / "train_state.pt")
 
-    final = write_folder_atomically(out / f"ckpt-{step:07d}", write)
-    for old in sorted(out.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    final = write_or_fail(out / f"ckpt-{step:07d}", write)
+    for old in checkpoints(out)[:-keep]:  # the oldest by step
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def save_final(out, model, optimizer, step, order, args, **meta):
+    """The last checkpoint, then the final projector and its meta.json as one unit: meta.json goes
+    first and comes back last, so a kill in between leaves no pair rather than a mixed one."""
+    save_checkpoint(out, model, optimizer, step, order, args, **meta)
+    out = Path(out)
+    tmp = write_or_fail(
+        out / ".final", lambda tmp: model.save_projector(tmp, step=step, args=vars(args), **meta)
+    )
+    (out / "meta.json").unlink(missing_ok=True)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "meta.json"):
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+
+
+def write_or_fail(folder, write):
+    """write_folder_atomically, with a full disk (or any OSError) as one line."""
+    try:
+        return write_folder_atomically(folder, write)
+    except OSError as e:
+        raise UserError(
+            f"could not write {folder}: {e.strerror or e}; the earlier checkpoints are intact"
+        ) from None
+
+
+def rng_state():
+    """Every RNG's state as tensors and plain data (what weights_only=True reads back)."""
+    version, python, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {
+        "python": [version, torch.tensor(python, dtype=torch.int64), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(rng):
+    version, python, gauss = rng["python"]
+    random.setstate((version, tuple(python.tolist()), gauss))
+    keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def checkpoints(out):
+    """The complete checkpoints in `out`, oldest step first (by the number, not the name)."""
+    found = [(int(p.name[5:]), p) for p in Path(out).glob("ckpt-*") if p.name[5:].isdigit()]
+    return [p for _, p in sorted(found) if (p / "train_state.pt").exists()]
+
+
 def latest_checkpoint(out):
-    ckpts = sorted(p for p in Path(out).glob("ckpt-*") if (p / "train_state.pt").exists())
+    ckpts = checkpoints(out)
     return ckpts[-1] if ckpts else None
+
+
+def read_checkpoint(ckpt, model):
+    """The projector into `model` and the train state, or one line saying why it cannot be read."""
+    path = ckpt / "train_state.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"{path} holds more than tensors and plain data (a pickle that could run code, or a "
+            "checkpoint from an older version): refused, not loaded. Start a new run."
+        ) from None
+    except Exception as e:  # a truncated or overwritten file: torch names no common error type
+        raise ModelError(damaged(ckpt, e)) from None
+    try:
+        model.load_projector(ckpt)
+    except ModelError:
+        raise
+    except Exception as e:  # safetensors' and json's errors for a damaged file
+        raise ModelError(damaged(ckpt, e)) from None
+    return state
+
+
+def damaged(ckpt, e):
+    why = " ".join(str(e).split())[:200]
+    return (
+        f"checkpoint {ckpt} is damaged ({type(e).__name__}: {why}): remove that folder to resume "
+        "from the one before it"
+    )
 
 
 def resume(out, model, optimizer, order):
     """Load the newest checkpoint in `out`; returns the step to continue from (0 if there is
-    none)."""
+    none). log.jsonl is cut back to that step, so it never holds a step twice."""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         print0(f"--resume: no checkpoint in {out}, starting from scratch")
+        cut_log(out, 0)
         return 0
-    model.load_projector(ckpt)
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state = read_checkpoint(ckpt, model)
     optimizer.load_state_dict(state["optimizer"])
     order.load_state_dict(state["order"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
+    cut_log(out, state["step"])
     print0(f"resumed from {ckpt} at step {state['step']}")
     return state["step"]
+
+
+def read_meta(folder):
+    """A checkpoint's meta.json, or one line saying it is damaged."""
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        assert isinstance(meta, dict) and isinstance(meta["qformer"], dict)
+        return meta
+    except Exception as e:
+        raise ModelError(damaged(folder, e)) from None
+
+
+def check_checkpoint(folder):
+    """--init / --ckpt: a checkpoint folder that exists must be readable (meta.json and the
+    projector's tensors); a missing one is left to the script's own message."""
+    folder = Path(folder)
+    if not (folder / "meta.json").exists():
+        return
+    read_meta(folder)
+    try:
+        with safe_open(str(folder / "projector.safetensors"), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:
+        raise ModelError(damaged(folder, e)) from None
 
 
 CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`

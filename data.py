@@ -77,6 +77,20 @@ def load_audio(path, offset=None, duration=None):
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def check_audio(path):
+    """One recording given on the command line (evaluate.py --audio): at least one encoder frame
+    long, else a UserError naming it. What soundfile cannot read is left to load_audio's message."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # soundfile raises its own error types for unreadable files
+        return
+    if info.frames / info.samplerate < MIN_SECONDS:
+        raise UserError(
+            f"{path}: {info.frames / info.samplerate:.4f} s of audio, shorter than one encoder "
+            f"frame ({MIN_SECONDS} s)"
+        )
+
+
 def load_row_audio(row):
     """A checked manifest row's audio: its segment (offset, duration) or, without `offset`, the
     whole file."""
@@ -85,6 +99,12 @@ def load_row_audio(row):
     return load_audio(row["audio"])
 
 
+# The shortest clip an encoder reads: HuBERT's conv stack needs 400 samples (25 ms) for one frame;
+# shorter audio would reach the projector as no frame at all.
+MIN_SECONDS = 400 / SAMPLE_RATE
+# The longest transcript, translation, question or answer a line may hold, in characters (~1500
+# words, minutes of speech): far past any clip the scripts keep, and well within the LLMs' context.
+MAX_TEXT_CHARS = 8000
 # A segment may end this much past the end of its file (times rounded to the millisecond); more is a
 # bad line.
 SEGMENT_SLACK = 0.001
@@ -131,6 +151,10 @@ def _check_row(row, root):
         raise ValueError("field 'answer' must be a string or a non-empty list of strings")
     if row.get("task") == "qa" and not ("question" in row and "answer" in row):
         raise ValueError("a QA line ('task': 'qa') needs 'question' and 'answer'")
+    for field in ("text", "translation", "question", "answer"):  # all strings by now
+        value = row.get(field, "")
+        if sum(map(len, value if isinstance(value, list) else [value])) > MAX_TEXT_CHARS:
+            raise ValueError(f"field '{field}' is longer than {MAX_TEXT_CHARS} characters")
     path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else root / row["audio"]
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
@@ -164,6 +188,11 @@ def _check_row(row, root):
         duration = min(duration, seconds - offset)
         checked.update(offset=offset, duration=duration)
         key += f"@{offset}+{duration}"
+    if checked["duration"] < MIN_SECONDS:
+        raise ValueError(
+            f"the audio lasts {checked['duration']:.4f} s, shorter than one encoder frame "
+            f"({MIN_SECONDS} s): {path}"
+        )
     if info.subtype in FLOAT_SUBTYPES:  # integer PCM, FLAC, MP3 and the like cannot hold NaN
         try:
             load_row_audio(checked)
@@ -181,13 +210,14 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     rows, bad, too_long = [], [], 0
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is a bad line, not a traceback
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
+                line = line.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 row = _check_row(json.loads(line), path.parent)
-            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            except ValueError as e:  # so are json.JSONDecodeError and UnicodeDecodeError
                 if not skip_bad:
                     raise ManifestError(f"{path}:{line_no}: {e}") from None
                 log(f"skipping {path}:{line_no}: {e}")
@@ -315,6 +345,7 @@ class Collator:
     def __call__(self, examples):
         waves = [load_row_audio(ex) for ex in examples]
         if self.is_whisper:
+            self.check_whisper_window(examples, waves)
             # Pad to the longest clip, not to Whisper's 30 s: the encoder runs on the true length.
             inputs = self.feature_extractor(
                 waves, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest"
@@ -339,18 +370,29 @@ class Collator:
             "examples": examples,
         }
         if self.tokenizer is not None:
-            ids = [
-                torch.tensor(
-                    self.tokenizer(ex["text"], add_special_tokens=False).input_ids, dtype=torch.long
-                )
-                for ex in examples
-            ]
+            ids = [torch.tensor(self.text_ids(ex["text"]), dtype=torch.long) for ex in examples]
             lengths = torch.tensor([len(i) for i in ids])
             batch["text_ids"] = torch.nn.utils.rnn.pad_sequence(
                 ids, batch_first=True, padding_value=self.tokenizer.pad_token_id or 0
             )
             batch["text_mask"] = torch.arange(int(lengths.max()))[None] < lengths[:, None]
         return batch
+
+    def text_ids(self, text):
+        """A transcript's tokens, read as text: '<|im_end|>' in it is characters, not the token."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def check_whisper_window(self, examples, waves):
+        """Whisper's encoder sees at most 30 s (its positions end there): a longer clip would be
+        cut without a word, so it is refused, named."""
+        limit = self.feature_extractor.n_samples
+        for ex, wave in zip(examples, waves):
+            if len(wave) > limit:
+                raise UserError(
+                    f"{ex['audio']}: {len(wave) / SAMPLE_RATE:.1f} s of audio, longer than the "
+                    f"Whisper encoder's {limit // SAMPLE_RATE} s window: cut it into segments "
+                    "('offset'/'duration') or keep it out with --max-audio-seconds 30"
+                )
 
 
 def to_device(batch, device):

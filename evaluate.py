@@ -1,20 +1,25 @@
 """
 evaluate.py: score a trained projector with the metrics the field uses.
 
-    python evaluate.py --ckpt out/finetune-qa                 # its task on the demo's test split (QA: EM / F1)
-    python evaluate.py --ckpt out/finetune-mix --task all     # ASR (WER), ST (BLEU / chrF), QA, each on its test split
+    # its task on the demo's test split (QA: EM / F1)
+    python evaluate.py --ckpt out/finetune-qa
+    # ASR (WER), ST (BLEU / chrF), QA, each on its test split
+    python evaluate.py --ckpt out/finetune-mix --task all
     python evaluate.py --ckpt runs/ft --task st --data data/paper/st-de_test.jsonl --batch-size 16
-    python evaluate.py --ckpt out/pretrain --task retrieval   # stage 1: speech->text R@1 per contrastive layer
-    python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"   # one recording
+    # stage 1: speech->text R@1 per contrastive layer
+    python evaluate.py --ckpt out/pretrain --task retrieval
+    # one recording
+    python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --prompt "What is said in this audio?"
 
-Generation is greedy, batched with left padding, and stops at the LLM's end-of-turn token, at a length cap
-that follows the input (--max-new-tokens auto: 16 tokens + 8 per second of audio for ASR/ST, 32 for QA), or
-when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the same few tokens; one is
-kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the authors, an answer ends at its
-first newline. The table (with how many answers the cap or the guard cut), a few hypotheses next to their
-references, and a JSON file of everything (default <ckpt>/eval-<task>.json).
+Generation is greedy, batched with left padding, and stops at the LLM's end-of-turn token, at a
+length cap that follows the input (--max-new-tokens auto: 16 tokens + 8 per second of audio for
+ASR/ST, 32 for QA), or when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the
+same few tokens; one is kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the
+authors, an answer ends at its first newline. The table (with how many answers the cap or the guard
+cut), a few hypotheses next to their references, and a JSON file of everything (default
+<ckpt>/eval-<task>.json).
 
 Sections: metrics | retrieval (stage 1) | generation | the command line.
 """
@@ -41,6 +46,7 @@ from data import (
     SAMPLE_RATE,
     Collator,
     UserError,
+    check_audio,
     load_audio,
     need_transcripts,
     read_manifest,
@@ -54,9 +60,9 @@ from model import SpeechLLM
 
 
 def compute_metrics(task, hypotheses, references):
-    """task: asr | st | qa. references: one string per hypothesis, or a list of gold strings per hypothesis
-    (QA: the best-matching gold answer counts; ST: several reference translations, same number for all;
-    ASR: the first one)."""
+    """task: asr | st | qa. references: one string per hypothesis, or a list of gold strings per
+    hypothesis (QA: the best-matching gold answer counts; ST: several reference translations, same
+    number for all; ASR: the first one)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
@@ -71,8 +77,8 @@ def compute_metrics(task, hypotheses, references):
     raise ValueError(f"no metrics for task {task!r} (asr, st or qa)")
 
 
-# The authors' WER normalisation (jiwer): lower-case, strip all Unicode punctuation ("don't" -> "dont"),
-# collapse and strip spaces; then words.
+# The authors' WER normalisation (jiwer): lower-case, strip all Unicode punctuation ("don't" ->
+# "dont"), collapse and strip spaces; then words.
 WER_TEXT = jiwer.Compose(
     [
         jiwer.ToLowerCase(),
@@ -89,9 +95,9 @@ def word_error_rates(hypotheses, references):
     wer_mean: the mean of the per-utterance WERs, which is what the authors report.
     wer_median and exact (the share of utterances with no error): one runaway answer can double the
     corpus WER, so these two say what a typical utterance looks like."""
-    wer = lambda refs, hyps: jiwer.wer(
+    wer = lambda refs, hyps: jiwer.wer(  # noqa: E731
         refs, hyps, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT
-    )  # noqa: E731
+    )
     per_utterance = sorted(wer(r, h) for r, h in zip(references, hypotheses))
     n = len(per_utterance)
     median = (per_utterance[(n - 1) // 2] + per_utterance[n // 2]) / 2
@@ -104,13 +110,12 @@ def word_error_rates(hypotheses, references):
 
 
 def bleu_chrf(hypotheses, golds):
-    """sacrebleu's corpus BLEU (13a tokenisation, case-sensitive: its defaults, as the authors) and chrF,
-    with the signature strings that say exactly how they were computed."""
+    """sacrebleu's corpus BLEU (13a tokenisation, case-sensitive: its defaults, as the authors) and
+    chrF, with the signature strings that say exactly how they were computed."""
     if len({len(g) for g in golds}) != 1:
         raise ValueError("ST: every hypothesis needs the same number of reference translations")
-    streams = [
-        list(refs) for refs in zip(*golds)
-    ]  # sacrebleu wants one list per reference "stream"
+    # sacrebleu wants one list per reference "stream"
+    streams = [list(refs) for refs in zip(*golds)]
     bleu, chrf = BLEU(), CHRF()
     return {
         "bleu": bleu.corpus_score(hypotheses, streams).score,
@@ -121,8 +126,8 @@ def bleu_chrf(hypotheses, golds):
 
 
 def squad_normalize(text):
-    """The official SQuAD v1.1 answer normalisation: lower-case, drop ASCII punctuation, drop the articles
-    a/an/the, collapse whitespace."""
+    """The official SQuAD v1.1 answer normalisation: lower-case, drop ASCII punctuation, drop the
+    articles a/an/the, collapse whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
@@ -153,8 +158,9 @@ def squad_em_f1(hypotheses, golds):
 
 
 def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=None):
-    """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's own
-    means, and (when the checkpoint stored them) centred by the training means (see cos_logits' center).
+    """R@1 per layer in percent on the first utterances of a manifest: plain, centred by the set's
+    own means, and (when the checkpoint stored them) centred by the training means (see cos_logits'
+    center).
     The pooled pairs come from stage 1's own forward (SpeechLLM.pooled_pairs)."""
     need_transcripts(rows, "retrieval")
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
@@ -181,16 +187,15 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
 
 
 def evaluate_readout(model, rows, batch_size, device, dtype):
-    """The greedy CTC readout of each utterance (each projector output's nearest token embedding or the
-    blank, collapsed), scored as ASR. Meaningful for a projector trained with CTC; for any other it
-    shows how near the LLM's own embeddings its outputs lie."""
+    """The greedy CTC readout of each utterance (each projector output's nearest token embedding or
+    the blank, collapsed), scored as ASR. Meaningful for a projector trained with CTC; for any other
+    it shows how near the LLM's own embeddings its outputs lie."""
     need_transcripts(rows, "the readout")
     collate = Collator(model.encoder.feature_extractor)
     hypotheses = []
     for i in range(0, len(rows), batch_size):
-        batch = to_device(
-            collate(rows[i : i + batch_size]), device
-        )  # outside autocast: the log-mel
+        # outside autocast: the log-mel
+        batch = to_device(collate(rows[i : i + batch_size]), device)
         with common.autocast(device, dtype):
             hypotheses += model.read_out(batch)
     references = [row["text"] for row in rows]
@@ -211,9 +216,9 @@ def evaluate_readout(model, rows, batch_size, device, dtype):
 
 
 def unique_questions(examples):
-    """Spoken-SQuAD lists a question once per gold answer; as the authors, score each question once against
-    all its gold answers. (They key on the question text alone; we key on recording + question, so the
-    same question about two different passages stays two questions.)"""
+    """Spoken-SQuAD lists a question once per gold answer; as the authors, score each question once
+    against all its gold answers. (They key on the question text alone; we key on recording +
+    question, so the same question about two different passages stays two questions.)"""
     merged = {}
     for ex in examples:
         key = (ex["audio"], ex["instruction"])
@@ -226,10 +231,11 @@ def unique_questions(examples):
     return list(merged.values())
 
 
-# The length cap on a generated answer (--max-new-tokens auto). Greedy decoding of a weak model can run on
-# past the sentence until the cap, so the cap follows the input: a transcript or translation is at most
-# a few tokens per second of speech (English speech is ~3-4 tokens/s, German text takes ~1.5x the tokens
-# of English), a spoken-QA answer is a short span. The authors: 200 tokens for everything.
+# The length cap on a generated answer (--max-new-tokens auto). Greedy decoding of a weak model can
+# run on past the sentence until the cap, so the cap follows the input: a transcript or translation
+# is at most a few tokens per second of speech (English speech is ~3-4 tokens/s, German text takes
+# ~1.5x the tokens of English), a spoken-QA answer is a short span. The authors: 200 tokens for
+# everything.
 CAP_TOKENS = 16  # asr/st: this many tokens ...
 CAP_TOKENS_PER_SECOND = 8  # ... plus this many per second of audio
 QA_CAP_TOKENS = 32
@@ -255,7 +261,8 @@ def generate_answers(
     loop_repeats=0,
     stop_reasons=False,
 ):
-    """Greedy answers for every example (batched, longest first to keep the padding small), in input order.
+    """Greedy answers for every example (batched, longest first to keep the padding small), in
+    input order.
     max_new_tokens: a number, or "auto" (answer_cap). With stop_reasons, also why each answer ended
     (end of turn, the cap, or the loop guard: model.generate)."""
     from tqdm import tqdm
@@ -271,9 +278,8 @@ def generate_answers(
             for i in idx
         ]
         instructions = [examples[i]["instruction"] for i in idx]
-        read = (
-            "heard" in examples[idx[0]]
-        )  # scripts/toplines.py: a text's token embeddings for the speech
+        # scripts/toplines.py: a text's token embeddings for the speech
+        read = "heard" in examples[idx[0]]
         # collated outside autocast: the log-mel must stay float32
         batch = None if read else to_device(collate([examples[i] for i in idx]), device)
         with common.autocast(device, dtype):
@@ -287,10 +293,8 @@ def generate_answers(
                     batch, instructions, caps, loop_repeats, stop_reasons=True
                 )
         for i, text, reason in zip(idx, out, why):
-            answers[i], reasons[i] = (
-                text.split("\n")[0].strip(),
-                reason,
-            )  # as the authors (stop string "\n")
+            # as the authors (stop string "\n")
+            answers[i], reasons[i] = text.split("\n")[0].strip(), reason
     return (answers, reasons) if stop_reasons else answers
 
 
@@ -318,11 +322,14 @@ def evaluate_task(model, task, rows, args, device, dtype):
 
 
 def score(model, task, examples, args, device, dtype, hypotheses=None):
-    """Greedy answers to the examples (unless given), their metrics, how each ended, and every output."""
+    """Greedy answers to the examples (unless given), their metrics, how each ended, and every
+    output."""
     reasons = ["end"] * len(examples)
     if hypotheses is None:
-        hypotheses, reasons = generate_answers(model, examples, args.batch_size, args.max_new_tokens, device,
-                                               dtype, loop_repeats=args.loop_repeats, stop_reasons=True)  # fmt: skip
+        hypotheses, reasons = generate_answers(model, examples, args.batch_size,
+                                               args.max_new_tokens, device, dtype,
+                                               loop_repeats=args.loop_repeats,
+                                               stop_reasons=True)  # fmt: skip
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
     decoding = {
         "max_new_tokens": args.max_new_tokens,
@@ -330,8 +337,8 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
         "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
     }
     outputs = [
-        {"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h, "references": ex["references"],
-         "stop": why}
+        {"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h,
+         "references": ex["references"], "stop": why}
         for ex, h, why in zip(examples, hypotheses, reasons)
     ]  # fmt: skip
     metrics = compute_metrics(task, hypotheses, references)
@@ -355,16 +362,24 @@ def add_decoding_flags(p):
         help="test manifest; default: the demo's test split of the task; open: its open test",
     )
     common.add_demo_corpus_flag(p)
-    p.add_argument("--limit", type=int, help="score only the first N utterances")
-    p.add_argument("--batch-size", type=int, default=8, help="utterances per generation batch")
+    p.add_argument("--limit", type=common.positive_int, help="score only the first N utterances")
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=8, help="utterances per generation batch"
+    )
     p.add_argument(
         "--max-new-tokens", type=max_tokens, default="auto", help="a number, or auto (see above)"
     )
     p.add_argument(
-        "--loop-repeats", type=int, default=3, help="stop at N copies of a span (0: off)"
+        "--loop-repeats",
+        type=common.non_negative_int,
+        default=3,
+        help="stop at N copies of a span (0: off)",
     )
     p.add_argument(
-        "--show", type=int, default=5, help="sample hypotheses to print next to their references"
+        "--show",
+        type=common.non_negative_int,
+        default=5,
+        help="sample hypotheses to print next to their references",
     )
 
 
@@ -388,7 +403,11 @@ def get_args(argv=None):
     g.add_argument("--tgt-lang", default="de", help="with --audio --task st: the target language")
     g.add_argument("--prompt", help="with --audio: any instruction instead of a task's")
     common.add_system_flags(p, training=False)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.check_checkpoint(args.ckpt)  # a damaged checkpoint is one line
+    if args.audio:
+        check_audio(args.audio)  # readable, and at least one encoder frame long
+    return args
 
 
 def max_tokens(value):
@@ -406,7 +425,8 @@ def default_task(meta):
 
 
 def split_manifest(data, task, size):
-    """--data: a manifest, or (default) the demo corpus's test split of the task, or "open" its open test."""
+    """--data: a manifest, or (default) the demo corpus's test split of the task, or "open" its open
+    test."""
     if data not in (None, "open"):
         return data
     return demokit.manifests(
@@ -436,8 +456,10 @@ def answer_one(model, args, task, device, dtype):
         sf.info(args.audio)
     except Exception as e:  # soundfile raises its own error types for unreadable files
         raise UserError(
-            f"--audio {args.audio}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) and MP3 are read "
-            "at any sample rate and channel count; convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
+            f"--audio {args.audio}: not a readable audio file ({e}). "
+            "WAV, FLAC, OGG (Vorbis, Opus) and MP3 are read "
+            "at any sample rate and channel count; "
+            "convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
         ) from None
     batch = to_device(
         Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]),
@@ -453,7 +475,8 @@ def answer_one(model, args, task, device, dtype):
 def print_results(result, show):
     task, metrics = result["task"], result["metrics"]
     print(
-        f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} from {result['data']}"
+        f"\n{task}: {result['n']} {'questions' if task == 'qa' else 'utterances'} "
+        f"from {result['data']}"
     )
     if task == "retrieval":
         train = metrics.get("r1_centred_train")
@@ -475,8 +498,10 @@ def print_results(result, show):
     stopped = result.get("decoding", {}).get("stopped")
     if stopped:  # generated answers (not the readout)
         print(
-            f"  answers ended by the end-of-turn token: {stopped['end']}, cut by the length cap: {stopped['cap']}, "
-            f"by the loop guard: {stopped['loop']} (--max-new-tokens {result['decoding']['max_new_tokens']}, "
+            f"  answers ended by the end-of-turn token: {stopped['end']}, "
+            f"cut by the length cap: {stopped['cap']}, "
+            f"by the loop guard: {stopped['loop']} "
+            f"(--max-new-tokens {result['decoding']['max_new_tokens']}, "
             f"--loop-repeats {result['decoding']['loop_repeats']})"
         )
     for out in result["outputs"][:show]:
@@ -515,7 +540,8 @@ def main(argv=None):
         results[each] = {"ckpt": str(args.ckpt), "data": data, **result}
         print_results(results[each], args.show)
     if len(results) > 1:
-        summary = [f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items() if isinstance(v, float))
+        summary = [f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["metrics"].items()
+                                           if isinstance(v, float))
                    for name, r in results.items()]  # fmt: skip
         print("\nsummary:  " + "   ".join(summary))
     open_test = "-open" if args.data == "open" else ""

@@ -1,20 +1,31 @@
 """
-Stage 2: task fine-tuning of the projector (ASR, speech translation, spoken QA, or the paper's mix of all
-three), starting from a stage-1 checkpoint, or from a fresh projector (the no-pretraining baseline).
+Stage 2: task fine-tuning of the projector (ASR, speech translation, spoken QA, or the paper's mix
+of all three), starting from a stage-1 checkpoint, or from a fresh projector (the no-pretraining
+baseline).
 
-Every example is a chat in the LLM's own template: the speech comes first in the user turn, then the task's
-instruction; the assistant turn holds the target. The loss is next-token cross-entropy on the answer tokens
-and the end-of-turn token only. Only the projector trains; the encoder and the LLM stay frozen.
+Every example is a chat in the LLM's own template: the speech comes first in the user turn, then the
+task's instruction; the assistant turn holds the target. The loss is next-token cross-entropy on the
+answer tokens and the end-of-turn token only. Only the projector trains; the encoder and the LLM
+stay frozen.
 
-    python finetune.py --task qa --frac 0.1             # the demo: 10% of the spoken-QA data, from out/pretrain
-    python finetune.py --task qa --frac 0.1 --init none --out out/finetune-qa-scratch   # no-pretraining baseline
-    python finetune.py --task mix --frac 0.1 --stratify  # 10% of each task of the ASR+ST+QA mix
-    python finetune.py --task mix --frac 0.1 --no-cache-features --init runs/contr-cos-all --out runs/ft \\
-        --data data/paper/sentences_train.jsonl data/paper/st_train.jsonl data/paper/qa_train.jsonl  # the paper
-    torchrun --standalone --nproc_per_node=4 finetune.py --task mix --data mix.jsonl --init runs/contr-cos-all
-    python finetune.py --task asr --frac 0.1 --compress --lora 8 --ctc-weight 1   # after a CTC stage 1
-    python finetune.py --task qa --out out/finetune-qa --resume   # continue a killed run
-    python evaluate.py --ckpt out/finetune-qa            # then score it (EM / F1 on the test split)
+    # the demo: 10% of the spoken-QA data, from out/pretrain
+    python finetune.py --task qa --frac 0.1
+    # no-pretraining baseline
+    python finetune.py --task qa --frac 0.1 --init none --out out/finetune-qa-scratch
+    # 10% of each task of the ASR+ST+QA mix
+    python finetune.py --task mix --frac 0.1 --stratify
+    # the paper
+    python finetune.py --task mix --frac 0.1 --no-cache-features \\
+        --init runs/contr-cos-all --out runs/ft \\
+        --data data/paper/sentences_train.jsonl data/paper/st_train.jsonl data/paper/qa_train.jsonl
+    torchrun --standalone --nproc_per_node=4 finetune.py --task mix --data mix.jsonl \\
+        --init runs/contr-cos-all
+    # after a CTC stage 1
+    python finetune.py --task asr --frac 0.1 --compress --lora 8 --ctc-weight 1
+    # continue a killed run
+    python finetune.py --task qa --out out/finetune-qa --resume
+    # then score it (EM / F1 on the test split)
+    python evaluate.py --ckpt out/finetune-qa
 """
 
 import json
@@ -34,8 +45,9 @@ from data import Collator, frac_subset, read_manifest, task_examples, to_device
 from model import QFormerConfig, SpeechLLM
 
 # -----------------------------------------------------------------------------
-# The command line: the shared flags (common.py), then stage 2's own. A flag left out takes its value from
-# the --init checkpoint (the models, the projector's shape) or the recipe (the optimisation).
+# The command line: the shared flags (common.py), then stage 2's own. A flag left out takes its
+# value from the --init checkpoint (the models, the projector's shape) or the recipe (the
+# optimisation).
 
 
 def get_args(argv=None):
@@ -45,9 +57,14 @@ def get_args(argv=None):
         "--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix = ASR + ST + QA"
     )
     g.add_argument(
-        "--frac", type=float, default=1.0, help="share of the training examples (the paper: 0.1)"
+        "--frac",
+        type=common.unit_interval,
+        default=1.0,
+        help="share of the training examples (the paper: 0.1)",
     )
-    g.add_argument("--frac-seed", type=int, default=42, help="seed of the --frac draw")
+    g.add_argument(
+        "--frac-seed", type=common.non_negative_int, default=42, help="seed of the --frac draw"
+    )
     g.add_argument("--stratify", action="store_true", help="--task mix: draw --frac from each task")
     common.add_data_flags(
         p, several=True, max_audio_seconds=150.0
@@ -60,12 +77,25 @@ def get_args(argv=None):
     common.add_projector_flags(p, "projector (--init none; a checkpoint brings its own shape)")
     g = p.add_argument_group("how the LLM reads the speech (additions, off in the paper's recipe)")
     g.add_argument("--compress", action=common.ON_OFF, help="CTC-compressed: ~one vector per token")
-    g.add_argument("--lora", type=int, help="LoRA of this rank on the LLM's q/k/v/o (0: none)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA's alpha (default: 2 x rank)")
     g.add_argument(
-        "--ctc-weight", type=float, help="keep the CTC alignment with this weight (0: off)"
+        "--lora",
+        type=common.non_negative_int,
+        help="LoRA of this rank on the LLM's q/k/v/o (0: none)",
     )
-    g.add_argument("--ctc-temperature", type=float, default=0.05, help="the CTC loss's temperature")
+    g.add_argument(
+        "--lora-alpha", type=common.positive_float, help="LoRA's alpha (default: 2 x rank)"
+    )
+    g.add_argument(
+        "--ctc-weight",
+        type=common.non_negative_float,
+        help="keep the CTC alignment with this weight (0: off)",
+    )
+    g.add_argument(
+        "--ctc-temperature",
+        type=common.positive_float,
+        default=0.05,
+        help="the CTC loss's temperature",
+    )
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
     g.add_argument("--out", help="checkpoints, final projector, log.jsonl")
@@ -81,6 +111,7 @@ def get_args(argv=None):
         return {**recipe, **init, **common.data_defaults(first, encoder), **out}
 
     args = common.parse_args(p, argv, defaults_for)
+    common.check_projector_flags(p, args)
     if args.stratify and args.task != "mix":
         p.error("--stratify draws the fraction per task: it needs --task mix")
     if not 0 < args.frac <= 1:
@@ -89,24 +120,27 @@ def get_args(argv=None):
 
 
 def checkpoint_defaults(init, first, given):
-    """--init <checkpoint>: its models, projector shape and sink token (and, unless given, its dropout and
-    time masking) as defaults; an explicit flag that says otherwise is refused. --init none: {}."""
+    """--init <checkpoint>: its models, projector shape and sink token (and, unless given, its
+    dropout and time masking) as defaults; an explicit flag that says otherwise is refused.
+    --init none: {}."""
     path = Path(init) / "meta.json"
-    if (
-        init == "none" or not path.exists()
-    ):  # a missing checkpoint: main says so (--help still works)
+    # a missing checkpoint: main says so (--help still works)
+    if init == "none" or not path.exists():
         return {}
+    common.check_checkpoint(init)  # a damaged checkpoint is one line
     meta = json.loads(path.read_text())
     for flag in ("llm", "encoder"):
         if flag in given and not common.same_model(getattr(first, flag), meta[flag]):
             raise UserError(
-                f"--{flag} {getattr(first, flag)} does not match the --init checkpoint {init}, which was trained "
-                f"with --{flag} {meta[flag]}: leave --{flag} out, or pass --init none to start from scratch."
+                f"--{flag} {getattr(first, flag)} does not match the --init checkpoint {init}, "
+                f"which was trained with --{flag} {meta[flag]}: leave --{flag} out, "
+                "or pass --init none to start from scratch."
             )
     for flag, field in common.SHAPE_FLAGS.items():
         if flag in given and getattr(first, flag) != meta["qformer"][field]:
             raise UserError(
-                f"--{flag.replace('_', '-')} {getattr(first, flag)}: the projector's shape comes from the --init "
+                f"--{flag.replace('_', '-')} {getattr(first, flag)}: "
+                f"the projector's shape comes from the --init "
                 f"checkpoint {init} ({field}={meta['qformer'][field]}); leave the flag out."
             )
     chosen = {"llm": meta["llm"], "encoder": meta["encoder"]}
@@ -127,7 +161,8 @@ def build_model(args, dtype):
     if args.init != "none" and not (Path(args.init) / "meta.json").exists():
         hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
         raise UserError(
-            f"--init {args.init}: no stage-1 checkpoint there, expected {args.init}/meta.json{hint}. "
+            f"--init {args.init}: no stage-1 checkpoint there, "
+            f"expected {args.init}/meta.json{hint}. "
             "Use --init none for the no-pretraining baseline."
         )
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
@@ -150,7 +185,8 @@ def build_model(args, dtype):
 
 
 def load_data(args):
-    """Returns (training examples, dev examples). "demo": the demo corpus's manifests of the task."""
+    """Returns (training examples, dev examples). "demo": the demo corpus's manifests of the
+    task."""
 
     def examples(paths, split):
         paths = (
@@ -169,9 +205,8 @@ def load_data(args):
         examples(args.data, "train"), args.frac, seed=args.frac_seed, stratify=args.stratify
     )
     dev = examples(args.dev_data, "dev")
-    dev = random.Random(0).sample(
-        dev, min(args.dev_size, len(dev))
-    )  # a fixed sample over every task of the mix
+    # a fixed sample over every task of the mix
+    dev = random.Random(0).sample(dev, min(args.dev_size, len(dev)))
     return train, dev
 
 
@@ -183,9 +218,9 @@ def count(examples):
 
 
 def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05):
-    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers; with
-    ctc_weight, plus the CTC alignment of the transcript on the projector's outputs, which keeps them on
-    the LLM's embedding table while the answer loss pulls them elsewhere."""
+    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers;
+    with ctc_weight, plus the CTC alignment of the transcript on the projector's outputs, which
+    keeps them on the LLM's embedding table while the answer loss pulls them elsewhere."""
     speech, speech_mask = model.encode_speech(batch)
     ctc = model.ctc_loss(speech, speech_mask, batch, ctc_temperature) if ctc_weight else 0.0
     examples = batch["examples"]
@@ -198,7 +233,8 @@ def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05):
 
 @torch.no_grad()
 def dev_loss(model, dev, collate, batch_size, device, dtype):
-    """Mean answer loss over the dev examples (teacher-forced; evaluate.py scores generated answers)."""
+    """Mean answer loss over the dev examples (teacher-forced; evaluate.py scores generated
+    answers)."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -218,11 +254,11 @@ def dev_loss(model, dev, collate, batch_size, device, dtype):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup(args.device, args.seed)
+    run = common.start_run(args, "finetune.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
-    if (
-        args.init_set
-    ):  # what the checkpoint and the recipe set: the run's first lines, and meta.json
+    # what the checkpoint and the recipe set: the run's first lines, and meta.json
+    if args.init_set:
         common.announce(f"--init {args.init}", args.init_set)
     recipe = args.recipe_set
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
@@ -231,8 +267,9 @@ def main(argv=None):
     examples, dev = load_data(args)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(
-        f"task {args.task}, init {args.init}: {len(examples)} training examples ({count(examples)}; --frac "
-        f"{args.frac}{' per task' if args.stratify else ''}), {len(dev)} dev, {n_params / 1e6:.2f}M trainable"
+        f"task {args.task}, init {args.init}: {len(examples)} training examples "
+        f"({count(examples)}; --frac {args.frac}{' per task' if args.stratify else ''}), "
+        f"{len(dev)} dev, {n_params / 1e6:.2f}M trainable"
     )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
@@ -242,15 +279,13 @@ def main(argv=None):
     collate = Collator(
         model.encoder.feature_extractor, model.tokenizer if args.ctc_weight else None
     )
-    params = [
-        p for p in model.parameters() if p.requires_grad
-    ]  # the projector (and --lora's weights)
-    optimizer = torch.optim.AdamW(
-        params, lr=args.lr, weight_decay=0.0
-    )  # a fresh optimiser, as the authors
+    # the projector (and --lora's weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # a fresh optimiser, as the authors
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * total_steps))
-    step = common.resume(args.out, model, optimizer, order) if args.resume else 0
+    step = common.begin_run(run, args, model, optimizer, order)  # --resume: its newest ckpt
     if world > 1 and args.lora:
         raise UserError("--lora trains weights inside the LLM, which DDP here does not synchronise")
     # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
@@ -307,8 +342,7 @@ def main(argv=None):
 
     step = total_steps
     if master:
-        common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
-        model.save_projector(args.out, step=step, args=vars(args), **meta)  # the final projector
+        common.save_final(args.out, model, optimizer, step, order, args, **meta)  # + the projector
         model.save_feature_cache(args.feature_cache_file)
         if dev:
             loss = dev_loss(model, dev, collate, args.batch_size, device, dtype)

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 import contrastive
-from common import ModelError, load_pretrained, resolve_model, write_atomically
+from common import ModelError, load_pretrained, print0, resolve_model, write_atomically
 
 # -----------------------------------------------------------------------------
 # The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
@@ -284,8 +284,18 @@ class SpeechLLM(nn.Module):
         return frames, torch.arange(frames.shape[1], device=device)[None] < lengths[:, None]
 
     def load_feature_cache(self, path):
-        """Keep frozen encoder outputs in memory (and, with a path, on disk across runs)."""
-        self.feature_cache = torch.load(path) if path and Path(path).exists() else {}
+        """Keep frozen encoder outputs in memory (and, with a path, on disk across runs: tensors only).
+        A file that cannot be read is only a copy: it is rebuilt, with a warning."""
+        self.feature_cache = {}
+        if path and Path(path).exists():
+            try:
+                cache = torch.load(path, weights_only=True)
+                assert isinstance(cache, dict) and all(torch.is_tensor(v) for v in cache.values())
+                self.feature_cache = cache
+            except Exception as e:  # damaged, truncated, or not a cache at all
+                print0(
+                    f"warning: the feature cache {path} cannot be read ({type(e).__name__}): rebuilt"
+                )
         self._cached_on_disk = len(self.feature_cache)
 
     def save_feature_cache(self, path):

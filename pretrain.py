@@ -1,17 +1,24 @@
 """
 Stage 1: task-independent pretraining of the projector with the paper's all-layer contrastive loss.
 
-Speech and its transcript both go through the frozen LLM; at the embedding layer and every 5th layer up to
-the last, the mean-pooled speech states are pulled towards their own transcript's and away from the other
-transcripts in the batch (contrastive.py). Only the projector trains.
+Speech and its transcript both go through the frozen LLM; at the embedding layer and every 5th layer
+up to the last, the mean-pooled speech states are pulled towards their own transcript's and away
+from the other transcripts in the batch (contrastive.py). Only the projector trains.
 
-    python pretrain.py                        # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~8 min, 2 cores)
-    python pretrain.py --llm llama --data train.jsonl --dev-data dev.jsonl   # the paper's setup (GPU)
-    python pretrain.py --loss asr             # the ASR-pretraining baseline
-    python pretrain.py --loss contrastive+ctc  # the paper's loss plus token-level alignment (CTC)
-    torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl   # several GPUs (DDP)
-    python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2   # a smoke run
-    python pretrain.py --out out/pretrain --resume      # continue a killed run from its newest checkpoint
+    # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~8 min, 2 cores)
+    python pretrain.py
+    # the paper's setup (GPU)
+    python pretrain.py --llm llama --data train.jsonl --dev-data dev.jsonl
+    # the ASR-pretraining baseline
+    python pretrain.py --loss asr
+    # the paper's loss plus token-level alignment (CTC)
+    python pretrain.py --loss contrastive+ctc
+    # several GPUs (DDP)
+    torchrun --standalone --nproc_per_node=4 pretrain.py --llm llama --data train.jsonl
+    # a smoke run
+    python pretrain.py --llm tiny --encoder tiny --data my.jsonl --max-steps 2
+    # continue a killed run from its newest checkpoint
+    python pretrain.py --out out/pretrain --resume
 """
 
 import functools
@@ -32,7 +39,8 @@ from data import INSTRUCTIONS, Collator, need_transcripts, read_manifest, to_dev
 from model import QFormerConfig, SpeechLLM
 
 # -----------------------------------------------------------------------------
-# The command line: the shared flags (common.py), then stage 1's own. A flag left out takes its recipe's value.
+# The command line: the shared flags (common.py), then stage 1's own. A flag left out takes its
+# recipe's value.
 
 
 def get_args(argv=None):
@@ -49,21 +57,37 @@ def get_args(argv=None):
         help="mean-pooled cosine, or Sinkhorn",
     )
     g.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list")
-    g.add_argument("--ctc-weight", type=float, default=1.0, help="+ctc: the CTC loss's weight")
-    g.add_argument("--ctc-temperature", type=float, default=0.05, help="ctc: cosine / this")
-    g.add_argument("--temperature", type=float, default=0.1, help="the logits' temperature")
+    g.add_argument(
+        "--ctc-weight",
+        type=common.non_negative_float,
+        default=1.0,
+        help="+ctc: the CTC loss's weight",
+    )
+    g.add_argument(
+        "--ctc-temperature", type=common.positive_float, default=0.05, help="ctc: cosine / this"
+    )
+    g.add_argument(
+        "--temperature", type=common.positive_float, default=0.1, help="the logits' temperature"
+    )
     g.add_argument(
         "--symmetric", action="store_true", help="also speech->text (the paper: text->speech)"
     )
     g.add_argument("--center", action=common.ON_OFF, help="centre pooled states per batch")
     g.add_argument(
-        "--center-items", type=int, default=256, help="--center: training pairs for stored means"
+        "--center-items",
+        type=common.positive_int,
+        default=256,
+        help="--center: training pairs for stored means",
     )
     g.add_argument("--sink-token", action=common.ON_OFF, help="shared BOS in front of both sides")
     g.add_argument(
-        "--emb-steps", type=int, help="first train the layer-0 loss alone for this many steps"
+        "--emb-steps",
+        type=common.non_negative_int,
+        help="first train the layer-0 loss alone for this many steps",
     )
-    g.add_argument("--emb-lr", type=float, help="the learning rate of those steps")
+    g.add_argument(
+        "--emb-lr", type=common.non_negative_float, help="the learning rate of those steps"
+    )
     g.add_argument(
         "--gather-negatives", action="store_true", help="DDP: every rank's batch as negatives"
     )
@@ -86,6 +110,7 @@ def get_args(argv=None):
         return {**recipe, **common.data_defaults(first, first.encoder or recipe["encoder"])}
 
     args = common.parse_args(p, argv, defaults_for)
+    common.check_projector_flags(p, args)
     if args.gather_negatives and args.sim != "cos":
         p.error("--gather-negatives gathers pooled vectors: it works with --sim cos only")
     if args.loss in ("asr", "ctc") and args.emb_steps:
@@ -96,7 +121,8 @@ def get_args(argv=None):
 
 
 def build_model(args, dtype):
-    """The SpeechLLM the flags describe; --match-embedding-rms starts the projector at the LLM's scale."""
+    """The SpeechLLM the flags describe; --match-embedding-rms starts the projector at the LLM's
+    scale."""
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
     model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token)
@@ -110,8 +136,9 @@ def build_model(args, dtype):
 
 
 def loss_functions(args):
-    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (with its pooling kernel: torch,
-    triton or auto) or from contrastive.py, the reference written for reading. The same numbers either way."""
+    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (with its pooling
+    kernel: torch, triton or auto) or from contrastive.py, the reference written for reading. The
+    same numbers either way."""
     if args.loss_impl == "reference":
         return contrastive.masked_mean, contrastive.contrastive_loss
     kernel = args.loss_impl
@@ -120,11 +147,12 @@ def loss_functions(args):
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
-    """The paper's loss: the speech side through the frozen LLM with gradients into the projector, the text
-    side without, then the contrastive loss summed over the layers. Returns (loss, per-layer losses, in-batch
-    R@1, the projector's outputs and their mask, which the ASR loss of --loss contrastive+asr reuses).
-    text_cache (an addition, --text-cache): a transcript's pooled text states depend only on its words and
-    the layers, so they are computed once and read back."""
+    """The paper's loss: the speech side through the frozen LLM with gradients into the projector,
+    the text side without, then the contrastive loss summed over the layers. Returns (loss,
+    per-layer losses, in-batch R@1, the projector's outputs and their mask, which the ASR loss of
+    --loss contrastive+asr reuses).
+    text_cache (an addition, --text-cache): a transcript's pooled text states depend only on its
+    words and the layers, so they are computed once and read back."""
     masked_mean, contrastive_loss = loss_functions(args)
     speech_states, speech_pool_mask, speech, speech_mask = model.speech_states(batch, layers)
     keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
@@ -147,18 +175,18 @@ def contrastive_step(model, batch, layers, args, text_cache):
     else:
         total, per_layer, logits = contrastive_loss(
             text_states, text_pool_mask, speech_states, speech_pool_mask, sim=args.sim,
-            temperature=args.temperature, symmetric=args.symmetric, center=args.center, return_logits=True,
-            text_pooled=text_pooled,
+            temperature=args.temperature, symmetric=args.symmetric, center=args.center,
+            return_logits=True, text_pooled=text_pooled,
         )  # fmt: skip
         acc = contrastive.retrieval_r1(logits)
     return total, per_layer, acc, (speech, speech_mask)
 
 
 def gathered_cos_loss(text_pooled, speech_pooled, args):
-    """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same global
-    loss but differentiates only through its own slice (the others arrive without gradients); DDP then
-    averages the world's partial gradients, so scaling the loss by the world size gives exactly the
-    gradient of the global loss."""
+    """--gather-negatives: every rank's pooled vectors join the batch. Each rank computes the same
+    global loss but differentiates only through its own slice (the others arrive without gradients);
+    DDP then averages the world's partial gradients, so scaling the loss by the world size gives
+    exactly the gradient of the global loss."""
     world, rank = dist.get_world_size(), dist.get_rank()
 
     def gather(x):
@@ -175,10 +203,10 @@ def gathered_cos_loss(text_pooled, speech_pooled, args):
 
 
 def train_step_loss(model, batch, layers, args, text_cache, objective=None):
-    """Returns (loss to backpropagate, dict of things to log incl. the loss value). A combined objective
-    runs the encoder and the projector once for both losses. ASR pretraining (the baseline) is stage 2's
-    answer loss with the transcript as the answer; CTC, the token-level alignment over the LLM's own
-    embedding table (SpeechLLM.ctc_loss), needs no LLM pass."""
+    """Returns (loss to backpropagate, dict of things to log incl. the loss value). A combined
+    objective runs the encoder and the projector once for both losses. ASR pretraining (the
+    baseline) is stage 2's answer loss with the transcript as the answer; CTC, the token-level
+    alignment over the LLM's own embedding table (SpeechLLM.ctc_loss), needs no LLM pass."""
     objective, loss, logs, speech = objective or args.loss, 0.0, {"loss": 0.0}, None
     if objective in ("contrastive", "contrastive+asr", "contrastive+ctc"):
         contrastive_loss, per_layer, acc, speech = contrastive_step(
@@ -205,7 +233,8 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
 
 
 def load_data(args):
-    """(training rows, dev rows): the manifests' lines, checked; "demo": the demo corpus's sentences."""
+    """(training rows, dev rows): the manifests' lines, checked; "demo": the demo corpus's
+    sentences."""
 
     def read(path, split):
         path = demokit.manifests("asr", split, args.demo_corpus)[0] if path == "demo" else path
@@ -218,7 +247,8 @@ def load_data(args):
 
 
 def dev_retrieval(model, rows, layers, args, device, dtype, centers=None):
-    """Speech->text R@1 per layer on pooled pairs (contrastive.retrieval_table), and the pooled pairs."""
+    """Speech->text R@1 per layer on pooled pairs (contrastive.retrieval_table), and the pooled
+    pairs."""
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     size = args.batch_size
     batches = (to_device(collate(rows[i : i + size]), device) for i in range(0, len(rows), size))
@@ -228,9 +258,10 @@ def dev_retrieval(model, rows, layers, args, device, dtype, centers=None):
 
 
 def store_training_means(model, rows, layers, args, device, dtype):
-    """--center trains on per-batch centred states, so retrieval must centre too; a single query has no set
-    to average over, so the per-layer means over --center-items training pairs (a seeded sample, pooled
-    with the final projector) are stored next to it, in centers.safetensors. Returns (text, speech) [L, D]."""
+    """--center trains on per-batch centred states, so retrieval must centre too; a single query has
+    no set to average over, so the per-layer means over --center-items training pairs (a seeded
+    sample, pooled with the final projector) are stored next to it, in centers.safetensors. Returns
+    (text, speech) [L, D]."""
     sample = random.Random(args.seed).sample(rows, min(args.center_items, len(rows)))
     _, (text, speech) = dev_retrieval(model, sample, layers, args, device, dtype)
     common.save_centers(args.out, text.mean(1), speech.mean(1), layers, len(sample))
@@ -248,6 +279,7 @@ def fmt(values):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup(args.device, args.seed)
+    run = common.start_run(args, "pretrain.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
     recipe = args.recipe_set  # what the recipe set: the run's first line, and meta.json's "recipe"
@@ -263,7 +295,8 @@ def main(argv=None):
     rows, dev = load_data(args)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(
-        f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, {n_params / 1e6:.2f}M trainable"
+        f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, "
+        f"{n_params / 1e6:.2f}M trainable"
     )
     if args.cache_features:
         model.load_feature_cache(args.feature_cache_file)
@@ -276,10 +309,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
-    step = common.resume(args.out, model, optimizer, order) if args.resume else 0
-    if (
-        world > 1
-    ):  # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    step = common.begin_run(run, args, model, optimizer, order)  # --resume: its newest ckpt
+    # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
+    if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model.projector = DDP(model.projector, device_ids=ids, broadcast_buffers=False)
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
@@ -347,7 +379,10 @@ def main(argv=None):
             )
             line = f"step {step + 1} loss {logs['loss']:.3f}"
             if "per_layer" in logs:
-                line += f" per layer {step_layers}: {fmt(logs['per_layer'])} in-batch R@1 {fmt(logs['acc'])}"
+                line += (
+                    f" per layer {step_layers}: {fmt(logs['per_layer'])} "
+                    f"in-batch R@1 {fmt(logs['acc'])}"
+                )
             progress.write(
                 line
                 + "".join(f" {name} {logs[name]:.3f}" for name in ("asr", "ctc") if name in logs)
@@ -356,8 +391,7 @@ def main(argv=None):
 
     step = total_steps
     if master:
-        common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
-        model.save_projector(args.out, step=step, args=vars(args), **meta)  # the final projector
+        common.save_final(args.out, model, optimizer, step, order, args, **meta)  # + the projector
         model.save_feature_cache(args.feature_cache_file)
         centers = (
             store_training_means(model, rows, layers, args, device, dtype) if args.center else None
@@ -367,7 +401,8 @@ def main(argv=None):
             train = {"dev_r1_centred_train": r1["centred_train"]} if centers is not None else {}
             log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers, **train)
             print0(
-                f"final dev R@1 (speech->text, {len(dev)} utterances, chance {1 / len(dev):.2f}) per layer {layers}:\n"
+                f"final dev R@1 (speech->text, {len(dev)} utterances, "
+                f"chance {1 / len(dev):.2f}) per layer {layers}:\n"
                 f"  plain                        {fmt(r1['plain'])}\n"
                 f"  centred (dev-set means)      {fmt(r1['centred'])}"
                 + (f"\n  centred (stored train means) {fmt(r1['centred_train'])}" if train else "")

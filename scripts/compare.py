@@ -157,6 +157,9 @@ def get_args(argv=None):
         "--toplines with no value",
     )
     args = p.parse_args(argv)
+    # the cells run from the repository: paths given relative to where compare.py was started
+    args.out = str(Path(args.out).resolve())
+    args.corpus = args.corpus and str(Path(args.corpus).resolve())
     if args.quick:
         args.seeds = args.seeds[:1]
     return args
@@ -173,6 +176,8 @@ def run_cell(out, name, command, log):
         return json.loads(record.read_text())
     if log is None:  # --report: run nothing
         return None
+    if command[0] in ("pretrain.py", "finetune.py"):  # a cell killed half way continues
+        command = [*command, "--resume"]
     log.write(f"\n=== {name}: {shlex.join(command)}\n")
     log.flush()
     t0 = time.time()

@@ -61,6 +61,7 @@ import os
 import random
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,27 @@ def audio_ref(path, out):
     return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
 
 
+@contextmanager
+def reading(path, where=""):
+    """Whatever goes wrong reading one input file (bad bytes, bad YAML / JSON / parquet, a missing
+    field, unreadable audio) is the input's fault: one line naming the file (and where in it)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # yaml, json, soundfile and pyarrow each raise their own types
+        why = " ".join(str(e).split())[:200]
+        raise UserError(f"{path}{where}: cannot be read: {type(e).__name__}: {why}") from None
+
+
+WRITTEN = []  # the lines each manifest got: main says so when nothing was written
+
+
 def write_manifest(path, rows):
     """Write rows as JSONL, atomically (a temporary file, then rename): a killed run leaves no half
     manifest."""
+    rows = list(rows)
+    WRITTEN.append(len(rows))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -166,20 +185,27 @@ def mustc_split(pair_dir, tgt, split, out):
     """The manifest rows of one split of one pair, the Counter of segments left out (by reason), and
     how many segments were cut at the end of their talk."""
     txt = pair_dir / "data" / split / "txt"
-    segments = read_segments(txt / f"{split}.yaml")
-    english, target = read_text_lines(txt / f"{split}.en"), read_text_lines(txt / f"{split}.{tgt}")
+    with reading(txt / f"{split}.yaml"):
+        segments = read_segments(txt / f"{split}.yaml")
+        assert isinstance(segments, list), "not a list of segments"
+    with reading(txt / f"{split}.en"):
+        english = read_text_lines(txt / f"{split}.en")
+    with reading(txt / f"{split}.{tgt}"):
+        target = read_text_lines(txt / f"{split}.{tgt}")
     if not len(segments) == len(english) == len(target):
         raise UserError(
             f"{txt}: {len(segments)} segments in {split}.yaml but {len(english)} lines in "
             f"{split}.en and {len(target)} in {split}.{tgt}: the files must be line-aligned"
         )
     talk_seconds, rows, skipped, cut = {}, [], Counter(), 0
-    for seg, text, translation in zip(segments, english, target):
-        wav = pair_dir / "data" / split / "wav" / seg["wav"]
+    for n, (seg, text, translation) in enumerate(zip(segments, english, target), 1):
+        with reading(txt / f"{split}.yaml", f": segment {n}"):
+            wav = pair_dir / "data" / split / "wav" / seg["wav"]
+            offset, duration = float(seg["offset"]), float(seg["duration"])
         if wav not in talk_seconds:
-            talk_seconds[wav] = sf.info(str(wav)).duration if wav.is_file() else None
+            with reading(wav):
+                talk_seconds[wav] = sf.info(str(wav)).duration if wav.is_file() else None
         seconds = talk_seconds[wav]
-        offset, duration = float(seg["offset"]), float(seg["duration"])
         if seconds is None:
             skipped["audio file missing"] += 1
         elif not text or not translation:
@@ -306,33 +332,36 @@ def convert_spoken_squad(args):
             )
             raise UserError(f"{root}: no {audio_name}/ folder with the {split} audio: {hint}")
         index = passage_audio_index(audio_dir)
-        articles = json.loads(source.read_text(encoding="utf-8-sig"))["data"]
-        rows, skipped = [], Counter()
-        for a, article in enumerate(tqdm(articles, desc=f"spoken-squad {split}")):
-            for b, paragraph in enumerate(article["paragraphs"]):
-                files = index.get((a, b))
-                if not files:
-                    skipped["passage audio missing"] += len(paragraph["qas"])
-                    continue
-                audio = passage_file(
-                    files, out / "audio" / "spoken_squad" / split / f"{a}_{b}.flac"
-                )
-                seconds = sf.info(str(audio)).duration
-                for qa in paragraph["qas"]:
-                    answers = unique(answer["text"] for answer in qa["answers"])
-                    if not answers or not qa["question"].strip():
-                        skipped["no question or no answer"] += 1
-                        continue
-                    row = {"audio": audio_ref(audio, out), "task": "qa"}
-                    row.update(
-                        {"text": context} if (context := paragraph["context"].strip()) else {}
-                    )
-                    row.update(
-                        question=qa["question"].strip(), answer=answers, duration=round(seconds, 3)
-                    )
-                    row.update(id=qa["id"], passage=f"{a}_{b}")
-                    rows.append(row)
+        with reading(source):
+            rows, skipped = squad_rows(source, index, split, out)
         report(write_manifest(out / f"spoken_squad_{split}.jsonl", rows), len(rows), skipped)
+
+
+def squad_rows(source, index, split, out):
+    """The QA lines of one Spoken-SQuAD split."""
+    articles = json.loads(source.read_text(encoding="utf-8-sig"))["data"]
+    rows, skipped = [], Counter()
+    for a, article in enumerate(tqdm(articles, desc=f"spoken-squad {split}")):
+        for b, paragraph in enumerate(article["paragraphs"]):
+            files = index.get((a, b))
+            if not files:
+                skipped["passage audio missing"] += len(paragraph["qas"])
+                continue
+            audio = passage_file(files, out / "audio" / "spoken_squad" / split / f"{a}_{b}.flac")
+            seconds = sf.info(str(audio)).duration
+            for qa in paragraph["qas"]:
+                answers = unique(answer["text"] for answer in qa["answers"])
+                if not answers or not qa["question"].strip():
+                    skipped["no question or no answer"] += 1
+                    continue
+                row = {"audio": audio_ref(audio, out), "task": "qa"}
+                row.update({"text": context} if (context := paragraph["context"].strip()) else {})
+                row.update(
+                    question=qa["question"].strip(), answer=answers, duration=round(seconds, 3)
+                )
+                row.update(id=qa["id"], passage=f"{a}_{b}")
+                rows.append(row)
+    return rows, skipped
 
 
 # -----------------------------------------------------------------------------
@@ -344,6 +373,8 @@ def convert_librispeech(args):
     root, out = Path(args.root), Path(args.out)
     if (root / "LibriSpeech").is_dir():  # the archives unpack into LibriSpeech/
         root = root / "LibriSpeech"
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder (give the LibriSpeech download's folder)")
     splits = sorted(
         d for d in root.iterdir() if d.is_dir() and next(d.glob("*/*/*.trans.txt"), None)
     )
@@ -354,7 +385,9 @@ def convert_librispeech(args):
     for split in splits if not args.splits else [s for s in splits if s.name in args.splits]:
         rows, skipped = [], Counter()
         for trans in tqdm(sorted(split.glob("*/*/*.trans.txt")), desc=f"librispeech {split.name}"):
-            for line in read_text_lines(trans):
+            with reading(trans):
+                lines = read_text_lines(trans)
+            for line in lines:
                 utt, _, text = line.partition(" ")
                 flac = trans.parent / f"{utt}.flac"
                 if not flac.is_file():
@@ -368,7 +401,9 @@ def convert_librispeech(args):
                         "text": text,
                         "speaker": utt.split("-")[0],
                     }
-                    rows.append({**row, "duration": round(sf.info(str(flac)).duration, 3)})
+                    with reading(flac):
+                        seconds = sf.info(str(flac)).duration
+                    rows.append({**row, "duration": round(seconds, 3)})
         report(write_manifest(out / f"librispeech_{split.name}.jsonl", rows), len(rows), skipped)
 
 
@@ -577,6 +612,16 @@ def convert_hf(args):
         "speaker": args.speaker_column,
     }
     paths, out = [Path(p) for p in args.paths], Path(args.out)
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+    with reading(paths[0]):
+        rows, skipped = hf_rows(args, paths, columns, out)
+    report(write_manifest(out / f"{hf_name(args, paths[0])}.jsonl", rows), len(rows), skipped)
+
+
+def hf_rows(args, paths, columns, out):
+    """The manifest lines of a Hugging Face dataset, and the Counter of what was left out."""
     ds, base = open_hf_dataset(paths, args.split)
     rows, skipped = [], Counter()
     for record in tqdm(undecoded(ds, args.audio_column), desc=f"hf {paths[0].name}"):
@@ -601,7 +646,7 @@ def convert_hf(args):
         row.update({"tgt_lang": args.tgt_lang} if args.translation_column else {})
         row.update({"task": "qa"} if args.question_column else {})
         rows.append({"audio": audio_ref(audio, out), **row, "duration": round(seconds, 3)})
-    report(write_manifest(out / f"{hf_name(args, paths[0])}.jsonl", rows), len(rows), skipped)
+    return rows, skipped
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +669,9 @@ def read_jsonl(path, out):
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            with reading(path, f":{line_no}"):
+                row = json.loads(line)
+                assert isinstance(row, dict) and isinstance(row.get("audio"), str), "no 'audio'"
             if "duration" not in row:
                 raise UserError(
                     f"{path}:{line_no}: no 'duration' (the converters write one; mix filters on it)"
@@ -853,7 +900,10 @@ def main(argv=None):
         "hf": convert_hf,
         "mix": convert_mix,
     }
+    WRITTEN.clear()
     convert[args.command](args)
+    if not sum(WRITTEN):  # every converter reports what it left out, and why, above
+        raise UserError(f"{args.command}: wrote nothing (what was left out, and why, is above)")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_a_checkpoint_that_does_not_fit(tiny, manifest, stage1):
     fails_in_one_line(
         f"pretrain.py {tiny} --data {manifest} --out {stage1} --batch-size 4 --resume "
         "--qformer-dim 64",
-        "Checkpoint .* does not fit this model: qformer",
+        r"--resume: --qformer-dim 64 \(the run has 32\): cannot change mid-run",
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny import pooled_pairs, write_manifest
+from tiny import argv, pooled_pairs, write_manifest
 
 import evaluate
 import model as model_lib
@@ -276,18 +276,8 @@ def stage1(model, tmp_path_factory):
 
 
 def test_cli_generation_task(finetuned, manifest, capsys):
-    results = evaluate.main(
-        [
-            "--ckpt",
-            str(finetuned),
-            "--data",
-            str(manifest),
-            "--max-new-tokens",
-            "3",
-            "--device",
-            "cpu",
-        ]
-    )
+    line = "--ckpt {ckpt} --data {data} --max-new-tokens 3 --device cpu"
+    results = evaluate.main(argv(line, ckpt=finetuned, data=manifest))
     printed = capsys.readouterr().out
     saved = json.loads(
         (finetuned / "eval-qa.json").read_text()
@@ -299,22 +289,8 @@ def test_cli_generation_task(finetuned, manifest, capsys):
         and "ref: anna | Anna" in printed
         and "hyp:" in printed
     )
-    evaluate.main(
-        [
-            "--ckpt",
-            str(finetuned),
-            "--data",
-            str(manifest),
-            "--task",
-            "st",
-            "--max-new-tokens",
-            "3",
-            "--device",
-            "cpu",
-            "--out",
-            str(finetuned / "st.json"),
-        ]
-    )
+    line = "--ckpt {ckpt} --data {data} --task st --max-new-tokens 3 --device cpu --out {out}"
+    evaluate.main(argv(line, ckpt=finetuned, data=manifest, out=finetuned / "st.json"))
     st = json.loads((finetuned / "st.json").read_text())
     assert st["n"] == 3 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(
         st["metrics"]
@@ -358,26 +334,11 @@ def test_cli_text_topline_reads_the_transcript(paths, manifest, tmp_path, monkey
     embeddings where the speech would be, and answers the same as generate_from on those
     embeddings."""
     out = tmp_path / "topline.json"
-    toplines.main(
-        [
-            "--read",
-            "transcript",
-            "--task",
-            "asr",
-            "--llm",
-            paths["llm"],
-            "--encoder",
-            paths["hubert"],
-            "--data",
-            str(manifest),
-            "--max-new-tokens",
-            "3",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
+    line = (
+        "--read transcript --task asr --llm {llm} --encoder {hubert} --data {data}"
+        " --max-new-tokens 3 --device cpu --out {out}"
     )
+    toplines.main(argv(line, **paths, data=manifest, out=out))
     saved = json.loads(out.read_text())
     assert (
         saved["n"] == 3
@@ -404,20 +365,11 @@ def test_cli_one_recording(model, finetuned, tmp_path):
     wave = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], axis=1) * 0.3
     sf.write(tmp_path / "clip.flac", wave.astype("float32"), 44100)
     assert len(load_audio(tmp_path / "clip.flac")) == math.floor(1.2 * 16000)
-    cmd = [
-        sys.executable,
-        "evaluate.py",
-        "--ckpt",
-        str(finetuned),
-        "--audio",
-        str(tmp_path / "clip.flac"),
-        "--question",
-        "Who is it?",
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-    ]
+    line = (
+        "evaluate.py --ckpt {ckpt} --audio {audio} --question 'Who is it?' --max-new-tokens 4"
+        " --device cpu"
+    )
+    cmd = [sys.executable, *argv(line, ckpt=finetuned, audio=tmp_path / "clip.flac")]
     result = subprocess.run(
         cmd,
         cwd=REPO,
@@ -445,18 +397,8 @@ def test_one_recording_in_other_formats(finetuned, tmp_path, capsys):
         tmp_path / "clip.ogg", (0.3 * np.sin(2 * np.pi * 220 * t[::3])).astype("float32"), 7350
     )
     for name in ("clip.mp3", "clip.ogg"):
-        answer = evaluate.main(
-            [
-                "--ckpt",
-                str(finetuned),
-                "--task",
-                "asr",
-                "--audio",
-                str(tmp_path / name),
-                "--max-new-tokens",
-                "3",
-            ]
-        )
+        line = "--ckpt {ckpt} --task asr --audio {audio} --max-new-tokens 3"
+        answer = evaluate.main(argv(line, ckpt=finetuned, audio=tmp_path / name))
         assert (
             isinstance(answer, str)
             and capsys.readouterr().out.strip() == answer.split("\n")[0].strip()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import write_manifest
+from tiny import argv, write_manifest
 
 import finetune
 import pretrain
@@ -25,7 +25,8 @@ from data import Collator, UserError, read_manifest, task_examples
 from model import QFormerConfig, SpeechLLM
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_PROJECTOR = ["--qformer-dim", "32", "--qformer-heads", "4", "--qformer-layers", "2"]
+# the {projector} field of an argv line (argv splits it into its flags with the rest of the line)
+TINY_PROJECTOR = "--qformer-dim 32 --qformer-heads 4 --qformer-layers 2"
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +46,12 @@ def manifest(tmp_path_factory):
 def ft_args(paths, manifest, out, *extra):
     """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training
     file."""
-    return [
-        "--data",
-        str(manifest),
-        "--dev-data",
-        str(manifest),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "1",
-        "--device",
-        "cpu",
-        "--dtype",
-        # resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
-        "float32",
-        "--no-cache-features",
-        *extra,
-    ]
+    # float32: resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
+    line = (
+        "--data {data} --dev-data {data} --out {out} --batch-size 2 --grad-accum 1 --device cpu"
+        " --dtype float32 --no-cache-features"
+    )
+    return [*argv(line, data=manifest, out=out), *extra]
 
 
 def test_only_the_answer_and_end_of_turn_are_supervised(paths, manifest, monkeypatch):
@@ -140,26 +128,9 @@ def test_frac_subset_is_deterministic_and_sized(paths, manifest):
 def test_cli_from_scratch(paths, manifest, tmp_path):
     """The real entry point: `python finetune.py --init none`."""
     out = tmp_path / "scratch"
-    cmd = [
-        sys.executable,
-        "finetune.py",
-        *ft_args(
-            paths,
-            manifest,
-            out,
-            "--task",
-            "qa",
-            "--init",
-            "none",
-            "--llm",
-            paths["llm"],
-            "--encoder",
-            paths["hubert"],
-            *TINY_PROJECTOR,
-            "--max-steps",
-            "2",
-        ),
-    ]
+    line = "--task qa --init none --llm {llm} --encoder {hubert} {projector} --max-steps 2"
+    extra = argv(line, **paths, projector=TINY_PROJECTOR)
+    cmd = [sys.executable, "finetune.py", *ft_args(paths, manifest, out, *extra)]
     result = subprocess.run(
         cmd,
         cwd=REPO,
@@ -189,55 +160,19 @@ def test_cli_from_scratch(paths, manifest, tmp_path):
 def stage1(paths, manifest, tmp_path_factory):
     """A stage-1 checkpoint made by pretrain.py itself (2 steps)."""
     out = tmp_path_factory.mktemp("pretrain")
-    pretrain.main(
-        [
-            "--llm",
-            paths["llm"],
-            "--encoder",
-            paths["hubert"],
-            "--data",
-            str(manifest),
-            "--out",
-            str(out),
-            *TINY_PROJECTOR,
-            "--layers",
-            "0,5,10",
-            "--batch-size",
-            "4",
-            "--grad-accum",
-            "1",
-            "--device",
-            "cpu",
-            "--max-steps",
-            "2",
-            "--no-cache-features",
-        ]
+    line = (
+        "--llm {llm} --encoder {hubert} --data {data} --out {out} {projector} --layers 0,5,10"
+        " --batch-size 4 --grad-accum 1 --device cpu --max-steps 2 --no-cache-features"
     )
+    pretrain.main(argv(line, **paths, data=manifest, out=out, projector=TINY_PROJECTOR))
     return out
 
 
 def test_cli_from_a_stage1_checkpoint(paths, manifest, stage1, tmp_path):
     out = tmp_path / "ft"
     # lr 0: the fine-tuned projector must be exactly the stage-1 one it started from
-    finetune.main(
-        ft_args(
-            paths,
-            manifest,
-            out,
-            "--task",
-            "mix",
-            "--frac",
-            "0.5",
-            "--init",
-            str(stage1),
-            "--max-steps",
-            "2",
-            "--lr",
-            "0",
-            "--dropout",
-            "0.0",
-        )
-    )
+    line = "--task mix --frac 0.5 --init {init} --max-steps 2 --lr 0 --dropout 0.0"
+    finetune.main(ft_args(paths, manifest, out, *argv(line, init=stage1)))
     before, after = (
         load_file(stage1 / "projector.safetensors"),
         load_file(out / "projector.safetensors"),
@@ -331,30 +266,12 @@ def test_bfloat16_on_a_cpu_follows_float32(paths, manifest, tmp_path):
     losses = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        common_flags = [
-            "--llm",
-            paths["llm"],
-            "--encoder",
-            paths["whisper"],
-            *TINY_PROJECTOR,
-            "--seed",
-            "0",
-        ]
-        finetune.main(
-            ft_args(
-                paths,
-                manifest,
-                out,
-                "--task",
-                "asr",
-                "--init",
-                "none",
-                *common_flags,
-                "--max-steps",
-                "3",
-            )
-            + ["--dtype", dtype, "--dropout", "0"]
+        line = (
+            "--task asr --init none --llm {llm} --encoder {whisper} {projector} --seed 0"
+            " --max-steps 3"
         )
+        extra = argv(line, **paths, projector=TINY_PROJECTOR)
+        finetune.main(ft_args(paths, manifest, out, *extra) + ["--dtype", dtype, "--dropout", "0"])
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         losses[dtype] = [r["loss"] for r in log if "loss" in r] + [log[-1]["dev_loss"]]
     torch.testing.assert_close(
@@ -366,25 +283,9 @@ def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends with the projector of an
     uninterrupted run (same data order, optimiser state and dropout RNG: common.resume, shared with
     pretrain.py)."""
-    run = lambda out, *extra: finetune.main(
-        ft_args(
-            paths,
-            manifest,
-            out,
-            "--task",
-            "mix",
-            "--init",
-            str(stage1),
-            "--lr",
-            "1e-3",  # noqa: E731
-            "--max-steps",
-            "4",
-            "--save-every",
-            "2",
-            "--eval-every",
-            "0",
-            *extra,
-        )
+    line = "--task mix --init {init} --lr 1e-3 --max-steps 4 --save-every 2 --eval-every 0"
+    run = lambda out, *extra: finetune.main(  # noqa: E731
+        ft_args(paths, manifest, out, *argv(line, init=stage1), *extra)
     )
     run(tmp_path / "straight")
     run(tmp_path / "stopped")
@@ -406,43 +307,17 @@ def test_resume_continues_exactly(paths, manifest, stage1, tmp_path):
 def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
     """torchrun with 2 ranks x batch 2 == 1 process with batch 2 x 2 accumulation steps (the answer
     loss is a per-micro-batch mean, and DDP averages the ranks' gradients)."""
-    common = [
-        "--task",
-        "mix",
-        "--init",
-        "none",
-        "--llm",
-        paths["llm"],
-        "--encoder",
-        paths["hubert"],
-        *TINY_PROJECTOR,
-        "--max-steps",
-        "3",
-        "--dropout",
-        "0",
-        "--lr",
-        "1e-3",
-        "--eval-every",
-        "0",
-    ]
+    line = (
+        "--task mix --init none --llm {llm} --encoder {hubert} {projector} --max-steps 3"
+        " --dropout 0 --lr 1e-3 --eval-every 0"
+    )
+    common = argv(line, **paths, projector=TINY_PROJECTOR)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "finetune.py",
-    ]
+    torchrun = [sys.executable, *argv("-m torch.distributed.run --standalone --nproc_per_node=2")]
+    one = [sys.executable, "finetune.py", *ft_args(paths, manifest, tmp_path / "one", *common)]
     for cmd in (
-        torchrun + ft_args(paths, manifest, tmp_path / "ddp", *common),
-        [
-            sys.executable,
-            "finetune.py",
-            *ft_args(paths, manifest, tmp_path / "one", *common),
-            "--grad-accum",
-            "2",
-        ],
+        torchrun + ["finetune.py", *ft_args(paths, manifest, tmp_path / "ddp", *common)],
+        one + ["--grad-accum", "2"],
     ):
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

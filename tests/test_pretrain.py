@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import pooled_pairs, write_manifest
+from tiny import argv, pooled_pairs, write_manifest
 
 import common
 import pretrain
@@ -26,33 +26,13 @@ def manifest(tmp_path_factory):
 
 
 def tiny_args(paths, manifest, out, *extra):
-    return [
-        "--llm",
-        paths["llm"],
-        "--encoder",
-        paths["hubert"],
-        "--data",
-        str(manifest),
-        "--dev-data",
-        str(manifest),
-        "--out",
-        str(out),
-        "--qformer-dim",
-        "32",
-        "--qformer-heads",
-        "4",
-        "--qformer-layers",
-        "2",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "1",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",  # the tests recompute in float32 (auto is bf16 on a CPU with AMX)
-        *extra,
-    ]
+    # --dtype float32: the tests recompute in float32 (auto is bf16 on a CPU with AMX)
+    line = (
+        "--llm {llm} --encoder {hubert} --data {data} --dev-data {data} --out {out} --qformer-dim 32"
+        " --qformer-heads 4 --qformer-layers 2 --batch-size 4 --grad-accum 1 --device cpu"
+        " --dtype float32"
+    )
+    return [*argv(line, **paths, data=manifest, out=out), *extra]
 
 
 def test_step_changes_projector_only(paths, manifest):

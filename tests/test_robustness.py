@@ -16,7 +16,6 @@ from tiny import write_manifest
 
 import pretrain
 from data import UserError
-from model import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +209,7 @@ def test_same_seed_same_losses(paths, manifest, tmp_path):
 
 def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(paths, manifest, tmp_path):
     pretrain.main(args_for(paths, manifest, tmp_path, "--max-steps", "1", "--batch-size", "4"))
-    with pytest.raises(ModelError, match="qformer.*does not fit|does not fit.*qformer"):
+    with pytest.raises(UserError, match="--qformer-dim 64 .the run has 32.: cannot change"):
         pretrain.main(
             args_for(
                 paths,
