@@ -201,11 +201,13 @@ def _check_row(row, root):
     return {**checked, "key": key}
 
 
-def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
+def read_manifest(path, skip_bad=False, max_seconds=None, log=print, encoder_seconds=None):
     """Read and check every line of a JSONL manifest (UTF-8; a byte-order mark at the start, as
     Windows tools write it, is fine). A bad line raises ManifestError naming the file and line,
     unless skip_bad, which skips it and reports how many were skipped. Audio longer than max_seconds
-    is skipped and counted. A manifest with no usable line says how many failed and why."""
+    is skipped and counted; audio longer than encoder_seconds (what the encoder sees at most, e.g.
+    Whisper's 30 s window) is a bad line. A manifest with no usable line says how many failed and
+    why."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
@@ -217,6 +219,12 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print):
             try:
                 line = line.decode("utf-8-sig" if line_no == 1 else "utf-8")
                 row = _check_row(json.loads(line), path.parent)
+                kept = max_seconds is None or row["duration"] <= max_seconds
+                if kept and encoder_seconds is not None and row["duration"] > encoder_seconds:
+                    raise ValueError(
+                        f"{row['duration']:.1f} s of audio, longer than the encoder's "
+                        f"{encoder_seconds:g} s window: cut it into segments (offset, duration)"
+                    )
             except ValueError as e:  # so are json.JSONDecodeError and UnicodeDecodeError
                 if not skip_bad:
                     raise ManifestError(f"{path}:{line_no}: {e}") from None

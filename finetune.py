@@ -184,7 +184,7 @@ def build_model(args, dtype):
 # Data: task examples (instruction + target per utterance), then the --frac subset
 
 
-def load_data(args):
+def load_data(args, encoder_seconds=None):
     """Returns (training examples, dev examples). "demo": the demo corpus's manifests of the
     task."""
 
@@ -197,7 +197,9 @@ def load_data(args):
         rows = [
             row
             for path in paths or []
-            for row in read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0)
+            for row in read_manifest(
+                path, args.skip_bad, args.max_audio_seconds, print0, encoder_seconds
+            )
         ]
         return task_examples(rows, args.task)
 
@@ -264,7 +266,7 @@ def main(argv=None):
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
     model = build_model(args, dtype).to(device)
-    examples, dev = load_data(args)
+    examples, dev = load_data(args, model.encoder.max_seconds)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(
         f"task {args.task}, init {args.init}: {len(examples)} training examples "

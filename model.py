@@ -62,6 +62,7 @@ class SpeechEncoder(nn.Module):
         )
         config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
         self.is_whisper = config.model_type == "whisper"
+        self.max_seconds = 30.0 if self.is_whisper else None  # Whisper's positions end at 30 s
         model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
         # Whisper: keep the encoder, drop the decoder
         self.model = model.encoder if self.is_whisper else model
@@ -269,14 +270,19 @@ class SpeechLLM(nn.Module):
         keys, cache = batch.get("keys"), self.feature_cache
         if cache is None or keys is None:
             return self.encoder(batch["speech_inputs"], batch["speech_input_mask"])
-        missing = [i for i, key in enumerate(keys) if key not in cache]
-        if missing:
-            frames, mask = self.encoder(
-                batch["speech_inputs"][missing], batch["speech_input_mask"][missing]
-            )
-            for row, i in enumerate(missing):
-                # fp16 halves the cache
-                cache[keys[i]] = frames[row, : mask[row].sum()].to("cpu", torch.float16)
+        for i, key in enumerate(keys):
+            if key not in cache:
+                # each clip alone, without padding, so its frames never depend on what it was batched
+                # with (a resumed run then reads exactly the values an uninterrupted one would)
+                n = int(batch["speech_input_mask"][i].sum())
+                inputs, mask = (
+                    batch["speech_inputs"][i : i + 1, ..., :n],
+                    batch["speech_input_mask"][i : i + 1, :n],
+                )
+                frames, frame_mask = self.encoder(inputs, mask)
+                cache[key] = frames[0, : frame_mask[0].sum()].to(
+                    "cpu", torch.float16
+                )  # fp16: half the size
         device = batch["speech_inputs"].device
         seqs = [cache[key] for key in keys]
         lengths = torch.tensor([len(s) for s in seqs], device=device)
@@ -471,11 +477,7 @@ class SpeechLLM(nn.Module):
         seqs, labels = [], []
         for i, instruction in enumerate(instructions):
             before, after, eot = self.prompt_ids(instruction)
-            answer = (
-                []
-                if targets is None
-                else self.tokenizer(targets[i], add_special_tokens=False).input_ids + [eot]
-            )
+            answer = [] if targets is None else self.answer_ids(targets[i]) + [eot]
             ids = lambda x: torch.tensor(x, dtype=torch.long, device=speech.device)  # noqa: E731
             parts = [
                 self.embed_tokens(ids(before)),
@@ -493,6 +495,11 @@ class SpeechLLM(nn.Module):
             span = slice(T - len(seq), T) if left else slice(0, len(seq))
             embeds[i, span], mask[i, span], label_ids[i, span] = seq, True, lab
         return embeds, mask, label_ids
+
+    def answer_ids(self, text):
+        """A target's tokens as plain text: "<|im_end|>" written in a transcript stays characters,
+        never the real end-of-turn token."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def lm_loss(self, embeds, mask, labels, prefix=0):
         """Mean next-token cross-entropy over the supervised (answer) tokens of the batch. The LM

@@ -155,15 +155,19 @@ def contrastive_step(model, batch, layers, args, text_cache):
     words and the layers, so they are computed once and read back."""
     masked_mean, contrastive_loss = loss_functions(args)
     speech_states, speech_pool_mask, speech, speech_mask = model.speech_states(batch, layers)
-    keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
     text_states = text_pool_mask = text_pooled = None
-    if text_cache is None or not all(key in text_cache for key in keys):
+    if text_cache is None:
         text_states, text_pool_mask = model.text_states(batch, layers)
-    if text_cache is not None:
-        if text_states is not None:
-            pooled = masked_mean(text_states, text_pool_mask)
-            text_cache.update({key: pooled[:, i] for i, key in enumerate(keys)})
-        text_states = text_pool_mask = None
+    else:
+        keys = [f"{layers}:{ex['text']}" for ex in batch["examples"]]
+        for i, key in enumerate(keys):
+            if key not in text_cache:  # alone, unpadded: the value never depends on the batch
+                n = int(batch["text_mask"][i].sum())
+                one = {
+                    "text_ids": batch["text_ids"][i : i + 1, :n],
+                    "text_mask": batch["text_mask"][i : i + 1, :n],
+                }
+                text_cache[key] = masked_mean(*model.text_states(one, layers))[:, 0]
         text_pooled = torch.stack([text_cache[key] for key in keys], 1)
     if args.gather_negatives and dist.is_initialized():
         text_pooled = (
@@ -232,14 +236,16 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
 # Data and evaluation
 
 
-def load_data(args):
+def load_data(args, encoder_seconds=None):
     """(training rows, dev rows): the manifests' lines, checked; "demo": the demo corpus's
     sentences."""
 
     def read(path, split):
         path = demokit.manifests("asr", split, args.demo_corpus)[0] if path == "demo" else path
         return (
-            read_manifest(path, args.skip_bad, args.max_audio_seconds, log=print0) if path else []
+            read_manifest(path, args.skip_bad, args.max_audio_seconds, print0, encoder_seconds)
+            if path
+            else []
         )
 
     rows, dev = read(args.data, "train"), read(args.dev_data, "dev")[: args.dev_size]
@@ -292,7 +298,7 @@ def main(argv=None):
         layers = contrastive.select_layers(args.layers, model.num_layers)
     except ValueError as e:
         raise common.UserError(f"--layers {args.layers}: {e}") from None
-    rows, dev = load_data(args)
+    rows, dev = load_data(args, model.encoder.max_seconds)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(
         f"{len(rows)} training utterances, {len(dev)} dev, layers {layers}, "

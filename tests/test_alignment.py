@@ -145,3 +145,17 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     assert sorted(o["hypothesis"] for o in scored["outputs"]) == sorted(
         e.split("\n")[0].strip() for e in expected
     )
+
+
+def test_special_tokens_in_a_target_stay_plain_text(paths):
+    """A transcript that holds the text of the end-of-turn token is supervised as characters; the
+    one real end-of-turn token is the one chat_batch appends."""
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
+    eot_text = model.tokenizer.convert_ids_to_tokens(model.prompt_ids("x")[2])
+    speech, mask = (
+        torch.zeros(1, 2, model.llm.config.hidden_size),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    _, _, labels = model.chat_batch(speech, mask, ["x"], [f"ok {eot_text} ok"])
+    eot = model.prompt_ids("x")[2]
+    assert (labels == eot).sum() == 1 and labels[0, labels[0] != -100][-1] == eot

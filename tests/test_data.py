@@ -284,3 +284,28 @@ def test_a_qa_line_may_leave_its_transcript_out(tmp_path):
     assert task_examples(rows, "qa")[0]["target"] == "anna"
     with pytest.raises(ManifestError, match="pretraining needs a transcript .* 1 lines have none"):
         need_transcripts(rows, "pretraining")
+
+
+def test_audio_longer_than_the_encoder_window_is_a_bad_line(tmp_path):
+    """Whisper's encoder sees 30 s at most: a longer clip is a bad line naming the limit (never cut
+    silently), skipped with --skip-bad; --max-audio-seconds below it skips first, as before."""
+    rate = 16000
+    for name, seconds in (("long.wav", 31.0), ("short.wav", 2.0)):
+        sf.write(
+            tmp_path / name,
+            np.random.default_rng(0).standard_normal(int(seconds * rate)) * 0.1,
+            rate,
+        )
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "short.wav", "text": "a"}\n{"audio": "long.wav", "text": "b"}\n')
+    with pytest.raises(
+        UserError, match=r"m.jsonl:2: 31.0 s of audio, longer than the encoder's 30 s"
+    ):
+        read_manifest(manifest, encoder_seconds=30.0)
+    assert (
+        len(read_manifest(manifest, skip_bad=True, log=lambda _: None, encoder_seconds=30.0)) == 1
+    )
+    assert (
+        len(read_manifest(manifest, max_seconds=20, log=lambda _: None, encoder_seconds=30.0)) == 1
+    )
+    assert len(read_manifest(manifest)) == 2  # an encoder without a window (HuBERT) reads it whole

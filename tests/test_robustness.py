@@ -163,7 +163,10 @@ def test_sigkill_then_resume_ends_with_the_same_projector(paths, manifest, tmp_p
         "the run finished before it could be killed"
     )
     run([sys.executable, "pretrain.py", *args_for(paths, manifest, killed, *steps, "--resume")])
-    assert_same_projector(tmp_path / "straight", killed)
+    # exact, with the default feature and text caches: cached values never depend on the batch
+    straight, resumed = projector(tmp_path / "straight"), projector(killed)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_non_finite_steps_are_skipped_then_stop(paths, manifest, tmp_path, monkeypatch, capsys):
