@@ -168,8 +168,7 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
         to_device(collate(rows[i : i + batch_size]), device)
         for i in range(0, len(rows), batch_size)
     )
-    with common.autocast(device, dtype):
-        text, speech = model.pooled_pairs(batches, layers)
+    text, speech = model.pooled_pairs(batches, layers, lambda: common.autocast(device, dtype))
     table = contrastive.retrieval_table(text, speech, centers)
     metrics = {
         "layers": layers,

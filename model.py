@@ -20,6 +20,7 @@ stage 1's two sides through the frozen LLM, the chat prompt and the answer loss,
 checkpoints).
 """
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -441,15 +442,17 @@ class SpeechLLM(nn.Module):
         return self.hidden_states(text, mask, layers), pool_mask
 
     @torch.no_grad()
-    def pooled_pairs(self, batches, layers):
+    def pooled_pairs(self, batches, layers, autocast=contextlib.nullcontext):
         """Mean-pooled states at `layers` of every (speech, transcript) pair of collated batches,
-        for retrieval: (text [L, N, D], speech [L, N, D])."""
+        for retrieval: (text [L, N, D], speech [L, N, D]). autocast(): the context of each forward
+        (the batches are collated outside it: the log-mel must stay float32)."""
         was_training, text, speech = self.training, [], []
         self.eval()
         for batch in batches:
-            states, pool_mask, _, _ = self.speech_states(batch, layers)
-            speech.append(contrastive.masked_mean(states, pool_mask))
-            text.append(contrastive.masked_mean(*self.text_states(batch, layers)))
+            with autocast():
+                states, pool_mask, _, _ = self.speech_states(batch, layers)
+                speech.append(contrastive.masked_mean(states, pool_mask))
+                text.append(contrastive.masked_mean(*self.text_states(batch, layers)))
         self.train(was_training)
         return torch.cat(text, 1), torch.cat(speech, 1)
 

@@ -258,8 +258,7 @@ def dev_retrieval(model, rows, layers, args, device, dtype, centers=None):
     collate = Collator(model.encoder.feature_extractor, model.tokenizer)
     size = args.batch_size
     batches = (to_device(collate(rows[i : i + size]), device) for i in range(0, len(rows), size))
-    with common.autocast(device, dtype):
-        text, speech = model.pooled_pairs(batches, layers)
+    text, speech = model.pooled_pairs(batches, layers, lambda: common.autocast(device, dtype))
     return contrastive.retrieval_table(text, speech, centers), (text, speech)
 
 

@@ -235,3 +235,15 @@ def test_wasserstein_pretraining_runs_end_to_end(paths, manifest, tmp_path):
         torch.isfinite(torch.tensor(r["per_layer"])).all() for r in steps
     )
     assert json.loads((out / "meta.json").read_text())["args"]["sim"] == "wasserstein"
+
+
+def test_bf16_with_a_whisper_encoder_retrieves_at_the_end(paths, manifest, tmp_path):
+    """Under bf16 autocast the log-mel is still computed in float32: the stored training means and
+    the final dev retrieval (which collate while the forward runs under autocast) work with Whisper."""
+    line = (
+        "--llm {llm} --encoder {whisper} --data {data} --dev-data {data} --out {out} --max-steps 1"
+        " --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 --batch-size 4 --center"
+        " --center-items 4 --dtype bfloat16 --device cpu"
+    )
+    pretrain.main(argv(line, **paths, data=manifest, out=tmp_path / "run"))
+    assert (tmp_path / "run" / "centers.safetensors").exists()
