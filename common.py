@@ -44,8 +44,8 @@ RECIPES = {
     "paper": dict(
         model=dict(encoder="hubert", qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17,
                    window_pos=False, dropout=0.1, time_mask=0.0, sink_token=False, match_embedding_rms=False),
-        pretrain=dict(lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0, warmup_ratio=0.03,
-                      center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
+        pretrain=dict(loss="contrastive", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0,
+                      warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
         finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
                       compress=False, lora=0, ctc_weight=0.0),
     ),
@@ -53,10 +53,11 @@ RECIPES = {
         model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
                    window=17, window_pos=True, dropout=0.1, time_mask=0.0, sink_token=True,
                    match_embedding_rms=True),
-        pretrain=dict(lr=3e-4, batch_size=16, grad_accum=1, epochs=100, max_steps=500, warmup_ratio=0.01,
-                      center=True, emb_steps=400, emb_lr=1e-3, eval_every=100),
+        pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
+                      max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
+                      eval_every=100),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
-                      compress=False, lora=0, ctc_weight=0.0),
+                      compress=True, lora=8, ctc_weight=1.0),
     ),
 }  # fmt: skip
 

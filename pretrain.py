@@ -49,7 +49,7 @@ def get_args(argv=None):
     common.add_data_flags(p, several=False, max_audio_seconds=45.0)  # the paper keeps 1-45 s
     g = p.add_argument_group("objective")
     losses = ["contrastive", "asr", "contrastive+asr", "ctc", "contrastive+ctc"]
-    g.add_argument("--loss", choices=losses, default="contrastive", help="the objective")
+    g.add_argument("--loss", choices=losses, help="the objective")
     g.add_argument(
         "--sim",
         choices=["cos", "wasserstein"],
@@ -105,7 +105,7 @@ def get_args(argv=None):
 
     def defaults_for(first, given):
         recipe = common.recipe_defaults(first, given, ["model", "pretrain"])
-        if first.loss in ("asr", "ctc"):
+        if (first.loss or recipe["loss"]) in ("asr", "ctc"):
             recipe["emb_steps"] = 0  # the warm start is the contrastive loss's
         return {**recipe, **common.data_defaults(first, first.encoder or recipe["encoder"])}
 

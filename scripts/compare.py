@@ -48,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "none": None,  # no stage 1: fine-tuning starts from a fresh projector
     "asr": ["--loss", "asr"],  # ASR pretraining (the paper's baseline)
-    "cos-emb": ["--layers", "emb"],  # contrastive, embedding layer only
-    "cos-all": [],  # contrastive, layers 0, 5, ..., last (the paper's best; pretrain.py's default)
-    "wass-all": ["--sim", "wasserstein"],
+    "cos-emb": ["--loss", "contrastive", "--layers", "emb"],  # contrastive, embedding layer only
+    "cos-all": ["--loss", "contrastive"],  # contrastive, layers 0, 5, ..., last (the paper's best)
+    "wass-all": ["--loss", "contrastive", "--sim", "wasserstein"],
     "cos-all+asr": ["--loss", "contrastive+asr"],
     # token-level alignment (an addition): CTC over the LLM's embedding table, alone and with the paper's
     "ctc": ["--loss", "ctc"],
@@ -58,6 +58,7 @@ VARIANTS = {
 }
 NO_WARM_START = ("asr", "ctc")  # variants without the contrastive loss: no --emb-steps
 KEY_VARIANTS = [
+    "cos-all+ctc",
     "cos-all",
     "asr",
     "none",
