@@ -439,3 +439,50 @@ def ctc_compress(speech, speech_mask, embedding_table, blank):
     return compressed, torch.arange(compressed.shape[1], device=speech.device)[None] < lengths[
         :, None
     ]
+
+
+# --- Joint CTC / LLM decoding (evaluate.py --joint-ctc) -------------------------------------------
+# The LLM writes the transcript one token at a time, and each candidate is also scored by how likely
+# the projector's CTC paths are to begin with the prefix it makes (Watanabe et al., 2017's hybrid
+# CTC/attention decoding): the LLM adds its knowledge of English, the CTC side keeps it to the words
+# spoken. For one utterance; r_n / r_b [S]: the prefix's probability of having been emitted by
+# position t with t itself a token (n) or a blank (b), in logs.
+
+
+def ctc_empty_prefix(log_probs, blank_id):
+    """The state (r_n, r_b) of the empty prefix, from log_probs [S, V + 1] of one utterance."""
+    return torch.full_like(log_probs[:, 0], -math.inf), log_probs[:, blank_id].cumsum(0)
+
+
+def ctc_prefix_scores(log_probs, blank_id, r_n, r_b, last, empty, candidates):
+    """Extend H prefixes by each of C candidate tokens.
+    log_probs [S, V + 1] (one utterance's valid positions); r_n, r_b [H, S]: the prefixes' states;
+    last [H]: each prefix's last token (any value where empty [H] is True); candidates [C].
+    Returns (log P(the CTC labelling starts with prefix + c) [H, C], r_n [H, C, S], r_b [H, C, S])."""
+    x_c = log_probs[:, candidates].T  # [C, S]
+    x_blank = log_probs[:, blank_id]  # [S]
+    # a repeat of the last token needs a blank between the two: its r_n path cannot continue
+    repeat = candidates[None, :] == last[:, None]  # [H, C]
+    phi = torch.logaddexp(r_b[:, None], r_n[:, None].masked_fill(repeat[..., None], -math.inf))
+    S = len(log_probs)
+    new_n = torch.full((len(r_n), len(candidates), S), -math.inf, device=log_probs.device)
+    new_b = torch.full_like(new_n, -math.inf)
+    new_n[:, :, 0] = torch.where(empty[:, None], x_c[None, :, 0], -math.inf)
+    for t in range(1, S):
+        new_n[:, :, t] = torch.logaddexp(new_n[:, :, t - 1], phi[:, :, t - 1]) + x_c[None, :, t]
+        new_b[:, :, t] = torch.logaddexp(new_b[:, :, t - 1], new_n[:, :, t - 1]) + x_blank[t]
+    # c first emitted at position t, after the prefix ended before t; anything may follow
+    starts = torch.cat([new_n[:, :, :1], phi[:, :, :-1] + x_c[None, :, 1:]], dim=-1)
+    return starts.logsumexp(-1), new_n, new_b
+
+
+def ctc_final_scores(r_n, r_b):
+    """log P(the CTC labelling is exactly the prefix) [H]: the prefix ends the utterance."""
+    return torch.logaddexp(r_n[:, -1], r_b[:, -1])
+
+
+def ctc_candidates(log_probs, blank_id, per_position=10):
+    """The tokens joint decoding considers for one utterance: the `per_position` most probable at
+    any position (a token outside them has a CTC prefix probability too small to win)."""
+    top = log_probs.topk(per_position, dim=-1).indices.unique()
+    return top[top != blank_id]

@@ -297,6 +297,23 @@ def generate_answers(
     return (answers, reasons) if stop_reasons else answers
 
 
+def joint_answers(model, examples, args, device, dtype):
+    """ASR with --joint-ctc: each utterance decoded alone by model.generate_joint (the LLM's beam
+    search, every hypothesis also scored by the projector's CTC prefix probability)."""
+    from tqdm import tqdm
+
+    collate = Collator(model.encoder.feature_extractor)
+    answers = []
+    model.eval()
+    for ex in tqdm(examples, desc="joint ctc"):
+        batch = to_device(collate([ex]), device)
+        cap = answer_cap("asr", ex.get("duration", 0), args.max_new_tokens)
+        with common.autocast(device, dtype):
+            text = model.generate_joint(batch, ex["instruction"], args.joint_ctc, args.beam, cap)
+        answers.append(text.split("\n")[0].strip())
+    return answers
+
+
 def embed_texts(model, texts, device):
     """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]."""
     ids = [
@@ -324,7 +341,10 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
     """Greedy answers to the examples (unless given), their metrics, how each ended, and every
     output."""
     reasons = ["end"] * len(examples)
-    if hypotheses is None:
+    joint = getattr(args, "joint_ctc", 0) and task == "asr"
+    if hypotheses is None and joint:
+        hypotheses = joint_answers(model, examples, args, device, dtype)
+    elif hypotheses is None:
         hypotheses, reasons = generate_answers(model, examples, args.batch_size,
                                                args.max_new_tokens, device, dtype,
                                                loop_repeats=args.loop_repeats,
@@ -333,6 +353,7 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
     decoding = {
         "max_new_tokens": args.max_new_tokens,
         "loop_repeats": args.loop_repeats,
+        **({"joint_ctc": args.joint_ctc, "beam": args.beam} if joint else {}),
         "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
     }
     outputs = [
@@ -395,6 +416,14 @@ def get_args(argv=None):
     p.add_argument(
         "--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)"
     )
+    p.add_argument(
+        "--joint-ctc",
+        type=common.unit_interval,
+        default=0.0,
+        help="ASR: beam search scoring W * the CTC prefix log-prob + (1 - W) * the LLM's "
+        "(needs a CTC-trained projector; 0: the LLM alone, greedy)",
+    )
+    p.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
     g = p.add_argument_group("one recording")
     g.add_argument("--audio", help="answer for this recording (any format and sample rate)")

@@ -255,6 +255,7 @@ class SpeechLLM(nn.Module):
         self.sink_token = sink_token
         self.compress = False  # the LLM reads CTC-compressed speech (finetune.py --compress)
         self.lora = None  # {"rank", "alpha"} of the LoRA on the LLM (finetune.py --lora; add_lora)
+        self.ctc_temperature = 0.05  # of the CTC alignment it was trained with (from_checkpoint)
         self.feature_cache = None  # key -> frozen encoder frames (the scripts' --cache-features)
 
     def train(self, mode=True):
@@ -598,6 +599,67 @@ class SpeechLLM(nn.Module):
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return (texts, reasons) if stop_reasons else texts
 
+    @torch.no_grad()
+    def generate_joint(
+        self, batch, instruction, ctc_weight, beam=4, max_new_tokens=200, per_position=10
+    ):
+        """Joint CTC / LLM beam search for one utterance (ASR, where the answer is the transcript):
+        every hypothesis scores ctc_weight * log P_ctc(prefix) + (1 - ctc_weight) * log P_llm, the
+        CTC side from the projector's outputs over the embedding table (contrastive.py, the last
+        section), the LLM side reading them as generate() does. The tokens considered: the
+        `per_position` most probable under CTC at any position (contrastive.ctc_candidates), and
+        the end of turn. Returns the text."""
+        speech, speech_mask = self.encode_speech(batch)
+        table, valid = self.embedding_table(), speech[0, speech_mask[0]]
+        logits = contrastive.ctc_logits(valid, table, self.blank, self.ctc_temperature)
+        log_probs = logits.log_softmax(-1).cpu()  # a few positions: the CTC side runs on the CPU
+        blank_id = len(table)
+        candidates = contrastive.ctc_candidates(log_probs, blank_id, per_position)
+        eot = self.prompt_ids(instruction)[2]
+        candidates = candidates[candidates != eot]  # the end of turn is scored as the end
+
+        embeds, _, _ = self.chat_batch(*self.for_llm(speech, speech_mask), [instruction])
+        out = self.llm(inputs_embeds=embeds.to(self.llm.dtype), use_cache=True, logits_to_keep=1)
+        cache, llm_logits = out.cache, out.logits[:, -1]
+        r_n, r_b = (r[None] for r in contrastive.ctc_empty_prefix(log_probs, blank_id))
+        tokens, scores, ctc_scores = [[]], torch.zeros(1), torch.zeros(1)
+        finished = []  # (score, tokens)
+        for _ in range(max_new_tokens):
+            llm_lp = llm_logits.float().log_softmax(-1).cpu()
+            last = torch.tensor([t[-1] if t else -1 for t in tokens])
+            empty = torch.tensor([not t for t in tokens])
+            prefix, new_n, new_b = contrastive.ctc_prefix_scores(
+                log_probs, blank_id, r_n, r_b, last, empty, candidates
+            )
+            ends = contrastive.ctc_final_scores(r_n, r_b)
+            # [H, C + 1]: each hypothesis extended by each candidate, then ended
+            llm_part = torch.cat([llm_lp[:, candidates], llm_lp[:, eot, None]], 1)
+            ctc_part = torch.cat([prefix, ends[:, None]], 1) - ctc_scores[:, None]
+            total = scores[:, None] + ctc_weight * ctc_part + (1 - ctc_weight) * llm_part
+            best = total.flatten().topk(min(beam, total.numel())).indices
+            keep = []
+            for flat in best.tolist():
+                h, c = divmod(flat, total.shape[1])
+                if c == len(candidates):
+                    finished.append((total[h, c].item(), tokens[h]))
+                else:
+                    keep.append((h, c))
+            alive_best = max((total[h, c].item() for h, c in keep), default=-math.inf)
+            # every step only lowers a score: no live hypothesis can overtake a finished better one
+            if not keep or (finished and max(finished)[0] >= alive_best):
+                break
+            rows, cols = torch.tensor([h for h, _ in keep]), torch.tensor([c for _, c in keep])
+            tokens = [tokens[h] + [candidates[c].item()] for h, c in keep]
+            scores, ctc_scores = total[rows, cols], prefix[rows, cols]
+            r_n, r_b = new_n[rows, cols], new_b[rows, cols]
+            cache.reorder_cache(rows.to(embeds.device))
+            step = torch.tensor([[t[-1]] for t in tokens], device=embeds.device)
+            out = self.llm(input_ids=step, cache=cache, use_cache=True)
+            cache, llm_logits = out.cache, out.logits[:, -1]
+        if not finished:  # the cap: the best live hypothesis
+            finished = [(scores[0].item(), tokens[0])]
+        return self.tokenizer.decode(max(finished)[1], skip_special_tokens=True).strip()
+
     # --- LoRA on the frozen LLM -------------------------------------------------------------------
     # (finetune.py --lora; an addition, the paper trains the projector only)
 
@@ -701,6 +763,7 @@ class SpeechLLM(nn.Module):
         if meta.get("lora"):
             model.add_lora(**meta["lora"])
         model.compress = meta.get("compress", False)
+        model.ctc_temperature = meta.get("args", {}).get("ctc_temperature", 0.05)
         model.load_projector(ckpt)
         return model, meta
 

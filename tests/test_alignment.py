@@ -4,7 +4,9 @@ against a slow, obviously-correct version, and the CLI paths end to end with tin
     python -m pytest -q tests/test_alignment.py
 """
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +16,16 @@ from tiny import argv, write_manifest
 import evaluate
 import finetune
 import pretrain
-from contrastive import ctc_alignment_loss, ctc_compress, ctc_logits, ctc_readout, ctc_runs
+from contrastive import (
+    ctc_alignment_loss,
+    ctc_compress,
+    ctc_empty_prefix,
+    ctc_final_scores,
+    ctc_logits,
+    ctc_prefix_scores,
+    ctc_readout,
+    ctc_runs,
+)
 from data import Collator, read_manifest
 from model import QFormerConfig, SpeechLLM
 
@@ -145,6 +156,8 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     assert sorted(o["hypothesis"] for o in scored["outputs"]) == sorted(
         e.split("\n")[0].strip() for e in expected
     )
+    joint = evaluate.main(argv(args + " --joint-ctc 0.5 --beam 2", ckpt=stage2, data=manifest))
+    assert joint["asr"]["decoding"]["joint_ctc"] == 0.5 and joint["asr"]["n"] == 2
 
 
 def test_special_tokens_in_a_target_stay_plain_text(paths):
@@ -159,3 +172,56 @@ def test_special_tokens_in_a_target_stay_plain_text(paths):
     _, _, labels = model.chat_batch(speech, mask, ["x"], [f"ok {eot_text} ok"])
     eot = model.prompt_ids("x")[2]
     assert (labels == eot).sum() == 1 and labels[0, labels[0] != -100][-1] == eot
+
+
+def test_ctc_prefix_scores_sum_every_path_that_starts_with_the_prefix():
+    """Joint decoding's CTC side against enumeration: log P(prefix + c, anything after) and
+    log P(exactly the prefix) summed over all (V + 1)^S paths whose collapse fits."""
+    torch.manual_seed(0)
+    S, V = 5, 3
+    blank = V
+    log_probs = torch.randn(S, V + 1).log_softmax(-1)
+
+    def collapse(path):
+        return [c for i, c in enumerate(path) if c != blank and (i == 0 or c != path[i - 1])]
+
+    paths = [(collapse(p), sum(log_probs[t, c].item() for t, c in enumerate(p)))
+             for p in itertools.product(range(V + 1), repeat=S)]  # fmt: skip
+
+    def enumerated(prefix, exact):
+        total = sum(math.exp(score) for labels, score in paths
+                    if (labels if exact else labels[: len(prefix)]) == prefix)  # fmt: skip
+        return math.log(total) if total else -math.inf
+
+    for prefix in ([], [0], [2, 2], [0, 1], [1, 0, 2]):
+        r_n, r_b = (r[None] for r in ctc_empty_prefix(log_probs, blank))
+        for i, token in enumerate(prefix):  # grow the prefix one token at a time
+            last = torch.tensor([prefix[i - 1] if i else -1])
+            _, new_n, new_b = ctc_prefix_scores(log_probs, blank, r_n, r_b, last,
+                                                torch.tensor([i == 0]), torch.tensor([token]))  # fmt: skip
+            r_n, r_b = new_n[:, 0], new_b[:, 0]
+        last = torch.tensor([prefix[-1] if prefix else -1])
+        scores, _, _ = ctc_prefix_scores(log_probs, blank, r_n, r_b, last,
+                                         torch.tensor([not prefix]), torch.arange(V))  # fmt: skip
+        for c in range(V):
+            assert scores[0, c].item() == pytest.approx(enumerated(prefix + [c], False), abs=1e-4)
+        final = ctc_final_scores(r_n, r_b)[0].item()
+        assert final == pytest.approx(enumerated(prefix, True), abs=1e-4)
+
+
+def test_joint_decoding_without_ctc_is_the_llms_greedy_answer(paths, manifest):
+    """--joint-ctc's search with weight 0, one beam and every token a candidate is generate()'s
+    greedy decoding: the LLM side (prompt, cache, end of turn) is the same."""
+    torch.manual_seed(0)
+    cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).eval()
+    instruction, answers = "Can you transcribe this audio?", []
+    for row in read_manifest(manifest)[:4]:
+        batch = Collator(model.encoder.feature_extractor)([row])
+        greedy = model.generate(batch, [instruction], 6)[0]
+        vocabulary = len(model.embedding_table()) + 1
+        joint = model.generate_joint(batch, instruction, 0.0, beam=1, max_new_tokens=6,
+                                     per_position=vocabulary)  # fmt: skip
+        assert joint == greedy
+        answers.append(greedy)
+    assert any(answers)  # the random LLM writes something for some of them
