@@ -297,21 +297,35 @@ def generate_answers(
     return (answers, reasons) if stop_reasons else answers
 
 
-def joint_answers(model, examples, args, device, dtype):
+# --joint-ctc auto: this weight for a projector trained with a CTC alignment (docs/alignment.md)
+JOINT_CTC = 0.5
+
+
+def joint_ctc_weight(args, model):
+    """--joint-ctc as a number: auto is JOINT_CTC for a CTC-aligned projector, else 0 (the LLM
+    alone, as the paper decodes)."""
+    weight = getattr(args, "joint_ctc", 0)  # scripts/toplines.py has no such flag
+    if weight == "auto":
+        return JOINT_CTC if model.ctc_aligned else 0.0
+    return weight
+
+
+def joint_answers(model, examples, weight, args, device, dtype):
     """ASR with --joint-ctc: each utterance decoded alone by model.generate_joint (the LLM's beam
     search, every hypothesis also scored by the projector's CTC prefix probability)."""
     from tqdm import tqdm
 
     collate = Collator(model.encoder.feature_extractor)
-    answers = []
+    answers, reasons = [], []
     model.eval()
     for ex in tqdm(examples, desc="joint ctc"):
         batch = to_device(collate([ex]), device)
         cap = answer_cap("asr", ex.get("duration", 0), args.max_new_tokens)
         with common.autocast(device, dtype):
-            text = model.generate_joint(batch, ex["instruction"], args.joint_ctc, args.beam, cap)
+            text, why = model.generate_joint(batch, ex["instruction"], weight, args.beam, cap)
         answers.append(text.split("\n")[0].strip())
-    return answers
+        reasons.append(why)
+    return answers, reasons
 
 
 def embed_texts(model, texts, device):
@@ -341,9 +355,9 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
     """Greedy answers to the examples (unless given), their metrics, how each ended, and every
     output."""
     reasons = ["end"] * len(examples)
-    joint = getattr(args, "joint_ctc", 0) and task == "asr"
+    joint = joint_ctc_weight(args, model) if task == "asr" else 0
     if hypotheses is None and joint:
-        hypotheses = joint_answers(model, examples, args, device, dtype)
+        hypotheses, reasons = joint_answers(model, examples, joint, args, device, dtype)
     elif hypotheses is None:
         hypotheses, reasons = generate_answers(model, examples, args.batch_size,
                                                args.max_new_tokens, device, dtype,
@@ -353,7 +367,7 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
     decoding = {
         "max_new_tokens": args.max_new_tokens,
         "loop_repeats": args.loop_repeats,
-        **({"joint_ctc": args.joint_ctc, "beam": args.beam} if joint else {}),
+        **({"joint_ctc": joint, "beam": args.beam} if joint else {}),
         "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
     }
     outputs = [
@@ -418,10 +432,10 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--joint-ctc",
-        type=common.unit_interval,
-        default=0.0,
-        help="ASR: beam search scoring W * the CTC prefix log-prob + (1 - W) * the LLM's "
-        "(needs a CTC-trained projector; 0: the LLM alone, greedy)",
+        type=joint_weight,
+        default="auto",
+        help="ASR: beam search scoring W * the CTC prefix log-prob + (1 - W) * the LLM's; 0: the "
+        f"LLM alone, greedy; auto: {JOINT_CTC} for a CTC-aligned projector, else 0",
     )
     p.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
@@ -436,6 +450,10 @@ def get_args(argv=None):
     if args.audio:
         check_audio(args.audio)  # readable, and at least one encoder frame long
     return args
+
+
+def joint_weight(value):
+    return value if value == "auto" else common.unit_interval(value)
 
 
 def max_tokens(value):
@@ -531,6 +549,11 @@ def print_results(result, show):
             f"by the loop guard: {stopped['loop']} "
             f"(--max-new-tokens {result['decoding']['max_new_tokens']}, "
             f"--loop-repeats {result['decoding']['loop_repeats']})"
+        )
+    if result.get("decoding", {}).get("joint_ctc"):
+        print(
+            f"  joint CTC / LLM beam search: --joint-ctc {result['decoding']['joint_ctc']}, "
+            f"--beam {result['decoding']['beam']} (no loop guard)"
         )
     for out in result["outputs"][:show]:
         print(f"  ref: {' | '.join(out['references'])}\n  hyp: {out['hypothesis']}")

@@ -256,6 +256,7 @@ class SpeechLLM(nn.Module):
         self.compress = False  # the LLM reads CTC-compressed speech (finetune.py --compress)
         self.lora = None  # {"rank", "alpha"} of the LoRA on the LLM (finetune.py --lora; add_lora)
         self.ctc_temperature = 0.05  # of the CTC alignment it was trained with (from_checkpoint)
+        self.ctc_aligned = False  # the projector was trained with a CTC alignment (train_blank)
         self.feature_cache = None  # key -> frozen encoder frames (the scripts' --cache-features)
 
     def train(self, mode=True):
@@ -351,6 +352,7 @@ class SpeechLLM(nn.Module):
     def train_blank(self):
         """The CTC objectives train the blank with the projector (the others never use it)."""
         self.blank.requires_grad_(True)
+        self.ctc_aligned = True
         return self
 
     @property
@@ -608,7 +610,7 @@ class SpeechLLM(nn.Module):
         CTC side from the projector's outputs over the embedding table (contrastive.py, the last
         section), the LLM side reading them as generate() does. The tokens considered: the
         `per_position` most probable under CTC at any position (contrastive.ctc_candidates), and
-        the end of turn. Returns the text."""
+        the end of turn. Returns (the text, why it ended: "end" or "cap")."""
         speech, speech_mask = self.encode_speech(batch)
         table, valid = self.embedding_table(), speech[0, speech_mask[0]]
         logits = contrastive.ctc_logits(valid, table, self.blank, self.ctc_temperature)
@@ -656,9 +658,10 @@ class SpeechLLM(nn.Module):
             step = torch.tensor([[t[-1]] for t in tokens], device=embeds.device)
             out = self.llm(input_ids=step, cache=cache, use_cache=True)
             cache, llm_logits = out.cache, out.logits[:, -1]
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
         if not finished:  # the cap: the best live hypothesis
-            finished = [(scores[0].item(), tokens[0])]
-        return self.tokenizer.decode(max(finished)[1], skip_special_tokens=True).strip()
+            return decode(tokens[0]), "cap"
+        return decode(max(finished)[1]), "end"
 
     # --- LoRA on the frozen LLM -------------------------------------------------------------------
     # (finetune.py --lora; an addition, the paper trains the projector only)
@@ -685,6 +688,7 @@ class SpeechLLM(nn.Module):
             "encoder_dim": self.encoder.dim,
             "compress": self.compress,
             "lora": self.lora,
+            "ctc_aligned": self.ctc_aligned,
         }
 
     def save_projector(self, out, **extra):
@@ -733,6 +737,7 @@ class SpeechLLM(nn.Module):
                 )
         state = load_file(ckpt / "projector.safetensors")
         state.setdefault("blank", self.blank.detach().clone())  # saved before the CTC blank existed
+        self.ctc_aligned = self.ctc_aligned or meta.get("ctc_aligned", False)  # kept by stage 2
         unwrap(self.projector).load_state_dict(state)
         if meta.get("lora") and self.lora:  # a checkpoint with LoRA, into a model that has it
             self.llm.load_state_dict(load_file(ckpt / "lora.safetensors"), strict=False)

@@ -53,7 +53,7 @@ VARIANTS = {
     "wass-all": ["--loss", "contrastive", "--sim", "wasserstein"],
     "cos-all+asr": ["--loss", "contrastive+asr"],
     # token-level alignment (an addition): CTC over the LLM's embedding table, alone and with the paper's
-    "ctc": ["--loss", "ctc"],
+    "ctc": ["--loss", "ctc", "--lr", "1e-3"],  # the rate of the contrastive+ctc warm steps
     "cos-all+ctc": ["--loss", "contrastive+ctc"],
 }
 NO_WARM_START = ("asr", "ctc")  # variants without the contrastive loss: no --emb-steps

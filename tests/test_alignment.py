@@ -152,12 +152,18 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     batch = Collator(model.encoder.feature_extractor)(rows)
     expected = model.eval().generate(batch, ["Can you transcribe this audio?"] * 2, 3)
     args = "--ckpt {ckpt} --task asr --data {data} --limit 2 --max-new-tokens 3 --loop-repeats 0 --device cpu"
-    scored = evaluate.main(argv(args + " --dtype float32", ckpt=stage2, data=manifest))["asr"]
+    scored = evaluate.main(
+        argv(args + " --dtype float32 --joint-ctc 0", ckpt=stage2, data=manifest)
+    )["asr"]
     assert sorted(o["hypothesis"] for o in scored["outputs"]) == sorted(
         e.split("\n")[0].strip() for e in expected
     )
     joint = evaluate.main(argv(args + " --joint-ctc 0.5 --beam 2", ckpt=stage2, data=manifest))
     assert joint["asr"]["decoding"]["joint_ctc"] == 0.5 and joint["asr"]["n"] == 2
+    # --joint-ctc auto: a CTC-aligned checkpoint decodes jointly
+    assert json.loads((stage2 / "meta.json").read_text())["ctc_aligned"] is True
+    auto = evaluate.main(argv(args, ckpt=stage2, data=manifest))["asr"]["decoding"]
+    assert auto["joint_ctc"] == evaluate.JOINT_CTC
 
 
 def test_special_tokens_in_a_target_stay_plain_text(paths):
@@ -220,8 +226,24 @@ def test_joint_decoding_without_ctc_is_the_llms_greedy_answer(paths, manifest):
         batch = Collator(model.encoder.feature_extractor)([row])
         greedy = model.generate(batch, [instruction], 6)[0]
         vocabulary = len(model.embedding_table()) + 1
-        joint = model.generate_joint(batch, instruction, 0.0, beam=1, max_new_tokens=6,
-                                     per_position=vocabulary)  # fmt: skip
+        joint, _ = model.generate_joint(batch, instruction, 0.0, beam=1, max_new_tokens=6,
+                                        per_position=vocabulary)  # fmt: skip
         assert joint == greedy
         answers.append(greedy)
     assert any(answers)  # the random LLM writes something for some of them
+
+
+def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, tmp_path):
+    """A CTC objective marks the projector (saved in meta.json, kept by a stage 2 that loads it);
+    --joint-ctc auto decodes such a projector jointly and any other with the LLM alone."""
+    cfg = QFormerConfig(dim=32, heads=4, layers=2)
+    plain, aligned = (SpeechLLM(paths["llm"], paths["hubert"], cfg) for _ in range(2))
+    aligned.train_blank().save_projector(tmp_path / "aligned")
+    plain.save_projector(tmp_path / "plain")
+    auto = evaluate.get_args(["--ckpt", str(tmp_path / "plain"), "--task", "asr"])
+    assert auto.joint_ctc == "auto"
+    assert evaluate.joint_ctc_weight(auto, plain) == 0.0
+    assert evaluate.joint_ctc_weight(auto, aligned) == evaluate.JOINT_CTC
+    stage2 = SpeechLLM(paths["llm"], paths["hubert"], cfg)
+    stage2.load_projector(tmp_path / "aligned")
+    assert stage2.ctc_aligned and not SpeechLLM(paths["llm"], paths["hubert"], cfg).ctc_aligned
