@@ -512,8 +512,12 @@ def answer_one(model, args, task, device, dtype):
         device,
     )
     cap = answer_cap(task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
+    joint = joint_ctc_weight(args, model) if task == "asr" and not args.prompt else 0
     with common.autocast(device, dtype):
-        answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
+        if joint:
+            answer, _ = model.generate_joint(batch, instruction, joint, args.beam, cap)
+        else:
+            answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
     print(answer if args.prompt else answer.split("\n")[0].strip())
     return answer
 

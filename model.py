@@ -637,7 +637,9 @@ class SpeechLLM(nn.Module):
             # [H, C + 1]: each hypothesis extended by each candidate, then ended
             llm_part = torch.cat([llm_lp[:, candidates], llm_lp[:, eot, None]], 1)
             ctc_part = torch.cat([prefix, ends[:, None]], 1) - ctc_scores[:, None]
-            total = scores[:, None] + ctc_weight * ctc_part + (1 - ctc_weight) * llm_part
+            total = scores[:, None] + (1 - ctc_weight) * llm_part
+            if ctc_weight:  # (0 x an impossible prefix's -inf would be nan)
+                total = total + ctc_weight * ctc_part
             best = total.flatten().topk(min(beam, total.numel())).indices
             keep = []
             for flat in best.tolist():

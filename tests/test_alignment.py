@@ -164,6 +164,11 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     assert json.loads((stage2 / "meta.json").read_text())["ctc_aligned"] is True
     auto = evaluate.main(argv(args, ckpt=stage2, data=manifest))["asr"]["decoding"]
     assert auto["joint_ctc"] == evaluate.JOINT_CTC
+    # one recording decodes the same way as the test split
+    one = "--ckpt {ckpt} --task asr --audio {audio} --max-new-tokens 3 --device cpu"
+    answer = evaluate.main(argv(one, ckpt=stage2, audio=rows[0]["audio"]))
+    batch = Collator(model.encoder.feature_extractor)(rows[:1])
+    assert answer == model.generate_joint(batch, "Can you transcribe this audio?", 0.5, 4, 3)[0]
 
 
 def test_special_tokens_in_a_target_stay_plain_text(paths):
