@@ -6,8 +6,12 @@ evaluate.py: score a trained projector with the metrics the field uses.
     # ASR (WER), ST (BLEU / chrF), QA, each on its test split
     python evaluate.py --ckpt out/finetune-mix --task all
     python evaluate.py --ckpt runs/ft --task st --data data/paper/st-de_test.jsonl --batch-size 16
-    # stage 1: speech->text R@1 per contrastive layer
+    # ASR decoded by the LLM alone (greedy), and with a heavier CTC side
+    python evaluate.py --ckpt out/finetune-asr --joint-ctc 0
+    python evaluate.py --ckpt out/finetune-asr --joint-ctc 0.7 --beam 8
+    # stage 1: speech->text R@1 per contrastive layer; what the projector spells without the LLM
     python evaluate.py --ckpt out/pretrain --task retrieval
+    python evaluate.py --ckpt out/pretrain --task readout
     # one recording
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
@@ -17,7 +21,9 @@ Generation is greedy, batched with left padding, and stops at the LLM's end-of-t
 length cap that follows the input (--max-new-tokens auto: 16 tokens + 8 per second of audio for
 ASR/ST, 32 for QA), or when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the
 same few tokens; one is kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the
-authors, an answer ends at its first newline. The table (with how many answers the cap or the guard
+authors, an answer ends at its first newline. ASR from a projector trained with a CTC alignment (the
+demo's recipe) is decoded instead by a joint CTC / LLM beam search, one utterance at a time
+(--joint-ctc auto; model.SpeechLLM.generate_joint; docs/alignment.md). The table (with how many answers the cap or the guard
 cut), a few hypotheses next to their references, and a JSON file of everything (default
 <ckpt>/eval-<task>.json).
 
@@ -352,8 +358,8 @@ def evaluate_task(model, task, rows, args, device, dtype):
 
 
 def score(model, task, examples, args, device, dtype, hypotheses=None):
-    """Greedy answers to the examples (unless given), their metrics, how each ended, and every
-    output."""
+    """Answers to the examples (unless given: greedy, or for ASR the joint CTC / LLM search), their
+    metrics, how each ended, and every output."""
     reasons = ["end"] * len(examples)
     joint = joint_ctc_weight(args, model) if task == "asr" else 0
     if hypotheses is None and joint:
