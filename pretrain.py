@@ -3,9 +3,12 @@ Stage 1: task-independent pretraining of the projector with the paper's all-laye
 
 Speech and its transcript both go through the frozen LLM; at the embedding layer and every 5th layer
 up to the last, the mean-pooled speech states are pulled towards their own transcript's and away
-from the other transcripts in the batch (contrastive.py). Only the projector trains.
+from the other transcripts in the batch (contrastive.py). Only the projector trains. The demo's recipe
+adds a token-level alignment: CTC between the projector's outputs and the transcript's tokens over the
+LLM's own embedding table (--loss contrastive+ctc; docs/alignment.md).
 
-    # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~8 min, 2 cores)
+    # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (~15 min on 2 cores, after ~3 min building
+    # the models and the corpus once)
     python pretrain.py
     # the paper's setup (GPU)
     python pretrain.py --llm llama --data train.jsonl --dev-data dev.jsonl
