@@ -5,7 +5,8 @@ fine-tuning of each on 10% of the ASR and spoken-QA data (and the no-pretraining
 task-specialised model the paper compares against) -> test scores, next to a text topline and a
 Whisper cascade.
 
-    # the demo grid (2 cores: ~4.5 h float32); rerun to continue
+    # the demo grid; rerun to continue. Its default recipe's cells took 83 min a stage-1 variant with
+    # both tasks (float32, one thread while another job held the second core): ~10 h on 2 cores
     python -m scripts.compare
     # the whole grid with tiny budgets, in minutes (a smoke test)
     python -m scripts.compare --quick
