@@ -193,7 +193,7 @@ def run_cell(out, name, command, log):
         )
     done = {
         "name": name,
-        "command": "python " + shlex.join(command),
+        "command": "python " + shlex.join(relative_to_repo(command)),
         "seconds": round(time.time() - t0, 1),
     }
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +202,13 @@ def run_cell(out, name, command, log):
         record
     )  # atomic: a killed run never records a half-finished cell
     return done
+
+
+def relative_to_repo(command):
+    """`command` with paths inside the repository written relative to it, so a cell's record
+    reads the same on every machine and can be committed as is."""
+    prefix = str(REPO) + "/"
+    return [word.replace(prefix, "") for word in command]
 
 
 def corpus_files(args):

@@ -113,3 +113,16 @@ def test_the_whole_quick_grid(corpus, tmp_path):
     assert {c["task"] for c in results["cells"]} == {"asr", "qa"}
     assert set(results["stage1_seconds"]) == {f"{v}-s42" for v in compare.VARIANTS if v != "none"}
     assert (tmp_path / "r1_per_layer.png").exists() and (tmp_path / "metrics.png").exists()
+
+
+def test_a_cells_record_names_repository_paths_relative_to_it():
+    """The records are committed under docs/results/: no machine's checkout path in them."""
+    inside = str(compare.REPO / "demo" / "corpus" / "sentences_train.jsonl")
+    command = ["pretrain.py", "--data", inside, "--out", "/elsewhere/out"]
+    assert compare.relative_to_repo(command) == [
+        "pretrain.py",
+        "--data",
+        "demo/corpus/sentences_train.jsonl",
+        "--out",
+        "/elsewhere/out",
+    ]
