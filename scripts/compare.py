@@ -56,7 +56,7 @@ VARIANTS = {
     # token-level alignment (an addition): CTC over the LLM's embedding table, alone and with the paper's
     "ctc": ["--loss", "ctc", "--lr", "1e-3"],  # the rate of the contrastive+ctc warm steps
     "cos-all+ctc": ["--loss", "contrastive+ctc"],
-    "cos-emb+ctc": ["--loss", "contrastive+ctc", "--layers", "emb"],  # the same, embedding layer only
+    "cos-emb+ctc": ["--loss", "contrastive+ctc", "--layers", "emb"],  # the same, embedding layer
 }
 NO_WARM_START = ("asr", "ctc")  # variants without the contrastive loss: no --emb-steps
 KEY_VARIANTS = [
