@@ -1,6 +1,7 @@
 """
 compare.py: the paper's comparison in one command. Stage-1 variants (none, ASR pretraining,
-contrastive at the embedding layer or at all layers, cosine or Wasserstein, contrastive + ASR) ->
+contrastive at the embedding layer or at all layers, cosine or Wasserstein, contrastive + ASR, and the
+token-level alignment: CTC alone or with the contrastive loss at all layers or the embedding layer) ->
 fine-tuning of each on 10% of the ASR and spoken-QA data (and the no-pretraining model on 100%, the
 task-specialised model the paper compares against) -> test scores, next to a text topline and a
 Whisper cascade.
