@@ -12,6 +12,8 @@ evaluate.py: score a trained projector with the metrics the field uses.
     # stage 1: speech->text R@1 per contrastive layer; what the projector spells without the LLM
     python evaluate.py --ckpt out/pretrain --task retrieval
     python evaluate.py --ckpt out/pretrain --task readout
+    # which test words the training transcripts never had, and how many of each kind come out right
+    python evaluate.py --ckpt out/finetune-asr --data open --seen-in demo/corpus/sentences_train.jsonl
     # one recording
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
@@ -113,6 +115,34 @@ def word_error_rates(hypotheses, references):
         "wer_median": 100 * median,
         "exact": 100 * sum(e == 0 for e in per_utterance) / n,
     }
+
+
+def seen_word_recall(hypotheses, references, seen):
+    """ASR against the words of the training transcripts (`seen`, --seen-in): the share of
+    reference words never seen there, and the share of each kind the hypotheses get right (aligned
+    as jiwer aligns them for the WER). A recogniser that spells only words it has heard gets the
+    unseen ones nearly never right, so their share bounds its WER from below."""
+    right, total = {True: 0, False: 0}, {True: 0, False: 0}
+    for ref, hyp in zip(references, hypotheses):
+        out = jiwer.process_words(
+            ref, hyp, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT
+        )
+        correct = {i for chunk in out.alignments[0] if chunk.type == "equal"
+                   for i in range(chunk.ref_start_idx, chunk.ref_end_idx)}  # fmt: skip
+        for i, word in enumerate(out.references[0]):
+            total[word in seen] += 1
+            right[word in seen] += i in correct
+    recall = lambda kind: 100 * right[kind] / total[kind] if total[kind] else None  # noqa: E731
+    return {
+        "unseen_words": 100 * total[False] / (total[True] + total[False]),
+        "recall_seen": recall(True),
+        "recall_unseen": recall(False),
+    }
+
+
+def words_of(manifest):
+    """The set of words (WER-normalised) of a manifest's transcripts."""
+    return {word for row in read_manifest(manifest) for word in WER_TEXT(row["text"])[0]}
 
 
 def bleu_chrf(hypotheses, golds):
@@ -444,6 +474,11 @@ def get_args(argv=None):
         f"LLM alone, greedy; auto: {JOINT_CTC} for a CTC-aligned projector, else 0",
     )
     p.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
+    p.add_argument(
+        "--seen-in",
+        help="ASR, readout: a manifest (e.g. the training split); adds the share of test words "
+        "never in its transcripts and how many of each kind are right",
+    )
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
     g = p.add_argument_group("one recording")
     g.add_argument("--audio", help="answer for this recording (any format and sample rate)")
@@ -598,6 +633,12 @@ def main(argv=None):
             result = evaluate_readout(model, rows, args.batch_size, device, dtype)
         else:
             result = evaluate_task(model, each, rows, args, device, dtype)
+        if args.seen_in and each in ("asr", "readout"):
+            hypotheses = [o["hypothesis"] for o in result["outputs"]]
+            references = [o["references"][0] for o in result["outputs"]]
+            result["metrics"].update(
+                seen_word_recall(hypotheses, references, words_of(args.seen_in))
+            )
         results[each] = {"ckpt": str(args.ckpt), "data": data, **result}
         print_results(results[each], args.show)
     if len(results) > 1:

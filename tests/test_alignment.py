@@ -138,6 +138,10 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
         argv("--ckpt {ckpt} --task readout --data {data} --device cpu", ckpt=stage1, data=manifest)
     )
     assert result["readout"]["n"] == 8 and "wer" in result["readout"]["metrics"]
+    seen = evaluate.main(argv("--ckpt {ckpt} --task readout --data {data} --device cpu --seen-in {data}",
+                              ckpt=stage1, data=manifest))["readout"]["metrics"]  # fmt: skip
+    assert seen["unseen_words"] == 0.0 and seen["recall_unseen"] is None
+    assert seen["wer"] == result["readout"]["metrics"]["wer"]
     stage2 = tmp_path / "s2"
     finetune.main(
         argv(common + " --out {out} --init {init} --task asr --max-steps 2 --batch-size 2 --compress --lora 2"

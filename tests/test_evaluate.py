@@ -47,6 +47,21 @@ def test_wer_corpus_and_mean_by_hand():
     )  # 2 insertions / 2 words
 
 
+def test_seen_word_recall_by_hand():
+    """--seen-in: "frog" (1 of 5 reference words) never occurs in training; the seen words come out
+    right 4 of 4, the unseen one 0 of 1 (case and punctuation normalised as for the WER); then
+    "sings" deleted, "frog" right."""
+    seen = {"the", "sings", "dog", "a", "song"}
+    result = evaluate.seen_word_recall(
+        ["the dog sings", "A song."], ["The frog sings!", "a song"], seen
+    )
+    assert result["unseen_words"] == pytest.approx(100 / 5)
+    assert result["recall_seen"] == pytest.approx(100 * 4 / 4)
+    assert result["recall_unseen"] == 0.0
+    result = evaluate.seen_word_recall(["the frog"], ["the frog sings"], seen)
+    assert result["recall_seen"] == pytest.approx(50.0) and result["recall_unseen"] == 100.0
+
+
 def test_bleu_and_chrf_by_hand():
     hyps = ["Der Hund bellt laut.", "Guten Morgen"]
     refs = ["Der Hund bellt laut.", "Guten Abend"]
