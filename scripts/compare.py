@@ -274,7 +274,8 @@ def readout(args, out, files, variant, seed, folder, log):
     LLM (each output's nearest token embedding, collapsed as CTC does). Returns its WER."""
     path = folder / "readout.json"
     command = ["evaluate.py", "--ckpt", str(folder), "--task", "readout", "--data",
-               files["test"]["sentences"], "--out", str(path), *(QUICK["evaluate"] if args.quick else [])]  # fmt: skip
+               files["test"]["sentences"], "--out", str(path), *(QUICK["evaluate"] if args.quick else []),
+               *shlex.split(args.evaluate_args)]  # fmt: skip
     if run_cell(out, f"readout-{variant}-s{seed}", command, log) is None:
         return None
     return json.loads(path.read_text())["metrics"]["wer"]
