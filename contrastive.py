@@ -24,7 +24,8 @@ utterance:
 
 Only the speech side learns: the text side has no trainable parameter, so it is detached (and may
 even be pooled once and cached: text_pooled=). All the loss math runs in float32 whatever the
-model's dtype, with autocast switched off (float32_math).
+model's dtype, with autocast switched off (float32_math); the one exception is the CTC's product
+with the whole vocabulary, which follows autocast as an LLM's output layer does (ctc_alignment_loss).
 
 This file is the reference: plain PyTorch, nothing in it exists for speed. contrastive_fast.py has
 the same functions with the same signatures and the same numbers, faster (what pretrain.py runs
@@ -369,15 +370,23 @@ def contrastive_loss(
 # (ctc_readout) and shorten what the LLM reads to about one vector per token (ctc_compress).
 
 
-def ctc_logits(speech, embedding_table, blank, temperature=0.05):
-    """[B, S, D] -> [B, S, V + 1]: cosine / temperature against the vocabulary, then the blank
-    (last). In float32 with autocast off: a log-softmax over a 49k-128k vocabulary in bf16 loses the
-    small probabilities CTC needs. The frozen table never gets a gradient (detached)."""
+def ctc_logits(speech, embedding_table, blank, temperature=0.05, product_dtype=torch.float32):
+    """[B, S, D] -> [B, S, V + 1]: cosine / temperature against every token embedding, then the
+    blank (the last class). Float32 with autocast off (a log-softmax over a 49k-128k vocabulary in
+    bf16 loses the small probabilities CTC needs), unless product_dtype asks for the product in
+    bf16: the logits then come in bf16, for a float32 log-softmax. The frozen table never gets a
+    gradient (detached)."""
     with float32_math():
+        classes = torch.cat([embedding_table.detach(), blank[None]]).float()
+        classes = F.normalize(classes, dim=-1).to(product_dtype)
         queries = F.normalize(speech.float(), dim=-1) / temperature
-        tokens = queries @ F.normalize(embedding_table.detach().float(), dim=-1).T  # [B, S, V]
-        blanks = queries @ F.normalize(blank.float(), dim=0)  # [B, S]
-        return torch.cat([tokens, blanks[..., None]], dim=-1)
+        return queries.to(product_dtype) @ classes.T
+
+
+def autocast_dtype(device):
+    """The dtype autocast runs matrix products in on this device; float32 when it is off."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else torch.float32
 
 
 def ctc_alignment_loss(
@@ -386,8 +395,11 @@ def ctc_alignment_loss(
     """CTC loss of the transcripts' tokens [B, T] (mask [B, T]) given the projector outputs
     [B, S, D] (mask [B, S], valid positions first): PyTorch's 'mean', each utterance's loss divided
     by its target length, then averaged. A transcript with more tokens than speech positions cannot
-    align: 0, not inf."""
-    log_probs = ctc_logits(speech, embedding_table, blank, temperature).log_softmax(-1)
+    align: 0, not inf. Under autocast the product with the vocabulary runs in its dtype, as an
+    LLM's output layer does (most of a layer-0 step's time in float32); the rest stays float32."""
+    product_dtype = autocast_dtype(speech.device)
+    logits = ctc_logits(speech, embedding_table, blank, temperature, product_dtype)
+    log_probs = logits.log_softmax(-1, dtype=torch.float32)
     lengths, target_lengths = speech_mask.sum(-1), token_mask.sum(-1)
     return F.ctc_loss(log_probs.transpose(0, 1), token_ids, lengths, target_lengths,
                       blank=len(embedding_table), zero_infinity=True)  # fmt: skip

@@ -74,6 +74,27 @@ def test_ctc_loss_is_pytorch_ctc_on_cosine_logits():
     assert speech.grad[1, 5:].abs().sum() == 0  # padding gets no gradient
 
 
+def test_ctc_loss_under_bf16_autocast_takes_the_vocabulary_product_in_bf16():
+    """Under autocast only the product with the table runs in bf16 (as an LLM's output layer): the
+    loss is the float32 loss on bf16-rounded logits, within bf16's error of the exact one."""
+    torch.manual_seed(0)
+    table, blank = torch.randn(300, 16), torch.randn(16)
+    speech = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    ids, ids_mask = torch.tensor([[5, 6, 7], [8, 9, 9]]), torch.ones(2, 3, dtype=torch.bool)
+    exact = ctc_alignment_loss(speech, mask, ids, ids_mask, table, blank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ctc_alignment_loss(speech, mask, ids, ids_mask, table, blank)
+    rounded = ctc_logits(speech, table, blank, product_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16
+    log_probs = rounded.log_softmax(-1, dtype=torch.float32).transpose(0, 1)
+    expected = F.ctc_loss(log_probs, ids, torch.tensor([9, 9]), torch.tensor([3, 3]), blank=300)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, expected)
+    assert mixed != exact
+    torch.testing.assert_close(mixed, exact, rtol=1e-2, atol=0)
+
+
 def test_readout_and_compression_follow_the_nearest_embedding():
     """Outputs placed on token embeddings (or the blank) read out as those tokens; compression keeps one
     vector per run, the mean of the run, and the gradient reaches every vector of it."""
