@@ -86,9 +86,14 @@ def get_args(argv=None):
         "--lora-alpha", type=common.positive_float, help="LoRA's alpha (default: 2 x rank)"
     )
     g.add_argument(
+        "--freeze-projector",
+        action=common.ON_OFF,
+        help="train --lora alone, the stage-1 projector (and its CTC alignment) kept as it is",
+    )
+    g.add_argument(
         "--ctc-weight",
         type=common.non_negative_float,
-        help="keep the CTC alignment with this weight (0: off)",
+        help="a projector that trains keeps its CTC alignment with this weight (0: off)",
     )
     g.add_argument(
         "--ctc-temperature",
@@ -104,7 +109,7 @@ def get_args(argv=None):
         init = checkpoint_defaults(first.init, first, given)
         first.llm = init.get("llm", first.llm)  # the recipe follows the checkpoint's LLM
         recipe = common.recipe_defaults(
-            first, given, ["finetune"] if init else ["model", "finetune"]
+            first, given, ["finetune"] if init else ["model", "finetune", "fresh"]
         )
         encoder = first.encoder or init.get("encoder") or recipe["encoder"]
         out = {"out": f"out/finetune-{first.task}", "init_set": init}
@@ -112,6 +117,14 @@ def get_args(argv=None):
 
     args = common.parse_args(p, argv, defaults_for)
     common.check_projector_flags(p, args)
+    if args.freeze_projector and args.init == "none":
+        p.error("--freeze-projector: a fresh projector (--init none) has to train")
+    if args.freeze_projector and not args.lora:
+        p.error("--freeze-projector trains --lora alone: give --lora R")
+    if args.freeze_projector and args.ctc_weight:
+        p.error(
+            "--ctc-weight keeps a training projector's alignment: a frozen one has nothing to keep"
+        )
     if args.stratify and args.task != "mix":
         p.error("--stratify draws the fraction per task: it needs --task mix")
     if not 0 < args.frac <= 1:
@@ -177,6 +190,8 @@ def build_model(args, dtype):
         model.train_blank()
     if args.lora:
         model.add_lora(args.lora, args.lora_alpha)
+    if args.freeze_projector:  # LoRA alone learns: the LLM learns to read the stage-1 projector
+        model.projector.requires_grad_(False)
     return model
 
 
