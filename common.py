@@ -39,8 +39,6 @@ from safetensors.torch import save_file
 #             brings its own)
 #   pretrain  stage 1's loss and optimisation
 #   finetune  stage 2's optimisation and what it trains
-#   fresh     stage 2 from a fresh projector (finetune.py --init none, the no-pretraining start),
-#             over finetune: a projector that has learned nothing cannot stay frozen
 
 RECIPES = {
     "paper": dict(
@@ -50,7 +48,6 @@ RECIPES = {
                       warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
         finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
                       compress=False, lora=0, ctc_weight=0.0, freeze_projector=False),
-        fresh=dict(),
     ),
     "demo": dict(
         model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
@@ -59,9 +56,8 @@ RECIPES = {
         pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
                       max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
                       eval_every=100),
-        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=5, warmup_ratio=0.03, eval_every=50,
-                      compress=True, lora=8, ctc_weight=0.0, freeze_projector=True),
-        fresh=dict(epochs=10, ctc_weight=1.0, freeze_projector=False),
+        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
+                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False),
     ),
 }  # fmt: skip
 

@@ -109,7 +109,7 @@ def get_args(argv=None):
         init = checkpoint_defaults(first.init, first, given)
         first.llm = init.get("llm", first.llm)  # the recipe follows the checkpoint's LLM
         recipe = common.recipe_defaults(
-            first, given, ["finetune"] if init else ["model", "finetune", "fresh"]
+            first, given, ["finetune"] if init else ["model", "finetune"]
         )
         encoder = first.encoder or init.get("encoder") or recipe["encoder"]
         out = {"out": f"out/finetune-{first.task}", "init_set": init}

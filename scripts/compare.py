@@ -289,7 +289,7 @@ def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, s
     folder = out / "finetune" / name
     budget = QUICK["finetune"] if args.quick else []
     if same_steps and not args.quick:
-        budget = ["--epochs", f"{finetune_epochs(args, init) * args.frac / frac:g}"]
+        budget = ["--epochs", f"{finetune_epochs(args) * args.frac / frac:g}"]
     kind = TASKS[task]
     command = [
         "finetune.py",
@@ -372,9 +372,8 @@ def score_open_test(args, out, files, name, command, folder, cell, log):
     return cell
 
 
-def finetune_epochs(args, init):
-    """The epochs finetune.py will use: --finetune-args' --epochs, else its recipe's (for a fresh
-    projector, init None, the recipe's "fresh" part first)."""
+def finetune_epochs(args):
+    """The epochs finetune.py will use: --finetune-args' --epochs, else its recipe's."""
     extra = shlex.split(args.finetune_args)
     if "--epochs" in extra:
         return float(extra[extra.index("--epochs") + 1])
@@ -385,8 +384,7 @@ def finetune_epochs(args, init):
         if args.llm in (None, "smollm2")
         else "paper"
     )
-    fresh = common.RECIPES[recipe]["fresh"] if init is None else {}
-    return fresh.get("epochs", common.RECIPES[recipe]["finetune"]["epochs"])
+    return common.RECIPES[recipe]["finetune"]["epochs"]
 
 
 def topline(args, out, files, read, task, log):

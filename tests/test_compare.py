@@ -126,14 +126,3 @@ def test_a_cells_record_names_repository_paths_relative_to_it():
         "--out",
         "/elsewhere/out",
     ]
-
-
-def test_the_task_specialised_model_gets_the_steps_of_its_own_recipe():
-    """The 100% model starts from a fresh projector: its epochs come from the recipe's "fresh" part
-    (the demo: 10, against 5 from a stage-1 checkpoint), or from --finetune-args."""
-    args = compare.get_args([])
-    assert compare.finetune_epochs(args, None) == 10 and compare.finetune_epochs(args, "s1") == 5
-    args = compare.get_args(["--finetune-args", "--epochs 3"])
-    assert compare.finetune_epochs(args, None) == 3
-    args = compare.get_args(["--llm", "tiny"])
-    assert compare.finetune_epochs(args, None) == compare.finetune_epochs(args, "s1") == 2
