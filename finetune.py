@@ -5,8 +5,9 @@ baseline).
 
 Every example is a chat in the LLM's own template: the speech comes first in the user turn, then the
 task's instruction; the assistant turn holds the target. The loss is next-token cross-entropy on the
-answer tokens and the end-of-turn token only. Only the projector trains; the encoder and the LLM
-stay frozen.
+answer tokens and the end-of-turn token only. The projector trains; the encoder and the LLM stay
+frozen (the paper), except for low-rank updates of the LLM's attention with --lora, which
+--freeze-projector trains alone.
 
     # the demo: 10% of the spoken-QA data, from out/pretrain
     python finetune.py --task qa --frac 0.1
@@ -22,6 +23,8 @@ stay frozen.
         --init runs/contr-cos-all
     # after a CTC stage 1
     python finetune.py --task asr --frac 0.1 --compress --lora 8 --ctc-weight 1
+    # LoRA alone, on the stage-1 projector as it is (ASR; docs/alignment.md)
+    python finetune.py --task asr --frac 0.1 --freeze-projector --ctc-weight 0 --epochs 5
     # continue a killed run
     python finetune.py --task qa --out out/finetune-qa --resume
     # then score it (EM / F1 on the test split)
