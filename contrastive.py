@@ -396,7 +396,7 @@ def ctc_alignment_loss(
     [B, S, D] (mask [B, S], valid positions first): PyTorch's 'mean', each utterance's loss divided
     by its target length, then averaged. A transcript with more tokens than speech positions cannot
     align: 0, not inf. Under autocast the product with the vocabulary runs in its dtype, as an
-    LLM's output layer does (most of a layer-0 step's time in float32); the rest stays float32."""
+    LLM's output layer does; the rest stays float32."""
     product_dtype = autocast_dtype(speech.device)
     logits = ctc_logits(speech, embedding_table, blank, temperature, product_dtype)
     log_probs = logits.log_softmax(-1, dtype=torch.float32)
