@@ -45,9 +45,10 @@ RECIPES = {
         model=dict(encoder="hubert", qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17,
                    window_pos=False, dropout=0.1, time_mask=0.0, sink_token=False, match_embedding_rms=False),
         pretrain=dict(loss="contrastive", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0,
-                      warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000),
+                      warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000,
+                      ctc_classes=0),
         finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
-                      compress=False, lora=0, ctc_weight=0.0, freeze_projector=False),
+                      compress=False, lora=0, ctc_weight=0.0, freeze_projector=False, ctc_classes=0),
     ),
     "demo": dict(
         model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
@@ -55,9 +56,9 @@ RECIPES = {
                    match_embedding_rms=True),
         pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
                       max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
-                      eval_every=100),
+                      eval_every=100, ctc_classes=8192),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
-                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False),
+                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=8192),
     ),
 }  # fmt: skip
 

@@ -389,20 +389,49 @@ def autocast_dtype(device):
     return torch.get_autocast_dtype(device.type) if on else torch.float32
 
 
+def ctc_classes(token_ids, token_mask, vocab_size, num_classes):
+    """The vocabulary rows one CTC step scores when it scores num_classes of them, not all: every
+    token of the batch's transcripts, then rows drawn uniformly from the rest up to num_classes
+    (fresh each step, from torch's seeded generator). Returns the row ids [C] and what to add to
+    each row's logit: 0 for a transcript's token, log(rest / drawn) for a drawn row, which stands
+    for that many rows, so that the drawn rows' sum estimates the whole rest's (sampled softmax)."""
+    targets = token_ids[token_mask].unique()
+    rest = torch.ones(vocab_size, dtype=torch.bool, device=token_ids.device)
+    rest[targets] = False
+    rest = rest.nonzero().squeeze(1)
+    drawn = rest[
+        torch.randperm(len(rest), device=rest.device)[: max(0, num_classes - len(targets))]
+    ]
+    log_weight = torch.zeros(len(targets) + len(drawn), device=token_ids.device)
+    log_weight[len(targets) :] = math.log(len(rest) / max(1, len(drawn)))
+    return torch.cat([targets, drawn]), log_weight
+
+
 def ctc_alignment_loss(
-    speech, speech_mask, token_ids, token_mask, embedding_table, blank, temperature=0.05
-):
+    speech, speech_mask, token_ids, token_mask, embedding_table, blank, temperature=0.05,
+    num_classes=0,
+):  # fmt: skip
     """CTC loss of the transcripts' tokens [B, T] (mask [B, T]) given the projector outputs
     [B, S, D] (mask [B, S], valid positions first): PyTorch's 'mean', each utterance's loss divided
     by its target length, then averaged. A transcript with more tokens than speech positions cannot
     align: 0, not inf. Under autocast the product with the vocabulary runs in its dtype, as an
-    LLM's output layer does; the rest stays float32."""
-    product_dtype = autocast_dtype(speech.device)
-    logits = ctc_logits(speech, embedding_table, blank, temperature, product_dtype)
+    LLM's output layer does; the rest stays float32. num_classes > 0 scores that many rows of the
+    table, not all of them (ctc_classes): a step costs in proportion to the rows it scores."""
+    table, log_weight = embedding_table, None
+    if 0 < num_classes < len(embedding_table):
+        rows, log_weight = ctc_classes(token_ids, token_mask, len(embedding_table), num_classes)
+        table = embedding_table[rows]
+        position = torch.zeros(len(embedding_table), dtype=torch.long, device=rows.device)
+        position[rows] = torch.arange(len(rows), device=rows.device)
+        token_ids = position[token_ids]  # vocabulary ids -> ids among the rows scored
+        log_weight = F.pad(log_weight, (0, 1))  # the blank stands for itself
+    logits = ctc_logits(speech, table, blank, temperature, autocast_dtype(speech.device))
+    if log_weight is not None:
+        logits = logits.float() + log_weight
     log_probs = logits.log_softmax(-1, dtype=torch.float32)
     lengths, target_lengths = speech_mask.sum(-1), token_mask.sum(-1)
     return F.ctc_loss(log_probs.transpose(0, 1), token_ids, lengths, target_lengths,
-                      blank=len(embedding_table), zero_infinity=True)  # fmt: skip
+                      blank=len(table), zero_infinity=True)  # fmt: skip
 
 
 def ctc_runs(path, blank_id):

@@ -104,6 +104,11 @@ def get_args(argv=None):
         default=0.05,
         help="the CTC loss's temperature",
     )
+    g.add_argument(
+        "--ctc-classes",
+        type=common.non_negative_int,
+        help="the CTC loss scores the transcripts' tokens and rows drawn up to this many (0: all)",
+    )
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
     g.add_argument("--out", help="checkpoints, final projector, log.jsonl")
@@ -237,12 +242,14 @@ def count(examples):
     return ", ".join(f"{n} {task}" for task, n in tasks.items())
 
 
-def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05):
+def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05, ctc_classes=0):
     """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers;
     with ctc_weight, plus the CTC alignment of the transcript on the projector's outputs, which
     keeps them on the LLM's embedding table while the answer loss pulls them elsewhere."""
     speech, speech_mask = model.encode_speech(batch)
-    ctc = model.ctc_loss(speech, speech_mask, batch, ctc_temperature) if ctc_weight else 0.0
+    ctc = 0.0
+    if ctc_weight:
+        ctc = model.ctc_loss(speech, speech_mask, batch, ctc_temperature, ctc_classes)
     examples = batch["examples"]
     instructions, targets = (
         [ex["instruction"] for ex in examples],
@@ -341,7 +348,9 @@ def main(argv=None):
             if world > 1:  # all-reduce the gradients only on the last micro-step (nanoGPT's trick)
                 model.projector.require_backward_grad_sync = micro == args.grad_accum - 1
             with common.autocast(device, dtype):
-                loss = answer_loss(model, batch, args.ctc_weight, args.ctc_temperature)
+                loss = answer_loss(
+                    model, batch, args.ctc_weight, args.ctc_temperature, args.ctc_classes
+                )
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if guard.ok(grad_norm, step, args.out):  # skip a step whose gradient is inf/NaN

@@ -331,12 +331,13 @@ class SpeechLLM(nn.Module):
             return speech, speech_mask
         return contrastive.ctc_compress(speech, speech_mask, self.embedding_table(), self.blank)
 
-    def ctc_loss(self, speech, speech_mask, batch, temperature=0.05):
+    def ctc_loss(self, speech, speech_mask, batch, temperature=0.05, num_classes=0):
         """The token-level alignment: CTC of the transcript's tokens (batch["text_ids"]) over the
-        LLM's embedding table and the blank (contrastive.ctc_alignment_loss). No LLM pass."""
+        LLM's embedding table (num_classes > 0: that many of its rows, drawn each step) and the
+        blank (contrastive.ctc_alignment_loss). No LLM pass."""
         table, ids, mask = self.embedding_table(), batch["text_ids"], batch["text_mask"]
         return contrastive.ctc_alignment_loss(
-            speech, speech_mask, ids, mask, table, self.blank, temperature
+            speech, speech_mask, ids, mask, table, self.blank, temperature, num_classes
         )
 
     @torch.no_grad()

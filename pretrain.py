@@ -70,6 +70,11 @@ def get_args(argv=None):
         "--ctc-temperature", type=common.positive_float, default=0.05, help="ctc: cosine / this"
     )
     g.add_argument(
+        "--ctc-classes",
+        type=common.non_negative_int,
+        help="ctc: score the transcripts' tokens and rows drawn up to this many each step (0: all)",
+    )
+    g.add_argument(
         "--temperature", type=common.positive_float, default=0.1, help="the logits' temperature"
     )
     g.add_argument(
@@ -229,7 +234,7 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
     if objective in ("ctc", "contrastive+ctc"):
         speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
-        ctc = model.ctc_loss(speech, speech_mask, batch, args.ctc_temperature)
+        ctc = model.ctc_loss(speech, speech_mask, batch, args.ctc_temperature, args.ctc_classes)
         loss = loss + args.ctc_weight * ctc
         logs.update(loss=logs["loss"] + args.ctc_weight * ctc.item(), ctc=ctc.item())
     return loss, logs
