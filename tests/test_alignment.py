@@ -18,6 +18,7 @@ import finetune
 import pretrain
 from contrastive import (
     ctc_alignment_loss,
+    ctc_classes,
     ctc_compress,
     ctc_empty_prefix,
     ctc_final_scores,
@@ -95,6 +96,52 @@ def test_ctc_loss_under_bf16_autocast_takes_the_vocabulary_product_in_bf16():
     torch.testing.assert_close(mixed, exact, rtol=1e-2, atol=0)
 
 
+def test_ctc_classes_keep_every_transcript_token_and_draw_the_rest_afresh():
+    ids, mask = (
+        torch.tensor([[7, 3, 3], [9, 0, 0]]),
+        torch.tensor([[True] * 3, [True, False, False]]),
+    )
+    torch.manual_seed(0)
+    rows, log_weight = ctc_classes(ids, mask, 100, 20)
+    assert rows[:3].tolist() == [3, 7, 9] and len(rows) == len(set(rows.tolist())) == 20
+    assert log_weight[:3].tolist() == [0, 0, 0]
+    torch.testing.assert_close(log_weight[3:], torch.full((17,), math.log(97 / 17)))
+    torch.manual_seed(0)
+    assert ctc_classes(ids, mask, 100, 20)[0].tolist() == rows.tolist()  # seeded: resumable
+    assert ctc_classes(ids, mask, 100, 20)[0].tolist() != rows.tolist()  # a fresh draw each step
+    assert ctc_classes(ids, mask, 100, 2)[0].tolist() == [3, 7, 9]  # never fewer than the targets
+
+
+def test_sampled_ctc_classes_estimate_the_whole_vocabulary():
+    """Where every row outside the transcripts is the same vector, the drawn rows' sum with their
+    log(rest / drawn) is exactly the rest's sum: the sampled loss is the full one, gradient too. With
+    a random table it estimates it (low on average: the log of an unbiased sum); num_classes >= the
+    vocabulary is the full loss."""
+    torch.manual_seed(0)
+    ids, ids_mask = torch.tensor([[5, 6, 7], [8, 9, 9]]), torch.ones(2, 3, dtype=torch.bool)
+    speech_mask = torch.ones(2, 9, dtype=torch.bool)
+    table, blank = torch.randn(16).repeat(300, 1), torch.randn(16)
+    table[5:10] = torch.randn(5, 16)  # the targets (rows 5-9) differ, every other row is alike
+    speech = torch.randn(2, 9, 16, requires_grad=True)
+    full = ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank)
+    (full_grad,) = torch.autograd.grad(full, speech)
+    sampled = ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank, num_classes=40)
+    (sampled_grad,) = torch.autograd.grad(sampled, speech)
+    torch.testing.assert_close(sampled, full)
+    torch.testing.assert_close(sampled_grad, full_grad)
+
+    table = torch.randn(300, 16)
+    full = ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank)
+    every = ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank, num_classes=300)
+    assert every == full
+    draws = [
+        ctc_alignment_loss(speech, speech_mask, ids, ids_mask, table, blank, num_classes=100)
+        for _ in range(50)
+    ]
+    assert len({d.item() for d in draws}) > 1
+    torch.testing.assert_close(torch.stack(draws).mean(), full, rtol=0.1, atol=0)
+
+
 def test_readout_and_compression_follow_the_nearest_embedding():
     """Outputs placed on token embeddings (or the blank) read out as those tokens; compression keeps one
     vector per run, the mean of the run, and the gradient reaches every vector of it."""
@@ -153,8 +200,10 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     stage1 = tmp_path / "s1"
     pretrain.main(
         argv(common + " --out {out} --loss contrastive+ctc --max-steps 3 --emb-steps 1 --batch-size 4"
-             " --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 --window 4", **values, out=stage1)
+             " --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 --window 4 --ctc-classes 40",
+             **values, out=stage1)
     )  # fmt: skip
+    assert json.loads((stage1 / "meta.json").read_text())["args"]["ctc_classes"] == 40
     result = evaluate.main(
         argv("--ckpt {ckpt} --task readout --data {data} --device cpu", ckpt=stage1, data=manifest)
     )
@@ -166,9 +215,10 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     stage2 = tmp_path / "s2"
     finetune.main(
         argv(common + " --out {out} --init {init} --task asr --max-steps 2 --batch-size 2 --compress --lora 2"
-             " --ctc-weight 1 --no-cache-features", **values, out=stage2, init=stage1)
+             " --ctc-weight 1 --ctc-classes 40 --no-cache-features", **values, out=stage2, init=stage1)
     )  # fmt: skip
     meta = json.loads((stage2 / "meta.json").read_text())
+    assert meta["args"]["ctc_classes"] == 40
     assert meta["compress"] is True and meta["lora"] == {"rank": 2, "alpha": 4}
     assert (stage2 / "lora.safetensors").exists()
     model, _ = SpeechLLM.from_checkpoint(stage2)
