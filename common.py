@@ -58,7 +58,7 @@ RECIPES = {
                       max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
                       eval_every=100, ctc_classes=8192),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
-                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=8192),
+                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=0),
     ),
 }  # fmt: skip
 

@@ -7,7 +7,7 @@ from the other transcripts in the batch (contrastive.py). Only the projector tra
 adds a token-level alignment: CTC between the projector's outputs and the transcript's tokens over the
 LLM's own embedding table (--loss contrastive+ctc; docs/alignment.md).
 
-    # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (18 min on 2 cores, after ~3 min building
+    # the offline CPU demo: SmolLM2-135M + Whisper tiny.en (8 min on 2 cores, after ~3 min building
     # the models and the corpus once)
     python pretrain.py
     # the paper's setup (GPU)
