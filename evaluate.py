@@ -24,7 +24,7 @@ length cap that follows the input (--max-new-tokens auto: 16 tokens + 8 per seco
 ASR/ST, 32 for QA), or when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the
 same few tokens; one is kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the
 authors, an answer ends at its first newline. ASR from a projector trained with a CTC alignment (the
-demo's recipe) is decoded instead by a joint CTC / LLM beam search, one utterance at a time
+demo's recipe) is decoded instead by a joint CTC / LLM beam search, --batch-size utterances side by side
 (--joint-ctc auto; model.SpeechLLM.generate_joint; docs/alignment.md). The table (with how many answers the cap or the guard
 cut), a few hypotheses next to their references, and a JSON file of everything (default
 <ckpt>/eval-<task>.json).
@@ -347,20 +347,24 @@ def joint_ctc_weight(args, model):
 
 
 def joint_answers(model, examples, weight, args, device, dtype):
-    """ASR with --joint-ctc: each utterance decoded alone by model.generate_joint (the LLM's beam
-    search, every hypothesis also scored by the projector's CTC prefix probability)."""
+    """ASR with --joint-ctc: model.generate_joint over batches of --batch-size utterances (longest
+    first, as generate_answers), in input order: the LLM's beam search, every hypothesis also scored
+    by the projector's CTC prefix probability. Returns (answers, why each ended)."""
     from tqdm import tqdm
 
     collate = Collator(model.encoder.feature_extractor)
-    answers, reasons = [], []
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
+    answers, reasons = [None] * len(examples), [None] * len(examples)
     model.eval()
-    for ex in tqdm(examples, desc="joint ctc"):
-        batch = to_device(collate([ex]), device)
-        cap = answer_cap("asr", ex.get("duration", 0), args.max_new_tokens)
+    for start in tqdm(range(0, len(order), args.batch_size), desc="joint ctc"):
+        idx = order[start : start + args.batch_size]
+        batch = to_device(collate([examples[i] for i in idx]), device)
+        caps = [answer_cap("asr", examples[i].get("duration", 0), args.max_new_tokens) for i in idx]
+        instructions = [examples[i]["instruction"] for i in idx]
         with common.autocast(device, dtype):
-            text, why = model.generate_joint(batch, ex["instruction"], weight, args.beam, cap)
-        answers.append(text.split("\n")[0].strip())
-        reasons.append(why)
+            texts, why = model.generate_joint(batch, instructions, weight, args.beam, caps)
+        for i, text, reason in zip(idx, texts, why):
+            answers[i], reasons[i] = text.split("\n")[0].strip(), reason
     return answers, reasons
 
 
@@ -556,7 +560,7 @@ def answer_one(model, args, task, device, dtype):
     joint = joint_ctc_weight(args, model) if task == "asr" and not args.prompt else 0
     with common.autocast(device, dtype):
         if joint:
-            answer, _ = model.generate_joint(batch, instruction, joint, args.beam, cap)
+            answer = model.generate_joint(batch, [instruction], joint, args.beam, cap)[0][0]
         else:
             answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
     print(answer if args.prompt else answer.split("\n")[0].strip())

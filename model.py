@@ -604,67 +604,60 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate_joint(
-        self, batch, instruction, ctc_weight, beam=4, max_new_tokens=200, per_position=10
+        self, batch, instructions, ctc_weight, beam=4, max_new_tokens=200, per_position=10
     ):
-        """Joint CTC / LLM beam search for one utterance (ASR, where the answer is the transcript):
-        every hypothesis scores ctc_weight * log P_ctc(prefix) + (1 - ctc_weight) * log P_llm, the
-        CTC side from the projector's outputs over the embedding table (contrastive.py, the last
-        section), the LLM side reading them as generate() does. The tokens considered: the
-        `per_position` most probable under CTC at any position (contrastive.ctc_candidates), and
-        the end of turn. Returns (the text, why it ended: "end" or "cap")."""
+        """Joint CTC / LLM beam search (ASR, where the answer is the transcript), for every utterance
+        of a collated batch: each hypothesis scores ctc_weight * log P_ctc(prefix) + (1 - ctc_weight)
+        * log P_llm, the CTC side from the utterance's projector outputs over the embedding table
+        (contrastive.py, the last section), the LLM side reading them as generate() does. Each
+        utterance keeps its own beam (JointSearch); one LLM forward a step extends every live
+        hypothesis of every utterance (a dozen rows at a time cost about what one does on a CPU).
+        max_new_tokens: one cap, or one per utterance. Returns (texts, why each ended: "end" or
+        "cap")."""
         speech, speech_mask = self.encode_speech(batch)
-        table, valid = self.embedding_table(), speech[0, speech_mask[0]]
-        logits = contrastive.ctc_logits(valid, table, self.blank, self.ctc_temperature)
-        log_probs = logits.log_softmax(-1).cpu()  # a few positions: the CTC side runs on the CPU
-        blank_id = len(table)
-        candidates = contrastive.ctc_candidates(log_probs, blank_id, per_position)
-        eot = self.prompt_ids(instruction)[2]
-        candidates = candidates[candidates != eot]  # the end of turn is scored as the end
-
-        embeds, _, _ = self.chat_batch(*self.for_llm(speech, speech_mask), [instruction])
-        out = self.llm(inputs_embeds=embeds.to(self.llm.dtype), use_cache=True, logits_to_keep=1)
-        cache, llm_logits = out.cache, out.logits[:, -1]
-        r_n, r_b = (r[None] for r in contrastive.ctc_empty_prefix(log_probs, blank_id))
-        tokens, scores, ctc_scores = [[]], torch.zeros(1), torch.zeros(1)
-        finished = []  # (score, tokens)
-        for _ in range(max_new_tokens):
-            llm_lp = llm_logits.float().log_softmax(-1).cpu()
-            last = torch.tensor([t[-1] if t else -1 for t in tokens])
-            empty = torch.tensor([not t for t in tokens])
-            prefix, new_n, new_b = contrastive.ctc_prefix_scores(
-                log_probs, blank_id, r_n, r_b, last, empty, candidates
+        table, eot = self.embedding_table(), self.prompt_ids(instructions[0])[2]
+        caps = (
+            max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(speech)
+        )
+        searches = []
+        for i, cap in enumerate(caps):
+            logits = contrastive.ctc_logits(
+                speech[i, speech_mask[i]], table, self.blank, self.ctc_temperature
             )
-            ends = contrastive.ctc_final_scores(r_n, r_b)
-            # [H, C + 1]: each hypothesis extended by each candidate, then ended
-            llm_part = torch.cat([llm_lp[:, candidates], llm_lp[:, eot, None]], 1)
-            ctc_part = torch.cat([prefix, ends[:, None]], 1) - ctc_scores[:, None]
-            total = scores[:, None] + (1 - ctc_weight) * llm_part
-            if ctc_weight:  # (0 x an impossible prefix's -inf would be nan)
-                total = total + ctc_weight * ctc_part
-            best = total.flatten().topk(min(beam, total.numel())).indices
-            keep = []
-            for flat in best.tolist():
-                h, c = divmod(flat, total.shape[1])
-                if c == len(candidates):
-                    finished.append((total[h, c].item(), tokens[h]))
-                else:
-                    keep.append((h, c))
-            alive_best = max((total[h, c].item() for h, c in keep), default=-math.inf)
-            # every step only lowers a score: no live hypothesis can overtake a finished better one
-            if not keep or (finished and max(finished)[0] >= alive_best):
+            # a few positions: the CTC side runs on the CPU
+            log_probs = logits.log_softmax(-1).cpu()
+            searches.append(JointSearch(log_probs, len(table), eot, cap, per_position))
+
+        embeds, mask, _ = self.chat_batch(*self.for_llm(speech, speech_mask), instructions)
+        mask = mask.long()
+        # left padding: each row counts its positions from its own first token
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask,
+                       position_ids=positions, use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache, position = out.cache, positions[:, -1]
+        owners = list(range(len(searches)))  # the search each LLM row extends, in row order
+        while True:
+            llm_lp = out.logits[:, -1].float().log_softmax(-1).cpu()
+            rows, tokens, new_owners = [], [], []
+            for i in sorted(set(owners)):  # each search sees its own rows, extends and prunes them
+                mine = [r for r, owner in enumerate(owners) if owner == i]
+                kept = searches[i].step(llm_lp[mine], ctc_weight, beam)
+                rows += [mine[h] for h in kept]  # the rows the kept hypotheses grew from
+                tokens += [hypothesis[-1] for hypothesis in searches[i].tokens[: len(kept)]]
+                new_owners += [i] * len(kept)
+            if not rows:
                 break
-            rows, cols = torch.tensor([h for h, _ in keep]), torch.tensor([c for _, c in keep])
-            tokens = [tokens[h] + [candidates[c].item()] for h, c in keep]
-            scores, ctc_scores = total[rows, cols], prefix[rows, cols]
-            r_n, r_b = new_n[rows, cols], new_b[rows, cols]
-            cache.reorder_cache(rows.to(embeds.device))
-            step = torch.tensor([[t[-1]] for t in tokens], device=embeds.device)
-            out = self.llm(input_ids=step, cache=cache, use_cache=True)
-            cache, llm_logits = out.cache, out.logits[:, -1]
+            rows = torch.tensor(rows, device=embeds.device)
+            cache.reorder_cache(rows)
+            mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], 1)
+            position, owners = position[rows] + 1, new_owners
+            step = torch.tensor(tokens, device=embeds.device)[:, None]
+            out = self.llm(input_ids=step, attention_mask=mask, position_ids=position[:, None],
+                           cache=cache, use_cache=True)  # fmt: skip
+            cache = out.cache
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-        if not finished:  # the cap: the best live hypothesis
-            return decode(tokens[0]), "cap"
-        return decode(max(finished)[1]), "end"
+        results = [search.result() for search in searches]
+        return [decode(ids) for ids, _ in results], [why for _, why in results]
 
     # --- LoRA on the frozen LLM -------------------------------------------------------------------
     # (finetune.py --lora; an addition, the paper trains the projector only)
@@ -777,6 +770,65 @@ class SpeechLLM(nn.Module):
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention (SmolLM2, Llama)
+
+
+class JointSearch:
+    """One utterance's side of the joint CTC / LLM beam search (SpeechLLM.generate_joint): its CTC
+    log-probabilities [S, V + 1], the tokens it considers (the `per_position` most probable under
+    CTC at any position: contrastive.ctc_candidates; the end of turn is scored as the end), its live
+    hypotheses with their CTC prefix states, and the finished ones."""
+
+    def __init__(self, log_probs, blank_id, eot, cap, per_position=10):
+        self.log_probs, self.blank_id, self.eot, self.cap = log_probs, blank_id, eot, cap
+        candidates = contrastive.ctc_candidates(log_probs, blank_id, per_position)
+        self.candidates = candidates[candidates != eot]
+        self.r_n, self.r_b = (r[None] for r in contrastive.ctc_empty_prefix(log_probs, blank_id))
+        self.tokens, self.scores, self.ctc_scores = [[]], torch.zeros(1), torch.zeros(1)
+        self.finished = []  # (score, tokens)
+
+    def step(self, llm_lp, ctc_weight, beam):
+        """Extend every live hypothesis by every candidate, or end it, given the LLM's next-token
+        log-probabilities for each [H, V]; keep the best `beam`. Returns which of the H hypotheses
+        the new live ones grew from, in their order (none: the search is over)."""
+        last = torch.tensor([t[-1] if t else -1 for t in self.tokens])
+        empty = torch.tensor([not t for t in self.tokens])
+        prefix, new_n, new_b = contrastive.ctc_prefix_scores(
+            self.log_probs, self.blank_id, self.r_n, self.r_b, last, empty, self.candidates
+        )
+        ends = contrastive.ctc_final_scores(self.r_n, self.r_b)
+        # [H, C + 1]: each hypothesis extended by each candidate, then ended
+        llm_part = torch.cat([llm_lp[:, self.candidates], llm_lp[:, self.eot, None]], 1)
+        ctc_part = torch.cat([prefix, ends[:, None]], 1) - self.ctc_scores[:, None]
+        total = self.scores[:, None] + (1 - ctc_weight) * llm_part
+        if ctc_weight:  # (0 x an impossible prefix's -inf would be nan)
+            total = total + ctc_weight * ctc_part
+        keep = []
+        for flat in total.flatten().topk(min(beam, total.numel())).indices.tolist():
+            h, c = divmod(flat, total.shape[1])
+            if c == len(self.candidates):
+                self.finished.append((total[h, c].item(), self.tokens[h]))
+            else:
+                keep.append((h, c))
+        alive_best = max((total[h, c].item() for h, c in keep), default=-math.inf)
+        # every step only lowers a score: no live hypothesis can overtake a finished better one
+        if not keep or (self.finished and max(self.finished)[0] >= alive_best):
+            return []
+        rows, cols = torch.tensor([h for h, _ in keep]), torch.tensor([c for _, c in keep])
+        self.tokens = [self.tokens[h] + [self.candidates[c].item()] for h, c in keep]
+        self.scores, self.ctc_scores = total[rows, cols], prefix[rows, cols]
+        self.r_n, self.r_b = new_n[rows, cols], new_b[rows, cols]
+        if (
+            len(self.tokens[0]) >= self.cap
+        ):  # the cap: the best live hypothesis stands if none ended
+            return []
+        return rows.tolist()
+
+    def result(self):
+        """(the best hypothesis's token ids, "end"), or at the cap with none finished the best live
+        one's, "cap")."""
+        if not self.finished:
+            return self.tokens[0], "cap"
+        return max(self.finished)[1], "end"
 
 
 class LoRALinear(nn.Module):

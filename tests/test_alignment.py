@@ -15,6 +15,7 @@ from tiny import argv, write_manifest
 
 import evaluate
 import finetune
+import model as model_module
 import pretrain
 from contrastive import (
     ctc_alignment_loss,
@@ -243,7 +244,9 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     one = "--ckpt {ckpt} --task asr --audio {audio} --max-new-tokens 3 --device cpu"
     answer = evaluate.main(argv(one, ckpt=stage2, audio=rows[0]["audio"]))
     batch = Collator(model.encoder.feature_extractor)(rows[:1])
-    assert answer == model.generate_joint(batch, "Can you transcribe this audio?", 0.5, 4, 3)[0]
+    assert (
+        answer == model.generate_joint(batch, ["Can you transcribe this audio?"], 0.5, 4, 3)[0][0]
+    )
 
 
 def test_special_tokens_in_a_target_stay_plain_text(paths):
@@ -306,11 +309,46 @@ def test_joint_decoding_without_ctc_is_the_llms_greedy_answer(paths, manifest):
         batch = Collator(model.encoder.feature_extractor)([row])
         greedy = model.generate(batch, [instruction], 6)[0]
         vocabulary = len(model.embedding_table()) + 1
-        joint, _ = model.generate_joint(batch, instruction, 0.0, beam=1, max_new_tokens=6,
-                                        per_position=vocabulary)  # fmt: skip
+        (joint,), _ = model.generate_joint(batch, [instruction], 0.0, beam=1, max_new_tokens=6,
+                                           per_position=vocabulary)  # fmt: skip
         assert joint == greedy
         answers.append(greedy)
     assert any(answers)  # the random LLM writes something for some of them
+
+
+def test_joint_decoding_of_a_batch_is_each_utterance_decoded_alone(paths, manifest, monkeypatch):
+    """generate_joint over a batch (left-padded prompts, every utterance's live hypotheses in one LLM
+    forward a step, a cap each) gives each utterance's search the LLM log-probabilities it gets
+    decoded alone, step by step, and so the same answer, ended the same way."""
+    searches, step = [], model_module.JointSearch.step
+
+    def recorded(self, llm_lp, *args):  # what every search is given, step by step
+        if not hasattr(self, "seen"):
+            self.seen = []
+            searches.append(self)
+        self.seen.append(llm_lp)
+        return step(self, llm_lp, *args)
+
+    monkeypatch.setattr(model_module.JointSearch, "step", recorded)
+    torch.manual_seed(0)
+    cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).eval()
+    rows, instruction = read_manifest(manifest)[:5], "Can you transcribe this audio?"
+    collate, caps = Collator(model.encoder.feature_extractor), [7, 2, 9, 5, 12]
+    lengths = model.encode_speech(collate(rows))[1].sum(1)
+    assert len(set(lengths.tolist())) > 1  # the prompts are padded to the longest
+    texts, reasons = model.generate_joint(collate(rows), [instruction] * 5, 0.3, beam=3,
+                                          max_new_tokens=caps, per_position=30)  # fmt: skip
+    together = searches[:]
+    for i, (row, cap) in enumerate(zip(rows, caps)):
+        (alone,), (why,) = model.generate_joint(collate([row]), [instruction], 0.3, beam=3,
+                                                max_new_tokens=cap, per_position=30)  # fmt: skip
+        assert (texts[i], reasons[i]) == (alone, why)
+        steps = [lp.shape for lp in searches[-1].seen]
+        assert [lp.shape for lp in together[i].seen] == steps and len(steps) > 1
+        for mine, its_own in zip(together[i].seen, searches[-1].seen):
+            torch.testing.assert_close(mine, its_own, atol=1e-4, rtol=1e-4)
+    assert any(texts) and "cap" in reasons  # the random LLM writes, and a cap cuts one answer
 
 
 def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, tmp_path):
