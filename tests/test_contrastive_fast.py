@@ -51,8 +51,11 @@ def test_fast_loss_equals_the_reference(sim, symmetric, center, holes):
             return_logits=True,
         )
         results.append((total, per_layer, logits, *torch.autograd.grad(total, s)))
+    # Sinkhorn's float32 log-sum-exp iterations sum in an order that depends on the CPU's vector width:
+    # its gradients (~0.3) differ by ~1e-6 between the two implementations on an AVX-512 machine
+    atol = 1e-5 if sim == "wasserstein" else 1e-6
     for a, b in zip(*results):
-        assert close(a, b, rtol=1e-5, atol=1e-6)
+        assert close(a, b, rtol=1e-5, atol=atol)
 
 
 def test_fast_equals_the_reference_stacked_bf16_sink_and_cached_text():
@@ -79,9 +82,10 @@ def test_fast_equals_the_reference_stacked_bf16_sink_and_cached_text():
             assert grad.dtype == torch.bfloat16
             results.append((total, per_layer, grad.float()))
         for a, b in zip(*results):
-            assert close(
-                a, b, rtol=1e-2 if a.dim() == 4 else 1e-5, atol=1e-6
-            )  # bf16 gradients: one rounding
+            # bf16 gradients (~0.3): one rounding, and near zero an absolute 1e-5 (the sums' order
+            # depends on the CPU's vector width)
+            grad = a.dim() == 4
+            assert close(a, b, rtol=1e-2 if grad else 1e-5, atol=1e-5 if grad else 1e-6)
 
 
 @pytest.mark.parametrize("given_diameter", [False, True])
