@@ -285,6 +285,12 @@ def answer_cap(task, seconds, max_new_tokens="auto"):
     )
 
 
+def longest_first(examples, batch_size):
+    """The examples' indices in batches, longest audio first (little padding in each batch)."""
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate_answers(
     model,
     examples,
@@ -303,11 +309,9 @@ def generate_answers(
     from tqdm import tqdm
 
     collate = Collator(model.encoder.feature_extractor)
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
     answers, reasons = [None] * len(examples), [None] * len(examples)
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(longest_first(examples, batch_size), desc="generate", disable=not progress):
         caps = [
             answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens)
             for i in idx
@@ -353,11 +357,9 @@ def joint_answers(model, examples, weight, args, device, dtype):
     from tqdm import tqdm
 
     collate = Collator(model.encoder.feature_extractor)
-    order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
     answers, reasons = [None] * len(examples), [None] * len(examples)
     model.eval()
-    for start in tqdm(range(0, len(order), args.batch_size), desc="joint ctc"):
-        idx = order[start : start + args.batch_size]
+    for idx in tqdm(longest_first(examples, args.batch_size), desc="joint ctc"):
         batch = to_device(collate([examples[i] for i in idx]), device)
         caps = [answer_cap("asr", examples[i].get("duration", 0), args.max_new_tokens) for i in idx]
         instructions = [examples[i]["instruction"] for i in idx]
