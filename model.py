@@ -611,8 +611,8 @@ class SpeechLLM(nn.Module):
         * log P_llm, the CTC side from the utterance's projector outputs over the embedding table
         (contrastive.py, the last section), the LLM side reading them as generate() does. Each
         utterance keeps its own beam (JointSearch); one LLM forward a step extends every live
-        hypothesis of every utterance (a dozen rows at a time cost about what one does on a CPU).
-        max_new_tokens: one cap, or one per utterance. Returns (texts, why each ended: "end" or
+        hypothesis of every utterance (the LLM's weights are read once a step, however many rows;
+        docs/speed.md). max_new_tokens: one cap, or one per utterance. Returns (texts, why each ended: "end" or
         "cap")."""
         speech, speech_mask = self.encode_speech(batch)
         table, eot = self.embedding_table(), self.prompt_ids(instructions[0])[2]
