@@ -267,7 +267,10 @@ def add_system_flags(p, training=True):
     g.add_argument("--device", type=device_flag, default="auto", help="auto | cpu | cuda")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
     g.add_argument(
-        "--dtype", choices=dtypes, default="auto", help="auto: bf16 on CUDA and AMX CPUs"
+        "--dtype",
+        choices=dtypes,
+        default="auto",
+        help="auto: bf16 on CUDA and on CPUs with bf16 instructions (AMX, AVX512-BF16)",
     )
     if training:
         g.add_argument(
@@ -425,10 +428,12 @@ def autocast(device, dtype):
 
 def resolve_dtype(name, device):
     """--dtype -> a torch dtype. auto: bf16 where the hardware multiplies bf16 natively (CUDA, or a
-    CPU with Intel AMX), float32 elsewhere (an emulated bf16 would be slower than float32)."""
+    CPU with Intel AMX or AVX512-BF16 instructions), float32 elsewhere (an emulated bf16 would be
+    slower than float32)."""
     if name == "auto":
         native = device.type == "cuda" or (
-            device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+            device.type == "cpu"
+            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
         )
         return torch.bfloat16 if native else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -46,7 +46,7 @@ def manifest(tmp_path_factory):
 def ft_args(paths, manifest, out, *extra):
     """A tiny fine-tuning run: one process, batch 2, no accumulation, the dev loss on the training
     file."""
-    # float32: resume and DDP equality are float32 properties (auto is bf16 on a CPU with AMX)
+    # float32: resume and DDP equality are float32 properties (auto is bf16 on a CPU with bf16 instructions)
     line = (
         "--data {data} --dev-data {data} --out {out} --batch-size 2 --grad-accum 1 --device cpu"
         " --dtype float32 --no-cache-features"
@@ -273,9 +273,12 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert common.resolve_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert common.resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # emulated bf16: slower
+    for amx, avx512_bf16 in ((True, False), (False, True), (True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)  # noqa: B023
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)  # noqa: B023
+        assert common.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # emulated: slower
     assert common.resolve_dtype("auto", cpu) == torch.float32
     assert common.resolve_dtype("float32", cuda) == torch.float32
 

@@ -26,7 +26,7 @@ def manifest(tmp_path_factory):
 
 
 def tiny_args(paths, manifest, out, *extra):
-    # --dtype float32: the tests recompute in float32 (auto is bf16 on a CPU with AMX)
+    # --dtype float32: the tests recompute in float32 (auto is bf16 on a CPU with bf16 instructions)
     line = (
         "--llm {llm} --encoder {hubert} --data {data} --dev-data {data} --out {out} --qformer-dim 32"
         " --qformer-heads 4 --qformer-layers 2 --batch-size 4 --grad-accum 1 --device cpu"

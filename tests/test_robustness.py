@@ -46,7 +46,7 @@ def args_for(paths, manifest, out, *extra):
         "--device",
         "cpu",
         "--dtype",
-        "float32",  # exact equality is a float32 property (auto is bf16 on a CPU with AMX)
+        "float32",  # exact equality is a float32 property (auto is bf16 on a CPU with bf16 instructions)
         "--lr",
         "1e-3",
         "--warmup-ratio",
