@@ -49,6 +49,7 @@ RECIPES = {
                       ctc_classes=0),
         finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
                       compress=False, lora=0, ctc_weight=0.0, freeze_projector=False, ctc_classes=0),
+        evaluate=dict(max_new_tokens=200, loop_repeats=0, joint_ctc=0.0),
     ),
     "demo": dict(
         model=dict(encoder="whisper-tiny", qformer_dim=256, qformer_heads=4, qformer_layers=2, queries=4,
@@ -59,6 +60,7 @@ RECIPES = {
                       eval_every=100, ctc_classes=8192),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
                       compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=0),
+        evaluate=dict(max_new_tokens="auto", loop_repeats=3, joint_ctc="auto"),
     ),
 }  # fmt: skip
 
@@ -212,19 +214,11 @@ def add_demo_corpus_flag(p):
     )
 
 
-def data_defaults(first, encoder):
-    """The demo corpus's dev split and feature cache when --data is the demo's (demokit builds it on
-    use)."""
-    if first.data not in ("demo", ["demo"]):
-        return {}
-    import demokit  # the demo's plumbing, outside the tutorial files
-
-    encoder = encoder.replace("/", "_")
-    cache = demokit.corpus_folder(first.demo_corpus) / f"features-{encoder}.pt"
-    return {
-        "dev_data": first.dev_data or "demo",
-        "feature_cache_file": first.feature_cache_file or str(cache),
-    }
+def uses_demo(data, llm, encoder):
+    """Whether a run needs the offline demo (extras/demo.py, demokit/): its corpus (--data demo) or
+    one of its models by name."""
+    data = [data] if isinstance(data, str) else data or []
+    return "demo" in data or llm in DEMO_MODELS["llm"] or encoder in DEMO_MODELS["encoder"]
 
 
 def add_projector_flags(p, title="projector"):
@@ -335,13 +329,14 @@ HOW_TO_GET_MODELS = (
 )
 
 
+# the demo's models by name: folders that demokit builds on first use (extras/demo.resolve_model)
+DEMO_MODELS = {"llm": ("smollm2", "tiny"), "encoder": ("whisper-tiny", "tiny", "tiny-whisper")}
+
+
 def resolve_model(name, kind):
     """--llm / --encoder (kind "llm" | "encoder") -> the hub id or folder to load."""
-    import demokit  # the demo's plumbing, imported only here
-
-    build = demokit.PRESETS[kind].get(name)
-    if build:
-        return str(build())
+    if name in DEMO_MODELS[kind]:
+        raise ModelError(f"'{name}' is a demo model: load it through extras.demo.resolve_model")
     target = {"llm": LLM_PRESETS, "encoder": ENCODER_PRESETS}[kind].get(name, name)
     if not Path(target).exists():
         check_hub(target)
@@ -411,6 +406,11 @@ def setup(device_arg="auto", seed=1337):
     np.random.seed(seed)
     torch.manual_seed(seed)
     return rank, world, device
+
+
+def unwrap(module):
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
 
 
 def print0(*args, **kwargs):

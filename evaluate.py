@@ -34,7 +34,6 @@ Sections: metrics | retrieval (stage 1) | generation | the command line.
 
 import argparse
 import json
-import math
 import re
 import string
 from collections import Counter
@@ -42,12 +41,11 @@ from pathlib import Path
 
 import jiwer
 import soundfile as sf
-import torch
 from sacrebleu.metrics import BLEU, CHRF
+from tqdm import tqdm
 
 import common
 import contrastive
-import demokit
 from data import (
     INSTRUCTIONS,
     LANGUAGES,
@@ -115,34 +113,6 @@ def word_error_rates(hypotheses, references):
         "wer_median": 100 * median,
         "exact": 100 * sum(e == 0 for e in per_utterance) / n,
     }
-
-
-def seen_word_recall(hypotheses, references, seen):
-    """ASR against the words of the training transcripts (`seen`, --seen-in): the share of
-    reference words never seen there, and the share of each kind the hypotheses get right (aligned
-    as jiwer aligns them for the WER). A recogniser that spells only words it has heard gets the
-    unseen ones nearly never right, so their share bounds its WER from below."""
-    right, total = {True: 0, False: 0}, {True: 0, False: 0}
-    for ref, hyp in zip(references, hypotheses):
-        out = jiwer.process_words(
-            ref, hyp, reference_transform=WER_TEXT, hypothesis_transform=WER_TEXT
-        )
-        correct = {i for chunk in out.alignments[0] if chunk.type == "equal"
-                   for i in range(chunk.ref_start_idx, chunk.ref_end_idx)}  # fmt: skip
-        for i, word in enumerate(out.references[0]):
-            total[word in seen] += 1
-            right[word in seen] += i in correct
-    recall = lambda kind: 100 * right[kind] / total[kind] if total[kind] else None  # noqa: E731
-    return {
-        "unseen_words": 100 * total[False] / (total[True] + total[False]),
-        "recall_seen": recall(True),
-        "recall_unseen": recall(False),
-    }
-
-
-def words_of(manifest):
-    """The set of words (WER-normalised) of a manifest's transcripts."""
-    return {word for row in read_manifest(manifest) for word in WER_TEXT(row["text"])[0]}
 
 
 def bleu_chrf(hypotheses, golds):
@@ -218,35 +188,6 @@ def evaluate_retrieval(model, rows, layers, batch_size, device, dtype, centers=N
 
 
 # -----------------------------------------------------------------------------
-# What the LLM hears: any projector read out without the LLM (SpeechLLM.read_out), and its WER
-
-
-def evaluate_readout(model, rows, batch_size, device, dtype):
-    """The greedy CTC readout of each utterance (each projector output's nearest token embedding or
-    the blank, collapsed), scored as ASR. Meaningful for a projector trained with CTC; for any other
-    it shows how near the LLM's own embeddings its outputs lie."""
-    need_transcripts(rows, "the readout")
-    collate = Collator(model.encoder.feature_extractor)
-    hypotheses = []
-    for i in range(0, len(rows), batch_size):
-        # outside autocast: the log-mel
-        batch = to_device(collate(rows[i : i + batch_size]), device)
-        with common.autocast(device, dtype):
-            hypotheses += model.read_out(batch)
-    references = [row["text"] for row in rows]
-    outputs = [
-        {"audio": r["audio"], "hypothesis": h, "references": [r["text"]]}
-        for r, h in zip(rows, hypotheses)
-    ]
-    return {
-        "task": "readout",
-        "n": len(rows),
-        "metrics": word_error_rates(hypotheses, references),
-        "outputs": outputs,
-    }
-
-
-# -----------------------------------------------------------------------------
 # Generation: the answers of a fine-tuned model
 
 
@@ -266,123 +207,28 @@ def unique_questions(examples):
     return list(merged.values())
 
 
-# The length cap on a generated answer (--max-new-tokens auto). Greedy decoding of a weak model can
-# run on past the sentence until the cap, so the cap follows the input: a transcript or translation
-# is at most a few tokens per second of speech (English speech is ~3-4 tokens/s, German text takes
-# ~1.5x the tokens of English), a spoken-QA answer is a short span. The authors: 200 tokens for
-# everything.
-CAP_TOKENS = 16  # asr/st: this many tokens ...
-CAP_TOKENS_PER_SECOND = 8  # ... plus this many per second of audio
-QA_CAP_TOKENS = 32
-
-
-def answer_cap(task, seconds, max_new_tokens="auto"):
-    """The token cap for one answer: max_new_tokens if it is a number, else the rule above."""
-    if max_new_tokens != "auto":
-        return int(max_new_tokens)
-    return (
-        QA_CAP_TOKENS if task == "qa" else math.ceil(CAP_TOKENS + CAP_TOKENS_PER_SECOND * seconds)
-    )
-
-
 def longest_first(examples, batch_size):
     """The examples' indices in batches, longest audio first (little padding in each batch)."""
     order = sorted(range(len(examples)), key=lambda i: -examples[i].get("duration", 0))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def generate_answers(
-    model,
-    examples,
-    batch_size,
-    max_new_tokens,
-    device,
-    dtype,
-    progress=True,
-    loop_repeats=0,
-    stop_reasons=False,
-):
+def generate_answers(model, examples, batch_size, max_new_tokens, device, dtype, progress=True):
     """Greedy answers for every example (batched, longest first to keep the padding small), in
-    input order.
-    max_new_tokens: a number, or "auto" (answer_cap). With stop_reasons, also why each answer ended
-    (end of turn, the cap, or the loop guard: model.generate)."""
-    from tqdm import tqdm
-
+    input order, each ending at its first newline (as the authors). Returns (answers, why each
+    ended: "end" or "cap")."""
     collate = Collator(model.encoder.feature_extractor)
     answers, reasons = [None] * len(examples), [None] * len(examples)
     model.eval()
     for idx in tqdm(longest_first(examples, batch_size), desc="generate", disable=not progress):
-        caps = [
-            answer_cap(examples[i].get("task"), examples[i].get("duration", 0), max_new_tokens)
-            for i in idx
-        ]
-        instructions = [examples[i]["instruction"] for i in idx]
-        # scripts/toplines.py: a text's token embeddings for the speech
-        read = "heard" in examples[idx[0]]
         # collated outside autocast: the log-mel must stay float32
-        batch = None if read else to_device(collate([examples[i] for i in idx]), device)
-        with common.autocast(device, dtype):
-            if read:
-                heard, heard_mask = embed_texts(model, [examples[i]["heard"] for i in idx], device)
-                out, why = model.generate_from(
-                    heard, heard_mask, instructions, caps, loop_repeats, stop_reasons=True
-                )
-            else:
-                out, why = model.generate(
-                    batch, instructions, caps, loop_repeats, stop_reasons=True
-                )
-        for i, text, reason in zip(idx, out, why):
-            # as the authors (stop string "\n")
-            answers[i], reasons[i] = text.split("\n")[0].strip(), reason
-    return (answers, reasons) if stop_reasons else answers
-
-
-# --joint-ctc auto: this weight for a projector trained with a CTC alignment (docs/alignment.md)
-JOINT_CTC = 0.5
-
-
-def joint_ctc_weight(args, model):
-    """--joint-ctc as a number: auto is JOINT_CTC for a CTC-aligned projector, else 0 (the LLM
-    alone, as the paper decodes)."""
-    weight = getattr(args, "joint_ctc", 0)  # scripts/toplines.py has no such flag
-    if weight == "auto":
-        return JOINT_CTC if model.ctc_aligned else 0.0
-    return weight
-
-
-def joint_answers(model, examples, weight, args, device, dtype):
-    """ASR with --joint-ctc: model.generate_joint over batches of --batch-size utterances (longest
-    first, as generate_answers), in input order: the LLM's beam search, every hypothesis also scored
-    by the projector's CTC prefix probability. Returns (answers, why each ended)."""
-    from tqdm import tqdm
-
-    collate = Collator(model.encoder.feature_extractor)
-    answers, reasons = [None] * len(examples), [None] * len(examples)
-    model.eval()
-    for idx in tqdm(longest_first(examples, args.batch_size), desc="joint ctc"):
         batch = to_device(collate([examples[i] for i in idx]), device)
-        caps = [answer_cap("asr", examples[i].get("duration", 0), args.max_new_tokens) for i in idx]
         instructions = [examples[i]["instruction"] for i in idx]
         with common.autocast(device, dtype):
-            texts, why = model.generate_joint(batch, instructions, weight, args.beam, caps)
+            texts, why = model.generate(batch, instructions, max_new_tokens)
         for i, text, reason in zip(idx, texts, why):
             answers[i], reasons[i] = text.split("\n")[0].strip(), reason
     return answers, reasons
-
-
-def embed_texts(model, texts, device):
-    """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]."""
-    ids = [
-        model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id]
-        for t in texts
-    ]
-    lengths = torch.tensor([len(i) for i in ids], device=device)
-    padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True).to(
-        device
-    )
-    return model.embed_tokens(padded), torch.arange(padded.shape[1], device=device)[None] < lengths[
-        :, None
-    ]
 
 
 def evaluate_task(model, task, rows, args, device, dtype):
@@ -393,38 +239,24 @@ def evaluate_task(model, task, rows, args, device, dtype):
     )
 
 
-def score(model, task, examples, args, device, dtype, hypotheses=None):
-    """Answers to the examples (unless given: greedy, or for ASR the joint CTC / LLM search), their
-    metrics, how each ended, and every output."""
-    reasons = ["end"] * len(examples)
-    joint = joint_ctc_weight(args, model) if task == "asr" else 0
-    if hypotheses is None and joint:
-        hypotheses, reasons = joint_answers(model, examples, joint, args, device, dtype)
-    elif hypotheses is None:
+def score(model, task, examples, args, device, dtype, hypotheses=None, reasons=None, decoding=None):
+    """Answers to the examples (unless given: greedy, as the paper), their metrics, how each ended,
+    and every output. decoding: how the given hypotheses were decoded (extras/decoding.py)."""
+    if hypotheses is None:
         hypotheses, reasons = generate_answers(model, examples, args.batch_size,
-                                               args.max_new_tokens, device, dtype,
-                                               loop_repeats=args.loop_repeats,
-                                               stop_reasons=True)  # fmt: skip
+                                               args.max_new_tokens, device, dtype)  # fmt: skip
+        decoding = {"max_new_tokens": args.max_new_tokens}
+    reasons = reasons or ["end"] * len(examples)
+    decoding = {**decoding, "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")}}
     references = [ex["references"] if task == "qa" else ex["references"][0] for ex in examples]
-    decoding = {
-        "max_new_tokens": args.max_new_tokens,
-        "loop_repeats": args.loop_repeats,
-        **({"joint_ctc": joint, "beam": args.beam} if joint else {}),
-        "stopped": {why: reasons.count(why) for why in ("end", "cap", "loop")},
-    }
     outputs = [
         {"audio": ex["audio"], "instruction": ex["instruction"], "hypothesis": h,
          "references": ex["references"], "stop": why}
         for ex, h, why in zip(examples, hypotheses, reasons)
     ]  # fmt: skip
     metrics = compute_metrics(task, hypotheses, references)
-    return {
-        "task": task,
-        "n": len(examples),
-        "metrics": metrics,
-        "decoding": decoding,
-        "outputs": outputs,
-    }
+    return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding,
+            "outputs": outputs}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -432,60 +264,37 @@ def score(model, task, examples, args, device, dtype, hypotheses=None):
 
 
 def add_decoding_flags(p):
-    """The batch size and the decoding rule, shared with scripts/toplines.py."""
+    """The test data, the batch size and the decoding rule, shared with scripts/toplines.py. A flag
+    left out takes the checkpoint's recipe's value (common.RECIPES: the paper's is the authors')."""
     p.add_argument(
-        "--data",
-        help="test manifest; default: the demo's test split of the task; open: its open test",
+        "--data", help="test manifest (the demo: default its test split; open: its open test)"
     )
     common.add_demo_corpus_flag(p)
     p.add_argument("--limit", type=common.positive_int, help="score only the first N utterances")
+    p.add_argument("--batch-size", type=common.positive_int, default=8, help="utterances per batch")
+    p.add_argument("--max-new-tokens", type=max_tokens, help="a number; auto: follows the audio")
     p.add_argument(
-        "--batch-size", type=common.positive_int, default=8, help="utterances per generation batch"
+        "--loop-repeats", type=common.non_negative_int, help="stop at N copies of a span"
     )
-    p.add_argument(
-        "--max-new-tokens", type=max_tokens, default="auto", help="a number, or auto (see above)"
-    )
-    p.add_argument(
-        "--loop-repeats",
-        type=common.non_negative_int,
-        default=3,
-        help="stop at N copies of a span (0: off)",
-    )
-    p.add_argument(
-        "--show",
-        type=common.non_negative_int,
-        default=5,
-        help="sample hypotheses to print next to their references",
-    )
+    p.add_argument("--show", type=common.non_negative_int, default=5, help="hypotheses to print")
 
 
 def get_args(argv=None):
     p = common.parser(__doc__)
     p.add_argument(
-        "--ckpt", required=True, help="a checkpoint folder from pretrain.py or finetune.py"
+        "--ckpt", required=True, help="a checkpoint folder of pretrain.py or finetune.py"
     )
     tasks = ["asr", "st", "qa", "all", "retrieval", "readout"]
-    p.add_argument(
-        "--task", choices=tasks, help="default: the checkpoint's task, retrieval after stage 1"
-    )
+    p.add_argument("--task", choices=tasks, help="default: the checkpoint's (retrieval: stage 1)")
     add_decoding_flags(p)
     p.add_argument(
         "--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)"
     )
-    p.add_argument(
-        "--joint-ctc",
-        type=joint_weight,
-        default="auto",
-        help="ASR: beam search scoring W * the CTC prefix log-prob + (1 - W) * the LLM's; 0: the "
-        f"LLM alone, greedy; auto: {JOINT_CTC} for a CTC-aligned projector, else 0",
-    )
-    p.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
-    p.add_argument(
-        "--seen-in",
-        help="ASR, readout: a manifest (e.g. the training split); adds the share of test words "
-        "never in its transcripts and how many of each kind are right",
-    )
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
+    g = p.add_argument_group("additions (extras/decoding.py; the demo recipe's defaults)")
+    g.add_argument("--joint-ctc", type=joint_weight, help="ASR: joint CTC / LLM weight, or auto")
+    g.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
+    g.add_argument("--seen-in", help="ASR, readout: the training manifest, for unseen-word recall")
     g = p.add_argument_group("one recording")
     g.add_argument("--audio", help="answer for this recording (any format and sample rate)")
     g.add_argument("--question", help="with --audio --task qa: the question about the recording")
@@ -511,60 +320,73 @@ def max_tokens(value):
     return int(value)
 
 
+def recipe_of(meta):
+    """The recipe a checkpoint was trained with (older ones: by their LLM, as the scripts chose)."""
+    return (meta.get("recipe") or {}).get("name") or (
+        "demo" if meta["llm"] == "smollm2" else "paper"
+    )
+
+
+def decoding_defaults(args, recipe):
+    """The decoding flags left out take the recipe's values (common.RECIPES[...]["evaluate"])."""
+    for flag, value in common.RECIPES[recipe]["evaluate"].items():
+        if getattr(args, flag, "absent") is None:
+            setattr(args, flag, value)
+
+
+def uses_additions(args, model, task):
+    """Whether scoring needs extras/decoding.py: the readout, --seen-in, a length cap that follows
+    the audio, the loop guard, joint decoding, or a model the additions changed."""
+    return bool(
+        task == "readout" or args.seen_in or model.additions or args.max_new_tokens == "auto"
+        or args.loop_repeats or args.joint_ctc
+    )  # fmt: skip
+
+
 def default_task(meta):
     if "task" not in meta:  # stage 1 writes no task
         return "retrieval"
     return "all" if meta["task"] == "mix" else meta["task"]
 
 
-def split_manifest(data, task, size):
-    """--data: a manifest, or (default) the demo corpus's test split of the task, or "open" its open
-    test."""
-    if data not in (None, "open"):
-        return data
-    return demokit.manifests(
-        "asr" if task in ("retrieval", "readout") else task, data or "test", size
-    )[0]
+def instruction_for(args, task):
+    """--audio: the instruction of the task (or --prompt)."""
+    if args.prompt:
+        return args.prompt
+    if task == "asr":
+        return INSTRUCTIONS["asr"]
+    if task == "st":
+        return INSTRUCTIONS["st"].format(language=LANGUAGES.get(args.tgt_lang, args.tgt_lang))
+    if task == "qa":
+        if not args.question:
+            raise UserError("--task qa with --audio needs --question")
+        return INSTRUCTIONS["qa"].format(question=args.question)
+    raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {task})")
 
 
 def answer_one(model, args, task, device, dtype):
     """--audio: print the model's answer for one recording."""
-    if args.prompt:
-        instruction = args.prompt
-    elif task == "asr":
-        instruction = INSTRUCTIONS["asr"]
-    elif task == "st":
-        instruction = INSTRUCTIONS["st"].format(
-            language=LANGUAGES.get(args.tgt_lang, args.tgt_lang)
-        )
-    elif task == "qa":
-        if not args.question:
-            raise UserError("--task qa with --audio needs --question")
-        instruction = INSTRUCTIONS["qa"].format(question=args.question)
-    else:
-        raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {task})")
+    instruction = instruction_for(args, task)
     if not Path(args.audio).is_file():
         raise UserError(f"--audio {args.audio}: no such file")
     try:
         sf.info(args.audio)
     except Exception as e:  # soundfile raises its own error types for unreadable files
         raise UserError(
-            f"--audio {args.audio}: not a readable audio file ({e}). "
-            "WAV, FLAC, OGG (Vorbis, Opus) and MP3 are read "
-            "at any sample rate and channel count; "
-            "convert other formats first, e.g. `ffmpeg -i my.m4a my.wav`"
+            f"--audio {args.audio}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) "
+            "and MP3 are read at any sample rate and channel count; convert other formats first, "
+            "e.g. `ffmpeg -i my.m4a my.wav`"
         ) from None
-    batch = to_device(
-        Collator(model.encoder.feature_extractor)([{"audio": args.audio, "key": args.audio}]),
-        device,
-    )
-    cap = answer_cap(task, len(load_audio(args.audio)) / SAMPLE_RATE, args.max_new_tokens)
-    joint = joint_ctc_weight(args, model) if task == "asr" and not args.prompt else 0
+    collate = Collator(model.encoder.feature_extractor)
+    batch = to_device(collate([{"audio": args.audio, "key": args.audio}]), device)
+    seconds = len(load_audio(args.audio)) / SAMPLE_RATE
     with common.autocast(device, dtype):
-        if joint:
-            answer = model.generate_joint(batch, [instruction], joint, args.beam, cap)[0][0]
+        if uses_additions(args, model, task):  # extras: decoding
+            from extras import decoding
+
+            answer = decoding.answer_one(model, batch, instruction, task, seconds, args)
         else:
-            answer = model.generate(batch, [instruction], cap, args.loop_repeats)[0]
+            answer = model.generate(batch, [instruction], args.max_new_tokens)[0][0]
     print(answer if args.prompt else answer.split("\n")[0].strip())
     return answer
 
@@ -592,19 +414,19 @@ def print_results(result, show):
         return
     for name, value in metrics.items():
         print(f"  {name:<16} {value:.2f}" if isinstance(value, float) else f"  {name:<16} {value}")
-    stopped = result.get("decoding", {}).get("stopped")
-    if stopped:  # generated answers (not the readout)
+    decoding = result.get("decoding", {})
+    if decoding:  # generated answers (not the readout)
+        stopped = decoding["stopped"]
         print(
             f"  answers ended by the end-of-turn token: {stopped['end']}, "
-            f"cut by the length cap: {stopped['cap']}, "
-            f"by the loop guard: {stopped['loop']} "
-            f"(--max-new-tokens {result['decoding']['max_new_tokens']}, "
-            f"--loop-repeats {result['decoding']['loop_repeats']})"
+            f"cut by the length cap: {stopped['cap']}, by the loop guard: {stopped['loop']} "
+            f"(--max-new-tokens {decoding['max_new_tokens']}, "
+            f"--loop-repeats {decoding.get('loop_repeats', 0)})"
         )
-    if result.get("decoding", {}).get("joint_ctc"):
+    if decoding.get("joint_ctc"):
         print(
-            f"  joint CTC / LLM beam search: --joint-ctc {result['decoding']['joint_ctc']}, "
-            f"--beam {result['decoding']['beam']} (no loop guard)"
+            f"  joint CTC / LLM beam search: --joint-ctc {decoding['joint_ctc']}, "
+            f"--beam {decoding['beam']} (no loop guard)"
         )
     for out in result["outputs"][:show]:
         print(f"  ref: {' | '.join(out['references'])}\n  hyp: {out['hypothesis']}")
@@ -614,19 +436,29 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype)
+    meta = common.read_meta(args.ckpt) if (Path(args.ckpt) / "meta.json").exists() else {"llm": ""}
+    recipe = recipe_of(meta)
+    decoding_defaults(args, recipe)
+    resolve, test_manifest = common.resolve_model, lambda data, task, size: data
+    # the demo's models (built offline on first use) and its test splits
+    needs_demo = recipe == "demo" or common.uses_demo(None, meta.get("llm"), meta.get("encoder"))
+    if needs_demo:  # extras: demo
+        from extras import demo
+
+        resolve, test_manifest = demo.resolve_model, demo.test_manifest
+    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=resolve)
     model = model.to(device).eval()
     task = args.task or default_task(meta)
     if args.audio:
         return answer_one(model, args, task, device, dtype)
 
-    if task == "all" and args.data:
-        raise UserError(
-            "--task all scores each task on its own demo test split; with --data, name one --task"
-        )
     results = {}
     for each in ("asr", "st", "qa") if task == "all" else (task,):
-        data = split_manifest(args.data, each, args.demo_corpus)
+        data = test_manifest(args.data, each, args.demo_corpus)
+        if data is None:
+            raise UserError(
+                "--data: name the test manifest (python -m scripts.prepare_data writes the paper's)"
+            )
         rows = read_manifest(data)[: args.limit]
         if each == "retrieval":
             layers = retrieval_layers(args.layers, meta, model.num_layers)
@@ -635,16 +467,12 @@ def main(argv=None):
                 model, rows, layers, args.batch_size, device, dtype, centers
             )
             result = {"task": each, "n": len(rows), "metrics": metrics}
-        elif each == "readout":
-            result = evaluate_readout(model, rows, args.batch_size, device, dtype)
+        elif uses_additions(args, model, each):  # extras: decoding
+            from extras import decoding
+
+            result = decoding.evaluate(model, each, rows, args, device, dtype)
         else:
             result = evaluate_task(model, each, rows, args, device, dtype)
-        if args.seen_in and each in ("asr", "readout"):
-            hypotheses = [o["hypothesis"] for o in result["outputs"]]
-            references = [o["references"][0] for o in result["outputs"]]
-            result["metrics"].update(
-                seen_word_recall(hypotheses, references, words_of(args.seen_in))
-            )
         results[each] = {"ckpt": str(args.ckpt), "data": data, **result}
         print_results(results[each], args.show)
     if len(results) > 1:

@@ -42,7 +42,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
-import demokit
 from common import UserError, print0
 from data import Collator, frac_subset, read_manifest, task_examples, to_device
 from model import QFormerConfig, SpeechLLM
@@ -119,9 +118,8 @@ def get_args(argv=None):
         recipe = common.recipe_defaults(
             first, given, ["finetune"] if init else ["model", "finetune"]
         )
-        encoder = first.encoder or init.get("encoder") or recipe["encoder"]
         out = {"out": f"out/finetune-{first.task}", "init_set": init}
-        return {**recipe, **init, **common.data_defaults(first, encoder), **out}
+        return {**recipe, **init, **out}
 
     args = common.parse_args(p, argv, defaults_for)
     common.check_projector_flags(p, args)
@@ -177,7 +175,7 @@ def checkpoint_defaults(init, first, given):
     return chosen
 
 
-def build_model(args, dtype):
+def build_model(args, dtype, world=1, resolve=common.resolve_model):
     """The SpeechLLM to fine-tune: with --init, the stage-1 projector loaded into it."""
     if args.init != "none" and not (Path(args.init) / "meta.json").exists():
         hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
@@ -188,18 +186,15 @@ def build_model(args, dtype):
         )
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve)
     if args.init != "none":
         model.load_projector(args.init)
     elif args.match_embedding_rms:
         model.match_embedding_rms()
-    model.compress = args.compress
-    if args.ctc_weight:
-        model.train_blank()
-    if args.lora:
-        model.add_lora(args.lora, args.lora_alpha)
-    if args.freeze_projector:  # LoRA alone learns: the LLM learns to read the stage-1 projector
-        model.projector.requires_grad_(False)
+    if args.compress or args.ctc_weight or args.lora:  # extras: ctc and lora
+        from extras import finetuning
+
+        finetuning.build(model, args, world)
     return model
 
 
@@ -212,11 +207,6 @@ def load_data(args, encoder_seconds=None):
     task."""
 
     def examples(paths, split):
-        paths = (
-            demokit.manifests(args.task, split, args.demo_corpus)
-            if paths in ("demo", ["demo"])
-            else paths
-        )
         rows = [
             row
             for path in paths or []
@@ -242,34 +232,34 @@ def count(examples):
     return ", ".join(f"{n} {task}" for task, n in tasks.items())
 
 
-def answer_loss(model, batch, ctc_weight=0.0, ctc_temperature=0.05, ctc_classes=0):
-    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers;
-    with ctc_weight, plus the CTC alignment of the transcript on the projector's outputs, which
-    keeps them on the LLM's embedding table while the answer loss pulls them elsewhere."""
+def answer_loss(model, batch, args=None, with_ctc=True):
+    """The loss of one micro-batch: the projector's outputs in the chat prompt, loss on the answers."""
     speech, speech_mask = model.encode_speech(batch)
-    ctc = 0.0
-    if ctc_weight:
-        ctc = model.ctc_loss(speech, speech_mask, batch, ctc_temperature, ctc_classes)
-    examples = batch["examples"]
-    instructions, targets = (
-        [ex["instruction"] for ex in examples],
-        [ex["target"] for ex in examples],
-    )
-    return model.answer_loss(speech, speech_mask, instructions, targets) + ctc_weight * ctc
+    extra = 0.0
+    # the CTC alignment kept while the answer loss trains; compressed speech
+    if args is not None and (args.compress or args.ctc_weight):  # extras: ctc
+        from extras import ctc
+
+        extra, speech, speech_mask = ctc.finetune_inputs(
+            model, speech, speech_mask, batch, args, with_ctc
+        )
+    instructions = [ex["instruction"] for ex in batch["examples"]]
+    targets = [ex["target"] for ex in batch["examples"]]
+    return model.answer_loss(speech, speech_mask, instructions, targets) + extra
 
 
 @torch.no_grad()
-def dev_loss(model, dev, collate, batch_size, device, dtype):
+def dev_loss(model, dev, collate, args, device, dtype):
     """Mean answer loss over the dev examples (teacher-forced; evaluate.py scores generated
     answers)."""
     was_training = model.training
     model.eval()
     total = 0.0
-    for i in range(0, len(dev), batch_size):
-        chunk = dev[i : i + batch_size]
+    for i in range(0, len(dev), args.batch_size):
+        chunk = dev[i : i + args.batch_size]
         batch = to_device(collate(chunk), device)  # outside autocast: the log-mel must stay float32
         with common.autocast(device, dtype):
-            total += answer_loss(model, batch).item() * len(chunk)
+            total += answer_loss(model, batch, args, with_ctc=False).item() * len(chunk)
     model.train(was_training)
     return total / len(dev)
 
@@ -281,6 +271,12 @@ def dev_loss(model, dev, collate, batch_size, device, dtype):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup(args.device, args.seed)
+    resolve = common.resolve_model
+    # the demo's models and corpus, built offline on first use
+    if common.uses_demo(args.data, args.llm, args.encoder):  # extras: demo
+        from extras import demo
+
+        resolve = demo.prepare(args, args.task)
     run = common.start_run(args, "finetune.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
@@ -290,7 +286,7 @@ def main(argv=None):
     recipe = args.recipe_set
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    model = build_model(args, dtype).to(device)
+    model = build_model(args, dtype, world, resolve).to(device)
     examples, dev = load_data(args, model.encoder.max_seconds)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(
@@ -313,8 +309,6 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * total_steps))
     step = common.begin_run(run, args, model, optimizer, order)  # --resume: its newest ckpt
-    if world > 1 and args.lora:
-        raise UserError("--lora trains weights inside the LLM, which DDP here does not synchronise")
     # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -335,7 +329,7 @@ def main(argv=None):
             group["lr"] = lr
 
         if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
-            loss = dev_loss(model, dev, collate, args.batch_size, device, dtype)
+            loss = dev_loss(model, dev, collate, args, device, dtype)
             progress.write(f"step {step} dev loss {loss:.3f}")
             log(step=step, dev_loss=loss)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
@@ -348,9 +342,7 @@ def main(argv=None):
             if world > 1:  # all-reduce the gradients only on the last micro-step (nanoGPT's trick)
                 model.projector.require_backward_grad_sync = micro == args.grad_accum - 1
             with common.autocast(device, dtype):
-                loss = answer_loss(
-                    model, batch, args.ctc_weight, args.ctc_temperature, args.ctc_classes
-                )
+                loss = answer_loss(model, batch, args)
             (loss / args.grad_accum).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if guard.ok(grad_norm, step, args.out):  # skip a step whose gradient is inf/NaN
@@ -374,7 +366,7 @@ def main(argv=None):
         common.save_final(args.out, model, optimizer, step, order, args, **meta)  # + the projector
         model.save_feature_cache(args.feature_cache_file)
         if dev:
-            loss = dev_loss(model, dev, collate, args.batch_size, device, dtype)
+            loss = dev_loss(model, dev, collate, args, device, dtype)
             log(step=step, dev_loss=loss)
             print0(f"final dev loss ({len(dev)} examples): {loss:.3f}")
         print0(f"saved the projector to {args.out}; skipped steps: {guard.skipped}\n"

@@ -5,18 +5,18 @@ model.py: the SpeechLLM of the paper, built bottom-up in one file.
              --(trainable windowed Q-Former)--> LLM input embeddings, [B, W*Q, D_llm]
              --(frozen causal LLM)--> hidden states / next-token predictions
 
-Only the projector (the Q-Former in the middle) ever trains; the encoder and the LLM are loaded from
-Hugging Face ids or local folders through transformers' Auto classes and stay frozen.
+In the paper only the projector (the Q-Former in the middle) trains; the encoder and the LLM are
+loaded from Hugging Face ids or local folders through transformers' Auto classes and stay frozen.
+(This project's additions, in extras/, wrap the model from outside: e.g. extras/lora.py trains
+low-rank updates inside the LLM; model.additions lists what they changed.)
 
     from model import SpeechLLM
     # the paper: Llama-3.1-8B-Instruct + HuBERT-large
     m = SpeechLLM(llm="llama", encoder="hubert")
     m = SpeechLLM(llm="/path/to/any/causal/lm", encoder="/path/to/any/hubert/or/whisper")
-    # the demo's models (demokit/ builds them offline)
-    m = SpeechLLM("smollm2", "whisper-tiny")
 
 Sections: speech encoder | windowed Q-Former | SpeechLLM (speech -> embeddings, text -> embeddings,
-stage 1's two sides through the frozen LLM, the chat prompt and the answer loss, generation,
+stage 1's two sides through the frozen LLM, the chat prompt and the answer loss, greedy generation,
 checkpoints).
 """
 
@@ -40,7 +40,7 @@ from transformers import (
 )
 
 import contrastive
-from common import ModelError, load_pretrained, print0, resolve_model, write_atomically
+from common import ModelError, load_pretrained, print0, resolve_model, unwrap, write_atomically
 
 # -----------------------------------------------------------------------------
 # The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
@@ -192,10 +192,6 @@ class WindowQFormer(nn.Module):
         self.query_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([QFormerBlock(cfg, enc_dim) for _ in range(cfg.layers)])
         self.out = nn.Linear(cfg.dim, llm_dim)
-        # the CTC blank (contrastive.ctc_logits), scored beside the LLM's token embeddings; part of
-        # the projector so that it is saved with it; frozen unless a CTC objective trains it
-        # (train_blank)
-        self.blank = nn.Parameter(torch.randn(llm_dim) * 0.02, requires_grad=False)
 
     def forward(self, frames, mask):
         if self.training and self.cfg.time_mask > 0:
@@ -253,11 +249,10 @@ class SpeechLLM(nn.Module):
         self.num_layers = self.llm.config.num_hidden_layers
         self.projector = WindowQFormer(self.encoder.dim, self.llm.config.hidden_size, qformer)
         self.sink_token = sink_token
-        self.compress = False  # the LLM reads CTC-compressed speech (finetune.py --compress)
-        self.lora = None  # {"rank", "alpha"} of the LoRA on the LLM (finetune.py --lora; add_lora)
-        self.ctc_temperature = 0.05  # of the CTC alignment it was trained with (from_checkpoint)
-        self.ctc_aligned = False  # the projector was trained with a CTC alignment (train_blank)
         self.feature_cache = None  # key -> frozen encoder frames (the scripts' --cache-features)
+        # what this project's additions (extras/) changed in this model, e.g. {"lora": {...}}; empty
+        # for the paper; saved in meta.json, so that from_checkpoint rebuilds the same model
+        self.additions = {}
 
     def train(self, mode=True):
         # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no
@@ -322,47 +317,6 @@ class SpeechLLM(nn.Module):
         projector."""
         frames, mask = self.speech_frames(batch)
         return self.projector(frames.float(), mask)
-
-    def for_llm(self, speech, speech_mask):
-        """What the LLM reads in the speech's place: the projector's outputs, or with self.compress
-        about one vector per token (contrastive.ctc_compress: blanks dropped, each token's run
-        averaged)."""
-        if not self.compress:
-            return speech, speech_mask
-        return contrastive.ctc_compress(speech, speech_mask, self.embedding_table(), self.blank)
-
-    def ctc_loss(self, speech, speech_mask, batch, temperature=0.05, num_classes=0):
-        """The token-level alignment: CTC of the transcript's tokens (batch["text_ids"]) over the
-        LLM's embedding table (num_classes > 0: that many of its rows, drawn each step) and the
-        blank (contrastive.ctc_alignment_loss). No LLM pass."""
-        table, ids, mask = self.embedding_table(), batch["text_ids"], batch["text_mask"]
-        return contrastive.ctc_alignment_loss(
-            speech, speech_mask, ids, mask, table, self.blank, temperature, num_classes
-        )
-
-    @torch.no_grad()
-    def read_out(self, batch):
-        """What the projector spells, without the LLM: each output's nearest token embedding or the
-        blank, collapsed as CTC does (greedy), decoded to text. One string per utterance."""
-        was_training = self.training
-        speech, speech_mask = self.eval().encode_speech(batch)
-        self.train(was_training)
-        ids = contrastive.ctc_readout(speech, speech_mask, self.embedding_table(), self.blank)
-        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
-
-    def train_blank(self):
-        """The CTC objectives train the blank with the projector (the others never use it)."""
-        self.blank.requires_grad_(True)
-        self.ctc_aligned = True
-        return self
-
-    @property
-    def blank(self):
-        return unwrap(self.projector).blank
-
-    def embedding_table(self):
-        """The frozen LLM's input-embedding table [V, D]: the CTC alignment's classes."""
-        return self.llm.get_input_embeddings().weight
 
     def embed_tokens(self, ids):
         return self.llm.get_input_embeddings()(ids)
@@ -537,14 +491,14 @@ class SpeechLLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[supervised])
 
     def answer_loss(self, speech, speech_mask, instructions, targets):
-        """Stage 2's loss (and ASR pretraining's): each utterance's speech (the projector's outputs,
-        as the LLM reads them: for_llm) spliced into the chat prompt before its instruction,
-        next-token cross-entropy on the target and the end-of-turn token only."""
-        speech, speech_mask = self.for_llm(speech, speech_mask)
+        """Stage 2's loss (and ASR pretraining's): each utterance's speech (the projector's outputs)
+        spliced into the chat prompt before its instruction, next-token cross-entropy on the target
+        and the end-of-turn token only."""
         embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
-        # with LoRA the shared prefix's keys and values depend on trained weights: no cached prefix
-        # then
-        prefix = 0 if self.lora else self.shared_prefix(instructions)
+        # weights that train inside the LLM (extras/lora.py) change the shared prefix's keys and
+        # values: no cached prefix then
+        llm_trains = any(p.requires_grad for p in self.llm.parameters())
+        prefix = 0 if llm_trains else self.shared_prefix(instructions)
         return self.lm_loss(embeds, mask, labels, prefix=prefix)
 
     def shared_prefix(self, instructions):
@@ -555,122 +509,37 @@ class SpeechLLM(nn.Module):
         return len(befores.pop()) if len(befores) == 1 else 0
 
     @torch.no_grad()
-    def generate(self, batch, instructions, max_new_tokens=200, loop_repeats=0, stop_reasons=False):
-        """Greedy decoding of the answer for every utterance in a collated batch; returns strings.
-        max_new_tokens: one cap for all, or a list with one cap per utterance.
-        loop_repeats: stop an answer as soon as it ends in this many copies of the same 1-12 tokens,
-        and keep one copy (0 = off). stop_reasons=True also returns why each answer ended: "end"
-        (the end-of-turn token), "cap" (max_new_tokens) or "loop" (the guard)."""
-        speech, speech_mask = self.for_llm(*self.encode_speech(batch))
-        return self.generate_from(
-            speech, speech_mask, instructions, max_new_tokens, loop_repeats, stop_reasons
-        )
+    def generate(self, batch, instructions, max_new_tokens=200, stops=None):
+        """Greedy decoding of the answer for every utterance in a collated batch, as the authors:
+        up to max_new_tokens (200), ending at the end-of-turn token. Returns (texts, why each
+        ended: "end" or "cap"). stops: see generate_from."""
+        speech, speech_mask = self.encode_speech(batch)
+        return self.generate_from(speech, speech_mask, instructions, max_new_tokens, stops)
 
     @torch.no_grad()
-    def generate_from(
-        self,
-        speech,
-        speech_mask,
-        instructions,
-        max_new_tokens=200,
-        loop_repeats=0,
-        stop_reasons=False,
-    ):
-        """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S]: the
-        projector's outputs, or (evaluate.py --read) a transcript's own token embeddings."""
+    def generate_from(self, speech, speech_mask, instructions, max_new_tokens=200, stops=None):
+        """generate() from embeddings in the speech's place [B, S, D_llm] with a mask [B, S].
+        stops: a transformers StoppingCriteria that also records, per answer, why it ended
+        (`reason`) and how many tokens to keep (`keep`): extras/decoding.Stops (per-answer caps, the
+        loop guard)."""
         embeds, mask, _ = self.chat_batch(speech, speech_mask, instructions)
         eot = self.prompt_ids(instructions[0])[2]
-        caps = (
-            [max_new_tokens] * len(instructions)
-            if isinstance(max_new_tokens, int)
-            else list(max_new_tokens)
-        )
-        guard = Stops(caps, loop_repeats, eot)
         out = self.llm.generate(
             inputs_embeds=embeds.to(self.llm.dtype),
             attention_mask=mask.long(),
-            max_new_tokens=max(caps),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eot,
             pad_token_id=self.tokenizer.pad_token_id or eot,
-            stopping_criteria=StoppingCriteriaList([guard]),
+            stopping_criteria=StoppingCriteriaList([stops] if stops else []),
         )
         texts, reasons = [], []
         for i, ids in enumerate(out.tolist()):
-            ids = ids[: guard.keep[i]] if guard.keep[i] is not None else ids
-            reasons.append(guard.reason[i] or "cap")
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
-        return (texts, reasons) if stop_reasons else texts
-
-    @torch.no_grad()
-    def generate_joint(
-        self, batch, instructions, ctc_weight, beam=4, max_new_tokens=200, per_position=10
-    ):
-        """Joint CTC / LLM beam search (ASR, where the answer is the transcript), for every utterance
-        of a collated batch: each hypothesis scores ctc_weight * log P_ctc(prefix) + (1 - ctc_weight)
-        * log P_llm, the CTC side from the utterance's projector outputs over the embedding table
-        (contrastive.py, the last section), the LLM side reading them as generate() does. Each
-        utterance keeps its own beam (JointSearch); one LLM forward a step extends every live
-        hypothesis of every utterance (the LLM's weights are read once a step, however many rows;
-        docs/speed.md). max_new_tokens: one cap, or one per utterance. Returns (texts, why each ended: "end" or
-        "cap")."""
-        speech, speech_mask = self.encode_speech(batch)
-        table, eot = self.embedding_table(), self.prompt_ids(instructions[0])[2]
-        caps = (
-            max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(speech)
-        )
-        searches = []
-        for i, cap in enumerate(caps):
-            logits = contrastive.ctc_logits(
-                speech[i, speech_mask[i]], table, self.blank, self.ctc_temperature
-            )
-            # a few positions: the CTC side runs on the CPU
-            log_probs = logits.log_softmax(-1).cpu()
-            searches.append(JointSearch(log_probs, len(table), eot, cap, per_position))
-
-        embeds, mask, _ = self.chat_batch(*self.for_llm(speech, speech_mask), instructions)
-        mask = mask.long()
-        # left padding: each row counts its positions from its own first token
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=embeds.to(self.llm.dtype), attention_mask=mask,
-                       position_ids=positions, use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache, position = out.cache, positions[:, -1]
-        owners = list(range(len(searches)))  # the search each LLM row extends, in row order
-        while True:
-            llm_lp = out.logits[:, -1].float().log_softmax(-1).cpu()
-            rows, tokens, new_owners = [], [], []
-            for i in sorted(set(owners)):  # each search sees its own rows, extends and prunes them
-                mine = [r for r, owner in enumerate(owners) if owner == i]
-                kept = searches[i].step(llm_lp[mine], ctc_weight, beam)
-                rows += [mine[h] for h in kept]  # the rows the kept hypotheses grew from
-                tokens += [hypothesis[-1] for hypothesis in searches[i].tokens[: len(kept)]]
-                new_owners += [i] * len(kept)
-            if not rows:
-                break
-            rows = torch.tensor(rows, device=embeds.device)
-            cache.reorder_cache(rows)
-            mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], 1)
-            position, owners = position[rows] + 1, new_owners
-            step = torch.tensor(tokens, device=embeds.device)[:, None]
-            out = self.llm(input_ids=step, attention_mask=mask, position_ids=position[:, None],
-                           cache=cache, use_cache=True)  # fmt: skip
-            cache = out.cache
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
-        results = [search.result() for search in searches]
-        return [decode(ids) for ids, _ in results], [why for _, why in results]
-
-    # --- LoRA on the frozen LLM -------------------------------------------------------------------
-    # (finetune.py --lora; an addition, the paper trains the projector only)
-
-    def add_lora(self, rank, alpha=None):
-        """Wrap the LLM's attention projections (q/k/v/o) in LoRALinear; their low-rank updates
-        train and are saved beside the projector (lora.safetensors)."""
-        alpha = alpha or 2 * rank
-        for module in list(self.llm.modules()):
-            for name, child in list(module.named_children()):
-                if name in LORA_TARGETS and isinstance(child, nn.Linear):
-                    setattr(module, name, LoRALinear(child, rank, alpha))
-        self.lora = {"rank": rank, "alpha": alpha}
+            keep = stops.keep[i] if stops else None
+            reason = stops.reason[i] if stops else ("end" if eot in ids else None)
+            texts.append(self.tokenizer.decode(ids[:keep], skip_special_tokens=True).strip())
+            reasons.append(reason or "cap")
+        return texts, reasons
 
     # --- checkpoints: the projector alone, safetensors + JSON ------------------------------------
 
@@ -682,9 +551,7 @@ class SpeechLLM(nn.Module):
             "sink_token": self.sink_token,
             "llm_dim": self.llm.config.hidden_size,
             "encoder_dim": self.encoder.dim,
-            "compress": self.compress,
-            "lora": self.lora,
-            "ctc_aligned": self.ctc_aligned,
+            "additions": self.additions,
         }
 
     def save_projector(self, out, **extra):
@@ -696,13 +563,11 @@ class SpeechLLM(nn.Module):
             k: v.detach().contiguous().cpu() for k, v in unwrap(self.projector).state_dict().items()
         }
         write_atomically(out / "projector.safetensors", lambda tmp: save_file(state, tmp))
-        if self.lora:  # the LoRA weights: a few MB beside the projector, never the LLM itself
-            lora = {
-                k: v.detach().contiguous().cpu()
-                for k, v in self.llm.named_parameters()
-                if ".lora_" in k
-            }
-            write_atomically(out / "lora.safetensors", lambda tmp: save_file(lora, tmp))
+        # what the additions trained besides the projector (LoRA's weights)
+        if self.additions:  # extras: save
+            import extras
+
+            extras.save(self, out)
         meta = json.dumps({**self.meta(), **extra}, indent=2, default=str)
         write_atomically(out / "meta.json", lambda tmp: tmp.write_text(meta))
 
@@ -732,11 +597,12 @@ class SpeechLLM(nn.Module):
                     f"encoder={meta.get('encoder')})."
                 )
         state = load_file(ckpt / "projector.safetensors")
-        state.setdefault("blank", self.blank.detach().clone())  # saved before the CTC blank existed
-        self.ctc_aligned = self.ctc_aligned or meta.get("ctc_aligned", False)  # kept by stage 2
+        # what the additions changed: the CTC blank on the projector, LoRA on the LLM, compression
+        if meta.get("additions") or "blank" in state:  # extras: restore
+            import extras
+
+            extras.restore(self, meta, ckpt, state)
         unwrap(self.projector).load_state_dict(state)
-        if meta.get("lora") and self.lora:  # a checkpoint with LoRA, into a model that has it
-            self.llm.load_state_dict(load_file(ckpt / "lora.safetensors"), strict=False)
         return meta
 
     @classmethod
@@ -761,137 +627,5 @@ class SpeechLLM(nn.Module):
             meta.get("sink_token", False),
             resolve=resolve,
         )
-        if meta.get("lora"):
-            model.add_lora(**meta["lora"])
-        model.compress = meta.get("compress", False)
-        model.ctc_temperature = meta.get("args", {}).get("ctc_temperature", 0.05)
         model.load_projector(ckpt)
         return model, meta
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention (SmolLM2, Llama)
-
-
-class JointSearch:
-    """One utterance's side of the joint CTC / LLM beam search (SpeechLLM.generate_joint): its CTC
-    log-probabilities [S, V + 1], the tokens it considers (the `per_position` most probable under
-    CTC at any position: contrastive.ctc_candidates; the end of turn is scored as the end), its live
-    hypotheses with their CTC prefix states, and the finished ones."""
-
-    def __init__(self, log_probs, blank_id, eot, cap, per_position=10):
-        self.log_probs, self.blank_id, self.eot, self.cap = log_probs, blank_id, eot, cap
-        candidates = contrastive.ctc_candidates(log_probs, blank_id, per_position)
-        self.candidates = candidates[candidates != eot]
-        self.r_n, self.r_b = (r[None] for r in contrastive.ctc_empty_prefix(log_probs, blank_id))
-        self.tokens, self.scores, self.ctc_scores = [[]], torch.zeros(1), torch.zeros(1)
-        self.finished = []  # (score, tokens)
-
-    def step(self, llm_lp, ctc_weight, beam):
-        """Extend every live hypothesis by every candidate, or end it, given the LLM's next-token
-        log-probabilities for each [H, V]; keep the best `beam`. Returns which of the H hypotheses
-        the new live ones grew from, in their order (none: the search is over)."""
-        last = torch.tensor([t[-1] if t else -1 for t in self.tokens])
-        empty = torch.tensor([not t for t in self.tokens])
-        prefix, new_n, new_b = contrastive.ctc_prefix_scores(
-            self.log_probs, self.blank_id, self.r_n, self.r_b, last, empty, self.candidates
-        )
-        ends = contrastive.ctc_final_scores(self.r_n, self.r_b)
-        # [H, C + 1]: each hypothesis extended by each candidate, then ended
-        llm_part = torch.cat([llm_lp[:, self.candidates], llm_lp[:, self.eot, None]], 1)
-        ctc_part = torch.cat([prefix, ends[:, None]], 1) - self.ctc_scores[:, None]
-        total = self.scores[:, None] + (1 - ctc_weight) * llm_part
-        if ctc_weight:  # (0 x an impossible prefix's -inf would be nan)
-            total = total + ctc_weight * ctc_part
-        keep = []
-        for flat in total.flatten().topk(min(beam, total.numel())).indices.tolist():
-            h, c = divmod(flat, total.shape[1])
-            if c == len(self.candidates):
-                self.finished.append((total[h, c].item(), self.tokens[h]))
-            else:
-                keep.append((h, c))
-        alive_best = max((total[h, c].item() for h, c in keep), default=-math.inf)
-        # every step only lowers a score: no live hypothesis can overtake a finished better one
-        if not keep or (self.finished and max(self.finished)[0] >= alive_best):
-            return []
-        rows, cols = torch.tensor([h for h, _ in keep]), torch.tensor([c for _, c in keep])
-        self.tokens = [self.tokens[h] + [self.candidates[c].item()] for h, c in keep]
-        self.scores, self.ctc_scores = total[rows, cols], prefix[rows, cols]
-        self.r_n, self.r_b = new_n[rows, cols], new_b[rows, cols]
-        if (
-            len(self.tokens[0]) >= self.cap
-        ):  # the cap: the best live hypothesis stands if none ended
-            return []
-        return rows.tolist()
-
-    def result(self):
-        """(the best hypothesis's token ids, "end"), or at the cap with none finished the best live
-        one's, "cap")."""
-        if not self.finished:
-            return self.tokens[0], "cap"
-        return max(self.finished)[1], "end"
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear W plus a trainable low-rank update (Hu et al. 2021):
-    W x + (alpha / r) B A x, with A random and B zero, so the wrapped LLM starts exactly as the
-    frozen one."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        nn.init.zeros_(self.lora_b.weight)  # the update starts at zero
-
-    def forward(self, x):
-        # the update in float32: it is small next to the frozen output, and bf16 would round it away
-        return self.base(x) + (self.lora_b(self.lora_a(x.float())) * self.scale).to(x.dtype)
-
-
-def unwrap(module):
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(module, "module", module)
-
-
-class Stops:
-    """A stopping criterion for transformers' generate: each sequence stops at its own length cap,
-    or, with loop_repeats=k > 0, as soon as its last tokens are k copies of one span of 1-12 tokens
-    (greedy decoding of a weak model loops: "in Dublin in Dublin in Dublin ..."). Records why and
-    where."""
-
-    MAX_PERIOD = 12
-
-    def __init__(self, caps, loop_repeats=0, end_token=None):
-        self.caps, self.repeats, self.end_token = caps, loop_repeats, end_token
-        # keep: tokens kept (cap, loop)
-        self.reason, self.keep = [None] * len(caps), [None] * len(caps)
-
-    def __call__(self, input_ids, scores=None, **kwargs):
-        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        n = input_ids.shape[1]  # with inputs_embeds, input_ids holds only the generated tokens
-        for i, ids in enumerate(input_ids.tolist()):
-            if self.reason[i] is not None:
-                done[i] = True
-            elif ids[-1] == self.end_token:
-                self.reason[i], done[i] = "end", True
-            elif n >= self.caps[i]:
-                self.reason[i], self.keep[i], done[i] = "cap", self.caps[i], True
-            elif self.repeats and (period := loop_period(ids, self.repeats, self.MAX_PERIOD)):
-                self.reason[i], self.keep[i], done[i] = (
-                    "loop",
-                    n - (self.repeats - 1) * period,
-                    True,
-                )
-        return done
-
-
-def loop_period(ids, repeats, max_period):
-    """The shortest p <= max_period such that ids ends in `repeats` copies of its last p tokens,
-    else 0."""
-    for p in range(1, max_period + 1):
-        if len(ids) >= repeats * p and all(
-            ids[-p:] == ids[len(ids) - k * p : len(ids) - (k - 1) * p]
-            for k in range(2, repeats + 1)
-        ):
-            return p
-    return 0

@@ -36,7 +36,6 @@ from tqdm import tqdm
 import common
 import contrastive
 import contrastive_fast
-import demokit
 from common import print0
 from data import INSTRUCTIONS, Collator, need_transcripts, read_manifest, to_device
 from model import QFormerConfig, SpeechLLM
@@ -115,7 +114,7 @@ def get_args(argv=None):
         recipe = common.recipe_defaults(first, given, ["model", "pretrain"])
         if (first.loss or recipe["loss"]) in ("asr", "ctc"):
             recipe["emb_steps"] = 0  # the warm start is the contrastive loss's
-        return {**recipe, **common.data_defaults(first, first.encoder or recipe["encoder"])}
+        return recipe
 
     args = common.parse_args(p, argv, defaults_for)
     common.check_projector_flags(p, args)
@@ -128,12 +127,12 @@ def get_args(argv=None):
     return args
 
 
-def build_model(args, dtype):
+def build_model(args, dtype, resolve=common.resolve_model):
     """The SpeechLLM the flags describe; --match-embedding-rms starts the projector at the LLM's
     scale."""
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype=dtype, sink_token=args.sink_token)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model
@@ -232,11 +231,13 @@ def train_step_loss(model, batch, layers, args, text_cache, objective=None):
         asr = model.answer_loss(speech, speech_mask, [INSTRUCTIONS["asr"]] * len(texts), texts)
         loss = loss + asr
         logs.update(loss=logs["loss"] + asr.item(), asr=asr.item())
-    if objective in ("ctc", "contrastive+ctc"):
+    if "ctc" in objective:  # extras: ctc, the token-level alignment
+        from extras import ctc
+
         speech, speech_mask = speech if speech is not None else model.encode_speech(batch)
-        ctc = model.ctc_loss(speech, speech_mask, batch, args.ctc_temperature, args.ctc_classes)
-        loss = loss + args.ctc_weight * ctc
-        logs.update(loss=logs["loss"] + args.ctc_weight * ctc.item(), ctc=ctc.item())
+        term, ctc_logs = ctc.pretrain_term(model, speech, speech_mask, batch, args)
+        loss = loss + term
+        logs.update(loss=logs["loss"] + term.item(), **ctc_logs)
     return loss, logs
 
 
@@ -249,7 +250,6 @@ def load_data(args, encoder_seconds=None):
     sentences."""
 
     def read(path, split):
-        path = demokit.manifests("asr", split, args.demo_corpus)[0] if path == "demo" else path
         return (
             read_manifest(path, args.skip_bad, args.max_audio_seconds, print0, encoder_seconds)
             if path
@@ -292,15 +292,23 @@ def fmt(values):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup(args.device, args.seed)
+    resolve = common.resolve_model
+    # the demo's models and corpus, built offline on first use
+    if common.uses_demo(args.data, args.llm, args.encoder):  # extras: demo
+        from extras import demo
+
+        resolve = demo.prepare(args, "asr")
     run = common.start_run(args, "pretrain.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
     recipe = args.recipe_set  # what the recipe set: the run's first line, and meta.json's "recipe"
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    model = build_model(args, dtype).to(device)
-    if "ctc" in args.loss:
-        model.train_blank()
+    model = build_model(args, dtype, resolve).to(device)
+    if "ctc" in args.loss:  # extras: ctc, the blank trains with the projector
+        from extras import ctc
+
+        ctc.setup_pretrain(model, args)
     try:
         layers = contrastive.select_layers(args.layers, model.num_layers)
     except ValueError as e:
@@ -353,10 +361,9 @@ def main(argv=None):
             progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(r1['plain'])} "
                            f"centred {fmt(r1['centred'])}")  # fmt: skip
             log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers)
-            if "ctc" in args.loss:  # what the projector spells so far, read out without the LLM
-                batch = to_device(collate(dev[:2]), device)
-                for row, heard in zip(dev[:2], model.read_out(batch)):
-                    progress.write(f"  said: {row['text']}\n  read: {heard}")
+            if "ctc" in args.loss:  # extras: ctc, what the projector spells so far
+                with common.autocast(device, dtype):
+                    ctc.print_read_out(model, dev, collate, device, progress.write)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
             common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
             model.save_feature_cache(args.feature_cache_file)

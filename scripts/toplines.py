@@ -21,12 +21,12 @@ import demokit
 from data import load_row_audio, need_transcripts, read_manifest, task_examples
 from evaluate import (
     add_decoding_flags,
+    decoding_defaults,
     print_results,
-    score,
-    split_manifest,
     unique_questions,
     write_results,
 )
+from extras import decoding, demo
 from model import SpeechLLM
 
 
@@ -45,7 +45,9 @@ def get_args(argv=None):
     p.add_argument("--ckpt", help="ignored (compare.py passes its cell folder)")
     p.add_argument("--out", help="results JSON (default: out/read-<read>/eval-<task>.json)")
     common.add_system_flags(p, training=False)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    decoding_defaults(args, "demo")  # the demo recipe's decoding (common.RECIPES)
+    return args
 
 
 def whisper_transcripts(asr_model, examples, batch_size):
@@ -60,8 +62,9 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    model = SpeechLLM(args.llm, args.encoder, dtype=dtype).to(device).eval()
-    data = split_manifest(args.data, args.task, args.demo_corpus)
+    model = SpeechLLM(args.llm, args.encoder, dtype=dtype, resolve=demo.resolve_model)
+    model = model.to(device).eval()
+    data = demo.test_manifest(args.data, args.task, args.demo_corpus)
     examples = task_examples(read_manifest(data)[: args.limit], args.task)
     examples = unique_questions(examples) if args.task == "qa" else examples
     if args.read == "transcript":
@@ -70,9 +73,9 @@ def main(argv=None):
         heard = whisper_transcripts(args.asr_model, examples, args.batch_size)
     examples = [
         {**ex, "heard": h} for ex, h in zip(examples, heard)
-    ]  # evaluate.generate_answers reads it
+    ]  # extras.decoding.generate_answers reads it
     cascade = args.read == "whisper" and args.task == "asr"  # Whisper's transcript is the answer
-    result = score(
+    result = decoding.score(
         model, args.task, examples, args, device, dtype, hypotheses=heard if cascade else None
     )
     result = {"ckpt": f"read-{args.read}", "data": data, **result}

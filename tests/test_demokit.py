@@ -499,25 +499,31 @@ def test_whisper_round_trip_through_ctranslate2(tmp_path):
 
 
 def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkeypatch):
-    """--llm tiny --encoder tiny: common.resolve_model builds the tiny models in the demo folder
+    """--llm tiny --encoder tiny: extras.demo.resolve_model builds the tiny models in the demo folder
     once; the checkpoint records the names as given, and from_checkpoint rebuilds the model through
-    the same resolver."""
+    the same resolver. common.resolve_model, which the paper's runs use, never builds them."""
     import common
-    from model import QFormerConfig, SpeechLLM
+    from extras import demo
+    from model import ModelError, QFormerConfig, SpeechLLM
+
+    assert set(common.DEMO_MODELS["llm"]) == set(demokit.PRESETS["llm"])
+    assert set(common.DEMO_MODELS["encoder"]) == set(demokit.PRESETS["encoder"])
+    with pytest.raises(ModelError, match="demo model"):
+        common.resolve_model("tiny", "llm")
 
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path / "cache"))
-    assert common.resolve_model("tiny", "llm") == str(
+    assert demo.resolve_model("tiny", "llm") == str(
         (tmp_path / "cache" / "models" / "tiny-llm").resolve()
     )
     model = SpeechLLM(
-        "tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=common.resolve_model
+        "tiny", "tiny", QFormerConfig(dim=32, heads=4, layers=1), resolve=demo.resolve_model
     )
     model.save_projector(tmp_path / "ckpt")
-    again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=common.resolve_model)
+    again, meta = SpeechLLM.from_checkpoint(tmp_path / "ckpt", resolve=demo.resolve_model)
     assert (meta["llm"], meta["encoder"]) == ("tiny", "tiny")
     assert (
         again.encoder.name
-        == common.resolve_model("tiny", "encoder")
+        == demo.resolve_model("tiny", "encoder")
         == str(tmp_path / "cache" / "models" / "tiny-hubert")
     )
     assert common.resolve_model(str(tmp_path / "ckpt"), "llm") == str(
@@ -528,7 +534,7 @@ def test_demo_presets_are_folders_and_checkpoints_keep_the_name(tmp_path, monkey
 def project_imports(path):
     """The project's own modules that the file imports, anywhere in it (imports inside functions
     included)."""
-    own = {p.stem for p in REPO.glob("*.py")} | {"demokit"}
+    own = {p.stem for p in REPO.glob("*.py")} | {"demokit", "extras"}
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -551,17 +557,17 @@ LIBRARY = {"data", "contrastive", "contrastive_fast", "model", "common"}
 
 def test_imports_run_one_way():
     """Layers, one way. common.py (the recipes, the flags, the plumbing) imports none of the
-    project's modules at its top (demokit only inside the functions that resolve the demo's models
-    and data); contrastive.py imports nothing either, data.py only common.py, model.py only
-    common.py and contrastive.py, contrastive_fast.py only contrastive.py (the reference it
-    matches); demokit only common.py. The three scripts sit on top and never import each other; the
-    tools in scripts/ sit above them."""
+    project's modules; contrastive.py imports nothing either, data.py only common.py, model.py only
+    common.py and contrastive.py (and extras/ at its two marked seams: tests/test_layout.py),
+    contrastive_fast.py only contrastive.py (the reference it matches); demokit only common.py. The
+    three scripts sit on top and never import each other; the tools in scripts/ sit above them."""
     assert {
         p.stem for p in REPO.glob("*.py")
     } == SCRIPTS | LIBRARY  # a new file takes its place here
     assert len(SCRIPTS | LIBRARY) <= 8
-    allowed = {"common": {"demokit"}, "contrastive": set(), "data": {"common"},
-               "model": {"common", "contrastive"}, "contrastive_fast": {"contrastive"}}  # fmt: skip
+    allowed = {"common": set(), "contrastive": set(), "data": {"common"},
+               "model": {"common", "contrastive", "extras"},
+               "contrastive_fast": {"contrastive"}}  # fmt: skip
     for name, imports in allowed.items():
         assert project_imports(REPO / f"{name}.py") <= imports, name
     tree = ast.parse((REPO / "common.py").read_text())

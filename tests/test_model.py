@@ -27,7 +27,7 @@ def test_frozen_parts_and_trainable_projector(model):
     assert all(not p.requires_grad for p in model.llm.parameters())
     assert all(not p.requires_grad for p in model.encoder.parameters())
     trainable = dict(model.projector.named_parameters())
-    assert not trainable.pop("blank").requires_grad  # until a CTC objective trains it (train_blank)
+    assert "blank" not in trainable  # the paper's projector: extras/ctc.py adds a CTC blank
     assert all(p.requires_grad for p in trainable.values())
     model.train()
     assert not model.llm.training and not model.encoder.model.training and model.projector.training
@@ -181,10 +181,11 @@ def test_chat_batch_supervises_only_the_answer(model, batch):
 
 
 def test_generate_stops_at_end_of_turn(model, batch):
-    out = model.generate(
+    out, why = model.generate(
         batch, ["Can you transcribe this audio?"] * len(batch["keys"]), max_new_tokens=4
     )
     assert len(out) == len(batch["keys"]) and all(isinstance(s, str) for s in out)
+    assert set(why) <= {"end", "cap"}
 
 
 def test_projector_checkpoint_roundtrip_and_mismatch(model, paths, tmp_path):

@@ -1,7 +1,8 @@
-"""The token-level alignment (contrastive.py's CTC section, SpeechLLM.read_out / for_llm, LoRA): each piece
-against a slow, obviously-correct version, and the CLI paths end to end with tiny models.
+"""The token-level alignment (extras/ctc.py), joint decoding (extras/joint.py), LoRA
+(extras/lora.py): each piece against a slow, obviously-correct version, and the CLI paths end to end
+with tiny models.
 
-    python -m pytest -q tests/test_alignment.py
+    python -m pytest -q tests/extras/test_alignment.py
 """
 
 import itertools
@@ -15,20 +16,18 @@ from tiny import argv, write_manifest
 
 import evaluate
 import finetune
-import model as model_module
 import pretrain
-from contrastive import (
+from data import Collator, read_manifest
+from extras import ctc, decoding, joint, lora
+from extras.ctc import (
     ctc_alignment_loss,
     ctc_classes,
     ctc_compress,
-    ctc_empty_prefix,
-    ctc_final_scores,
     ctc_logits,
-    ctc_prefix_scores,
     ctc_readout,
     ctc_runs,
 )
-from data import Collator, read_manifest
+from extras.joint import ctc_empty_prefix, ctc_final_scores, ctc_prefix_scores, generate_joint
 from model import QFormerConfig, SpeechLLM
 
 
@@ -166,7 +165,7 @@ def test_lora_starts_as_the_frozen_llm_and_trains_alone(paths, manifest):
     model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
     ids = torch.tensor([[1, 5, 7, 2]])
     before = model.llm(ids).logits
-    model.add_lora(4)
+    lora.add_lora(model, 4)
     torch.testing.assert_close(
         model.llm(ids).logits, before
     )  # B = 0: the same function at the start
@@ -182,7 +181,8 @@ def test_a_ctc_step_trains_the_projector_and_its_blank_only(paths, manifest):
     gradient for every projector weight and the blank, none for the frozen LLM."""
     torch.manual_seed(0)
     cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
-    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).train_blank().train()
+    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).train()
+    ctc.add_blank(model)
     args = pretrain.get_args(argv("--llm {llm} --encoder {hubert} --data x --loss ctc", **paths))
     batch = Collator(model.encoder.feature_extractor, model.tokenizer)(read_manifest(manifest)[:4])
     loss, logs = pretrain.train_step_loss(model, batch, [0], args, text_cache=None)
@@ -220,13 +220,17 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     )  # fmt: skip
     meta = json.loads((stage2 / "meta.json").read_text())
     assert meta["args"]["ctc_classes"] == 40
-    assert meta["compress"] is True and meta["lora"] == {"rank": 2, "alpha": 4}
+    additions = meta["additions"]
+    assert additions["compress"] is True and additions["lora"] == {"rank": 2, "alpha": 4}
     assert (stage2 / "lora.safetensors").exists()
     model, _ = SpeechLLM.from_checkpoint(stage2)
-    assert model.compress and any(".lora_" in name for name, _ in model.llm.named_parameters())
+    assert model.additions["compress"]
+    assert any(".lora_" in name for name, _ in model.llm.named_parameters())
     rows = read_manifest(manifest)[:2]
     batch = Collator(model.encoder.feature_extractor)(rows)
-    expected = model.eval().generate(batch, ["Can you transcribe this audio?"] * 2, 3)
+    speech, speech_mask = decoding.speech_for_llm(model.eval(), batch)  # compressed
+    instructions = ["Can you transcribe this audio?"] * 2
+    expected, _ = model.generate_from(speech, speech_mask, instructions, 3)
     args = "--ckpt {ckpt} --task asr --data {data} --limit 2 --max-new-tokens 3 --loop-repeats 0 --device cpu"
     scored = evaluate.main(
         argv(args + " --dtype float32 --joint-ctc 0", ckpt=stage2, data=manifest)
@@ -237,15 +241,18 @@ def test_ctc_stage1_then_compressed_lora_stage2_then_readout(paths, manifest, tm
     joint = evaluate.main(argv(args + " --joint-ctc 0.5 --beam 2", ckpt=stage2, data=manifest))
     assert joint["asr"]["decoding"]["joint_ctc"] == 0.5 and joint["asr"]["n"] == 2
     # --joint-ctc auto: a CTC-aligned checkpoint decodes jointly
-    assert json.loads((stage2 / "meta.json").read_text())["ctc_aligned"] is True
-    auto = evaluate.main(argv(args, ckpt=stage2, data=manifest))["asr"]["decoding"]
-    assert auto["joint_ctc"] == evaluate.JOINT_CTC
+    assert "ctc" in json.loads((stage2 / "meta.json").read_text())["additions"]
+    auto = evaluate.main(argv(args + " --joint-ctc auto", ckpt=stage2, data=manifest))["asr"]
+    auto = auto["decoding"]
+    assert auto["joint_ctc"] == decoding.JOINT_CTC
     # one recording decodes the same way as the test split
-    one = "--ckpt {ckpt} --task asr --audio {audio} --max-new-tokens 3 --device cpu"
+    one = (
+        "--ckpt {ckpt} --task asr --audio {audio} --max-new-tokens 3 --device cpu --joint-ctc auto"
+    )
     answer = evaluate.main(argv(one, ckpt=stage2, audio=rows[0]["audio"]))
     batch = Collator(model.encoder.feature_extractor)(rows[:1])
     assert (
-        answer == model.generate_joint(batch, ["Can you transcribe this audio?"], 0.5, 4, 3)[0][0]
+        answer == generate_joint(model, batch, ["Can you transcribe this audio?"], 0.5, 4, 3)[0][0]
     )
 
 
@@ -304,14 +311,15 @@ def test_joint_decoding_without_ctc_is_the_llms_greedy_answer(paths, manifest):
     torch.manual_seed(0)
     cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
     model = SpeechLLM(paths["llm"], paths["hubert"], cfg).eval()
+    ctc.add_blank(model)
     instruction, answers = "Can you transcribe this audio?", []
     for row in read_manifest(manifest)[:4]:
         batch = Collator(model.encoder.feature_extractor)([row])
-        greedy = model.generate(batch, [instruction], 6)[0]
-        vocabulary = len(model.embedding_table()) + 1
-        (joint,), _ = model.generate_joint(batch, [instruction], 0.0, beam=1, max_new_tokens=6,
-                                           per_position=vocabulary)  # fmt: skip
-        assert joint == greedy
+        (greedy,), _ = model.generate(batch, [instruction], 6)
+        vocabulary = len(ctc.embedding_table(model)) + 1
+        (answer,), _ = generate_joint(model, batch, [instruction], 0.0, beam=1, max_new_tokens=6,
+                                      per_position=vocabulary)  # fmt: skip
+        assert answer == greedy
         answers.append(greedy)
     assert any(answers)  # the random LLM writes something for some of them
 
@@ -320,7 +328,7 @@ def test_joint_decoding_of_a_batch_is_each_utterance_decoded_alone(paths, manife
     """generate_joint over a batch (left-padded prompts, every utterance's live hypotheses in one LLM
     forward a step, a cap each) gives each utterance's search the LLM log-probabilities it gets
     decoded alone, step by step, and so the same answer, ended the same way."""
-    searches, step = [], model_module.JointSearch.step
+    searches, step = [], joint.JointSearch.step
 
     def recorded(self, llm_lp, *args):  # what every search is given, step by step
         if not hasattr(self, "seen"):
@@ -329,20 +337,21 @@ def test_joint_decoding_of_a_batch_is_each_utterance_decoded_alone(paths, manife
         self.seen.append(llm_lp)
         return step(self, llm_lp, *args)
 
-    monkeypatch.setattr(model_module.JointSearch, "step", recorded)
+    monkeypatch.setattr(joint.JointSearch, "step", recorded)
     torch.manual_seed(0)
     cfg = QFormerConfig(dim=32, heads=4, layers=2, window=4, dropout=0.0)
     model = SpeechLLM(paths["llm"], paths["hubert"], cfg).eval()
+    ctc.add_blank(model)
     rows, instruction = read_manifest(manifest)[:5], "Can you transcribe this audio?"
     collate, caps = Collator(model.encoder.feature_extractor), [7, 2, 9, 5, 12]
     lengths = model.encode_speech(collate(rows))[1].sum(1)
     assert len(set(lengths.tolist())) > 1  # the prompts are padded to the longest
-    texts, reasons = model.generate_joint(collate(rows), [instruction] * 5, 0.3, beam=3,
-                                          max_new_tokens=caps, per_position=30)  # fmt: skip
+    texts, reasons = generate_joint(model, collate(rows), [instruction] * 5, 0.3, beam=3,
+                                    max_new_tokens=caps, per_position=30)  # fmt: skip
     together = searches[:]
     for i, (row, cap) in enumerate(zip(rows, caps)):
-        (alone,), (why,) = model.generate_joint(collate([row]), [instruction], 0.3, beam=3,
-                                                max_new_tokens=cap, per_position=30)  # fmt: skip
+        (alone,), (why,) = generate_joint(model, collate([row]), [instruction], 0.3, beam=3,
+                                          max_new_tokens=cap, per_position=30)  # fmt: skip
         assert (texts[i], reasons[i]) == (alone, why)
         steps = [lp.shape for lp in searches[-1].seen]
         assert [lp.shape for lp in together[i].seen] == steps and len(steps) > 1
@@ -352,16 +361,23 @@ def test_joint_decoding_of_a_batch_is_each_utterance_decoded_alone(paths, manife
 
 
 def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, tmp_path):
-    """A CTC objective marks the projector (saved in meta.json, kept by a stage 2 that loads it);
-    --joint-ctc auto decodes such a projector jointly and any other with the LLM alone."""
+    """A CTC objective marks the projector (meta.json's additions, kept by a stage 2 that loads it);
+    --joint-ctc auto (the demo's decoding) decodes such a projector jointly, any other with the LLM
+    alone; the paper's recipe decodes with the LLM alone."""
     cfg = QFormerConfig(dim=32, heads=4, layers=2)
     plain, aligned = (SpeechLLM(paths["llm"], paths["hubert"], cfg) for _ in range(2))
-    aligned.train_blank().save_projector(tmp_path / "aligned")
+    ctc.setup_pretrain(aligned, pretrain.get_args(["--loss", "ctc", "--data", "x"]))
+    aligned.save_projector(tmp_path / "aligned")
     plain.save_projector(tmp_path / "plain")
     auto = evaluate.get_args(["--ckpt", str(tmp_path / "plain"), "--task", "asr"])
+    evaluate.decoding_defaults(auto, "demo")
     assert auto.joint_ctc == "auto"
-    assert evaluate.joint_ctc_weight(auto, plain) == 0.0
-    assert evaluate.joint_ctc_weight(auto, aligned) == evaluate.JOINT_CTC
+    assert decoding.joint_ctc_weight(auto, plain) == 0.0
+    assert decoding.joint_ctc_weight(auto, aligned) == decoding.JOINT_CTC
+    paper = evaluate.get_args(["--ckpt", str(tmp_path / "plain"), "--task", "asr"])
+    evaluate.decoding_defaults(paper, "paper")
+    assert (paper.joint_ctc, paper.max_new_tokens, paper.loop_repeats) == (0.0, 200, 0)
     stage2 = SpeechLLM(paths["llm"], paths["hubert"], cfg)
     stage2.load_projector(tmp_path / "aligned")
-    assert stage2.ctc_aligned and not SpeechLLM(paths["llm"], paths["hubert"], cfg).ctc_aligned
+    assert "ctc" in stage2.additions
+    assert not SpeechLLM(paths["llm"], paths["hubert"], cfg).additions
