@@ -1,32 +1,25 @@
 """
 evaluate.py: score a trained projector with the metrics the field uses.
 
-    # its task on the demo's test split (QA: EM / F1)
-    python evaluate.py --ckpt out/finetune-qa
-    # ASR (WER), ST (BLEU / chrF), QA, each on its test split
-    python evaluate.py --ckpt out/finetune-mix --task all
+    # the paper's checkpoints: name the test manifest
+    python evaluate.py --ckpt runs/ft --task asr --data data/paper/sentences_test.jsonl
     python evaluate.py --ckpt runs/ft --task st --data data/paper/st-de_test.jsonl --batch-size 16
-    # ASR decoded by the LLM alone (greedy), and with a heavier CTC side
-    python evaluate.py --ckpt out/finetune-asr --joint-ctc 0
-    python evaluate.py --ckpt out/finetune-asr --joint-ctc 0.7 --beam 8
-    # stage 1: speech->text R@1 per contrastive layer; what the projector spells without the LLM
-    python evaluate.py --ckpt out/pretrain --task retrieval
-    python evaluate.py --ckpt out/pretrain --task readout
-    # which test words the training transcripts never had, and how many of each kind come out right
-    python evaluate.py --ckpt out/finetune-asr --data open --seen-in demo/corpus/sentences_train.jsonl
+    python evaluate.py --ckpt runs/ft --task all --data data/paper/mix_test.jsonl
+    # stage 1: speech->text R@1 per contrastive layer
+    python evaluate.py --ckpt runs/contr-cos-all --task retrieval --data data/paper/sentences_dev.jsonl
+    # the demo's: its test split of the checkpoint's task by default (QA: EM / F1)
+    python evaluate.py --ckpt out/finetune-qa
     # one recording
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --prompt "What is said in this audio?"
 
-Generation is greedy, batched with left padding, and stops at the LLM's end-of-turn token, at a
-length cap that follows the input (--max-new-tokens auto: 16 tokens + 8 per second of audio for
-ASR/ST, 32 for QA), or when the answer starts to loop (--loop-repeats 3: it ends in 3 copies of the
-same few tokens; one is kept). The authors' setting: --max-new-tokens 200 --loop-repeats 0. As the
-authors, an answer ends at its first newline. ASR from a projector trained with a CTC alignment (the
-demo's recipe) is decoded instead by a joint CTC / LLM beam search, --batch-size utterances side by side
-(--joint-ctc auto; model.SpeechLLM.generate_joint; docs/alignment.md). The table (with how many answers the cap or the guard
-cut), a few hypotheses next to their references, and a JSON file of everything (default
+Generation is greedy, batched with left padding, as the authors: up to 200 new tokens, ending at the
+LLM's end-of-turn token, and an answer ends at its first newline. A checkpoint of the demo's recipe
+decodes with this project's additions by default (extras/decoding.py: a length cap that follows the
+audio, a loop guard, joint CTC / LLM decoding of ASR, the readout, --seen-in); each flag asks for
+them with any checkpoint. Prints the table (with how many answers the cap or the guard cut), a few
+hypotheses next to their references, and writes a JSON file of everything (default
 <ckpt>/eval-<task>.json).
 
 Sections: metrics | retrieval (stage 1) | generation | the command line.

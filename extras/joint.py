@@ -69,7 +69,7 @@ def ctc_candidates(log_probs, blank_id, per_position=10):
 
 
 class JointSearch:
-    """One utterance's side of the joint CTC / LLM beam search (SpeechLLM.generate_joint): its CTC
+    """One utterance's side of the joint CTC / LLM beam search (generate_joint): its CTC
     log-probabilities [S, V + 1], the tokens it considers (the `per_position` most probable under
     CTC at any position: ctc_candidates; the end of turn is scored as the end), its live
     hypotheses with their CTC prefix states, and the finished ones."""
