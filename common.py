@@ -40,15 +40,22 @@ from safetensors.torch import save_file
 #   pretrain  stage 1's loss and optimisation
 #   finetune  stage 2's optimisation and what it trains
 
+# How a run is kept: the paper's on a GPU (its data named, checkpoints every 1000 steps as the
+# authors', gradient checkpointing on as theirs, no encoder-feature cache: MuST-C's would be ~150 GB of
+# host memory); the demo's on a CPU (its corpus, one checkpoint at the end, cached encoder features)
+PAPER_RUN = dict(data=None, save_every=1000, grad_checkpoint=True, cache_features=False)
+DEMO_RUN = dict(data="demo", save_every=0, grad_checkpoint=False, cache_features=True)
+
 RECIPES = {
     "paper": dict(
         model=dict(encoder="hubert", qformer_dim=768, qformer_heads=12, qformer_layers=4, queries=4, window=17,
                    window_pos=False, dropout=0.1, time_mask=0.0, sink_token=False, match_embedding_rms=False),
         pretrain=dict(loss="contrastive", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0,
                       warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000,
-                      ctc_classes=0),
+                      ctc_classes=0, **PAPER_RUN),
         finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
-                      compress=False, lora=0, ctc_weight=0.0, freeze_projector=False, ctc_classes=0),
+                      compress=False, lora=0, ctc_weight=0.0, freeze_projector=False, ctc_classes=0,
+                      qa_newline=True, **PAPER_RUN),
         evaluate=dict(max_new_tokens=200, loop_repeats=0, joint_ctc=0.0),
     ),
     "demo": dict(
@@ -57,9 +64,10 @@ RECIPES = {
                    match_embedding_rms=True),
         pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
                       max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
-                      eval_every=100, ctc_classes=8192),
+                      eval_every=100, ctc_classes=8192, **DEMO_RUN),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=50,
-                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=0),
+                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=0,
+                      qa_newline=False, **DEMO_RUN),
         evaluate=dict(max_new_tokens="auto", loop_repeats=3, joint_ctc="auto"),
     ),
 }  # fmt: skip
@@ -190,7 +198,7 @@ def add_data_flags(p, several, max_audio_seconds):
     g = p.add_argument_group("data")
     nargs = "+" if several else None
     g.add_argument(
-        "--data", nargs=nargs, default="demo", help="training manifest(s), JSONL; demo: the demo's"
+        "--data", nargs=nargs, help="training manifest(s), JSONL; demo: the demo corpus's"
     )
     g.add_argument("--dev-data", nargs=nargs, help="dev manifest(s); demo: the demo's dev split")
     g.add_argument("--dev-size", type=non_negative_int, default=100, help="dev examples used")
@@ -202,9 +210,7 @@ def add_data_flags(p, several, max_audio_seconds):
         default=max_audio_seconds,
         help="skip longer audio",
     )
-    g.add_argument(
-        "--cache-features", action=ON_OFF, default=True, help="keep encoder outputs in memory"
-    )
+    g.add_argument("--cache-features", action=ON_OFF, help="keep encoder outputs in memory")
     g.add_argument("--feature-cache-file", help="and in this file across runs")
 
 
@@ -212,6 +218,15 @@ def add_demo_corpus_flag(p):
     p.add_argument(
         "--demo-corpus", choices=["full", "large"], default="full", help="which demo corpus"
     )
+
+
+def need_data(args):
+    """--data, named: the paper's runs train on manifests that scripts/prepare_data.py writes."""
+    if not args.data:
+        raise UserError(
+            "--data: name the training manifest(s); `python -m scripts.prepare_data` writes the "
+            "paper's from MuST-C and Spoken-SQuAD (docs/paper-setup.md), `--data demo` is the demo's"
+        )
 
 
 def uses_demo(data, llm, encoder):
@@ -273,10 +288,10 @@ def add_system_flags(p, training=True):
             help="dev evaluation every N steps (0: at the end)",
         )
         g.add_argument(
-            "--save-every",
-            type=non_negative_int,
-            default=0,
-            help="checkpoint every N steps (0: at the end)",
+            "--save-every", type=non_negative_int, help="checkpoint every N steps (0: at the end)"
+        )
+        g.add_argument(
+            "--grad-checkpoint", action=ON_OFF, help="recompute the LLM's activations in backward"
         )
         once = g.add_mutually_exclusive_group()  # one run per --out folder (start_run)
         once.add_argument(
@@ -765,7 +780,9 @@ def read_checkpoint(ckpt, model):
     """The projector into `model` and the train state, or one line saying why it cannot be read."""
     path = ckpt / "train_state.pt"
     try:
-        state = torch.load(path, weights_only=True)
+        # onto the CPU: optimizer.load_state_dict moves each state to its parameter's device (without
+        # it every rank would load onto the GPU it was saved from)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise ModelError(
             f"{path} holds more than tensors and plain data (a pickle that could run code, or a "

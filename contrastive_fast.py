@@ -26,6 +26,7 @@ Sections: masked mean pooling | the Sinkhorn divergence | the loss | an optional
 the pooling (forward + backward), used with kernel="triton".
 """
 
+import contextlib
 import os
 
 import torch
@@ -526,9 +527,18 @@ if HAS_TRITON:
             out = torch.empty(L, B, D, device=states.device, dtype=torch.float32)
             BLOCK_T, BLOCK_D = _blocks(T, D)
             grid = (L * B, triton.cdiv(D, BLOCK_D))
-            _pool_fwd_kernel[grid](
-                states, weights, out, B, T, D, *states.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
-            )
+            with launch_device(states):
+                _pool_fwd_kernel[grid](
+                    states,
+                    weights,
+                    out,
+                    B,
+                    T,
+                    D,
+                    *states.stride(),
+                    BLOCK_T=BLOCK_T,
+                    BLOCK_D=BLOCK_D,
+                )
             ctx.save_for_backward(weights)
             ctx.shape, ctx.dtype = states.shape, states.dtype
             return out
@@ -540,17 +550,22 @@ if HAS_TRITON:
             grad = torch.empty(ctx.shape, device=grad_out.device, dtype=ctx.dtype)
             BLOCK_T, BLOCK_D = _blocks(T, D)
             grid = (L * B, triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
-            _pool_bwd_kernel[grid](
-                grad_out.float().contiguous(),
-                weights,
-                grad,
-                B,
-                T,
-                D,
-                BLOCK_T=BLOCK_T,
-                BLOCK_D=BLOCK_D,
-            )
+            with launch_device(grad):
+                _pool_bwd_kernel[grid](
+                    grad_out.float().contiguous(), weights, grad, B, T, D,
+                    BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+                )  # fmt: skip
             return grad, None
+
+
+def launch_device(tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (`--device cuda:1` would
+    otherwise run the kernel on GPU 0)."""
+    return (
+        torch.cuda.device(tensor.device)
+        if tensor.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
 
 def triton_masked_mean(states, mask):

@@ -274,11 +274,12 @@ def need_transcripts(rows, use):
 # Tasks: what the model hears, what it is asked, what it should answer
 
 
-def task_examples(rows, task):
+def task_examples(rows, task, qa_newline=False):
     """Rows -> examples with `instruction` and `target` for one task (asr|st|qa), or `mix`: every
-    task that applies to each row, concatenated in the authors' order (ASR, ST, QA)."""
+    task that applies to each row, concatenated in the authors' order (ASR, ST, QA). qa_newline: a
+    QA target ends in a newline, as the authors' (their decoding stops there)."""
     tasks = ("asr", "st", "qa") if task == "mix" else (task,)
-    examples = [ex for t in tasks for row in rows if (ex := _example(row, t))]
+    examples = [ex for t in tasks for row in rows if (ex := _example(row, t, qa_newline))]
     if not examples:
         raise ManifestError(
             f"no examples for task '{task}' in the manifest (st needs 'translation', qa needs "
@@ -287,7 +288,7 @@ def task_examples(rows, task):
     return examples
 
 
-def _example(row, task):
+def _example(row, task, qa_newline=False):
     if task == "asr" and row.get("task", "asr") == "asr":
         return {
             **row,
@@ -311,7 +312,7 @@ def _example(row, task):
             **row,
             "task": "qa",
             "instruction": INSTRUCTIONS["qa"].format(question=row["question"]),
-            "target": answers[0],
+            "target": answers[0] + ("\n" if qa_newline else ""),
             "references": answers,
         }
     return None

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jiwer
 import soundfile as sf
+import torch
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
@@ -122,6 +123,36 @@ def bleu_chrf(hypotheses, golds):
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
     }
+
+
+def comet(model_name, sources, hypotheses, references, batch_size=16):
+    """COMET x 100, as the paper reports ST (the authors: `evaluate.load("comet")`, whose default is
+    Unbabel/wmt22-comet-da; sources = the gold English transcripts). model_name: a hub id, or a
+    local folder as the hub lays it out (<folder>/checkpoints/model.ckpt). Needs the optional
+    unbabel-comet package (requirements-extras.txt)."""
+    try:
+        from comet import download_model, load_from_checkpoint
+    except ImportError:
+        raise UserError(
+            "--comet needs the unbabel-comet package: pip install -r requirements-extras.txt"
+        ) from None
+    folder = Path(model_name)
+    try:
+        if folder.exists():
+            checkpoint = folder / "checkpoints" / "model.ckpt" if folder.is_dir() else folder
+        else:
+            checkpoint = download_model(model_name)
+        scorer = load_from_checkpoint(str(checkpoint))
+    except Exception as e:  # the hub out of reach, a folder without the checkpoint, ...
+        raise common.ModelError(
+            f"--comet {model_name}: cannot load the COMET model ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); give a hub id the machine can reach or a local "
+            "copy of one (a folder holding checkpoints/model.ckpt)"
+        ) from None
+    rows = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references)]
+    gpus = 1 if torch.cuda.is_available() else 0
+    out = scorer.predict(rows, batch_size=batch_size, gpus=gpus, progress_bar=False)
+    return 100 * float(out.system_score)
 
 
 def squad_normalize(text):
@@ -248,6 +279,9 @@ def score(model, task, examples, args, device, dtype, hypotheses=None, reasons=N
         for ex, h, why in zip(examples, hypotheses, reasons)
     ]  # fmt: skip
     metrics = compute_metrics(task, hypotheses, references)
+    if task == "st" and getattr(args, "comet", None):
+        sources = [need_transcripts([ex], "COMET's sources")[0]["text"] for ex in examples]
+        metrics["comet"] = comet(args.comet, sources, hypotheses, references)
     return {"task": task, "n": len(examples), "metrics": metrics, "decoding": decoding,
             "outputs": outputs}  # fmt: skip
 
@@ -284,6 +318,7 @@ def get_args(argv=None):
         "--layers", help="retrieval: emb | all | a comma list (default: the checkpoint's)"
     )
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
+    p.add_argument("--comet", help="ST: also COMET with this model (e.g. Unbabel/wmt22-comet-da)")
     g = p.add_argument_group("additions (extras/decoding.py; the demo recipe's defaults)")
     g.add_argument("--joint-ctc", type=joint_weight, help="ASR: joint CTC / LLM weight, or auto")
     g.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
@@ -325,6 +360,24 @@ def decoding_defaults(args, recipe):
     for flag, value in common.RECIPES[recipe]["evaluate"].items():
         if getattr(args, flag, "absent") is None:
             setattr(args, flag, value)
+
+
+def protocol(args, recipe):
+    """The decoding a number comes from, printed first, so that it can be set beside the paper's."""
+    rule = (
+        f"greedy, at most {args.max_new_tokens} new tokens, loop guard {args.loop_repeats or 'off'}"
+    )
+    if args.joint_ctc:
+        rule += f", ASR by joint CTC / LLM decoding ({args.joint_ctc}, beam {args.beam})"
+    authors = recipe == "paper" and (args.max_new_tokens, args.loop_repeats, args.joint_ctc) == (
+        200,
+        0,
+        0,
+    )
+    return (
+        f"protocol: the {recipe} recipe's{' (the authors)' if authors else ''}: {rule}; an answer ends "
+        "at the end of turn or its first newline"
+    )
 
 
 def uses_additions(args, model, task):
@@ -439,11 +492,12 @@ def main(argv=None):
         from extras import demo
 
         resolve, test_manifest = demo.resolve_model, demo.test_manifest
-    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=resolve)
+    model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=resolve, device=device)
     model = model.to(device).eval()
     task = args.task or default_task(meta)
     if args.audio:
         return answer_one(model, args, task, device, dtype)
+    print(protocol(args, recipe))
 
     results = {}
     for each in ("asr", "st", "qa") if task == "all" else (task,):

@@ -68,6 +68,9 @@ def get_args(argv=None):
         "--frac-seed", type=common.non_negative_int, default=42, help="seed of the --frac draw"
     )
     g.add_argument("--stratify", action="store_true", help="--task mix: draw --frac from each task")
+    g.add_argument(
+        "--qa-newline", action=common.ON_OFF, help="QA targets end in a newline (authors)"
+    )
     common.add_data_flags(
         p, several=True, max_audio_seconds=150.0
     )  # the paper: 45 s MuST-C, 150 s SQuAD
@@ -175,7 +178,7 @@ def checkpoint_defaults(init, first, given):
     return chosen
 
 
-def build_model(args, dtype, world=1, resolve=common.resolve_model):
+def build_model(args, dtype, world=1, resolve=common.resolve_model, device=None):
     """The SpeechLLM to fine-tune: with --init, the stage-1 projector loaded into it."""
     if args.init != "none" and not (Path(args.init) / "meta.json").exists():
         hint = " (run `python pretrain.py` first)" if args.init == "out/pretrain" else ""
@@ -186,7 +189,7 @@ def build_model(args, dtype, world=1, resolve=common.resolve_model):
         )
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve, device)
     if args.init != "none":
         model.load_projector(args.init)
     elif args.match_embedding_rms:
@@ -214,12 +217,12 @@ def load_data(args, encoder_seconds=None):
                 path, args.skip_bad, args.max_audio_seconds, print0, encoder_seconds
             )
         ]
-        return task_examples(rows, args.task)
+        return task_examples(rows, args.task, args.qa_newline)
 
     train = frac_subset(
         examples(args.data, "train"), args.frac, seed=args.frac_seed, stratify=args.stratify
     )
-    dev = examples(args.dev_data, "dev")
+    dev = examples(args.dev_data, "dev") if args.dev_data else []  # no dev data: no dev loss
     # a fixed sample over every task of the mix
     dev = random.Random(0).sample(dev, min(args.dev_size, len(dev)))
     return train, dev
@@ -276,7 +279,8 @@ def main(argv=None):
     if common.uses_demo(args.data, args.llm, args.encoder):  # extras: demo
         from extras import demo
 
-        resolve = demo.prepare(args, args.task)
+        resolve = demo.prepare(args, args.task, several=True)
+    common.need_data(args)
     run = common.start_run(args, "finetune.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
@@ -286,7 +290,9 @@ def main(argv=None):
     recipe = args.recipe_set
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    model = build_model(args, dtype, world, resolve).to(device)
+    model = build_model(args, dtype, world, resolve, device).to(device)
+    if args.grad_checkpoint:
+        model.enable_grad_checkpointing()
     examples, dev = load_data(args, model.encoder.max_seconds)
     n_params = sum(p.numel() for p in model.projector.parameters())
     print0(

@@ -42,6 +42,13 @@ from transformers import (
 import contrastive
 from common import ModelError, load_pretrained, print0, resolve_model, unwrap, write_atomically
 
+
+def onto(device):
+    """from_pretrained's arguments that load the weights straight onto a CUDA device."""
+    device = torch.device(device) if device is not None else None
+    return {"device_map": str(device)} if device is not None and device.type == "cuda" else {}
+
+
 # -----------------------------------------------------------------------------
 # The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
 
@@ -55,7 +62,7 @@ class SpeechEncoder(nn.Module):
     Both give 50 frames per second. The batch comes from data.py's collator (feature extractor
     output)."""
 
-    def __init__(self, name_or_path, dtype=torch.float32):
+    def __init__(self, name_or_path, dtype=torch.float32, device=None):
         super().__init__()
         self.name = name_or_path
         self.feature_extractor = load_pretrained(
@@ -64,7 +71,9 @@ class SpeechEncoder(nn.Module):
         config = load_pretrained(AutoConfig, name_or_path, "speech encoder")
         self.is_whisper = config.model_type == "whisper"
         self.max_seconds = 30.0 if self.is_whisper else None  # Whisper's positions end at 30 s
-        model = load_pretrained(AutoModel, name_or_path, "speech encoder", dtype=dtype)
+        model = load_pretrained(
+            AutoModel, name_or_path, "speech encoder", dtype=dtype, **onto(device)
+        )
         # Whisper: keep the encoder, drop the decoder
         self.model = model.encoder if self.is_whisper else model
         self.dim = config.d_model if self.is_whisper else config.hidden_size
@@ -232,18 +241,22 @@ class SpeechLLM(nn.Module):
         dtype=torch.float32,
         sink_token=False,
         resolve=resolve_model,
+        device=None,
     ):
         """llm / encoder: a preset name ('llama', 'hubert', the demo's 'smollm2', 'whisper-tiny',
         'tiny'), a hub id or a local folder, kept as given (the checkpoint's meta.json records it).
         resolve(name, kind) -> the hub id or folder to load (common.resolve_model).
         sink_token: put the LLM's BOS token in front of BOTH the speech and the text sequence in
-        contrastive training (see pretrain.py --sink-token); the paper does not (False)."""
+        contrastive training (see pretrain.py --sink-token); the paper does not (False).
+        device: a CUDA device loads the frozen models straight onto it (no copy in host memory)."""
         super().__init__()
         self.llm_name, self.encoder_name = llm, encoder
         llm_path = resolve(llm, "llm")
         self.tokenizer = load_pretrained(AutoTokenizer, llm_path, "LLM's tokenizer")
-        self.llm = load_pretrained(AutoModelForCausalLM, llm_path, "LLM", dtype=dtype)
-        self.encoder = SpeechEncoder(resolve(encoder, "encoder"), dtype=dtype)
+        self.llm = load_pretrained(
+            AutoModelForCausalLM, llm_path, "LLM", dtype=dtype, **onto(device)
+        )
+        self.encoder = SpeechEncoder(resolve(encoder, "encoder"), dtype, device)
         self.llm.requires_grad_(False)
         self.llm.eval()
         self.num_layers = self.llm.config.num_hidden_layers
@@ -253,6 +266,20 @@ class SpeechLLM(nn.Module):
         # what this project's additions (extras/) changed in this model, e.g. {"lora": {...}}; empty
         # for the paper; saved in meta.json, so that from_checkpoint rebuilds the same model
         self.additions = {}
+        self.grad_checkpointing = False
+
+    def enable_grad_checkpointing(self):
+        """Keep only each decoder layer's input for the backward pass and recompute the rest there
+        (the authors' setting): a frozen 8B LLM's activations are most of a step's memory, and this
+        trades them for a second forward of the layers the speech side goes through."""
+        self.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        for layer in self.llm.get_decoder().layers:
+            # transformers checkpoints a layer only in training mode; the layer's own modules stay in
+            # eval mode (no dropout), only this flag changes
+            layer.training = True
+        self.grad_checkpointing = True
 
     def train(self, mode=True):
         # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no
@@ -495,10 +522,11 @@ class SpeechLLM(nn.Module):
         spliced into the chat prompt before its instruction, next-token cross-entropy on the target
         and the end-of-turn token only."""
         embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
-        # weights that train inside the LLM (extras/lora.py) change the shared prefix's keys and
-        # values: no cached prefix then
+        # no cached prefix when weights train inside the LLM (extras/lora.py: they change the
+        # prefix's keys and values) or under gradient checkpointing (which drops a layer's cache)
         llm_trains = any(p.requires_grad for p in self.llm.parameters())
-        prefix = 0 if llm_trains else self.shared_prefix(instructions)
+        cached = not (llm_trains or self.grad_checkpointing)
+        prefix = self.shared_prefix(instructions) if cached else 0
         return self.lm_loss(embeds, mask, labels, prefix=prefix)
 
     def shared_prefix(self, instructions):
@@ -606,10 +634,12 @@ class SpeechLLM(nn.Module):
         return meta
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve_model):
+    def from_checkpoint(
+        cls, ckpt, dtype=torch.float32, dropout=None, resolve=resolve_model, device=None
+    ):
         """Rebuild the SpeechLLM a checkpoint was trained with and load its projector.
-        dropout: a new dropout rate for further training (default: the checkpoint's); resolve: as
-        for __init__."""
+        dropout: a new dropout rate for further training (default: the checkpoint's); resolve,
+        device: as for __init__."""
         path = Path(ckpt) / "meta.json"
         if not path.exists():
             raise ModelError(
@@ -626,6 +656,7 @@ class SpeechLLM(nn.Module):
             dtype,
             meta.get("sink_token", False),
             resolve=resolve,
+            device=device,
         )
         model.load_projector(ckpt)
         return model, meta

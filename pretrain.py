@@ -127,12 +127,12 @@ def get_args(argv=None):
     return args
 
 
-def build_model(args, dtype, resolve=common.resolve_model):
+def build_model(args, dtype, resolve=common.resolve_model, device=None):
     """The SpeechLLM the flags describe; --match-embedding-rms starts the projector at the LLM's
     scale."""
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
-    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve)
+    model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve, device)
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model
@@ -174,8 +174,9 @@ def contrastive_step(model, batch, layers, args, text_cache):
                     "text_ids": batch["text_ids"][i : i + 1, :n],
                     "text_mask": batch["text_mask"][i : i + 1, :n],
                 }
-                text_cache[key] = masked_mean(*model.text_states(one, layers))[:, 0]
-        text_pooled = torch.stack([text_cache[key] for key in keys], 1)
+                # kept on the CPU: MuST-C's 230k transcripts x 7 layers x 4096 are ~25 GB
+                text_cache[key] = masked_mean(*model.text_states(one, layers))[:, 0].cpu()
+        text_pooled = torch.stack([text_cache[key] for key in keys], 1).to(speech_states.device)
     if args.gather_negatives and dist.is_initialized():
         text_pooled = (
             text_pooled if text_pooled is not None else masked_mean(text_states, text_pool_mask)
@@ -298,13 +299,16 @@ def main(argv=None):
         from extras import demo
 
         resolve = demo.prepare(args, "asr")
+    common.need_data(args)
     run = common.start_run(args, "pretrain.py")  # one run per --out (checked, not yet claimed)
     dtype = common.resolve_dtype(args.dtype, device)
     master = rank == 0
     recipe = args.recipe_set  # what the recipe set: the run's first line, and meta.json's "recipe"
     common.announce(f"recipe {recipe['name']} ({recipe['because']})", recipe["set"])
 
-    model = build_model(args, dtype, resolve).to(device)
+    model = build_model(args, dtype, resolve, device).to(device)
+    if args.grad_checkpoint:
+        model.enable_grad_checkpointing()
     if "ctc" in args.loss:  # extras: ctc, the blank trains with the projector
         from extras import ctc
 

@@ -26,12 +26,15 @@ def manifests(task, split, size="full"):
     return demokit.manifests(task, split, size)
 
 
-def prepare(args, task):
-    """pretrain.py / finetune.py: `--data demo` (and `--dev-data demo`) become the corpus's manifests
-    of `task`, and its encoder features are cached beside it. Returns the model resolver."""
-    several = isinstance(args.data, list)  # finetune.py takes several manifests
+def prepare(args, task, several=False):
+    """pretrain.py / finetune.py (several=True: lists of manifests): `--data demo` becomes the corpus's
+    train manifests of `task` (and its dev split the dev data, unless given), and its encoder
+    features are cached beside it. Returns the model resolver."""
+    demo = ("demo", ["demo"])
+    if args.data in demo and args.dev_data is None:
+        args.dev_data = "demo"
     for flag, split in (("data", "train"), ("dev_data", "dev")):
-        if getattr(args, flag) in ("demo", ["demo"]):
+        if getattr(args, flag) in demo:
             paths = manifests(task, split, args.demo_corpus)
             setattr(args, flag, paths if several else paths[0])
             if flag == "data" and args.feature_cache_file is None:

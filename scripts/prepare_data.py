@@ -702,8 +702,18 @@ def within(rows, low, high=None):
 def convert_mix(args):
     folder, out = Path(args.folder), Path(args.out or args.folder)
     lo, hi = args.min_seconds, args.max_seconds
-    tests = ["tst-COMMON", "tst-HE"] if args.with_tst_he else ["tst-COMMON"]
-    written, missing = [], []
+    written, missing, common_only = [], [], []
+
+    def test_rows(tgt):
+        """tst-COMMON + tst-HE, as the authors' evaluation; tst-HE left out where it was not
+        converted (said below), unless --tst-he asks for it."""
+        rows = mustc_rows(folder, tgt, ["tst-COMMON"], out)
+        he = None if args.with_tst_he is False else mustc_rows(folder, tgt, ["tst-HE"], out)
+        if rows is None or (he is None and args.with_tst_he):
+            return None
+        if he is None and args.with_tst_he is None:
+            common_only.append(f"en-{tgt}")
+        return rows + (he or [])
 
     def write(name, rows):
         if rows is None:
@@ -716,7 +726,7 @@ def convert_mix(args):
     for split in ("train", "dev"):
         rows = mustc_rows(folder, "de", [split], out)
         write(f"sentences_{split}", None if rows is None else within(rows, lo, hi))
-    rows = mustc_rows(folder, "de", tests, out)
+    rows = test_rows("de")
     write("sentences_test", None if rows is None else within(rows, lo))
     # MuST-C en-fr, en-it, en-es: ST only (their English side is not ASR data a second time)
     for split in ("train", "dev"):
@@ -728,7 +738,7 @@ def convert_mix(args):
         )
         write(f"st_{split}", rows)
     for tgt in ["de", *args.st_langs]:
-        rows = mustc_rows(folder, tgt, tests, out)
+        rows = test_rows(tgt)
         write(
             f"st-{tgt}_test",
             None if rows is None else [{**r, "task": "st"} for r in within(rows, lo)],
@@ -756,6 +766,11 @@ def convert_mix(args):
     print(
         "\n".join(f"  {name:<{width}}  {n:>8} lines" for name, n in written) or "  nothing written"
     )
+    if common_only:
+        print(
+            f"  the tests of {', '.join(sorted(set(common_only)))} are tst-COMMON alone: no tst-HE "
+            "manifest was converted (the authors' tests were tst-COMMON + tst-HE)"
+        )
     if missing:
         print(
             f"not written, their converter's manifests are missing in {folder}: "
@@ -852,9 +867,12 @@ def get_args(argv=None):
         "--st-langs", nargs="+", default=["fr", "it", "es"], help="the other ST pairs besides en-de"
     )
     g.add_argument(
+        "--tst-he",
         "--with-tst-he",
-        action="store_true",
-        help="MuST-C tests: tst-COMMON + tst-HE, as the authors",
+        dest="with_tst_he",
+        action=argparse.BooleanOptionalAction,
+        help="MuST-C tests: tst-COMMON + tst-HE, as the authors (default: tst-HE where converted; "
+        "--no-tst-he: tst-COMMON alone)",
     )
     g.add_argument(
         "--min-seconds",

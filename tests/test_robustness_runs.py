@@ -407,7 +407,9 @@ def test_a_corrupt_feature_cache_is_rebuilt_with_a_warning(paths, manifest, tmp_
     cache.write_bytes(b"garbage")
     out = tmp_path / "run"
     pretrain.main(
-        pretrain_argv(paths, manifest, out, f"--max-steps 1 --feature-cache-file {cache}")
+        pretrain_argv(
+            paths, manifest, out, f"--max-steps 1 --cache-features --feature-cache-file {cache}"
+        )
     )
     assert "warning: the feature cache" in capsys.readouterr().out
     assert len(torch.load(cache, weights_only=True)) == 4  # rebuilt: one step of 4 clips

@@ -381,3 +381,15 @@ def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, 
     stage2.load_projector(tmp_path / "aligned")
     assert "ctc" in stage2.additions
     assert not SpeechLLM(paths["llm"], paths["hubert"], cfg).additions
+
+
+def test_a_ctc_run_in_bf16_without_the_feature_cache_reads_out_at_its_dev_evaluation(
+    paths, manifest, tmp_path, capsys
+):
+    """The readout at a dev evaluation runs under the run's autocast: in bf16 without the feature
+    cache it met the bf16 encoder with float32 audio ("Input type (float) and bias type (BFloat16)")."""
+    line = "--llm {llm} --encoder {hubert} --data {data} --dev-data {data} --device cpu --out {out}"
+    line += " --loss contrastive+ctc --dtype bfloat16 --no-cache-features --eval-every 1"
+    line += " --max-steps 2 --batch-size 4 --qformer-dim 32 --qformer-heads 4 --qformer-layers 2"
+    pretrain.main(argv(line, **paths, data=manifest, out=tmp_path / "s1"))
+    assert "  read: " in capsys.readouterr().out
