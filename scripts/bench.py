@@ -435,6 +435,7 @@ def bench_step(args, device):
 
     import demokit
     import pretrain
+    from extras.demo import resolve_model
     from data import Collator, read_manifest, to_device
 
     # the demo recipe's models, projector and batch size; no sink token: the naive step has none,
@@ -443,7 +444,7 @@ def bench_step(args, device):
     demo = SimpleNamespace(
         **{**recipe["model"], **recipe["pretrain"], "llm": "smollm2", "sink_token": False}
     )
-    model = pretrain.build_model(demo, torch.float32).to(device)
+    model = pretrain.build_model(demo, torch.float32, resolve_model).to(device)
     model.feature_cache = {}
     corpus = demokit.corpus_path(small=args.small_corpus)
     rows = read_manifest(corpus / "sentences_train.jsonl")[: demo.batch_size * (args.repeats + 1)]
