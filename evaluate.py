@@ -290,6 +290,12 @@ def score(model, task, examples, args, device, dtype, hypotheses=None, reasons=N
 # The command line
 
 
+def by_recipe(flag):
+    """A decoding flag's default, named in --help: the checkpoint's recipe's (common.RECIPES)."""
+    paper, demo = (common.RECIPES[name]["evaluate"][flag] for name in ("paper", "demo"))
+    return f" (default: the checkpoint's recipe's; paper: {paper}, demo: {demo})"
+
+
 def add_decoding_flags(p):
     """The test data, the batch size and the decoding rule, shared with scripts/toplines.py. A flag
     left out takes the checkpoint's recipe's value (common.RECIPES: the paper's is the authors')."""
@@ -299,10 +305,14 @@ def add_decoding_flags(p):
     common.add_demo_corpus_flag(p)
     p.add_argument("--limit", type=common.positive_int, help="score only the first N utterances")
     p.add_argument("--batch-size", type=common.positive_int, default=8, help="utterances per batch")
-    p.add_argument("--max-new-tokens", type=max_tokens, help="a number; auto: follows the audio")
     p.add_argument(
-        "--loop-repeats", type=common.non_negative_int, help="stop at N copies of a span"
+        "--max-new-tokens",
+        type=max_tokens,
+        default=argparse.SUPPRESS,
+        help="a number; auto: follows the audio" + by_recipe("max_new_tokens"),
     )
+    p.add_argument("--loop-repeats", type=common.non_negative_int, default=argparse.SUPPRESS,
+                   help="stop at N copies of a span (0: off)" + by_recipe("loop_repeats"))  # fmt: skip
     p.add_argument("--show", type=common.non_negative_int, default=5, help="hypotheses to print")
 
 
@@ -320,7 +330,8 @@ def get_args(argv=None):
     p.add_argument("--out", help="results JSON (default: <ckpt>/eval-<task>.json)")
     p.add_argument("--comet", help="ST: also COMET with this model (e.g. Unbabel/wmt22-comet-da)")
     g = p.add_argument_group("additions (extras/decoding.py; the demo recipe's defaults)")
-    g.add_argument("--joint-ctc", type=joint_weight, help="ASR: joint CTC / LLM weight, or auto")
+    g.add_argument("--joint-ctc", type=joint_weight, default=argparse.SUPPRESS,
+                   help="ASR: joint CTC / LLM weight, or auto" + by_recipe("joint_ctc"))  # fmt: skip
     g.add_argument("--beam", type=common.positive_int, default=4, help="with --joint-ctc")
     g.add_argument("--seen-in", help="ASR, readout: the training manifest, for unseen-word recall")
     g = p.add_argument_group("one recording")
@@ -333,7 +344,13 @@ def get_args(argv=None):
     common.check_checkpoint(args.ckpt)  # a damaged checkpoint is one line
     if args.audio:
         check_audio(args.audio)  # readable, and at least one encoder frame long
+    decoding_defaults(args, recipe_of(checkpoint_meta(args.ckpt)))
     return args
+
+
+def checkpoint_meta(ckpt):
+    """The checkpoint's meta.json ({} while there is none: from_checkpoint says so)."""
+    return common.read_meta(ckpt) if (Path(ckpt) / "meta.json").exists() else {}
 
 
 def joint_weight(value):
@@ -350,15 +367,14 @@ def max_tokens(value):
 
 def recipe_of(meta):
     """The recipe a checkpoint was trained with (older ones: by their LLM, as the scripts chose)."""
-    return (meta.get("recipe") or {}).get("name") or (
-        "demo" if meta["llm"] == "smollm2" else "paper"
-    )
+    name = (meta.get("recipe") or {}).get("name")
+    return name or ("demo" if meta.get("llm") == "smollm2" else "paper")
 
 
 def decoding_defaults(args, recipe):
     """The decoding flags left out take the recipe's values (common.RECIPES[...]["evaluate"])."""
     for flag, value in common.RECIPES[recipe]["evaluate"].items():
-        if getattr(args, flag, "absent") is None:
+        if flag not in vars(args):  # left out (argparse.SUPPRESS)
             setattr(args, flag, value)
 
 
@@ -482,9 +498,8 @@ def main(argv=None):
     args = get_args(argv)
     _, _, device = common.setup(args.device, seed=0)
     dtype = common.resolve_dtype(args.dtype, device)
-    meta = common.read_meta(args.ckpt) if (Path(args.ckpt) / "meta.json").exists() else {"llm": ""}
+    meta = checkpoint_meta(args.ckpt)
     recipe = recipe_of(meta)
-    decoding_defaults(args, recipe)
     resolve, test_manifest = common.resolve_model, lambda data, task, size: data
     # the demo's models (built offline on first use) and its test splits
     needs_demo = recipe == "demo" or common.uses_demo(None, meta.get("llm"), meta.get("encoder"))

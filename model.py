@@ -539,8 +539,8 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch, instructions, max_new_tokens=200, stops=None):
         """Greedy decoding of the answer for every utterance in a collated batch, as the authors:
-        up to max_new_tokens (200), ending at the end-of-turn token. Returns (texts, why each
-        ended: "end" or "cap"). stops: see generate_from."""
+        up to max_new_tokens (200), ending at the end-of-turn token or a newline. Returns (texts,
+        why each ended: "end" or "cap"). stops: see generate_from."""
         speech, speech_mask = self.encode_speech(batch)
         return self.generate_from(speech, speech_mask, instructions, max_new_tokens, stops)
 
@@ -560,11 +560,14 @@ class SpeechLLM(nn.Module):
             eos_token_id=eot,
             pad_token_id=self.tokenizer.pad_token_id or eot,
             stopping_criteria=StoppingCriteriaList([stops] if stops else []),
+            # the authors' decoding ends an answer at its first newline (stop_strings="\n")
+            **({} if stops else {"stop_strings": "\n", "tokenizer": self.tokenizer}),
         )
         texts, reasons = [], []
         for i, ids in enumerate(out.tolist()):
             keep = stops.keep[i] if stops else None
-            reason = stops.reason[i] if stops else ("end" if eot in ids else None)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            reason = stops.reason[i] if stops else ("end" if eot in ids or "\n" in text else None)
             texts.append(self.tokenizer.decode(ids[:keep], skip_special_tokens=True).strip())
             reasons.append(reason or "cap")
         return texts, reasons

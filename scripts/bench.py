@@ -435,8 +435,8 @@ def bench_step(args, device):
 
     import demokit
     import pretrain
-    from extras.demo import resolve_model
     from data import Collator, read_manifest, to_device
+    from extras.demo import resolve_model
 
     # the demo recipe's models, projector and batch size; no sink token: the naive step has none,
     # and both steps must compute the same loss

@@ -195,3 +195,19 @@ def test_evaluate_prints_the_protocol_it_used(paths, manifest, tmp_path, capsys)
     )
     saved = json.loads((tmp_path / "eval-asr.json").read_text())
     assert saved["decoding"]["max_new_tokens"] == 200
+
+
+def test_greedy_decoding_stops_at_the_first_newline_as_the_authors(paths, manifest):
+    from test_evaluate import steered
+
+    torch.manual_seed(0)
+    cfg = QFormerConfig(dim=32, heads=4, layers=2, dropout=0.0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], cfg).eval()
+    batch = Collator(model.encoder.feature_extractor)(read_manifest(manifest)[:2])
+    tok = lambda s: model.tokenizer(s, add_special_tokens=False).input_ids[0]  # noqa: E731
+    handle = steered(model, [tok("a"), tok("b"), tok("\n"), tok("c")])  # never an end of turn
+    try:
+        texts, why = model.generate(batch, ["Can you transcribe this audio?"] * 2, 8)
+    finally:
+        handle.remove()
+    assert texts == ["ab"] * 2 and why == ["end"] * 2  # not "ab\ncccccc", cut by the cap

@@ -5,6 +5,7 @@ with tiny models.
     python -m pytest -q tests/extras/test_alignment.py
 """
 
+import argparse
 import itertools
 import json
 import math
@@ -369,13 +370,12 @@ def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, 
     ctc.setup_pretrain(aligned, pretrain.get_args(["--loss", "ctc", "--data", "x"]))
     aligned.save_projector(tmp_path / "aligned")
     plain.save_projector(tmp_path / "plain")
-    auto = evaluate.get_args(["--ckpt", str(tmp_path / "plain"), "--task", "asr"])
+    auto = argparse.Namespace()
     evaluate.decoding_defaults(auto, "demo")
     assert auto.joint_ctc == "auto"
     assert decoding.joint_ctc_weight(auto, plain) == 0.0
     assert decoding.joint_ctc_weight(auto, aligned) == decoding.JOINT_CTC
     paper = evaluate.get_args(["--ckpt", str(tmp_path / "plain"), "--task", "asr"])
-    evaluate.decoding_defaults(paper, "paper")
     assert (paper.joint_ctc, paper.max_new_tokens, paper.loop_repeats) == (0.0, 200, 0)
     stage2 = SpeechLLM(paths["llm"], paths["hubert"], cfg)
     stage2.load_projector(tmp_path / "aligned")
