@@ -330,6 +330,8 @@ def contrastive_loss(
     center=False,
     return_logits=False,
     text_pooled=None,
+    pool=masked_mean,
+    wasserstein=wasserstein_logits,
 ):
     """The paper's loss summed over layers. *_states: [L, B, T, D] or a list of L [B, T, D] (any
     dtype); *_pool_mask: bool [B, T], True at the positions that count. sim: "cos" | "wasserstein";
@@ -337,17 +339,19 @@ def contrastive_loss(
     when return_logits. The text side never gets a gradient.
     text_pooled: the text side already pooled, float32 [L, B, D] as masked_mean returns it, given
     INSTEAD of text_states and text_pool_mask (pass None for both); cos only (pretrain.py caches it
-    per transcript)."""
+    per transcript).
+    pool, wasserstein: drop-ins for masked_mean and wasserstein_logits with the same numbers
+    (pretrain.py passes contrastive_fast.py's, faster)."""
     _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_states)
     if sim == "cos":
         if text_pooled is None:
             with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
-                text_pooled = masked_mean(text_states, text_pool_mask)
+                text_pooled = pool(text_states, text_pool_mask)
         logits = cos_logits(
-            text_pooled.detach(), masked_mean(speech_states, speech_pool_mask), temperature, center
+            text_pooled.detach(), pool(speech_states, speech_pool_mask), temperature, center
         )
     else:
-        logits = wasserstein_logits(
+        logits = wasserstein(
             _stacked(text_states).detach(),
             text_pool_mask,
             speech_states,

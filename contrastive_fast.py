@@ -16,8 +16,8 @@ tests/test_contrastive_fast.py holds both equal. The measurements behind the cho
                          pair; the log-sum-exp read off torch's fused log_softmax; the last step's
                          gradient from its softmax
     wasserstein_logits   the token normalisation with its backward written out
-    contrastive_loss     contrastive.contrastive_loss on these; kernel= picks the pooling kernel
-                         (cos)
+    contrastive_loss     contrastive.contrastive_loss with these swapped in; kernel= picks the
+                         pooling kernel (cos)
 
 Extra keyword arguments, fast path only: kernel ("torch" | "triton" | "auto") and the Sinkhorn's
 waste.
@@ -27,18 +27,17 @@ the pooling (forward + backward), used with kernel="triton".
 """
 
 import contextlib
+import functools
 import os
 
 import torch
 
+import contrastive
 from contrastive import (
-    _check_loss_arguments,
     _diameter,
     _epsilon_schedule,
     _log_weights,
-    cos_logits,
     float32_math,
-    info_nce,
 )
 
 try:  # Triton is optional: kernel="torch" (the default) needs only PyTorch.
@@ -394,41 +393,14 @@ def wasserstein_logits(
 
 
 # -----------------------------------------------------------------------------
-# The loss: contrastive.contrastive_loss on the functions above
+# The loss: contrastive.contrastive_loss with the functions above swapped in
 
 
-@float32_math()
-def contrastive_loss(
-    text_states,
-    text_pool_mask,
-    speech_states,
-    speech_pool_mask,
-    sim="cos",
-    temperature=0.1,
-    symmetric=False,
-    center=False,
-    return_logits=False,
-    text_pooled=None,
-    kernel="torch",
-):
-    """contrastive.contrastive_loss (the same arguments and results: see there), plus kernel, the
-    pooling of sim="cos": "torch" | "triton" | "auto" (see masked_mean); the Wasserstein score
-    ignores it."""
-    _check_loss_arguments(sim, text_states, text_pool_mask, text_pooled, speech_states)
-    if sim == "cos":
-        if text_pooled is None:
-            with torch.no_grad():  # the text side has nothing to train: no graph, no gradient
-                text_pooled = masked_mean(text_states, text_pool_mask, kernel)
-        speech_pooled = masked_mean(speech_states, speech_pool_mask, kernel)
-        logits = cos_logits(text_pooled.detach(), speech_pooled, temperature, center)
-    else:
-        text = [h.detach() for h in _as_layers(text_states)]
-        logits = wasserstein_logits(
-            text, text_pool_mask, speech_states, speech_pool_mask, temperature
-        )
-    per_layer = info_nce(logits, symmetric)
-    total = per_layer.sum()  # a plain sum over layers, as the authors (not a mean)
-    return (total, per_layer, logits) if return_logits else (total, per_layer)
+def contrastive_loss(*args, kernel="torch", **kwargs):
+    """contrastive.contrastive_loss (the same arguments and results: see there) with this file's
+    pooling (kernel: "torch" | "triton" | "auto", see masked_mean) and Wasserstein score."""
+    pool = functools.partial(masked_mean, kernel=kernel)
+    return contrastive.contrastive_loss(*args, pool=pool, wasserstein=wasserstein_logits, **kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -143,14 +143,14 @@ def build_model(args, dtype, resolve=common.resolve_model, device=None):
 
 
 def loss_functions(args):
-    """--loss-impl: masked_mean and contrastive_loss from contrastive_fast.py (with its pooling
-    kernel: torch, triton or auto) or from contrastive.py, the reference written for reading. The
-    same numbers either way."""
+    """(the pooling, the paper's loss): contrastive.contrastive_loss either way; --loss-impl torch,
+    triton or auto swaps in contrastive_fast.py's pooling (with that kernel) and Sinkhorn, the same
+    numbers faster; reference keeps contrastive.py's own, written for reading."""
     if args.loss_impl == "reference":
         return contrastive.masked_mean, contrastive.contrastive_loss
-    kernel = args.loss_impl
-    return (functools.partial(contrastive_fast.masked_mean, kernel=kernel),
-            functools.partial(contrastive_fast.contrastive_loss, kernel=kernel))  # fmt: skip
+    pool = functools.partial(contrastive_fast.masked_mean, kernel=args.loss_impl)
+    fast = dict(pool=pool, wasserstein=contrastive_fast.wasserstein_logits)
+    return pool, functools.partial(contrastive.contrastive_loss, **fast)
 
 
 def contrastive_step(model, batch, layers, args, text_cache):
