@@ -42,7 +42,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
-from common import UserError, print0
+from common import (
+    ON_OFF,
+    UserError,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    print0,
+    unit_interval,
+)
 from data import Collator, frac_subset, read_manifest, task_examples, to_device
 from model import QFormerConfig, SpeechLLM
 
@@ -55,62 +63,25 @@ from model import QFormerConfig, SpeechLLM
 def get_args(argv=None):
     p = common.parser(__doc__)
     g = p.add_argument_group("task")
-    g.add_argument(
-        "--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix = ASR + ST + QA"
-    )
-    g.add_argument(
-        "--frac",
-        type=common.unit_interval,
-        default=1.0,
-        help="share of the training examples (the paper: 0.1)",
-    )
-    g.add_argument(
-        "--frac-seed", type=common.non_negative_int, default=42, help="seed of the --frac draw"
-    )
-    g.add_argument("--stratify", action="store_true", help="--task mix: draw --frac from each task")
-    g.add_argument(
-        "--qa-newline", action=common.ON_OFF, help="QA targets end in a newline (authors)"
-    )
-    common.add_data_flags(
-        p, several=True, max_audio_seconds=150.0
-    )  # the paper: 45 s MuST-C, 150 s SQuAD
+    g.add_argument("--task", choices=["asr", "st", "qa", "mix"], default="mix", help="mix: all 3")
+    g.add_argument("--frac", type=unit_interval, default=1.0, help="share of the training data")
+    g.add_argument("--frac-seed", type=non_negative_int, default=42, help="seed of the --frac draw")
+    g.add_argument("--stratify", action="store_true", help="--task mix: draw --frac per task")
+    g.add_argument("--qa-newline", action=ON_OFF, help="QA targets end in a newline (authors)")
+    # the paper: clips up to 45 s (MuST-C) and 150 s (Spoken-SQuAD)
+    common.add_data_flags(p, several=True, max_audio_seconds=150.0)
     g = p.add_argument_group("the starting projector")
-    g.add_argument(
-        "--init", default="out/pretrain", help="stage-1 checkpoint folder, or none (a fresh one)"
-    )
+    g.add_argument("--init", default="out/pretrain", help="stage-1 checkpoint, or none (fresh)")
     common.add_model_flags(p)
     common.add_projector_flags(p, "projector (--init none; a checkpoint brings its own shape)")
-    g = p.add_argument_group("how the LLM reads the speech (additions, off in the paper's recipe)")
-    g.add_argument("--compress", action=common.ON_OFF, help="CTC-compressed: ~one vector per token")
-    g.add_argument(
-        "--lora",
-        type=common.non_negative_int,
-        help="LoRA of this rank on the LLM's q/k/v/o (0: none)",
-    )
-    g.add_argument(
-        "--lora-alpha", type=common.positive_float, help="LoRA's alpha (default: 2 x rank)"
-    )
-    g.add_argument(
-        "--freeze-projector",
-        action=common.ON_OFF,
-        help="train --lora alone, the stage-1 projector (and its CTC alignment) kept as it is",
-    )
-    g.add_argument(
-        "--ctc-weight",
-        type=common.non_negative_float,
-        help="a projector that trains keeps its CTC alignment with this weight (0: off)",
-    )
-    g.add_argument(
-        "--ctc-temperature",
-        type=common.positive_float,
-        default=0.05,
-        help="the CTC loss's temperature",
-    )
-    g.add_argument(
-        "--ctc-classes",
-        type=common.non_negative_int,
-        help="the CTC loss scores the transcripts' tokens and rows drawn up to this many (0: all)",
-    )
+    g = p.add_argument_group("additions (extras/: off in the paper's recipe)")
+    g.add_argument("--compress", action=ON_OFF, help="CTC-compressed: ~one vector per token")
+    g.add_argument("--lora", type=non_negative_int, help="LoRA rank on the LLM's q/k/v/o (0: off)")
+    g.add_argument("--lora-alpha", type=positive_float, help="LoRA's alpha (default: 2 x rank)")
+    g.add_argument("--freeze-projector", action=ON_OFF, help="train --lora alone")
+    g.add_argument("--ctc-weight", type=non_negative_float, help="keep the CTC alignment (0: off)")
+    g.add_argument("--ctc-temperature", type=positive_float, default=0.05, help="cosine / this")
+    g.add_argument("--ctc-classes", type=non_negative_int, help="CTC rows scored a step (0: all)")
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
     g.add_argument("--out", help="checkpoints, final projector, log.jsonl")

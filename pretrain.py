@@ -36,7 +36,14 @@ from tqdm import tqdm
 import common
 import contrastive
 import contrastive_fast
-from common import print0
+from common import (
+    ON_OFF,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print0,
+)
 from data import INSTRUCTIONS, Collator, need_transcripts, read_manifest, to_device
 from model import QFormerConfig, SpeechLLM
 
@@ -49,62 +56,28 @@ def get_args(argv=None):
     p = common.parser(__doc__)
     common.add_model_flags(p)
     common.add_data_flags(p, several=False, max_audio_seconds=45.0)  # the paper keeps 1-45 s
-    g = p.add_argument_group("objective")
+    g = p.add_argument_group("objective (the paper: contrastive, cos, all layers, tau 0.1)")
     losses = ["contrastive", "asr", "contrastive+asr", "ctc", "contrastive+ctc"]
-    g.add_argument("--loss", choices=losses, help="the objective")
-    g.add_argument(
-        "--sim",
-        choices=["cos", "wasserstein"],
-        default="cos",
-        help="mean-pooled cosine, or Sinkhorn",
-    )
+    g.add_argument("--loss", choices=losses, help="the objective (ctc: extras/ctc.py)")
+    g.add_argument("--sim", choices=["cos", "wasserstein"], default="cos", help="cos or Sinkhorn")
     g.add_argument("--layers", default="all", help="emb | all (0, every 5th, last) | a comma list")
-    g.add_argument(
-        "--ctc-weight",
-        type=common.non_negative_float,
-        default=1.0,
-        help="+ctc: the CTC loss's weight",
-    )
-    g.add_argument(
-        "--ctc-temperature", type=common.positive_float, default=0.05, help="ctc: cosine / this"
-    )
-    g.add_argument(
-        "--ctc-classes",
-        type=common.non_negative_int,
-        help="ctc: score the transcripts' tokens and rows drawn up to this many each step (0: all)",
-    )
-    g.add_argument(
-        "--temperature", type=common.positive_float, default=0.1, help="the logits' temperature"
-    )
-    g.add_argument(
-        "--symmetric", action="store_true", help="also speech->text (the paper: text->speech)"
-    )
-    g.add_argument("--center", action=common.ON_OFF, help="centre pooled states per batch")
-    g.add_argument(
-        "--center-items",
-        type=common.positive_int,
-        default=256,
-        help="--center: training pairs for stored means",
-    )
-    g.add_argument("--sink-token", action=common.ON_OFF, help="shared BOS in front of both sides")
-    g.add_argument(
-        "--emb-steps",
-        type=common.non_negative_int,
-        help="first train the layer-0 loss alone for this many steps",
-    )
-    g.add_argument(
-        "--emb-lr", type=common.non_negative_float, help="the learning rate of those steps"
-    )
-    g.add_argument(
-        "--gather-negatives", action="store_true", help="DDP: every rank's batch as negatives"
-    )
+    g.add_argument("--temperature", type=positive_float, default=0.1, help="the logits' tau")
+    g.add_argument("--symmetric", action="store_true", help="add speech->text to text->speech")
+    g = p.add_argument_group("the demo's remedies (README: the recipes)")
+    g.add_argument("--center", action=ON_OFF, help="centre pooled states per batch")
+    g.add_argument("--center-items", type=positive_int, default=256, help="pairs for stored means")
+    g.add_argument("--sink-token", action=ON_OFF, help="shared BOS in front of both sides")
+    g.add_argument("--emb-steps", type=non_negative_int, help="first, the layer-0 loss alone")
+    g.add_argument("--emb-lr", type=non_negative_float, help="the learning rate of those steps")
+    g = p.add_argument_group("the CTC alignment (extras/ctc.py; --loss ...ctc)")
+    g.add_argument("--ctc-weight", type=non_negative_float, default=1.0, help="its weight")
+    g.add_argument("--ctc-temperature", type=positive_float, default=0.05, help="cosine / this")
+    g.add_argument("--ctc-classes", type=non_negative_int, help="rows scored a step (0: all)")
+    g = p.add_argument_group("speed (the same numbers)")
+    g.add_argument("--gather-negatives", action="store_true", help="DDP: all ranks' negatives")
     impls = ["torch", "triton", "auto", "reference"]
-    g.add_argument(
-        "--loss-impl", choices=impls, default="torch", help="fast loss's pooling, or contrastive.py"
-    )
-    g.add_argument(
-        "--text-cache", action=common.ON_OFF, default=True, help="cos: pool each transcript once"
-    )
+    g.add_argument("--loss-impl", choices=impls, default="torch", help="pooling kernel, or plain")
+    g.add_argument("--text-cache", action=ON_OFF, default=True, help="pool each transcript once")
     common.add_projector_flags(p)
     common.add_optimisation_flags(p)
     g = common.add_system_flags(p)
