@@ -9,6 +9,9 @@ bench.py: speed and memory, measured side by side, printed as one markdown table
     python -m scripts.bench --only step
     # one CPU thread (the default: all cores)
     python -m scripts.bench --only loss --repeats 3 --threads 1
+    # the planner: the paper's peak GPU memory per stage, what fits a 24 / 40 / 80 GB card,
+    # GPU-hours (scripts/plan.py; estimates measured on this machine)
+    python -m scripts.bench --plan --llm llama --encoder hubert
 
 Section 1: the all-layer cosine loss, forward + backward, at the paper's shapes (10 utterances, 7
 layers, D = 4096, transcripts of 5-40 tokens, speech of 30-250 projector tokens), against the
@@ -50,6 +53,7 @@ from contrastive_fast import (
     sinkhorn_divergence,
     wasserstein_logits,
 )
+from scripts.plan import live_bytes
 
 # -----------------------------------------------------------------------------
 # Measuring
@@ -91,27 +95,10 @@ def median_ms(fn, device, repeats):
 
 
 def peak_extra_bytes(fn, device):
-    """Peak bytes of tensors allocated by torch while fn() runs, above what was live before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for e in events:  # nbytes > 0: an allocation, < 0: a free
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    """Peak bytes of tensors allocated by torch while fn() runs, above what was live before it
+    (scripts/plan.py's live_bytes: the allocator's statistics on CUDA, the profiler's allocation
+    events replayed on the CPU)."""
+    return live_bytes(fn, device)[0]
 
 
 def fmt_mb(nbytes):
@@ -604,6 +591,22 @@ def main():
         action="store_true",
         help="CPU: let glibc return freed memory to the OS (page faults included in the timings)",
     )
+    g = p.add_argument_group("the planner (scripts/plan.py)")
+    g.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the paper's peak GPU memory per stage, what fits which card, GPU-hours",
+    )
+    g.add_argument("--llm", default="llama", help="llama | smollm2 | a folder with a config.json")
+    g.add_argument(
+        "--encoder", default="hubert", help="hubert | whisper-tiny | a folder with a config.json"
+    )
+    g.add_argument(
+        "--plan-dtype",
+        choices=["bf16", "float32"],
+        default="bf16",
+        help="the run's dtype (bf16: the scripts' default on CUDA)",
+    )
     args = p.parse_args()
     device = torch.device(
         "cuda"
@@ -615,6 +618,10 @@ def main():
     args.malloc_cache = (
         device.type == "cpu" and not args.no_malloc_cache and keep_freed_cpu_memory()
     )
+    if args.plan:
+        from scripts import plan
+
+        return plan.main(args, device)
     rows, args.notes = [], []
     if args.only in ("loss", "all"):
         rows += bench_loss(args, device)
