@@ -195,6 +195,26 @@ def bad_lines(folder):
             line(audio="audio/ok.wav", task="qa", answer="a"),
             "needs 'question' and 'answer'",
         ),
+        "an unknown task": (
+            line(audio="audio/ok.wav", text="x", task="asr_"),
+            "field 'task' must be one of asr, st, qa, got 'asr_'",
+        ),
+        "a task that is not a string": (
+            line(audio="audio/ok.wav", text="x", task=["asr"]),
+            "field 'task' must be one of asr, st, qa",
+        ),
+        "QA with an empty question": (
+            line(audio="audio/ok.wav", task="qa", question=" ", answer="a"),
+            "empty question",
+        ),
+        "QA with an empty answer": (
+            line(audio="audio/ok.wav", task="qa", question="who?", answer=""),
+            "empty answer",
+        ),
+        "QA with an empty gold answer": (
+            line(audio="audio/ok.wav", task="qa", question="who?", answer=["anna", "  "]),
+            "empty answer",
+        ),
     }
 
 
@@ -203,7 +223,8 @@ MANIFEST_CASES = [
     "segment shorter than a frame", "not JSON", "truncated JSON", "a JSON list", "no transcript",
     "transcript not a string", "empty transcript", "audio not found", "not an audio file",
     "an empty file", "no samples", "negative offset", "offset past the end", "NaN samples",
-    "answer not strings", "QA without a question",
+    "answer not strings", "QA without a question", "an unknown task", "a task that is not a string",
+    "QA with an empty question", "QA with an empty answer", "QA with an empty gold answer",
 ]  # fmt: skip
 
 
