@@ -221,6 +221,9 @@ class WindowQFormer(nn.Module):
 # The SpeechLLM: what pretrain.py, finetune.py and evaluate.py call.
 
 AUDIO = "<|audio|>"  # placeholder in the chat prompt, replaced by the projector's output embeddings
+# the instruction's place while the chat template is rendered: the instruction itself is tokenized
+# apart, as plain text (prompt_ids)
+INSTRUCTION = "<|instruction|>"
 
 
 class SpeechLLM(nn.Module):
@@ -253,6 +256,7 @@ class SpeechLLM(nn.Module):
         # what this project's additions (extras/) changed in this model, e.g. {"lora": {...}}; empty
         # for the paper; saved in meta.json, so that from_checkpoint rebuilds the same model
         self.additions = {}
+        self._template = None  # the chat template around the audio and the instruction (template)
 
     def train(self, mode=True):
         # Only the projector ever changes mode: the frozen encoder and LLM stay in eval (no
@@ -418,17 +422,39 @@ class SpeechLLM(nn.Module):
 
     def prompt_ids(self, instruction):
         """Token ids before and after the audio in the LLM's own chat template, and the end-of-turn
-        id."""
-        user = [{"role": "user", "content": f"{AUDIO}\n{instruction}"}]
-        text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(AUDIO)
-        full = self.tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": "X"}], tokenize=False
-        )
-        # what the template writes after the answer, e.g. "<|eot_id|>"
-        end_of_turn = full[len(text) + 1 :]
-        encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-        return encode(before), encode(after), encode(end_of_turn)[0]
+        id. The instruction is user text (a question from a manifest, --prompt), tokenized as plain
+        text: "<|im_end|>" or the audio placeholder written in it stay characters, so it can neither
+        end the user's turn nor forge another. (The template's own text, after it, begins with a
+        special token, where a tokenizer always cuts: an ordinary instruction gets the ids it would
+        get in one piece with the template.)"""
+        before, between, after, end_of_turn = self.template()
+        plain = self.tokenizer(between + instruction, add_special_tokens=False,
+                               split_special_tokens=True).input_ids  # fmt: skip
+        return before, plain + after, end_of_turn
+
+    def template(self):
+        """The chat template rendered once around placeholders for the audio and the instruction:
+        (ids before the audio, the text between the audio and the instruction, ids after the
+        instruction, the end-of-turn id)."""
+        if self._template is None:
+            user = [{"role": "user", "content": f"{AUDIO}\n{INSTRUCTION}"}]
+            text = self.tokenizer.apply_chat_template(
+                user, tokenize=False, add_generation_prompt=True
+            )
+            if text.count(AUDIO) != 1 or text.count(INSTRUCTION) != 1:
+                raise ModelError(
+                    f"the chat template of {self.llm_name} does not write the user's message once"
+                )
+            before, rest = text.split(AUDIO)
+            between, after = rest.split(INSTRUCTION)
+            full = self.tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": "X"}], tokenize=False
+            )
+            # what the template writes after the answer, e.g. "<|eot_id|>"
+            end_of_turn = full[len(text) + 1 :]
+            encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+            self._template = (encode(before), between, encode(after), encode(end_of_turn)[0])
+        return self._template
 
     def chat_batch(self, speech, speech_mask, instructions, targets=None):
         """Splice unpadded speech embeddings into the chat prompt.

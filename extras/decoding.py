@@ -108,8 +108,7 @@ def speech_for_llm(model, batch):
 def embed_texts(model, texts, device):
     """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]
     (scripts/toplines.py: a text read where the speech would be)."""
-    ids = [model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id]
-           for t in texts]  # fmt: skip
+    ids = [model.answer_ids(t) or [model.tokenizer.pad_token_id] for t in texts]  # plain text
     lengths = torch.tensor([len(i) for i in ids], device=device)
     padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True)
     padded = padded.to(device)
