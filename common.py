@@ -820,17 +820,19 @@ def read_meta(folder):
 
 def check_checkpoint(folder):
     """--init / --ckpt: a checkpoint folder that exists must be readable (meta.json and the
-    projector's tensors); a missing one is left to the script's own message."""
+    projector's tensors); returns its meta.json. A missing one (None) is left to the script's own
+    message."""
     folder = Path(folder)
     if not (folder / "meta.json").exists():
-        return
-    read_meta(folder)
+        return None
+    meta = read_meta(folder)
     try:
         with safe_open(str(folder / "projector.safetensors"), "pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
     except Exception as e:
         raise ModelError(damaged(folder, e)) from None
+    return meta
 
 
 CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -40,7 +41,16 @@ from transformers import (
 )
 
 import contrastive
-from common import ModelError, load_pretrained, print0, resolve_model, unwrap, write_atomically
+from common import (
+    ModelError,
+    check_checkpoint,
+    load_pretrained,
+    print0,
+    read_meta,
+    resolve_model,
+    unwrap,
+    write_atomically,
+)
 
 # -----------------------------------------------------------------------------
 # The frozen speech encoder: 16 kHz audio features -> frames at 50 Hz, with a validity mask.
@@ -606,7 +616,7 @@ class SpeechLLM(nn.Module):
                 f"No projector checkpoint at {ckpt}: "
                 f"expected {ckpt}/projector.safetensors and meta.json"
             )
-        meta = json.loads((ckpt / "meta.json").read_text())
+        meta = read_meta(ckpt)
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
             theirs, ours = meta.get(key), mine[key]
@@ -641,7 +651,7 @@ class SpeechLLM(nn.Module):
             raise ModelError(
                 f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)"
             )
-        meta = json.loads(path.read_text())
+        meta = checked_meta(ckpt)  # before anything is built from it
         qformer = QFormerConfig(
             **{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})}
         )
@@ -655,3 +665,36 @@ class SpeechLLM(nn.Module):
         )
         model.load_projector(ckpt)
         return model, meta
+
+
+def checked_meta(folder):
+    """A checkpoint folder's meta.json, checked before anything is built from it: the files are
+    readable (common.check_checkpoint), and the projector meta.json describes is the one its tensors
+    were saved from. That projector is built on PyTorch's meta device (shapes, no memory) and
+    compared with projector.safetensors' header, so an edited or mismatched meta.json (another
+    Q-Former width, or one that would take terabytes) is one line, never an allocation. Returns
+    meta.json, or None where there is none (the script's own message)."""
+    folder = Path(folder)
+    meta = check_checkpoint(folder)
+    if meta is None:
+        return None
+    where = folder / "meta.json"
+    try:
+        with torch.device("meta"):
+            cfg = QFormerConfig(**meta["qformer"])
+            wanted = WindowQFormer(meta["encoder_dim"], meta["llm_dim"], cfg).state_dict()
+    except Exception as e:  # a missing, mistyped or impossible field
+        why = " ".join(str(e).split())[:200]
+        raise ModelError(f"{where}: no projector can be built from it ({type(e).__name__}: {why}): "
+                         "put back the run's own meta.json") from None  # fmt: skip
+    with safe_open(str(folder / "projector.safetensors"), "pt") as f:
+        saved = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    for key, tensor in wanted.items():
+        if saved.get(key) != list(tensor.shape):
+            raise ModelError(
+                f"{where} does not match projector.safetensors: the projector it describes "
+                f"(qformer {meta['qformer']}) has {key} of shape {list(tensor.shape)}, the "
+                f"file's {saved[key] if key in saved else 'is missing'}. It was edited or comes "
+                "from another run: put back the run's own meta.json"
+            )
+    return meta
