@@ -217,7 +217,7 @@ def load_data(args, encoder_seconds=None):
     train = frac_subset(
         examples(args.data, "train"), args.frac, seed=args.frac_seed, stratify=args.stratify
     )
-    dev = examples(args.dev_data, "dev")
+    dev = examples(args.dev_data, "dev") if args.dev_data else []  # no --dev-data: no dev loss
     # a fixed sample over every task of the mix
     dev = random.Random(0).sample(dev, min(args.dev_size, len(dev)))
     return train, dev
