@@ -113,6 +113,25 @@ SEGMENT_SLACK = 0.001
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
 
 
+def pieces(path, seconds, window, search=2.0):
+    """A long recording as consecutive pieces of at most `window` seconds, [(offset, duration)],
+    read one at a time (evaluate.py --audio). Each cut falls at the quietest 20 ms of the last
+    `search` seconds before the window's end, found by reading only those seconds: a word cut in two
+    would be lost to both pieces. A last sliver shorter than an encoder frame holds no word: left
+    out."""
+    search, hop = min(search, window / 4), SAMPLE_RATE // 50  # 20 ms frames
+    found, start = [], 0.0
+    while seconds - start > window:
+        tail = load_audio(path, start + window - search, search)
+        energy = (tail[: len(tail) // hop * hop].reshape(-1, hop) ** 2).mean(1)
+        end = start + window - search + (int(energy.argmin()) + 0.5) * hop / SAMPLE_RATE
+        found.append((start, end - start))
+        start = end
+    if seconds - start >= MIN_SECONDS:
+        found.append((start, seconds - start))
+    return found
+
+
 def _seconds(row, field, positive):
     value = row[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
