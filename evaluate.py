@@ -29,6 +29,7 @@ Sections: metrics | retrieval (stage 1) | generation | the command line.
 
 import argparse
 import json
+import os
 import re
 import string
 from collections import Counter
@@ -485,11 +486,17 @@ def main(argv=None):
         from extras import demo
 
         resolve, test_manifest = demo.resolve_model, demo.test_manifest
+    task = args.task or default_task(meta)
+    open_test = "-open" if args.data == "open" else ""
+    out = Path(args.out or Path(args.ckpt) / f"eval-{task}{open_test}.json")
+    if out.is_dir() and not args.audio:  # said before minutes of decoding, not after
+        raise UserError(
+            f"--out {out} is a folder: name the results file, e.g. {out / out.name}.json"
+        )
     model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=resolve)
     model = model.to(device).eval()
-    task = args.task or default_task(meta)
     if args.audio:
-        return answer_one(model, args, task, device, dtype)
+        return answer_one(model, args, task, device, dtype, meta)
 
     results = {}
     for each in ("asr", "st", "qa") if task == "all" else (task,):
@@ -519,8 +526,6 @@ def main(argv=None):
                                            if isinstance(v, float))
                    for name, r in results.items()]  # fmt: skip
         print("\nsummary:  " + "   ".join(summary))
-    open_test = "-open" if args.data == "open" else ""
-    out = Path(args.out or Path(args.ckpt) / f"eval-{task}{open_test}.json")
     write_results(out, results if task == "all" else results[task])
     return results
 
@@ -538,8 +543,14 @@ def retrieval_layers(spec, meta, num_layers):
 
 
 def write_results(out, results):
+    """The results as JSON, written atomically: a symbolic link planted at `out` (in a run folder)
+    is replaced by the file, never written through onto what it points to."""
+    if out.is_symlink():
+        print(f"note: {out} was a symbolic link (to {os.readlink(out)}): replaced by the results, "
+              "what it pointed to is left as it was")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    text = json.dumps(results, indent=2, ensure_ascii=False)
+    common.write_atomically(out, lambda tmp: tmp.write_text(text))
     print(f"\nwrote {out}")
 
 
