@@ -11,7 +11,9 @@ import it.
 """
 
 import argparse
+import errno
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -320,12 +322,17 @@ class ModelError(Exception):
 
 
 def run_main(main):
-    """Every script ends in `common.run_main(main)`: a UserError or ModelError is one line on stderr
-    and exit status 1; anything else is a bug in the code, and keeps its traceback."""
+    """Every script ends in `common.run_main(main)`: a UserError or ModelError (or a full disk) is
+    one line on stderr and exit status 1; anything else is a bug in the code, and keeps its
+    traceback."""
     try:
         main()
     except (UserError, ModelError) as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: " + " ".join(str(e).splitlines()))
+    except OSError as e:  # a full disk anywhere else (a log line, a cache): no bug, one line
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"{Path(sys.argv[0]).name}: error: the disk is full ({e}): free some space")
 
 
 # -----------------------------------------------------------------------------
@@ -559,9 +566,13 @@ PATH_FLAGS = ("data", "dev_data", "init", "feature_cache_file", "llm", "encoder"
 
 def start_run(args, script):
     """Check --out before anything is built, writing nothing: refuse a folder that holds another
-    run (unless --resume continues it or --overwrite clears it), and a --resume whose flags or data
-    differ where they cannot change mid-run. Returns the run's record for begin_run."""
+    run (unless --resume continues it or --overwrite clears it), a --resume whose flags or data
+    differ where they cannot change mid-run, and the packages --wandb / --tensorboard need. Returns
+    the run's record for begin_run."""
     out, record = Path(args.out), run_record(args, script)
+    for flag in LOG_PACKAGES:  # checked now: the log opens after begin_run has written run.json
+        if getattr(args, flag[2:]):
+            log_package(flag)
     if args.resume:
         record["changes"] = compare_runs(out, record)
     elif not args.overwrite and holds_run(out):
@@ -626,7 +637,8 @@ def holds_run(out):
 def clear_run(out):
     for pattern in RUN_FILES:
         for path in Path(out).glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            # a symbolic link (a ckpt-* pointing elsewhere) goes, never what it points to
+            path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)
     print0(f"--overwrite: cleared the earlier run out of {out}")
 
 
@@ -733,13 +745,19 @@ def save_final(out, model, optimizer, step, order, args, **meta):
 
 
 def write_or_fail(folder, write):
-    """write_folder_atomically, with a full disk (or any OSError) as one line."""
+    """write_folder_atomically, with a full disk (or any OSError) as one line naming the last good
+    checkpoint (the half-written folder is gone by then)."""
     try:
         return write_folder_atomically(folder, write)
     except OSError as e:
-        raise UserError(
-            f"could not write {folder}: {e.strerror or e}; the earlier checkpoints are intact"
-        ) from None
+        last = latest_checkpoint(Path(folder).parent)
+        last = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if e.errno == errno.ENOSPC:
+            raise UserError(
+                f"the disk is full: could not write {folder} ({e.strerror}); {last}, intact. Free "
+                "some space, then continue the run with --resume"
+            ) from None
+        raise UserError(f"could not write {folder}: {e.strerror or e}; {last}, intact") from None
 
 
 def rng_state():
@@ -837,17 +855,19 @@ def read_meta(folder):
 
 def check_checkpoint(folder):
     """--init / --ckpt: a checkpoint folder that exists must be readable (meta.json and the
-    projector's tensors); a missing one is left to the script's own message."""
+    projector's tensors); returns its meta.json. A missing one (None) is left to the script's own
+    message."""
     folder = Path(folder)
     if not (folder / "meta.json").exists():
-        return
-    read_meta(folder)
+        return None
+    meta = read_meta(folder)
     try:
         with safe_open(str(folder / "projector.safetensors"), "pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
     except Exception as e:
         raise ModelError(damaged(folder, e)) from None
+    return meta
 
 
 CENTERS = "centers.safetensors"  # written next to the projector by `pretrain.py --center`
@@ -886,8 +906,9 @@ def write_atomically(path, write):
     """write(tmp) to `path` + ".tmp", then rename it to `path` (os.replace is atomic)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a link planted there would be written through: write a new file
     write(tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # replaces a link at `path` itself, never the file it points to
     return path
 
 
@@ -905,7 +926,7 @@ def write_folder_atomically(folder, write):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
+    folder.unlink() if folder.is_symlink() else shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
 
@@ -913,6 +934,20 @@ def write_folder_atomically(folder, write):
 # -----------------------------------------------------------------------------
 # The log: one JSON line per logged step in <out>/log.jsonl, optionally mirrored to W&B /
 # TensorBoard
+
+
+# the optional log destinations: flag -> (the module to import, the package that holds it)
+LOG_PACKAGES = {"--wandb": ("wandb", "wandb"),
+                "--tensorboard": ("torch.utils.tensorboard", "tensorboard")}  # fmt: skip
+
+
+def log_package(flag):
+    """The module a log flag writes with, or one line saying which package to install."""
+    module, package = LOG_PACKAGES[flag]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{flag} needs the {package} package: pip install {package}") from None
 
 
 class JsonLog:
@@ -928,21 +963,13 @@ class JsonLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            wandb = log_package("--wandb")
             self.wandb = wandb.init(
                 project=wandb_project, name=Path(out).name, dir=str(out), config=config
             )
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "--tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self.tensorboard = SummaryWriter(str(Path(out) / "tensorboard"))
+            writer = log_package("--tensorboard").SummaryWriter
+            self.tensorboard = writer(str(Path(out) / "tensorboard"))
 
     @classmethod
     def for_run(cls, args, enabled):

@@ -113,6 +113,25 @@ SEGMENT_SLACK = 0.001
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
 
 
+def pieces(path, seconds, window, search=2.0):
+    """A long recording as consecutive pieces of at most `window` seconds, [(offset, duration)],
+    read one at a time (evaluate.py --audio). Each cut falls at the quietest 20 ms of the last
+    `search` seconds before the window's end, found by reading only those seconds: a word cut in two
+    would be lost to both pieces. A last sliver shorter than an encoder frame holds no word: left
+    out."""
+    search, hop = min(search, window / 4), SAMPLE_RATE // 50  # 20 ms frames
+    found, start = [], 0.0
+    while seconds - start > window:
+        tail = load_audio(path, start + window - search, search)
+        energy = (tail[: len(tail) // hop * hop].reshape(-1, hop) ** 2).mean(1)
+        end = start + window - search + (int(energy.argmin()) + 0.5) * hop / SAMPLE_RATE
+        found.append((start, end - start))
+        start = end
+    if seconds - start >= MIN_SECONDS:
+        found.append((start, seconds - start))
+    return found
+
+
 def _seconds(row, field, positive):
     value = row[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -124,11 +143,26 @@ def _seconds(row, field, positive):
     return float(value)
 
 
+TASKS = ("asr", "st", "qa")  # the values of a line's `task`
+
+
+def _task(row):
+    """A line's `task`, one of TASKS. A spelling that differs only in case or surrounding spaces
+    ("ASR ") is read as the task (read_manifest says so once): a typo must not drop the line from
+    every task without a word. Anything else is a bad line."""
+    task = row["task"]
+    if not isinstance(task, str) or task.strip().lower() not in TASKS:
+        raise ValueError(f"field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    return task.strip().lower()
+
+
 def _check_row(row, root):
     """Return the row with `audio` resolved to an absolute path, or raise ValueError saying what is
     wrong."""
     if not isinstance(row, dict):
         raise ValueError("a line must be a JSON object")
+    if "task" in row:
+        row = {**row, "task": _task(row)}
     required = (
         ("audio",) if row.get("task") == "qa" else ("audio", "text")
     )  # a QA passage may have no transcript
@@ -140,15 +174,14 @@ def _check_row(row, root):
             raise ValueError(f"field '{field}' must be a string, got {type(row[field]).__name__}")
     if "text" in row and not row["text"].strip():
         raise ValueError("empty transcript ('text')")
-    if "answer" in row and not (
-        isinstance(row["answer"], str)
-        or (
-            isinstance(row["answer"], list)
-            and row["answer"]
-            and all(isinstance(a, str) for a in row["answer"])
-        )
-    ):
+    if "question" in row and not row["question"].strip():
+        raise ValueError("empty question ('question')")
+    answers = row.get("answer", "x")
+    answers = [answers] if isinstance(answers, str) else answers
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
         raise ValueError("field 'answer' must be a string or a non-empty list of strings")
+    if not all(a.strip() for a in answers):
+        raise ValueError("empty answer ('answer'): a QA line would be trained to answer nothing")
     if row.get("task") == "qa" and not ("question" in row and "answer" in row):
         raise ValueError("a QA line ('task': 'qa') needs 'question' and 'answer'")
     for field in ("text", "translation", "question", "answer"):  # all strings by now
@@ -211,14 +244,15 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print, encoder_sec
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
-    rows, bad, too_long = [], [], 0
+    rows, bad, too_long, respelled = [], [], 0, {}
     with open(path, "rb") as f:  # decoded line by line: a bad byte is a bad line, not a traceback
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 line = line.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                row = _check_row(json.loads(line), path.parent)
+                written = json.loads(line)
+                row = _check_row(written, path.parent)
                 kept = max_seconds is None or row["duration"] <= max_seconds
                 if kept and encoder_seconds is not None and row["duration"] > encoder_seconds:
                     raise ValueError(
@@ -231,10 +265,15 @@ def read_manifest(path, skip_bad=False, max_seconds=None, log=print, encoder_sec
                 log(f"skipping {path}:{line_no}: {e}")
                 bad.append(f"line {line_no}: {e}")
                 continue
+            if row.get("task") != written.get("task"):  # "ASR ": said once, below
+                respelled.setdefault(written["task"], line_no)
             if max_seconds is not None and row["duration"] > max_seconds:
                 too_long += 1
                 continue
             rows.append(row)
+    if respelled:
+        log(f"{path}: read 'task' " + ", ".join(f"{t!r} (first on line {n}) as {_task({'task': t})!r}"
+                                                for t, n in respelled.items()))  # fmt: skip
     if not rows:
         raise ManifestError(f"{path}: no usable lines" + _why_none(bad, too_long, max_seconds))
     if bad or too_long:

@@ -13,6 +13,8 @@ evaluate.py: score a trained projector with the metrics the field uses.
     python evaluate.py --ckpt out/finetune-qa --audio my.wav --question "Who does Klara meet?"
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --task st --tgt-lang de
     python evaluate.py --ckpt out/finetune-mix --audio my.wav --prompt "What is said in this audio?"
+    # a recording of any length: ASR and ST read it in pieces of at most 30 s, cut at pauses
+    python evaluate.py --ckpt out/finetune-asr --audio talk-one-hour.wav
 
 Generation is greedy, batched with left padding, as the authors: up to 200 new tokens, ending at the
 LLM's end-of-turn token, and an answer ends at its first newline. A checkpoint of the demo's recipe
@@ -27,6 +29,7 @@ Sections: metrics | retrieval (stage 1) | generation | the command line.
 
 import argparse
 import json
+import os
 import re
 import string
 from collections import Counter
@@ -43,17 +46,16 @@ import contrastive
 from data import (
     INSTRUCTIONS,
     LANGUAGES,
-    SAMPLE_RATE,
     Collator,
     UserError,
     check_audio,
-    load_audio,
     need_transcripts,
+    pieces,
     read_manifest,
     task_examples,
     to_device,
 )
-from model import SpeechLLM
+from model import SpeechLLM, checked_meta
 
 # -----------------------------------------------------------------------------
 # Metrics, in percent: WER for ASR, BLEU and chrF for ST, SQuAD EM and F1 for spoken QA
@@ -341,7 +343,7 @@ def get_args(argv=None):
     g.add_argument("--prompt", help="with --audio: any instruction instead of a task's")
     common.add_system_flags(p, training=False)
     args = p.parse_args(argv)
-    common.check_checkpoint(args.ckpt)  # a damaged checkpoint is one line
+    checked_meta(args.ckpt)  # a damaged checkpoint, or one whose meta.json lies, is one line
     if args.audio:
         check_audio(args.audio)  # readable, and at least one encoder frame long
     decoding_defaults(args, recipe_of(checkpoint_meta(args.ckpt)))
@@ -426,31 +428,76 @@ def instruction_for(args, task):
     raise UserError(f"--audio: pass --task asr|st|qa or a free --prompt (not --task {task})")
 
 
-def answer_one(model, args, task, device, dtype):
-    """--audio: print the model's answer for one recording."""
+# --audio: a recording longer than this is transcribed (or translated) piece by piece, in order.
+# Whisper's window, and as long for other encoders: a piece's answer then fits the paper's cap of
+# 200 new tokens (speech is ~4 tokens a second).
+PIECE_SECONDS = 30.0
+# the longest clip a model read in training where its meta.json does not say (the paper's longest,
+# Spoken-SQuAD's passages)
+TRAINED_SECONDS = 150.0
+
+
+def longest_read(model, meta):
+    """The longest audio the model reads at once: the encoder's window (Whisper: 30 s), else the
+    longest clip it was trained on (--max-audio-seconds, in meta.json)."""
+    trained = (meta.get("args") or {}).get("max_audio_seconds") or TRAINED_SECONDS
+    return min(model.encoder.max_seconds or trained, trained)
+
+
+def answer_one(model, args, task, device, dtype, meta=None):
+    """--audio: print the model's answer for one recording. A long one is read in pieces
+    (data.pieces) for ASR and ST, transcribed in order and joined; a question or a --prompt is
+    about all of it, so a recording longer than the model reads at once is refused."""
     instruction = instruction_for(args, task)
-    if not Path(args.audio).is_file():
-        raise UserError(f"--audio {args.audio}: no such file")
+    seconds = audio_seconds(args.audio)
+    limit = longest_read(model, meta or {})
+    if task in ("asr", "st") and not args.prompt:
+        parts = pieces(args.audio, seconds, min(limit, PIECE_SECONDS))
+    elif seconds > limit:
+        raise UserError(
+            f"--audio {args.audio}: {seconds:.1f} s, longer than the {limit:g} s this model reads "
+            "at once, and a question or a --prompt is about all of it: cut out the part it is "
+            f"about (ffmpeg -ss START -t SECONDS -i {args.audio} part.wav), or transcribe it all "
+            "with --task asr"
+        )
+    else:
+        parts = [(0.0, seconds)]
+    collate = Collator(model.encoder.feature_extractor)
+    answers = []
+    name = f"{Path(args.audio).name}, {len(parts)} pieces"
+    for offset, duration in tqdm(parts, desc=name, disable=len(parts) == 1):
+        piece = {"audio": args.audio, "key": f"{args.audio}@{offset}"}
+        if len(parts) > 1:
+            piece.update(offset=offset, duration=duration)
+        batch = to_device(collate([piece]), device)
+        with common.autocast(device, dtype):
+            if uses_additions(args, model, task):  # extras: decoding
+                from extras import decoding
+
+                answer = decoding.answer_one(model, batch, instruction, task, duration, args)
+            else:
+                answer = model.generate(batch, [instruction], args.max_new_tokens)[0][0]
+        answers.append(answer)
+    first_line = lambda answer: answer.split("\n")[0].strip()  # noqa: E731
+    answer = answers[0] if len(answers) == 1 else " ".join(filter(None, map(first_line, answers)))
+    print(answer if args.prompt else first_line(answer))
+    return answer
+
+
+def audio_seconds(path):
+    """--audio: how long the recording is (read from its header), or one line on why it cannot be
+    read."""
+    if not Path(path).is_file():
+        raise UserError(f"--audio {path}: no such file")
     try:
-        sf.info(args.audio)
+        info = sf.info(path)
     except Exception as e:  # soundfile raises its own error types for unreadable files
         raise UserError(
-            f"--audio {args.audio}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) "
+            f"--audio {path}: not a readable audio file ({e}). WAV, FLAC, OGG (Vorbis, Opus) "
             "and MP3 are read at any sample rate and channel count; convert other formats first, "
             "e.g. `ffmpeg -i my.m4a my.wav`"
         ) from None
-    collate = Collator(model.encoder.feature_extractor)
-    batch = to_device(collate([{"audio": args.audio, "key": args.audio}]), device)
-    seconds = len(load_audio(args.audio)) / SAMPLE_RATE
-    with common.autocast(device, dtype):
-        if uses_additions(args, model, task):  # extras: decoding
-            from extras import decoding
-
-            answer = decoding.answer_one(model, batch, instruction, task, seconds, args)
-        else:
-            answer = model.generate(batch, [instruction], args.max_new_tokens)[0][0]
-    print(answer if args.prompt else answer.split("\n")[0].strip())
-    return answer
+    return info.frames / info.samplerate
 
 
 def print_results(result, show):
@@ -507,11 +554,17 @@ def main(argv=None):
         from extras import demo
 
         resolve, test_manifest = demo.resolve_model, demo.test_manifest
+    task = args.task or default_task(meta)
+    open_test = "-open" if args.data == "open" else ""
+    out = Path(args.out or Path(args.ckpt) / f"eval-{task}{open_test}.json")
+    if out.is_dir() and not args.audio:  # said before minutes of decoding, not after
+        raise UserError(
+            f"--out {out} is a folder: name the results file, e.g. {out / out.name}.json"
+        )
     model, meta = SpeechLLM.from_checkpoint(args.ckpt, dtype, resolve=resolve, device=device)
     model = model.to(device).eval()
-    task = args.task or default_task(meta)
     if args.audio:
-        return answer_one(model, args, task, device, dtype)
+        return answer_one(model, args, task, device, dtype, meta)
     print(protocol(args, recipe))
 
     results = {}
@@ -542,8 +595,6 @@ def main(argv=None):
                                            if isinstance(v, float))
                    for name, r in results.items()]  # fmt: skip
         print("\nsummary:  " + "   ".join(summary))
-    open_test = "-open" if args.data == "open" else ""
-    out = Path(args.out or Path(args.ckpt) / f"eval-{task}{open_test}.json")
     write_results(out, results if task == "all" else results[task])
     return results
 
@@ -561,8 +612,14 @@ def retrieval_layers(spec, meta, num_layers):
 
 
 def write_results(out, results):
+    """The results as JSON, written atomically: a symbolic link planted at `out` (in a run folder)
+    is replaced by the file, never written through onto what it points to."""
+    if out.is_symlink():
+        print(f"note: {out} was a symbolic link (to {os.readlink(out)}): replaced by the results, "
+              "what it pointed to is left as it was")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    text = json.dumps(results, indent=2, ensure_ascii=False)
+    common.write_atomically(out, lambda tmp: tmp.write_text(text))
     print(f"\nwrote {out}")
 
 

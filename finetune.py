@@ -31,7 +31,6 @@ frozen (the paper), except for low-rank updates of the LLM's attention with --lo
     python evaluate.py --ckpt out/finetune-qa
 """
 
-import json
 import random
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from common import (
     unit_interval,
 )
 from data import Collator, frac_subset, read_manifest, task_examples, to_device
-from model import QFormerConfig, SpeechLLM
+from model import QFormerConfig, SpeechLLM, checked_meta
 
 # -----------------------------------------------------------------------------
 # The command line: the shared flags (common.py), then stage 2's own. A flag left out takes its
@@ -120,8 +119,7 @@ def checkpoint_defaults(init, first, given):
     # a missing checkpoint: main says so (--help still works)
     if init == "none" or not path.exists():
         return {}
-    common.check_checkpoint(init)  # a damaged checkpoint is one line
-    meta = json.loads(path.read_text())
+    meta = checked_meta(init)  # a damaged checkpoint, or one whose meta.json lies, is one line
     for flag in ("llm", "encoder"):
         if flag in given and not common.same_model(getattr(first, flag), meta[flag]):
             raise UserError(

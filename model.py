@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -40,7 +41,16 @@ from transformers import (
 )
 
 import contrastive
-from common import ModelError, load_pretrained, print0, resolve_model, unwrap, write_atomically
+from common import (
+    ModelError,
+    check_checkpoint,
+    load_pretrained,
+    print0,
+    read_meta,
+    resolve_model,
+    unwrap,
+    write_atomically,
+)
 
 
 def onto(device):
@@ -230,6 +240,9 @@ class WindowQFormer(nn.Module):
 # The SpeechLLM: what pretrain.py, finetune.py and evaluate.py call.
 
 AUDIO = "<|audio|>"  # placeholder in the chat prompt, replaced by the projector's output embeddings
+# the instruction's place while the chat template is rendered: the instruction itself is tokenized
+# apart, as plain text (prompt_ids)
+INSTRUCTION = "<|instruction|>"
 
 
 class SpeechLLM(nn.Module):
@@ -266,6 +279,7 @@ class SpeechLLM(nn.Module):
         # what this project's additions (extras/) changed in this model, e.g. {"lora": {...}}; empty
         # for the paper; saved in meta.json, so that from_checkpoint rebuilds the same model
         self.additions = {}
+        self._template = None  # the chat template around the audio and the instruction (template)
         self.grad_checkpointing = False
 
     def enable_grad_checkpointing(self):
@@ -445,17 +459,39 @@ class SpeechLLM(nn.Module):
 
     def prompt_ids(self, instruction):
         """Token ids before and after the audio in the LLM's own chat template, and the end-of-turn
-        id."""
-        user = [{"role": "user", "content": f"{AUDIO}\n{instruction}"}]
-        text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        before, after = text.split(AUDIO)
-        full = self.tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": "X"}], tokenize=False
-        )
-        # what the template writes after the answer, e.g. "<|eot_id|>"
-        end_of_turn = full[len(text) + 1 :]
-        encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-        return encode(before), encode(after), encode(end_of_turn)[0]
+        id. The instruction is user text (a question from a manifest, --prompt), tokenized as plain
+        text: "<|im_end|>" or the audio placeholder written in it stay characters, so it can neither
+        end the user's turn nor forge another. (The template's own text, after it, begins with a
+        special token, where a tokenizer always cuts: an ordinary instruction gets the ids it would
+        get in one piece with the template.)"""
+        before, between, after, end_of_turn = self.template()
+        plain = self.tokenizer(between + instruction, add_special_tokens=False,
+                               split_special_tokens=True).input_ids  # fmt: skip
+        return before, plain + after, end_of_turn
+
+    def template(self):
+        """The chat template rendered once around placeholders for the audio and the instruction:
+        (ids before the audio, the text between the audio and the instruction, ids after the
+        instruction, the end-of-turn id)."""
+        if self._template is None:
+            user = [{"role": "user", "content": f"{AUDIO}\n{INSTRUCTION}"}]
+            text = self.tokenizer.apply_chat_template(
+                user, tokenize=False, add_generation_prompt=True
+            )
+            if text.count(AUDIO) != 1 or text.count(INSTRUCTION) != 1:
+                raise ModelError(
+                    f"the chat template of {self.llm_name} does not write the user's message once"
+                )
+            before, rest = text.split(AUDIO)
+            between, after = rest.split(INSTRUCTION)
+            full = self.tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": "X"}], tokenize=False
+            )
+            # what the template writes after the answer, e.g. "<|eot_id|>"
+            end_of_turn = full[len(text) + 1 :]
+            encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+            self._template = (encode(before), between, encode(after), encode(end_of_turn)[0])
+        return self._template
 
     def chat_batch(self, speech, speech_mask, instructions, targets=None):
         """Splice unpadded speech embeddings into the chat prompt.
@@ -611,7 +647,7 @@ class SpeechLLM(nn.Module):
                 f"No projector checkpoint at {ckpt}: "
                 f"expected {ckpt}/projector.safetensors and meta.json"
             )
-        meta = json.loads((ckpt / "meta.json").read_text())
+        meta = read_meta(ckpt)
         mine = self.meta()
         for key in ("llm_dim", "encoder_dim", "qformer"):
             theirs, ours = meta.get(key), mine[key]
@@ -648,7 +684,7 @@ class SpeechLLM(nn.Module):
             raise ModelError(
                 f"No checkpoint at {ckpt}: expected {path} (written by pretrain.py / finetune.py)"
             )
-        meta = json.loads(path.read_text())
+        meta = checked_meta(ckpt)  # before anything is built from it
         qformer = QFormerConfig(
             **{**meta["qformer"], **({} if dropout is None else {"dropout": dropout})}
         )
@@ -663,3 +699,36 @@ class SpeechLLM(nn.Module):
         )
         model.load_projector(ckpt)
         return model, meta
+
+
+def checked_meta(folder):
+    """A checkpoint folder's meta.json, checked before anything is built from it: the files are
+    readable (common.check_checkpoint), and the projector meta.json describes is the one its tensors
+    were saved from. That projector is built on PyTorch's meta device (shapes, no memory) and
+    compared with projector.safetensors' header, so an edited or mismatched meta.json (another
+    Q-Former width, or one that would take terabytes) is one line, never an allocation. Returns
+    meta.json, or None where there is none (the script's own message)."""
+    folder = Path(folder)
+    meta = check_checkpoint(folder)
+    if meta is None:
+        return None
+    where = folder / "meta.json"
+    try:
+        with torch.device("meta"):
+            cfg = QFormerConfig(**meta["qformer"])
+            wanted = WindowQFormer(meta["encoder_dim"], meta["llm_dim"], cfg).state_dict()
+    except Exception as e:  # a missing, mistyped or impossible field
+        why = " ".join(str(e).split())[:200]
+        raise ModelError(f"{where}: no projector can be built from it ({type(e).__name__}: {why}): "
+                         "put back the run's own meta.json") from None  # fmt: skip
+    with safe_open(str(folder / "projector.safetensors"), "pt") as f:
+        saved = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    for key, tensor in wanted.items():
+        if saved.get(key) != list(tensor.shape):
+            raise ModelError(
+                f"{where} does not match projector.safetensors: the projector it describes "
+                f"(qformer {meta['qformer']}) has {key} of shape {list(tensor.shape)}, the "
+                f"file's {saved[key] if key in saved else 'is missing'}. It was edited or comes "
+                "from another run: put back the run's own meta.json"
+            )
+    return meta

@@ -35,11 +35,10 @@ def restore(model, meta, folder, state):
         from extras.ctc import add_blank
 
         add_blank(model, trains=False)
-    if additions.get("lora"):
+    if "lora" in additions:  # checked against lora.safetensors before it is added
         from extras import lora
 
-        lora.add_lora(model, **additions["lora"])
-        lora.load(model, folder)
+        lora.restore(model, additions["lora"], folder)
     for key, value in additions.items():
         model.additions.setdefault(key, value)
 

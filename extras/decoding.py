@@ -108,8 +108,7 @@ def speech_for_llm(model, batch):
 def embed_texts(model, texts, device):
     """The LLM's own token embeddings of each text, right-padded: [B, T, D] and a mask [B, T]
     (scripts/toplines.py: a text read where the speech would be)."""
-    ids = [model.tokenizer(t, add_special_tokens=False).input_ids or [model.tokenizer.pad_token_id]
-           for t in texts]  # fmt: skip
+    ids = [model.answer_ids(t) or [model.tokenizer.pad_token_id] for t in texts]  # plain text
     lengths = torch.tensor([len(i) for i in ids], device=device)
     padded = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in ids], batch_first=True)
     padded = padded.to(device)
@@ -208,11 +207,12 @@ def seen_word_recall(hypotheses, references, seen):
 
 
 def words_of(manifest):
-    """The set of words (WER-normalised) of a manifest's transcripts."""
-    from data import read_manifest
+    """The set of words (WER-normalised) of a manifest's transcripts (every line must have one)."""
+    from data import need_transcripts, read_manifest
     from evaluate import WER_TEXT
 
-    return {word for row in read_manifest(manifest) for word in WER_TEXT(row["text"])[0]}
+    rows = need_transcripts(read_manifest(manifest), f"--seen-in {manifest}")
+    return {word for row in rows for word in WER_TEXT(row["text"])[0]}
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +225,8 @@ def evaluate(model, task, rows, args, device, dtype):
     out."""
     import evaluate as root
 
+    # --seen-in is read first: a manifest that cannot serve is one line before minutes of decoding
+    seen = words_of(args.seen_in) if args.seen_in and task in ("asr", "readout") else None
     if task == "readout":
         from extras.ctc import evaluate_readout
 
@@ -233,10 +235,10 @@ def evaluate(model, task, rows, args, device, dtype):
         examples = task_examples(rows, task)
         examples = root.unique_questions(examples) if task == "qa" else examples
         result = score(model, task, examples, args, device, dtype)
-    if args.seen_in and task in ("asr", "readout"):
+    if seen is not None:
         hypotheses = [o["hypothesis"] for o in result["outputs"]]
         references = [o["references"][0] for o in result["outputs"]]
-        result["metrics"].update(seen_word_recall(hypotheses, references, words_of(args.seen_in)))
+        result["metrics"].update(seen_word_recall(hypotheses, references, seen))
     return result
 
 

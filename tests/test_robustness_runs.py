@@ -195,6 +195,26 @@ def bad_lines(folder):
             line(audio="audio/ok.wav", task="qa", answer="a"),
             "needs 'question' and 'answer'",
         ),
+        "an unknown task": (
+            line(audio="audio/ok.wav", text="x", task="asr_"),
+            "field 'task' must be one of asr, st, qa, got 'asr_'",
+        ),
+        "a task that is not a string": (
+            line(audio="audio/ok.wav", text="x", task=["asr"]),
+            "field 'task' must be one of asr, st, qa",
+        ),
+        "QA with an empty question": (
+            line(audio="audio/ok.wav", task="qa", question=" ", answer="a"),
+            "empty question",
+        ),
+        "QA with an empty answer": (
+            line(audio="audio/ok.wav", task="qa", question="who?", answer=""),
+            "empty answer",
+        ),
+        "QA with an empty gold answer": (
+            line(audio="audio/ok.wav", task="qa", question="who?", answer=["anna", "  "]),
+            "empty answer",
+        ),
     }
 
 
@@ -203,7 +223,8 @@ MANIFEST_CASES = [
     "segment shorter than a frame", "not JSON", "truncated JSON", "a JSON list", "no transcript",
     "transcript not a string", "empty transcript", "audio not found", "not an audio file",
     "an empty file", "no samples", "negative offset", "offset past the end", "NaN samples",
-    "answer not strings", "QA without a question",
+    "answer not strings", "QA without a question", "an unknown task", "a task that is not a string",
+    "QA with an empty question", "QA with an empty answer", "QA with an empty gold answer",
 ]  # fmt: skip
 
 
@@ -396,7 +417,8 @@ def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay(
 
     monkeypatch.setattr(torch, "save", full_after_one)
     out = tmp_path / "run"
-    with pytest.raises(common.UserError, match="ckpt-0000002: No space left.*earlier checkpoints"):
+    expect = "the disk is full: could not write .*ckpt-0000002 .*last good checkpoint is .*0001"
+    with pytest.raises(common.UserError, match=expect):
         pretrain.main(pretrain_argv(paths, manifest, out, "--max-steps 4 --save-every 1"))
     assert [p.name for p in common.checkpoints(out)] == ["ckpt-0000001"]
     assert not list(out.glob(".ckpt-*"))  # no half-written folder left behind
