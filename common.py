@@ -45,8 +45,15 @@ from safetensors.torch import save_file
 # How a run is kept: the paper's on a GPU (its data named, checkpoints every 1000 steps as the
 # authors', gradient checkpointing on as theirs, no encoder-feature cache: MuST-C's would be ~150 GB of
 # host memory); the demo's on a CPU (its corpus, one checkpoint at the end, cached encoder features)
-PAPER_RUN = dict(data=None, save_every=1000, grad_checkpoint=True, cache_features=False)
-DEMO_RUN = dict(data="demo", save_every=0, grad_checkpoint=False, cache_features=True)
+# The chat's system turn: the authors' (their LLaVA template), or the LLM template's own ("")
+AUTHORS_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+PAPER_RUN = dict(data=None, save_every=1000, grad_checkpoint=True, cache_features=False,
+                 system_prompt=AUTHORS_SYSTEM_PROMPT)  # fmt: skip
+DEMO_RUN = dict(data="demo", save_every=0, grad_checkpoint=False, cache_features=True,
+                system_prompt="")  # fmt: skip
 
 RECIPES = {
     "paper": dict(
@@ -193,6 +200,7 @@ def add_model_flags(p):
     g.add_argument("--llm", default="smollm2", help=LLMS)
     g.add_argument("--encoder", help=ENCODERS)
     g.add_argument("--recipe", choices=list(RECIPES), help="the defaults of the flags left out")
+    g.add_argument("--system-prompt", help="the chat's system turn ('': the template's own)")
 
 
 def add_data_flags(p, several, max_audio_seconds):

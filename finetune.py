@@ -159,6 +159,7 @@ def build_model(args, dtype, world=1, resolve=common.resolve_model, device=None)
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
     model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve, device)
+    model.system_prompt = args.system_prompt or None
     if args.init != "none":
         model.load_projector(args.init)
     elif args.match_embedding_rms:

@@ -280,6 +280,8 @@ class SpeechLLM(nn.Module):
         # for the paper; saved in meta.json, so that from_checkpoint rebuilds the same model
         self.additions = {}
         self._template = None  # the chat template around the audio and the instruction (template)
+        # a system turn before the user's (the paper: the authors' sentence; None: the template's own)
+        self.system_prompt = None
         self.grad_checkpointing = False
 
     def enable_grad_checkpointing(self):
@@ -474,24 +476,37 @@ class SpeechLLM(nn.Module):
         (ids before the audio, the text between the audio and the instruction, ids after the
         instruction, the end-of-turn id)."""
         if self._template is None:
-            user = [{"role": "user", "content": f"{AUDIO}\n{INSTRUCTION}"}]
-            text = self.tokenizer.apply_chat_template(
-                user, tokenize=False, add_generation_prompt=True
+            system = (
+                [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             )
+            user = system + [{"role": "user", "content": f"{AUDIO}\n{INSTRUCTION}"}]
+            text = self.render(user, generation_prompt=True)
             if text.count(AUDIO) != 1 or text.count(INSTRUCTION) != 1:
                 raise ModelError(
                     f"the chat template of {self.llm_name} does not write the user's message once"
                 )
             before, rest = text.split(AUDIO)
             between, after = rest.split(INSTRUCTION)
-            full = self.tokenizer.apply_chat_template(
-                user + [{"role": "assistant", "content": "X"}], tokenize=False
-            )
+            full = self.render(user + [{"role": "assistant", "content": "X"}])
             # what the template writes after the answer, e.g. "<|eot_id|>"
             end_of_turn = full[len(text) + 1 :]
             encode = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
             self._template = (encode(before), between, encode(after), encode(end_of_turn)[0])
         return self._template
+
+    def render(self, messages, generation_prompt=False):
+        """The chat as text in the LLM's template. A Llama 3 with a system prompt gets the authors'
+        own template (LLaVA's conv_llama_3_1), without the dates Llama-3.1's template writes into
+        every system turn."""
+        if self.system_prompt and "<|start_header_id|>" in self.tokenizer.get_vocab():
+            turn = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>".format
+            text = "<|begin_of_text|>" + "".join(turn(m["role"], m["content"]) for m in messages)
+            return text + (
+                "<|start_header_id|>assistant<|end_header_id|>\n\n" if generation_prompt else ""
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def chat_batch(self, speech, speech_mask, instructions, targets=None):
         """Splice unpadded speech embeddings into the chat prompt.
@@ -616,6 +631,7 @@ class SpeechLLM(nn.Module):
             "encoder": self.encoder_name,
             "qformer": asdict(unwrap(self.projector).cfg),
             "sink_token": self.sink_token,
+            "system_prompt": self.system_prompt,
             "llm_dim": self.llm.config.hidden_size,
             "encoder_dim": self.encoder.dim,
             "additions": self.additions,
@@ -697,6 +713,7 @@ class SpeechLLM(nn.Module):
             resolve=resolve,
             device=device,
         )
+        model.system_prompt = meta.get("system_prompt")
         model.load_projector(ckpt)
         return model, meta
 

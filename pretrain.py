@@ -106,6 +106,7 @@ def build_model(args, dtype, resolve=common.resolve_model, device=None):
     shape = {field: getattr(args, flag) for flag, field in common.SHAPE_FLAGS.items()}
     qformer = QFormerConfig(**shape, dropout=args.dropout, time_mask=args.time_mask)
     model = SpeechLLM(args.llm, args.encoder, qformer, dtype, args.sink_token, resolve, device)
+    model.system_prompt = args.system_prompt or None
     if args.match_embedding_rms:
         model.match_embedding_rms()
     return model

@@ -211,3 +211,34 @@ def test_greedy_decoding_stops_at_the_first_newline_as_the_authors(paths, manife
     finally:
         handle.remove()
     assert texts == ["ab"] * 2 and why == ["end"] * 2  # not "ab\ncccccc", cut by the cap
+
+
+def test_the_authors_system_prompt_in_their_llama3_template(paths, tmp_path):
+    """The paper's recipe puts the authors' system turn first; a Llama 3 tokenizer gets their own
+    template (LLaVA's conv_llama_3_1: no "Cutting Knowledge Date" lines); any other LLM its
+    template with that system turn. The checkpoint keeps it for evaluate.py; the demo keeps its
+    template's own."""
+    assert pretrain.get_args(["--llm", "llama"]).system_prompt == common.AUTHORS_SYSTEM_PROMPT
+    assert finetune.get_args(["--llm", "llama", "--init", "none"]).system_prompt.startswith(
+        "A chat"
+    )
+    assert pretrain.get_args([]).system_prompt == ""
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=1))
+    model.system_prompt = common.AUTHORS_SYSTEM_PROMPT
+    before, after, eot = model.prompt_ids("Can you transcribe this audio?")
+    chatml = model.tokenizer.decode(before)
+    assert chatml.startswith("<|im_start|>system\nA chat between a curious user")
+    model.save_projector(tmp_path / "ckpt")
+    assert SpeechLLM.from_checkpoint(tmp_path / "ckpt")[0].system_prompt == model.system_prompt
+    llama3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    model.tokenizer.add_special_tokens({"additional_special_tokens": llama3})
+    model._template = None
+    before, after, eot = model.prompt_ids("Can you transcribe this audio?")
+    text = model.tokenizer.decode(before) + "<|audio|>" + model.tokenizer.decode(after)
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + common.AUTHORS_SYSTEM_PROMPT
+        + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<|audio|>\nCan you transcribe this"
+        " audio?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert model.tokenizer.convert_ids_to_tokens(eot) == "<|eot_id|>"
