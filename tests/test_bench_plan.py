@@ -1,5 +1,5 @@
-"""The planner's CPU check (scripts/plan.py): its prediction of a step's peak memory is within 15% of
-the peak measured for tiny models of the paper's architectures (a 10-layer Llama, a HuBERT with
+"""The planner's CPU check (scripts/plan.py): its prediction of a step's peak memory is within 15%
+of the peak measured for tiny models of the paper's architectures (a 12-layer Llama, a HuBERT with
 HuBERT-large's conv stack) running the real steps: stage 1's speech side (SpeechLLM.speech_states +
 the contrastive loss + backward) and stage 2's answer loss (finetune.answer_loss + backward), with
 and without gradient checkpointing. Both sides compare the same thing: the step's peak above the
@@ -123,8 +123,10 @@ def check(name, predicted, measured):
     error = predicted["extra"] / measured - 1
     mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
     llm = predicted["front_live"] + predicted["llm"]
-    print(f"\n{name}: predicted {mib(predicted['extra'])} (encoder {mib(predicted['encoder_peak'])}, "
-          f"LLM phase {mib(llm)}), measured {mib(measured)} ({error:+.1%})")  # fmt: skip
+    print(
+        f"\n{name}: predicted {mib(predicted['extra'])} (front {mib(predicted['front_peak'])}, "
+        f"LLM phase {mib(llm)}), measured {mib(measured)} ({error:+.1%})"
+    )
     assert abs(error) <= TOLERANCE, f"{name}: the planner is {error:+.1%} off"
 
 
