@@ -3,7 +3,7 @@ plan.py: the memory and time planner. How much GPU memory each stage of the pape
 its worst micro-batch, with and without gradient checkpointing; which flags fit a 24 / 40 / 80 GB
 card; and how many GPU-hours the paper's runs take. Estimates, until a GPU measures them.
 
-    # the paper: Llama-3.1-8B-Instruct + HuBERT-large (80 s on 2 CPU cores, 9 GB of memory)
+    # the paper: Llama-3.1-8B-Instruct + HuBERT-large (90 s on 2 CPU cores, 8.5 GB of memory)
     python -m scripts.bench --plan --llm llama --encoder hubert
     # the demo's models under the paper's steps and batches
     python -m scripts.bench --plan --llm smollm2 --encoder whisper-tiny
@@ -730,7 +730,7 @@ def time_table(cal):
         "proportion (the manifests' durations decide how much)."
     )
     rows.append(
-        "Data: MuST-C v1.0 train, segments / hours per pair "
+        "\nData: MuST-C v1.0 train, segments / hours per pair "
         + ", ".join(f"en-{k} {c / 1e3:.1f}k / {h} h" for k, (c, h) in MUSTC.items())
         + f"; Spoken-SQuAD {SQA_EXAMPLES / 1e3:.1f}k questions, each with its passage's audio "
         f"(assumed {SQA_SECONDS:.0f} s). Tokens: {cal.qformer.queries} per "
