@@ -531,8 +531,8 @@ def projector_flops(qformer, enc_dim, params, windows):
 
 
 def runs(cal):
-    """The paper's two runs as (name, examples, audio seconds, positions, supervised, text tokens),
-    per epoch, and their epochs."""
+    """{stage: (its data per epoch, one row per task: examples, seconds of audio, speech tokens,
+    LLM positions, supervised tokens, transcript tokens for the text side), its epochs)}."""
     de_clips, de_hours = MUSTC["de"]
     st_clips = sum(c for c, _ in MUSTC.values())
     st_seconds = 3600 * sum(h for _, h in MUSTC.values())
