@@ -3,34 +3,37 @@ plan.py: the memory and time planner. How much GPU memory each stage of the pape
 its worst micro-batch, with and without gradient checkpointing; which flags fit a 24 / 40 / 80 GB
 card; and how many GPU-hours the paper's runs take. Estimates, until a GPU measures them.
 
-    # the paper: Llama-3.1-8B-Instruct + HuBERT-large (80 s on 2 CPU cores, 9 GB of memory)
+    # the paper: Llama-3.1-8B-Instruct + HuBERT-large (90 s on 2 CPU cores, 8.5 GB of memory)
     python -m scripts.bench --plan --llm llama --encoder hubert
     # the demo's models under the paper's steps and batches
     python -m scripts.bench --plan --llm smollm2 --encoder whisper-tiny
     # any model folder with a config.json
     python -m scripts.bench --plan --llm /models/my-llm --encoder /models/my-hubert
 
-How. Nothing is downloaded: each model is built from its config with random weights (a step's memory
-does not depend on their values) and cut to 2 layers at full width. Each piece of the training step
-then runs on the CPU as the scripts run it, its memory replayed from the profiler (live_bytes):
-- the front: the frozen encoder (no gradients) and the projector on one clip of the batch's length:
-  the peak while it runs, and what stays live after it (the projector's saved activations and outputs);
-- the LLM: stage 1's speech side (SpeechLLM.hidden_states + the contrastive loss + backward) and stage
-  2's answer loss (SpeechLLM.lm_loss + backward) on one sequence of 256 positions, with 1 and with 2
-  decoder layers: the difference is what one more layer adds per position (without checkpointing, what
-  autograd keeps of a layer; with it, the layer's input), the rest is the step's own per position (the
-  stacked states and the loss, one layer's backward, the gradient of the input);
-- stage 2's LM head on the supervised tokens (128k logits each), which can outgrow the rest: the step's
-  peak is then the end of the forward (measured too) plus the head.
-A batch of B clips costs B times one clip; a sequence of N positions N times one position (attention
-kernels keep no N x N matrix); a 32-layer LLM 30 layers more than the 2-layer one. Under bf16 the CPU
-runs as CUDA's autocast would: CUDA computes layer_norm and group_norm in float32 (its autocast's
-float32 list), the CPU's autocast in bf16, which would halve the encoder's peak (CudaNorms).
-tests/test_bench_plan.py holds the prediction within 15% of the peak measured for tiny models of the
-same architectures running the real steps.
+How. Nothing is downloaded: each model is built from its config with random weights (a step's
+memory does not depend on their values) and cut to 2 layers at full width. Each piece of the
+training step then runs on the CPU as the scripts run it, its memory replayed from the profiler
+(live_bytes):
+- the front: the frozen encoder (no gradients) and the projector on one clip of the batch's
+  length: the peak while it runs, and what stays live after it (the projector's saved activations
+  and outputs);
+- the LLM: stage 1's speech side (SpeechLLM.hidden_states + the contrastive loss + backward) and
+  stage 2's answer loss (SpeechLLM.lm_loss + backward) on one sequence of 256 positions, with 1 and
+  with 2 decoder layers: the difference is what one more layer adds per position (without
+  checkpointing, what autograd keeps of a layer; with it, the layer's input), the rest is the
+  step's own per position (the stacked states and the loss, one layer's backward, the gradient of
+  the input);
+- stage 2's LM head on the supervised tokens (128k logits each), which can outgrow the rest: the
+  step's peak is then the end of the forward (measured too) plus the head.
+A batch of B clips costs B times one clip; a sequence of N positions N times one position
+(attention kernels keep no N x N matrix); a 32-layer LLM 30 layers more than the 2-layer one. Under
+bf16 the CPU runs as CUDA's autocast would: CUDA computes layer_norm and group_norm in float32 (its
+autocast's float32 list), the CPU's autocast in bf16, which would halve the encoder's peak
+(CudaNorms). tests/test_bench_plan.py holds the prediction within 15% of the peak measured for tiny
+models of the same architectures running the real steps.
 
-Not counted: the CUDA context and libraries (~1 GiB, outside PyTorch's allocator) and the allocator's
-fragmentation: the table of cards leaves 1 GiB + 10% for them.
+Not counted: the CUDA context and libraries (~1 GiB, outside PyTorch's allocator) and the
+allocator's fragmentation: the table of cards leaves 1 GiB + 10% for them.
 
 Sections: shapes and assumptions | measuring | the calibration | memory | time | printing.
 """
@@ -111,8 +114,8 @@ def stage_batches(max_seconds=None):
     }
 
 
-# The runs' data (public sizes; paper-notes.md): MuST-C v1.0 train segments and hours per pair; every
-# Spoken-SQuAD question brings its passage's audio (its mean length is an assumption: SQuAD's
+# The runs' data (public sizes; paper-notes.md): MuST-C v1.0 train segments and hours per pair;
+# every Spoken-SQuAD question brings its passage's audio (its mean length is an assumption: SQuAD's
 # paragraphs, ~120 words, read by a TTS voice).
 MUSTC = {"de": (229.7e3, 408), "fr": (275.1e3, 492), "it": (253.4e3, 465), "es": (265.6e3, 504)}
 SQA_EXAMPLES, SQA_SECONDS = 37.1e3, 45.0
@@ -191,11 +194,11 @@ def live_bytes(fn, device=None):
 
 
 class CudaNorms(TorchFunctionMode):
-    """Under the CPU's autocast, compute layer_norm and group_norm in float32 as CUDA's autocast does
-    (they are on its float32 list, not on the CPU's). Of that list they are the only ops these models
-    call on bf16 tensors (the LLM's RMSNorm casts to float32 itself), and HuBERT's conv feature
-    extractor calls them on its widest tensors: without this the CPU would measure the encoder's
-    peak at half the GPU's."""
+    """Under the CPU's autocast, compute layer_norm and group_norm in float32 as CUDA's autocast
+    does (they are on its float32 list, not on the CPU's). Of that list they are the only ops these
+    models call on bf16 tensors (the LLM's RMSNorm casts to float32 itself), and HuBERT's conv
+    feature extractor calls them on its widest tensors: without this the CPU would measure the
+    encoder's peak at half the GPU's."""
 
     FLOAT32 = ("layer_norm", "group_norm")
 
@@ -246,12 +249,22 @@ def bare_models():
 
 @dataclass
 class Front:
-    """The frozen encoder + the projector on one clip: bytes at their peak, bytes still live after
-    (what the LLM phase runs on top of), and the LLM positions the clip becomes."""
+    """The frozen encoder, then the projector, on clips of one length (bytes). The encoder's peak and
+    its output are per clip. The projector's peak and what it leaves live (its saved activations and
+    outputs, what the LLM phase runs on top of) are per clip plus once a step: autocast's bf16
+    copies of its weights, cached for the backward."""
 
-    peak: int
-    live: int
-    tokens: int
+    encoder_peak: int  # per clip
+    frames: int  # the encoder's output, per clip (kept for the backward by the projector's norm)
+    peak: tuple  # the projector's: (once, per clip)
+    live: tuple  # after the projector: (once, per clip)
+    tokens: int  # the LLM positions a clip becomes
+
+    def __call__(self, clips):
+        """(the front's peak, what it leaves live) for a batch of `clips`."""
+        proj = lambda once_per: once_per[0] + clips * once_per[1]  # noqa: E731
+        peak = max(clips * self.encoder_peak, clips * self.frames + proj(self.peak))
+        return peak, clips * self.frames + proj(self.live)
 
 
 class Calibration:
@@ -379,24 +392,42 @@ class Calibration:
             )
 
     def front(self, seconds):
-        """The encoder (no gradients) and the projector on one clip of `seconds`, its last 0.1 s
-        padding. Measured once per length: the encoder's attention mask grows with its square."""
+        """SpeechLLM.encode_speech's two halves on clips of `seconds`, the last 0.1 s padding: the
+        encoder (no gradients) on one clip, measured once per length (its attention mask grows with
+        the square of it); the projector on one clip and on two, whose difference is one clip's
+        share."""
         if seconds not in self.fronts:
             whisper = is_whisper(self.encoder_config)
             rate = 100 if whisper else 16000  # log-mel frames / samples per second
             n = int(round(seconds * rate))
             shape = (1, self.encoder_config.num_mel_bins, n) if whisper else (1, n)
-            inputs = torch.randn(shape, device=self.device)
             mask = torch.ones(1, n, dtype=torch.bool, device=self.device)
             mask[0, -rate // 10 :] = False
-            batch = {"speech_inputs": inputs, "speech_input_mask": mask}
-
-            def forward():
+            batch = {
+                "speech_inputs": torch.randn(shape, device=self.device),
+                "speech_input_mask": mask,
+            }
+            with autocast(self.device, self.dtype):
+                encoder_peak, frames, (out, out_mask) = live_bytes(
+                    lambda: self.model.speech_frames(batch), self.device
+                )
+            projector = []
+            for clips in (1, 2):
+                frames_in, mask_in = out.repeat(clips, 1, 1), out_mask.repeat(clips, 1)
                 with autocast(self.device, self.dtype):
-                    return self.model.encode_speech(batch)
-
-            peak, live, (speech, _) = live_bytes(forward, self.device)
-            self.fronts[seconds] = Front(peak, live, speech.shape[1])
+                    peak, live, (speech, _) = live_bytes(
+                        lambda f=frames_in, m=mask_in: self.model.projector(f.float(), m),
+                        self.device,
+                    )
+                projector.append((peak, live))
+            (p1, l1), (p2, l2) = projector
+            self.fronts[seconds] = Front(
+                encoder_peak,
+                frames,
+                (2 * p1 - p2, p2 - p1),
+                (2 * l1 - l2, l2 - l1),
+                speech.shape[1],
+            )
         return self.fronts[seconds]
 
 
@@ -405,11 +436,11 @@ class Calibration:
 
 
 def step_memory(cal, stage, batch, checkpointing):
-    """The peak bytes of one training micro-step above the resting weights, and its parts: the front
-    (B clips through the encoder and the projector) and the LLM phase on top of what the front leaves
-    live. Stage 1: the speech side's pass and loss. Stage 2: the prompt spliced around the speech
-    (one new [B, T, D] sequence), then the larger of the backward through the layers and the end of
-    the forward plus the LM head on the supervised tokens."""
+    """The peak bytes of one training micro-step above the resting weights, and its parts: the
+    front (B clips through the encoder and the projector) and the LLM phase on top of what the front
+    leaves live. Stage 1: the speech side's pass and loss. Stage 2: the prompt spliced around the
+    speech (one new [B, T, D] sequence), then the larger of the backward through the layers and the
+    end of the forward plus the LM head on the supervised tokens."""
     front = cal.front(batch.seconds)
 
     def per_position(what):  # bytes per LLM position at the LLM's full depth
@@ -423,10 +454,10 @@ def step_memory(cal, stage, batch, checkpointing):
         spliced = positions * cal.dim * torch.finfo(cal.dtype).bits // 8
         head = per_position("forward") * positions + cal.head * batch.clips * batch.answer
         llm = spliced + max(per_position("answer") * positions, head)
-    encoder_peak, front_live = batch.clips * front.peak, batch.clips * front.live
+    front_peak, front_live = front(batch.clips)
     return dict(
-        extra=max(encoder_peak, front_live + llm),
-        encoder_peak=encoder_peak,
+        extra=max(front_peak, front_live + llm),
+        front_peak=front_peak,
         front_live=front_live,
         llm=llm,
         positions=positions,
@@ -461,9 +492,9 @@ def speech_tokens(seconds, clips, qformer):
 
 def llm_flops(cfg, decoder_params, positions, length, grad, checkpointing):
     """The frozen LLM over `positions` positions in sequences of `length`: 2 FLOPs per weight and
-    position forward, plus causal attention (2 x layers x width x length per position); with `grad`,
-    the input gradient (the weights are frozen: no weight gradient) costs the forward's matmuls again
-    and twice its attention; checkpointing runs the forward once more."""
+    position forward, plus causal attention (2 x layers x width x length per position); with
+    `grad`, the input gradient (the weights are frozen: no weight gradient) costs the forward's
+    matmuls again and twice its attention; checkpointing runs the forward once more."""
     matmul = 2 * decoder_params * positions
     attention = 2 * cfg.num_hidden_layers * cfg.hidden_size * length * positions
     if not grad:
@@ -493,15 +524,15 @@ def encoder_flops(cfg, seconds, clip_seconds, transformer_params):
 
 
 def projector_flops(qformer, enc_dim, params, windows):
-    """The projector trains: forward, input and weight gradients (3x the forward). Its keys and values
-    read the window's frames; every other weight reads the window's queries."""
+    """The projector trains: forward, input and weight gradients (3x the forward). Its keys and
+    values read the window's frames; every other weight reads the window's queries."""
     kv = qformer.layers * 2 * enc_dim * qformer.dim
     return 3 * 2 * windows * (qformer.window * kv + qformer.queries * (params - kv))
 
 
 def runs(cal):
-    """The paper's two runs as (name, examples, audio seconds, positions, supervised, text tokens),
-    per epoch, and their epochs."""
+    """{stage: (its data per epoch, one row per task: examples, seconds of audio, speech tokens,
+    LLM positions, supervised tokens, transcript tokens for the text side), its epochs)}."""
     de_clips, de_hours = MUSTC["de"]
     st_clips = sum(c for c, _ in MUSTC.values())
     st_seconds = 3600 * sum(h for _, h in MUSTC.values())
@@ -525,8 +556,8 @@ def runs(cal):
         for name, clips, seconds, prompt, answer, text in parts:
             speech = tok(seconds, clips)
             positions = speech + clips * (prompt + answer)
-            rows.append(dict(name=name, clips=clips, seconds=seconds, speech=speech,
-                             positions=positions, supervised=clips * answer, text=text))  # fmt: skip
+            rows.append(dict(name=name, clips=clips, seconds=seconds, speech=speech, text=text,
+                             positions=positions, supervised=clips * answer))  # fmt: skip
         out[stage] = (rows, epochs)
     return out
 
@@ -605,13 +636,14 @@ def plan(cal, out=print):
             )
             both = lambda f: (f(steps[False]), f(steps[True]))  # noqa: E731, B023
             rows = [
-                (f"frozen weights, {dtype}: LLM {gib(rest['llm'])} + encoder {gib(rest['encoder'])}",
-                 (weights, weights)),
-                (f"projector ({rest['n_projector'] / 1e6:.1f}M): weights, gradients, AdamW (float32)",
-                 (rest["projector"],) * 2),
+                (f"frozen weights, {dtype}: LLM {gib(rest['llm'])} + encoder "
+                 f"{gib(rest['encoder'])}", (weights, weights)),
+                (f"projector ({rest['n_projector'] / 1e6:.1f}M): weights, gradients, AdamW "
+                 "(float32)", (rest["projector"],) * 2),
                 (f"caches on the GPU: {caches}; feature cache off", (0, 0)),
                 ("activations: the step's peak above these", both(lambda s: s["extra"])),
-                ("- the encoder's peak (no gradients)", both(lambda s: s["encoder_peak"])),
+                ("- the front's peak: the encoder (no gradients), the projector",
+                 both(lambda s: s["front_peak"])),
                 ("- the LLM phase: the projector's saved activations + the LLM's",
                  both(lambda s: s["front_live"] + s["llm"])),
             ]  # fmt: skip
@@ -627,7 +659,8 @@ def plan(cal, out=print):
 
 
 def text_cache_bytes(cal):
-    """Stage 1's text cache: every MuST-C transcript's pooled states at the loss's layers, float32."""
+    """Stage 1's text cache: every MuST-C transcript's pooled states at the loss's layers (float32)
+    in host RAM."""
     return MUSTC["de"][0] * cal.stacked * cal.dim * 4
 
 
@@ -689,20 +722,21 @@ def time_table(cal):
     rows.append(
         "\nThe floor: the frozen LLM's forward (2 FLOPs per weight per position, plus causal "
         "attention) and its input gradient (the same again; no weight gradients), one more forward "
-        "with checkpointing; stage 1's transcripts once, forward only (the text cache); the LM head "
-        "on stage 2's supervised tokens; the encoder's forward every step (no feature cache); the "
-        "projector's forward and backward. Dense bf16 peaks: "
+        "with checkpointing; stage 1's transcripts once, forward only (the text cache); the LM "
+        "head on stage 2's supervised tokens; the encoder's forward every step (no feature "
+        "cache); the projector's forward and backward. Dense bf16 peaks: "
         + ", ".join(f"{g} {p / 1e12:.0f} TFLOP/s" for g, p in GPUS.items())
         + ". Padding not counted: random batches pad to their longest clip, which adds compute in "
         "proportion (the manifests' durations decide how much)."
     )
     rows.append(
-        "Data: MuST-C v1.0 train, segments / hours per pair "
+        "\nData: MuST-C v1.0 train, segments / hours per pair "
         + ", ".join(f"en-{k} {c / 1e3:.1f}k / {h} h" for k, (c, h) in MUSTC.items())
         + f"; Spoken-SQuAD {SQA_EXAMPLES / 1e3:.1f}k questions, each with its passage's audio "
         f"(assumed {SQA_SECONDS:.0f} s). Tokens: {cal.qformer.queries} per "
         f"{cal.qformer.window}-frame window of speech (~11.8 per second); transcripts "
-        f"{TRANSCRIPT_TOKENS_PER_S} and translations {TRANSLATION_TOKENS_PER_S} per second of audio; "
+        f"{TRANSCRIPT_TOKENS_PER_S} and translations {TRANSLATION_TOKENS_PER_S} per second of "
+        "audio; "
         f"stage 2's prompt {PROMPT_TOKENS} tokens (+{QA_QUESTION_TOKENS} for a QA question), a QA "
         f"answer {QA_ANSWER_TOKENS} (all assumptions)."
     )

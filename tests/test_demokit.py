@@ -547,7 +547,7 @@ def project_imports(path):
 SCRIPTS = {"pretrain", "finetune", "evaluate"}
 TOOLS = {
     "bench",
-    "plan",
+    "plan",  # the planner behind bench --plan
     "compare",
     "prepare_data",
     "plot_log",
