@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 from test_errors import fails_in_one_line
-from tiny import argv, write_manifest
+from tiny import TINY, argv, write_manifest
 
 import common
 import evaluate
 import finetune
 import model
 import pretrain
-
-TINY = (
-    "--llm {llm} --encoder {hubert} --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 "
-    "--device cpu --dtype float32 --batch-size 4 --no-cache-features"
-)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,13 @@ WORDS = (
 ).split()
 
 
+# the flags of a quick run with the tiny models (paths fixture), the paper's recipe, no feature cache
+TINY = (
+    "--llm {llm} --encoder {hubert} --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 "
+    "--device cpu --dtype float32 --batch-size 4 --no-cache-features"
+)
+
+
 def tiny_models(folder):
     """Build the tiny LLM and encoders with their tokenizer / feature extractors into `folder`
     once."""

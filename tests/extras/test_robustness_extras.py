@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny import argv, write_manifest
+from tiny import TINY, argv, write_manifest
 
 import common
 import data
@@ -25,11 +25,6 @@ from data import INSTRUCTIONS, Collator
 from extras import decoding, lora
 from extras.joint import generate_joint
 from model import SpeechLLM
-
-TINY = (
-    "--llm {llm} --encoder {hubert} --qformer-dim 32 --qformer-heads 4 --qformer-layers 2 "
-    "--device cpu --dtype float32 --batch-size 4 --no-cache-features"
-)
 
 
 @pytest.fixture(scope="module")
