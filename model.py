@@ -546,14 +546,14 @@ class SpeechLLM(nn.Module):
         position (the logits over a 50k-128k vocabulary would otherwise cost more memory than the
         rest of the step).
         prefix: the first `prefix` positions hold the same tokens in every sequence (shared_prefix);
-        their keys and values are computed once, for one sequence and without gradients, and every
-        sequence attends to that copy: the same numbers, without a forward and backward of the
-        prefix per example."""
+        their keys and values are computed once, for one sequence, and every sequence attends to
+        that copy: the same numbers, without a forward and backward of the prefix per example.
+        (Where weights inside the LLM train, e.g. LoRA, the copy keeps its graph: the gradients of
+        all sequences meet in it, as they would have summed over separate prefixes.)"""
         decoder = self.llm.get_decoder()
         cache = None
-        if prefix:
-            with torch.no_grad():
-                cache = decoder(inputs_embeds=embeds[:1, :prefix], use_cache=True).cache
+        if prefix:  # the template's embeddings need no gradient
+            cache = decoder(inputs_embeds=embeds[:1, :prefix].detach(), use_cache=True).cache
             cache.batch_repeat_interleave(len(embeds))
             # the mask keeps the prefix: it covers the cache
             embeds, labels = embeds[:, prefix:], labels[:, prefix:]
@@ -573,11 +573,8 @@ class SpeechLLM(nn.Module):
         spliced into the chat prompt before its instruction, next-token cross-entropy on the target
         and the end-of-turn token only."""
         embeds, mask, labels = self.chat_batch(speech, speech_mask, instructions, targets)
-        # no cached prefix when weights train inside the LLM (extras/lora.py: they change the
-        # prefix's keys and values) or under gradient checkpointing (which drops a layer's cache)
-        llm_trains = any(p.requires_grad for p in self.llm.parameters())
-        cached = not (llm_trains or self.grad_checkpointing)
-        prefix = self.shared_prefix(instructions) if cached else 0
+        # no shared prefix under gradient checkpointing (which drops a layer's cache)
+        prefix = 0 if self.grad_checkpointing else self.shared_prefix(instructions)
         return self.lm_loss(embeds, mask, labels, prefix=prefix)
 
     def shared_prefix(self, instructions):

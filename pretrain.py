@@ -335,10 +335,11 @@ def main(argv=None):
             group["lr"] = lr
 
         if master and dev and args.eval_every and step > 0 and step % args.eval_every == 0:
-            r1, _ = dev_retrieval(model, dev, layers, args, device, dtype)
-            progress.write(f"step {step} dev R@1 per layer {layers}: plain {fmt(r1['plain'])} "
+            # during the warm start only layer 0 trains: its retrieval needs no LLM pass
+            r1, _ = dev_retrieval(model, dev, step_layers, args, device, dtype)
+            progress.write(f"step {step} dev R@1 per layer {step_layers}: plain {fmt(r1['plain'])} "
                            f"centred {fmt(r1['centred'])}")  # fmt: skip
-            log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=layers)
+            log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=step_layers)
             if "ctc" in args.loss:  # extras: ctc, what the projector spells so far
                 with common.autocast(device, dtype):
                     ctc.print_read_out(model, dev, collate, device, progress.write)

@@ -22,6 +22,7 @@ compression | what the scripts call.
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -56,17 +57,38 @@ def embedding_table(model):
 # The CTC loss over the embedding table
 
 
-def ctc_logits(speech, embedding_table, blank, temperature=0.05, product_dtype=torch.float32):
-    """[B, S, D] -> [B, S, V + 1]: cosine / temperature against every token embedding, then the
-    blank (the last class). Float32 with autocast off (a log-softmax over a 49k-128k vocabulary in
-    bf16 loses the small probabilities CTC needs), unless product_dtype asks for the product in
-    bf16: the logits then come in bf16, for a float32 log-softmax. The frozen table never gets a
-    gradient (detached)."""
+_UNIT_ROWS = {}  # unit_rows' one table: a weak reference to it, its version, its rows
+
+
+def unit_rows(embedding_table):
+    """The frozen table's rows L2-normalised in float32, without a gradient: computed once per
+    table and kept while the table lives and is unchanged (normalising 49k-128k rows at every
+    call was a tenth of a stage-2 step)."""
+    known = _UNIT_ROWS.get("table")
+    same = known is not None and known() is embedding_table
+    if not (same and _UNIT_ROWS["version"] == embedding_table._version):
+        with torch.no_grad(), float32_math():
+            rows = F.normalize(embedding_table.detach().float(), dim=-1)
+        _UNIT_ROWS.update(
+            table=weakref.ref(embedding_table), version=embedding_table._version, rows=rows
+        )
+    return _UNIT_ROWS["rows"]
+
+
+def ctc_logits(speech, embedding_table, blank, temperature=0.05, product_dtype=torch.float32,
+               rows=None):  # fmt: skip
+    """[B, S, D] -> [B, S, V + 1]: cosine / temperature against every token embedding (or the
+    table's `rows` only), then the blank (the last class). Float32 with autocast off (a log-softmax
+    over a 49k-128k vocabulary in bf16 loses the small probabilities CTC needs), unless
+    product_dtype asks for the product in bf16: the logits then come in bf16, for a float32
+    log-softmax. The frozen table never gets a gradient; the blank is scored apart, so that only
+    its own row gets one (not a [V, D] gradient of which all but one row is thrown away)."""
     with float32_math():
-        classes = torch.cat([embedding_table.detach(), blank[None]]).float()
-        classes = F.normalize(classes, dim=-1).to(product_dtype)
-        queries = F.normalize(speech.float(), dim=-1) / temperature
-        return queries.to(product_dtype) @ classes.T
+        classes = unit_rows(embedding_table)
+        classes = (classes if rows is None else classes[rows]).to(product_dtype)
+        queries = (F.normalize(speech.float(), dim=-1) / temperature).to(product_dtype)
+        blank = F.normalize(blank.float(), dim=-1).to(product_dtype)
+        return torch.cat([queries @ classes.T, (queries @ blank)[..., None]], dim=-1)
 
 
 def autocast_dtype(device):
@@ -95,29 +117,32 @@ def ctc_classes(token_ids, token_mask, vocab_size, num_classes):
 
 def ctc_alignment_loss(
     speech, speech_mask, token_ids, token_mask, embedding_table, blank, temperature=0.05,
-    num_classes=0,
+    num_classes=0, keep_logits=False,
 ):  # fmt: skip
     """CTC loss of the transcripts' tokens [B, T] (mask [B, T]) given the projector outputs
     [B, S, D] (mask [B, S], valid positions first): PyTorch's 'mean', each utterance's loss divided
     by its target length, then averaged. A transcript with more tokens than speech positions cannot
     align: 0, not inf. Under autocast the product with the vocabulary runs in its dtype, as an
     LLM's output layer does; the rest stays float32. num_classes > 0 scores that many rows of the
-    table, not all of them (ctc_classes): a step costs in proportion to the rows it scores."""
-    table, log_weight = embedding_table, None
+    table, not all of them (ctc_classes): a step costs in proportion to the rows it scores.
+    keep_logits: return (loss, the logits [B, S, C + 1]), for compression to reuse."""
+    rows, log_weight = None, None
     if 0 < num_classes < len(embedding_table):
         rows, log_weight = ctc_classes(token_ids, token_mask, len(embedding_table), num_classes)
-        table = embedding_table[rows]
         position = torch.zeros(len(embedding_table), dtype=torch.long, device=rows.device)
         position[rows] = torch.arange(len(rows), device=rows.device)
         token_ids = position[token_ids]  # vocabulary ids -> ids among the rows scored
         log_weight = F.pad(log_weight, (0, 1))  # the blank stands for itself
-    logits = ctc_logits(speech, table, blank, temperature, autocast_dtype(speech.device))
+    logits = ctc_logits(
+        speech, embedding_table, blank, temperature, autocast_dtype(speech.device), rows
+    )
     if log_weight is not None:
         logits = logits.float() + log_weight
     log_probs = logits.log_softmax(-1, dtype=torch.float32)
     lengths, target_lengths = speech_mask.sum(-1), token_mask.sum(-1)
-    return F.ctc_loss(log_probs.transpose(0, 1), token_ids, lengths, target_lengths,
-                      blank=len(table), zero_infinity=True)  # fmt: skip
+    loss = F.ctc_loss(log_probs.transpose(0, 1), token_ids, lengths, target_lengths,
+                      blank=logits.shape[-1] - 1, zero_infinity=True)  # fmt: skip
+    return (loss, logits) if keep_logits else loss
 
 
 # -----------------------------------------------------------------------------
@@ -139,11 +164,13 @@ def ctc_runs(path, blank_id):
 
 
 @torch.no_grad()
-def ctc_paths(speech, speech_mask, embedding_table, blank):
+def ctc_paths(speech, speech_mask, embedding_table, blank, logits=None):
     """The best class of every position as lists, -1 at padding (the temperature cannot change
-    it)."""
-    best = ctc_logits(speech, embedding_table, blank).argmax(-1)
-    return best.masked_fill(~speech_mask, -1).tolist()
+    it). logits: the float32 logits over every row already computed for these positions (the CTC
+    loss's), to read the paths off instead of scoring the vocabulary again."""
+    if logits is None:
+        logits = ctc_logits(speech, embedding_table, blank)
+    return logits.argmax(-1).masked_fill(~speech_mask, -1).tolist()
 
 
 def ctc_readout(speech, speech_mask, embedding_table, blank):
@@ -153,13 +180,13 @@ def ctc_readout(speech, speech_mask, embedding_table, blank):
     return [[token for token, _, _ in ctc_runs(path, len(embedding_table))] for path in paths]
 
 
-def ctc_compress(speech, speech_mask, embedding_table, blank):
+def ctc_compress(speech, speech_mask, embedding_table, blank, logits=None):
     """About one vector per token: blank positions dropped, each run of one token replaced by the
     mean of its vectors (the gradient reaches all of them). Returns (speech [B, S', D], mask
     [B, S']), valid positions first. An utterance with no token keeps the mean of its positions, so
-    no row is empty."""
+    no row is empty. logits: as ctc_paths."""
     rows = []
-    for b, path in enumerate(ctc_paths(speech, speech_mask, embedding_table, blank)):
+    for b, path in enumerate(ctc_paths(speech, speech_mask, embedding_table, blank, logits)):
         runs = ctc_runs(path, len(embedding_table))
         if runs:
             rows.append(torch.stack([speech[b, start:end].mean(0) for _, start, end in runs]))
@@ -181,18 +208,19 @@ def temperature_of(model):
     return model.additions.get("ctc", {}).get("temperature", 0.05)
 
 
-def loss(model, speech, speech_mask, batch, temperature=0.05, num_classes=0):
+def loss(model, speech, speech_mask, batch, temperature=0.05, num_classes=0, keep_logits=False):
     """The alignment's loss for a collated batch (its transcripts' tokens: batch["text_ids"])."""
     table, blank = embedding_table(model), unwrap(model.projector).blank
     ids, mask = batch["text_ids"], batch["text_mask"]
     return ctc_alignment_loss(
-        speech, speech_mask, ids, mask, table, blank, temperature, num_classes
+        speech, speech_mask, ids, mask, table, blank, temperature, num_classes, keep_logits
     )
 
 
-def compress(model, speech, speech_mask):
+def compress(model, speech, speech_mask, logits=None):
     """What the LLM reads with --compress: about one vector per token (ctc_compress)."""
-    return ctc_compress(speech, speech_mask, embedding_table(model), unwrap(model.projector).blank)
+    table, blank = embedding_table(model), unwrap(model.projector).blank
+    return ctc_compress(speech, speech_mask, table, blank, logits)
 
 
 @torch.no_grad()
@@ -228,12 +256,17 @@ def print_read_out(model, rows, collate, device, write):
 
 def finetune_inputs(model, speech, speech_mask, batch, args, with_ctc=True):
     """stage 2 with --ctc-weight and/or --compress: (the weighted CTC term, what the LLM reads)."""
-    term = 0.0
+    term, logits = 0.0, None
     if with_ctc and args.ctc_weight:
-        ctc = loss(model, speech, speech_mask, batch, args.ctc_temperature, args.ctc_classes)
+        ctc, logits = loss(
+            model, speech, speech_mask, batch, args.ctc_temperature, args.ctc_classes, True
+        )
         term = args.ctc_weight * ctc
+        every_row = logits.shape[-1] == len(embedding_table(model)) + 1
+        # compression reads its paths off the loss's logits where they score every row in float32
+        logits = logits.detach() if every_row and logits.dtype == torch.float32 else None
     if args.compress:
-        speech, speech_mask = compress(model, speech, speech_mask)
+        speech, speech_mask = compress(model, speech, speech_mask, logits)
     return term, speech, speech_mask
 
 

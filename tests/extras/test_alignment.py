@@ -161,6 +161,77 @@ def test_readout_and_compression_follow_the_nearest_embedding():
     assert (speech.grad[0, 3:6] != 0).all() and (speech.grad[0, :3] == 0).all()
 
 
+def test_ctc_logits_give_the_blank_and_the_speech_the_slow_gradients():
+    """The frozen table is normalised once and the blank scored apart: the gradients into the
+    speech and the blank are those of the obvious cosine against the concatenated classes."""
+    torch.manual_seed(0)
+    table = torch.randn(11, 6)
+    slow_blank, blank = (torch.randn(6).requires_grad_(True) for _ in range(2))
+    with torch.no_grad():
+        blank.copy_(slow_blank)
+    speech = torch.randn(2, 7, 6, requires_grad=True)
+    weights = torch.randn(2, 7, 12)
+    slow = F.cosine_similarity(speech[..., None, :], torch.cat([table, slow_blank[None]]), dim=-1)
+    (slow / 0.05 * weights).sum().backward()
+    speech_grad, speech.grad = speech.grad, None
+    (ctc_logits(speech, table, blank) * weights).sum().backward()
+    torch.testing.assert_close(speech.grad, speech_grad)
+    torch.testing.assert_close(blank.grad, slow_blank.grad)
+
+
+def test_the_normalised_table_is_recomputed_when_the_table_changes():
+    torch.manual_seed(0)
+    table, blank, speech = torch.randn(11, 6), torch.randn(6), torch.randn(1, 3, 6)
+    first = ctc_logits(speech, table, blank)
+    with torch.no_grad():
+        table.mul_(-1)  # in place: a new version of the same tensor
+    torch.testing.assert_close(ctc_logits(speech, table, blank)[..., :-1], -first[..., :-1])
+    other = torch.randn(11, 6)  # another table of the same shape
+    expected = F.cosine_similarity(speech[..., None, :], other, dim=-1) / 0.05
+    torch.testing.assert_close(ctc_logits(speech, other, blank)[..., :-1], expected)
+
+
+def test_compression_reads_the_same_paths_off_the_losss_logits():
+    """finetune_inputs hands the CTC loss's float32 logits over every row to compression: the same
+    runs as scoring the vocabulary again."""
+    torch.manual_seed(0)
+    table, blank = torch.randn(11, 6), torch.randn(6)
+    speech, mask = torch.randn(2, 9, 6), torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    ids, ids_mask = torch.tensor([[1, 2], [4, 0]]), torch.tensor([[True, True], [True, False]])
+    _, logits = ctc_alignment_loss(speech, mask, ids, ids_mask, table, blank, 0.1, keep_logits=True)
+    again, again_mask = ctc_compress(speech, mask, table, blank)
+    reused, reused_mask = ctc_compress(speech, mask, table, blank, logits)
+    assert torch.equal(reused_mask, again_mask)
+    torch.testing.assert_close(reused, again)
+
+
+def test_a_shared_prefix_under_lora_gives_the_same_loss_and_gradients(paths):
+    """With LoRA training inside the LLM the shared prefix is computed once with its graph: the
+    loss and the gradients into the speech and every LoRA weight are those of separate prefixes."""
+    torch.manual_seed(0)
+    model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
+    lora.add_lora(model, 4)
+    for name, p in model.llm.named_parameters():
+        if ".lora_" in name:  # B starts at 0: give it values, so that every weight has a gradient
+            torch.nn.init.normal_(p, std=0.1)
+    instructions = ["Can you transcribe this audio?"] * 3
+    prefix = model.shared_prefix(instructions)
+    assert prefix > 0
+    speech = torch.randn(3, 5, model.llm.config.hidden_size, requires_grad=True)
+    speech_mask = torch.ones(3, 5, dtype=torch.bool)
+    speech_mask[2, 3:] = False
+    lora_weights = [p for name, p in model.llm.named_parameters() if ".lora_" in name]
+    results = []
+    for k in (0, prefix):
+        embeds, mask, labels = model.chat_batch(
+            speech, speech_mask, instructions, ["ab", "c d", "e"]
+        )
+        loss = model.lm_loss(embeds, mask, labels, prefix=k)
+        results.append((loss, *torch.autograd.grad(loss, [speech, *lora_weights])))
+    for shared, separate in zip(results[1], results[0]):
+        torch.testing.assert_close(shared, separate)
+
+
 def test_lora_starts_as_the_frozen_llm_and_trains_alone(paths, manifest):
     torch.manual_seed(0)
     model = SpeechLLM(paths["llm"], paths["hubert"], QFormerConfig(dim=32, heads=4, layers=2))
