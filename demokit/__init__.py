@@ -23,8 +23,9 @@ The scripts call these functions; each builds its folder on first use and return
     whisper_tiny_path()   demo/models/whisper-tiny  Whisper tiny.en as a
                                                     WhisperForConditionalGeneration folder with its
                                                     WhisperProcessor (feature extractor + tokenizer)
-    corpus_path()         demo/corpus               5.1 h of synthesised speech (manifests:
-                                                    corpus.py)
+    corpus_path()         demo/corpus               the sentences, 3.8 h of synthesised speech
+                                                    (manifests: corpus.py)
+    corpus_path(qa=True)  demo/corpus               with the QA passages, 5.1 h in all
     corpus_path(size="large")  demo/corpus-large    14.4 h: every Bible verse left for train, 3x the
                                                     QA
     corpus_path(small=True)  demo/corpus-small      56 sentences and 24 QA items
@@ -192,11 +193,12 @@ def corpus_folder(size="full"):
     return demo_dir() / ("corpus" if size == "full" else f"corpus-{size}")
 
 
-def corpus_path(small=False, size=None):
+def corpus_path(small=False, size=None, qa=False):
     """The spoken corpus of `size` ("full", the default; "large": every verse left for train, three
     times the QA passages; "small": a few of each, for tests), built on first use. small=True is
-    size="small"."""
-    from demokit.corpus import VERSION, build_corpus
+    size="small". Its sentences come first; qa=True: with its QA passages too (built when first
+    asked for: a first run, stage 1 and ASR, does not wait for them)."""
+    from demokit.corpus import VERSION, add_qa, build_corpus, has_qa
 
     size = size or ("small" if small else "full")
     folder = corpus_folder(size)
@@ -206,7 +208,13 @@ def corpus_path(small=False, size=None):
             f"{folder} was built by an older demokit (a corpus of another design); move it away "
             f"or delete it (rm -r {folder}) and run again to build the current one"
         )
-    return build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
+    build_once(folder, lambda out: build_corpus(out, size), f"the {size} spoken corpus")
+    if qa and not has_qa(folder):
+        with file_lock(folder.parent / f".{folder.name}.lock"):
+            if not has_qa(folder):  # another process may have built them while we waited
+                log(f"adding the QA passages to {folder} (once)")
+                add_qa(folder, size)
+    return folder
 
 
 # The demo corpus's manifests of each task: <name>_{train,dev,test,open_test}.jsonl
@@ -223,7 +231,7 @@ def manifests(task, split, size="full"):
     (train, dev, test; "open": the open test split of the sentences), built on first use."""
     if split == "open" and task not in ("asr", "st"):
         raise UserError("--data open: the open test split holds sentences (ASR), not QA")
-    corpus = corpus_path(size=size)
+    corpus = corpus_path(size=size, qa="qa" in TASK_MANIFESTS[task])
     if split == "open":
         return [str(corpus / "sentences_open_test.jsonl")]
     return [str(corpus / f"{name}_{split}.jsonl") for name in TASK_MANIFESTS[task]]

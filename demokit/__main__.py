@@ -46,7 +46,7 @@ def main(argv=None):
         log(f"SmolLM2-135M-Instruct: {smollm2_path()}")
         log(f"Whisper tiny.en: {whisper_tiny_path()}")
     if args.only in (None, "corpus"):
-        log(f"corpus: {corpus_path(small=args.small, size=args.size)}")
+        log(f"corpus: {corpus_path(small=args.small, size=args.size, qa=True)}")
     log(f"done in {time.time() - t0:.0f} s; everything is cached under {demo_dir()}")
 
 

@@ -15,8 +15,11 @@ manifest's folder):
                                         "answer": "<a span of the passage>", "answer_start": 17,
                                         "speaker": "piper-joe", "duration": 9.8}
     corpus.json                        counts, hours, voices (and which is held out), the text
-                                        sources and their licences, seed, build time, Whisper's WER
-                                        per voice
+                                        sources and their licences, seed, each part's build time,
+                                        Whisper's WER per voice
+
+Two parts: the sentences (what stage 1 and ASR read: the first run waits for nothing else), then
+the QA passages, when a command first asks for them (`finetune.py --task qa`, `python -m demokit`).
 """
 
 import json
@@ -25,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+from common import write_atomically
 from demokit import BuildError, log, whisper_tiny_path
 from demokit.models import transcribe, word_error_rate
 from demokit.text import SOURCES
@@ -62,9 +66,10 @@ def tts_worker(jobs, folder, seed, queue):
     queue.put(None)
 
 
-def synthesise(plan, folder, seed, workers):
-    """Run the TTS jobs in `workers` processes with a progress bar; returns each job's duration in
-    seconds."""
+def synthesise(numbered, folder, seed, workers):
+    """Run the TTS jobs, (index in the plan, job) pairs, in `workers` processes with a progress bar;
+    returns {index: duration in seconds}. A job goes to the worker its plan index names, so a part
+    of the plan is spoken as it would be in a build of the whole."""
     import multiprocessing as mp
     import queue as queue_module
 
@@ -74,7 +79,7 @@ def synthesise(plan, folder, seed, workers):
         "spawn"
     )  # fresh interpreters: nothing of the parent's torch threads is inherited
     queue = ctx.Queue()
-    shares = [[(i, job) for i, job in enumerate(plan) if i % workers == w] for w in range(workers)]
+    shares = [[(i, job) for i, job in numbered if i % workers == w] for w in range(workers)]
     procs = [
         ctx.Process(
             target=tts_worker, args=(share, str(folder), seed + 1000 * w, queue), daemon=True
@@ -83,8 +88,8 @@ def synthesise(plan, folder, seed, workers):
     ]
     for p in procs:
         p.start()
-    durations, running = [None] * len(plan), workers
-    with tqdm(total=len(plan), desc="synthesising speech", unit="utt") as bar:
+    durations, running = {}, workers
+    with tqdm(total=len(numbered), desc="synthesising speech", unit="utt") as bar:
         while running:
             try:
                 msg = queue.get(timeout=10)
@@ -115,75 +120,112 @@ def synthesise(plan, folder, seed, workers):
 
 
 def build_corpus(out, size="full", seed=SEED, workers=2):
-    t0 = time.time()
+    """The sentences, into the new folder `out`: what stage 1, ASR and ST read (train, dev, test,
+    open test). The QA passages follow when a command first asks for them (add_qa)."""
     (out / "audio").mkdir()
+    build_part(out, "sentences", size, seed, workers)
+
+
+def has_qa(folder):
+    """Are the QA passages of the corpus in `folder` built? (corpus.json names them last; a corpus
+    built in one piece, before the parts, has no "parts" and all its manifests.)"""
+    folder = Path(folder)
+    manifests = all((folder / f"qa_{split}.jsonl").is_file() for split in SPLITS["qa"])
+    summary = json.loads((folder / "corpus.json").read_text())
+    return manifests and "qa" in summary.get("parts", {"qa": "built with the rest"})
+
+
+def add_qa(folder, size="full", seed=SEED, workers=2):
+    """The QA passages, into a built corpus folder: their audio, then their manifests (each written
+    whole, under a temporary name), then corpus.json. A killed build leaves no manifest that looks
+    finished; the next call speaks them again."""
+    build_part(Path(folder), "qa", size, seed, workers)
+
+
+def build_part(out, kind, size, seed, workers):
+    """Synthesise the plan's utterances of `kind` (sentences | qa) into `out`, write their
+    manifests, and add their figures to corpus.json. Each utterance is spoken as in a build of the
+    whole plan (its index sets its worker and its seed), but for piper's in-graph noise, which runs
+    on from the part's first utterance."""
+    t0 = time.time()
     pico = have_pico()
     plan = plan_corpus(size, seed, pico=pico)
-    speakers = sorted({j["speaker"] for j in plan})
-    held_out = sorted({j["speaker"] for j in plan if j["split"] == "open_test"})
+    numbered = [(i, job) for i, job in enumerate(plan) if job["kind"] == kind]
+    jobs = [job for _, job in numbered]
+    speakers = sorted({j["speaker"] for j in jobs})
     log(
-        f"synthesising {len(plan)} utterances with {workers} worker processes: "
-        f"{', '.join(speakers)}"
+        f"synthesising {len(jobs)} {'QA passages' if kind == 'qa' else 'sentences'} with {workers} "
+        f"worker processes: {', '.join(speakers)}"
     )
     if not pico:
         log(
             "ttspico is not installed: the corpus is built without the two Pico voices "
             "(corpus.json says so)"
         )
-    durations = synthesise(plan, out, seed, workers)
+    found = synthesise(numbered, out, seed, workers)
+    durations = [found[i] for i, _ in numbered]
     tts_seconds = time.time() - t0
-    manifests = manifest_lines(plan, durations)
+    manifests = {
+        name: lines
+        for name, lines in manifest_lines(jobs, durations).items()
+        if name.startswith(f"{kind}_")
+    }
     for name, lines in manifests.items():
-        (out / name).write_text(
-            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
-        )
-    hours = {
-        f"{kind}_{split}": round(
-            sum(d for j, d in zip(plan, durations) if (j["kind"], j["split"]) == (kind, split))
-            / 3600,
-            3,
-        )
-        for kind, splits in SPLITS.items()
-        for split in splits
-    }  # a passage counts once
-    summary = dict(
-        version=VERSION,
-        size=size,
-        seed=seed,
-        workers=workers,
-        lines={name: len(lines) for name, lines in manifests.items()},
-        hours=hours,
-        total_hours=round(sum(durations) / 3600, 3),
-        sources={name: SOURCES[name] for name in sorted({j.get("source") for j in plan} - {None})},
-        qa_text="passages of a small template world (demokit/world.py), written for this project",
-        speed=SPEED,
-        pitch=PITCH,
-        voices={
-            name: dict(
-                engine=VOICES[name][0],
-                voice=VOICES[name][1],
-                utterances=sum(j["speaker"] == name for j in plan),
-            )
-            for name in speakers
-        },
-        held_out_voices=held_out,
-        pico="installed" if pico else "ttspico is not installed: built without the Pico voices",
-        tts_seconds=round(tts_seconds, 1),
+        text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        write_atomically(out / name, lambda tmp, text=text: Path(tmp).write_text(text, "utf-8"))
+    summary = summary_of(out, size, seed, workers, pico)
+    add_to_summary(summary, kind, jobs, durations, manifests)
+    if kind == "sentences" and size == "full":
+        # listen to a few dev sentences of every voice: a broken voice fails loudly here
+        picked = [j for j in jobs if j["split"] in ("dev", "open_test")]
+        summary["whisper_wer"] = check_voices(out, picked, speakers)
+    summary["parts"][kind] = dict(
+        tts_seconds=round(tts_seconds, 1), build_seconds=round(time.time() - t0, 1)
     )
-    if (
-        size == "full"
-    ):  # listen to a few dev sentences of every voice: a broken voice fails loudly here
-        summary["whisper_wer"] = check_voices(
-            out,
-            [j for j in plan if j["kind"] == "sentences" and j["split"] in ("dev", "open_test")],
-            speakers,
-        )
-    summary["build_seconds"] = round(time.time() - t0, 1)
-    (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomically(
+        out / "corpus.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"),
+    )
     log(
-        f"corpus: {sum(summary['lines'].values())} manifest lines, {summary['total_hours']:.2f} h "
-        f"of speech, {summary['build_seconds']:.0f} s"
+        f"corpus {kind}: {sum(len(v) for v in manifests.values())} manifest lines, "
+        f"{sum(durations) / 3600:.2f} h of speech, {time.time() - t0:.0f} s"
     )
+
+
+def add_to_summary(summary, kind, jobs, durations, manifests):
+    """corpus.json's counts, hours and voices, with a part's."""
+    summary["lines"].update({name: len(lines) for name, lines in manifests.items()})
+    for split in SPLITS[kind]:  # a passage counts once
+        seconds = sum(d for j, d in zip(jobs, durations) if j["split"] == split)
+        summary["hours"][f"{kind}_{split}"] = round(seconds / 3600, 3)
+    summary["total_hours"] = round(sum(summary["hours"].values()), 3)
+    for name in sorted({j["speaker"] for j in jobs}):
+        voice = summary["voices"].setdefault(
+            name, dict(engine=VOICES[name][0], voice=VOICES[name][1], utterances=0)
+        )
+        voice["utterances"] += sum(j["speaker"] == name for j in jobs)
+    if kind == "sentences":
+        summary["held_out_voices"] = sorted(
+            {j["speaker"] for j in jobs if j["split"] == "open_test"}
+        )
+        summary["sources"] = {
+            name: SOURCES[name] for name in sorted({j.get("source") for j in jobs} - {None})
+        }
+
+
+def summary_of(folder, size, seed, workers, pico):
+    """corpus.json as far as it is written, or the start of a new one."""
+    path = Path(folder) / "corpus.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return dict(
+        version=VERSION, size=size, seed=seed, workers=workers, lines={}, hours={},
+        total_hours=0.0, sources={},
+        qa_text="passages of a small template world (demokit/world.py), written for this project",
+        speed=SPEED, pitch=PITCH, voices={}, held_out_voices=[],
+        pico="installed" if pico else "ttspico is not installed: built without the Pico voices",
+        parts={},
+    )  # fmt: skip
 
 
 def manifest_lines(plan, durations):

@@ -220,7 +220,10 @@ def corpus_files(args):
         import demokit
 
         size = args.demo_corpus  # --report only reads: it finds the folder and builds nothing
-        corpus = demokit.corpus_folder(size) if args.report else demokit.corpus_path(size=size)
+        qa = "qa" in args.tasks
+        corpus = (
+            demokit.corpus_folder(size) if args.report else demokit.corpus_path(size=size, qa=qa)
+        )
     files = {
         split: {kind: str(corpus / f"{kind}_{split}.jsonl") for kind in ("sentences", "qa")}
         for split in ("train", "dev", "test")

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 def test_demo_models_corpus_and_two_pretraining_steps(tmp_path):
     import demokit
 
-    corpus = demokit.corpus_path(small=True)  # builds (and checks) both models first when needed
+    # builds (and checks) both models first when needed
+    corpus = demokit.corpus_path(small=True, qa=True)
     assert (demokit.smollm2_path() / "config.json").exists() and (
         demokit.whisper_tiny_path() / "config.json"
     ).exists()

@@ -20,7 +20,7 @@ import torch
 
 import demokit
 from demokit import models, text, tts, world
-from demokit.corpus import build_corpus, manifest_lines
+from demokit.corpus import add_qa, build_corpus, manifest_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -621,8 +621,11 @@ def test_small_corpus_build(tmp_path, monkeypatch):
     from data import read_manifest
 
     monkeypatch.setenv("SPEECHLLM_DEMO_DIR", str(tmp_path))
-    corpus = demokit.corpus_path(small=True)
+    corpus = demokit.corpus_path(small=True)  # the sentences first: what a first run reads
+    assert (corpus / "sentences_test.jsonl").is_file() and not (corpus / "qa_train.jsonl").exists()
+    assert demokit.corpus_path(small=True, qa=True) == corpus  # the QA passages when asked for
     summary = json.loads((corpus / "corpus.json").read_text())
+    assert set(summary["parts"]) == {"sentences", "qa"} and summary["lines"]["qa_test.jsonl"] > 0
     assert summary["lines"]["sentences_train.jsonl"] == world.SIZES["small"]["sentences"][0]
     for name, count in summary["lines"].items():
         rows = read_manifest(corpus / name)
@@ -634,6 +637,7 @@ def test_small_corpus_build(tmp_path, monkeypatch):
     again = tmp_path / "again"  # deterministic from the seed: a second build gives the same bytes
     again.mkdir()
     build_corpus(again, "small")
+    add_qa(again, "small")
     wavs = sorted(p.relative_to(corpus) for p in (corpus / "audio").glob("*.wav"))
     assert wavs and wavs == sorted(p.relative_to(again) for p in (again / "audio").glob("*.wav"))
     assert all((corpus / w).read_bytes() == (again / w).read_bytes() for w in wavs)
