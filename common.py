@@ -62,9 +62,9 @@ RECIPES = {
         pretrain=dict(loss="contrastive", lr=1e-4, batch_size=10, grad_accum=2, epochs=5, max_steps=0,
                       warmup_ratio=0.03, center=False, emb_steps=0, emb_lr=1e-3, eval_every=1000,
                       ctc_classes=0, **PAPER_RUN),
-        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, warmup_ratio=0.03, eval_every=1000,
-                      compress=False, lora=0, ctc_weight=0.0, freeze_projector=False, ctc_classes=0,
-                      qa_newline=True, **PAPER_RUN),
+        finetune=dict(lr=1e-4, batch_size=4, grad_accum=5, epochs=2, max_steps=0, warmup_ratio=0.03,
+                      eval_every=1000, compress=False, lora=0, ctc_weight=0.0, freeze_projector=False,
+                      ctc_classes=0, qa_newline=True, **PAPER_RUN),
         evaluate=dict(max_new_tokens=200, loop_repeats=0, joint_ctc=0.0),
     ),
     "demo": dict(
@@ -72,11 +72,11 @@ RECIPES = {
                    window=17, window_pos=True, dropout=0.1, time_mask=0.0, sink_token=True,
                    match_embedding_rms=True),
         pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
-                      max_steps=640, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
+                      max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
                       eval_every=100, ctc_classes=8192, **DEMO_RUN),
-        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, warmup_ratio=0.03, eval_every=100,
-                      compress=True, lora=8, ctc_weight=1.0, freeze_projector=False, ctc_classes=0,
-                      qa_newline=False, **DEMO_RUN),
+        finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, max_steps=150, warmup_ratio=0.03,
+                      eval_every=50, compress=True, lora=8, ctc_weight=1.0, freeze_projector=False,
+                      ctc_classes=0, qa_newline=False, **DEMO_RUN),
         evaluate=dict(max_new_tokens="auto", loop_repeats=3, joint_ctc="auto"),
     ),
 }  # fmt: skip
@@ -94,6 +94,8 @@ def recipe_defaults(first, given, parts):
     name = first.recipe or ("demo" if first.llm == "smollm2" else "paper")
     because = "--recipe" if first.recipe else f"the default for --llm {first.llm}"
     values = {flag: value for part in parts for flag, value in RECIPES[name][part].items()}
+    if "epochs" in given and "max_steps" not in given:
+        values["max_steps"] = 0  # --epochs on the command line: the recipe's step budget yields
     chosen = {flag: value for flag, value in values.items() if flag not in given}
     return {
         **values,

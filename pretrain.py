@@ -260,6 +260,18 @@ def fmt(values):
     return "[" + " ".join(f"{v:.2f}" for v in values.tolist()) + "]"
 
 
+def phase_bar(previous, step, emb_steps, total_steps, master):
+    """The progress bar of the phase `step` is in, the warm start's or the all-layer steps': an
+    all-layer step costs 5-10 layer-0 steps on a CPU, so one bar over both would promise the end
+    too early."""
+    if previous is not None:
+        previous.close()
+    warm = step < emb_steps
+    start, end = (0, min(emb_steps, total_steps)) if warm else (emb_steps, total_steps)
+    desc = "pretrain, layer 0" if warm else "pretrain" if emb_steps == 0 else "pretrain, all layers"
+    return tqdm(total=end - start, initial=step - start, disable=not master, desc=desc)
+
+
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -308,7 +320,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.max_steps or max(1, int(args.epochs * order.per_epoch / args.grad_accum))
     warmup_steps = max(1, round(args.warmup_ratio * (total_steps - args.emb_steps)))
-    step = common.begin_run(run, args, model, optimizer, order)  # --resume: its newest ckpt
+    first_step = common.begin_run(run, args, model, optimizer, order)  # --resume: its newest ckpt
     # DDP around the projector only: the frozen encoder and LLM have nothing to synchronise
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -316,16 +328,12 @@ def main(argv=None):
     guard, log = common.NonFiniteGuard(), common.JsonLog.for_run(args, enabled=master)
 
     model.train()
-    progress = tqdm(
-        range(step, total_steps),
-        initial=step,
-        total=total_steps,
-        disable=not master,
-        desc="pretrain",
-    )
-    for step in progress:
+    progress = None
+    for step in range(first_step, total_steps):
         # the demo's warm start: the layer-0 contrastive loss alone (no LLM pass; with CTC if asked)
         warm = step < args.emb_steps
+        if progress is None or step == args.emb_steps:  # a bar per phase
+            progress = phase_bar(progress, step, args.emb_steps, total_steps, master)
         step_layers = [0] if warm else layers
         cosine = common.cosine_lr(
             step - args.emb_steps, total_steps - args.emb_steps, args.lr, warmup_steps
@@ -387,7 +395,10 @@ def main(argv=None):
                 + "".join(f" {name} {logs[name]:.3f}" for name in ("asr", "ctc") if name in logs)
                 + f" ({seconds:.2f}s)"
             )
+        progress.update()
 
+    if progress is not None:
+        progress.close()
     step = total_steps
     if master:
         common.save_final(args.out, model, optimizer, step, order, args, **meta)  # + the projector

@@ -286,13 +286,13 @@ def readout(args, out, files, variant, seed, folder, log):
 
 def finetune_and_score(args, out, files, variant, seed, task, frac, init, log, same_steps=False):
     """finetune.py on one task from one start, then evaluate.py on the task's test split.
-    same_steps: train for as many steps as a --frac run does (the epochs scaled by frac / 1.0), so
+    same_steps: train for as many steps as a --frac run does (same_steps_budget), so
     the 100% model gets the same compute and sees as many examples, only more distinct ones."""
     name = f"{variant}-s{seed}-{task}-{frac:g}"
     folder = out / "finetune" / name
     budget = QUICK["finetune"] if args.quick else []
     if same_steps and not args.quick:
-        budget = ["--epochs", f"{finetune_epochs(args) * args.frac / frac:g}"]
+        budget = same_steps_budget(args, frac)
     kind = TASKS[task]
     command = [
         "finetune.py",
@@ -375,19 +375,31 @@ def score_open_test(args, out, files, name, command, folder, cell, log):
     return cell
 
 
+def finetune_recipe(args):
+    """The recipe finetune.py will use: --finetune-args' --recipe, else the LLM's default."""
+    extra = shlex.split(args.finetune_args)
+    if "--recipe" in extra:
+        return common.RECIPES[extra[extra.index("--recipe") + 1]]["finetune"]
+    return common.RECIPES["demo" if args.llm in (None, "smollm2") else "paper"]["finetune"]
+
+
 def finetune_epochs(args):
     """The epochs finetune.py will use: --finetune-args' --epochs, else its recipe's."""
     extra = shlex.split(args.finetune_args)
     if "--epochs" in extra:
         return float(extra[extra.index("--epochs") + 1])
-    recipe = (
-        extra[extra.index("--recipe") + 1]
-        if "--recipe" in extra
-        else "demo"
-        if args.llm in (None, "smollm2")
-        else "paper"
-    )
-    return common.RECIPES[recipe]["finetune"]["epochs"]
+    return finetune_recipe(args)["epochs"]
+
+
+def same_steps_budget(args, frac):
+    """The flags that give a run on `frac` of the data as many steps as a --frac run: none where
+    fine-tuning counts steps (--max-steps, the demo recipe's 150), else the epochs scaled by
+    --frac / frac."""
+    extra = shlex.split(args.finetune_args)
+    counts_steps = "--max-steps" in extra or finetune_recipe(args)["max_steps"]
+    if counts_steps and "--epochs" not in extra:
+        return []
+    return ["--epochs", f"{finetune_epochs(args) * args.frac / frac:g}"]
 
 
 def topline(args, out, files, read, task, log):

@@ -126,3 +126,14 @@ def test_a_cells_record_names_repository_paths_relative_to_it():
         "--out",
         "/elsewhere/out",
     ]
+
+
+def test_the_full_data_model_gets_the_steps_of_the_frac_runs():
+    """The task-specialised model (100%) trains as many steps as the 10% runs: nothing to add where
+    the recipe counts steps (the demo's), the epochs scaled down where it counts epochs."""
+    demo = compare.get_args([])
+    assert compare.same_steps_budget(demo, 1.0) == []
+    paper = compare.get_args(["--llm", "llama"])
+    assert compare.same_steps_budget(paper, 1.0) == ["--epochs", f"{2 * paper.frac:g}"]
+    epochs = compare.get_args(["--finetune-args", "--epochs 4"])
+    assert compare.same_steps_budget(epochs, 1.0) == ["--epochs", f"{4 * epochs.frac:g}"]

@@ -357,3 +357,14 @@ def test_ddp_two_processes_equal_one(paths, manifest, tmp_path):
             d = len(x) // 3
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_the_demo_counts_stage_2_in_steps_unless_epochs_are_given():
+    """The demo recipe trains stage 2 for 150 steps whatever the --frac; --epochs on the command
+    line takes over from that budget (and --max-steps from both); the paper's counts epochs."""
+    assert finetune.get_args(["--init", "none"]).max_steps == 150
+    assert finetune.get_args(["--init", "none", "--epochs", "3"]).max_steps == 0
+    given = finetune.get_args(["--init", "none", "--epochs", "3", "--max-steps", "7"])
+    assert (given.epochs, given.max_steps) == (3, 7)
+    paper = finetune.get_args(["--llm", "llama", "--init", "none"])
+    assert (paper.epochs, paper.max_steps) == (2, 0)
