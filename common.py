@@ -72,7 +72,7 @@ RECIPES = {
                    window=17, window_pos=True, dropout=0.1, time_mask=0.0, sink_token=True,
                    match_embedding_rms=True),
         pretrain=dict(loss="contrastive+ctc", lr=3e-4, batch_size=16, grad_accum=1, epochs=100,
-                      max_steps=700, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
+                      max_steps=640, warmup_ratio=0.01, center=True, emb_steps=600, emb_lr=1e-3,
                       eval_every=100, ctc_classes=8192, **DEMO_RUN),
         finetune=dict(lr=1e-3, batch_size=8, grad_accum=1, epochs=10, max_steps=150, warmup_ratio=0.03,
                       eval_every=50, compress=True, lora=8, ctc_weight=1.0, freeze_projector=False,
