@@ -349,8 +349,8 @@ def main(argv=None):
                            f"centred {fmt(r1['centred'])}")  # fmt: skip
             log(step=step, dev_r1=r1["plain"], dev_r1_centred=r1["centred"], layers=step_layers)
             if "ctc" in args.loss:  # extras: ctc, what the projector spells so far
-                with common.autocast(device, dtype):
-                    ctc.print_read_out(model, dev, collate, device, progress.write)
+                in_autocast = lambda: common.autocast(device, dtype)  # noqa: E731
+                ctc.print_read_out(model, dev, collate, device, progress.write, in_autocast)
         if master and args.save_every and step > 0 and step % args.save_every == 0:
             common.save_checkpoint(args.out, model, optimizer, step, order, args, **meta)
             model.save_feature_cache(args.feature_cache_file)

@@ -21,6 +21,7 @@ Sections: the blank on the projector | the CTC loss over the embedding table | r
 compression | what the scripts call.
 """
 
+import contextlib
 import math
 import weakref
 
@@ -247,11 +248,14 @@ def pretrain_term(model, speech, speech_mask, batch, args):
     return args.ctc_weight * ctc, {"ctc": ctc.item()}
 
 
-def print_read_out(model, rows, collate, device, write):
-    """At a dev evaluation: what the projector spells so far for two dev utterances."""
+def print_read_out(model, rows, collate, device, write, autocast=contextlib.nullcontext):
+    """At a dev evaluation: what the projector spells so far for two dev utterances. autocast():
+    the run's context, around the model only (the log-mel must stay float32)."""
     batch = to_device(collate(rows[:2]), device)
-    for row, heard in zip(rows[:2], read_out(model, batch)):
-        write(f"  said: {row['text']}\n  read: {heard}")
+    with autocast():
+        heard = read_out(model, batch)
+    for row, text in zip(rows[:2], heard):
+        write(f"  said: {row['text']}\n  read: {text}")
 
 
 def finetune_inputs(model, speech, speech_mask, batch, args, with_ctc=True):

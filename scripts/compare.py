@@ -601,15 +601,12 @@ def plots(out, cells, args):
             1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False
         )
         for name, points in curves.items():
-            for ax, (i, layer) in zip(axes[0], enumerate(layers)):
+            for ax, layer in zip(axes[0], layers):
                 key = "dev_r1_centred" if "dev_r1_centred" in points[-1] else "dev_r1"
-                xs = [p["step"] for p in points if key in p and i < len(p[key])]
-                ax.plot(
-                    xs,
-                    [p[key][i] for p in points if key in p and i < len(p[key])],
-                    marker=".",
-                    label=name,
-                )
+                # each evaluation names its layers (the warm start's: layer 0 only)
+                at = [(p["step"], p[key][p["layers"].index(layer)])
+                      for p in points if key in p and layer in p["layers"]]  # fmt: skip
+                ax.plot([x for x, _ in at], [y for _, y in at], marker=".", label=name)
                 ax.set_title(f"layer {layer}")
                 ax.set_xlabel("stage-1 step")
         axes[0][0].set_ylabel("dev R@1 (centred)")

@@ -454,12 +454,18 @@ def test_joint_decoding_is_on_by_default_for_ctc_aligned_projectors_only(paths, 
     assert not SpeechLLM(paths["llm"], paths["hubert"], cfg).additions
 
 
+@pytest.mark.parametrize("encoder", ["hubert", "whisper"])
 def test_a_ctc_run_in_bf16_without_the_feature_cache_reads_out_at_its_dev_evaluation(
-    paths, manifest, tmp_path, capsys
+    paths, manifest, tmp_path, capsys, encoder
 ):
     """The readout at a dev evaluation runs under the run's autocast: in bf16 without the feature
-    cache it met the bf16 encoder with float32 audio ("Input type (float) and bias type (BFloat16)")."""
-    line = "--llm {llm} --encoder {hubert} --data {data} --dev-data {data} --device cpu --out {out}"
+    cache it met the bf16 encoder with float32 audio ("Input type (float) and bias type (BFloat16)").
+    Its log-mel stays outside: Whisper's feature extractor computed it in bf16 under autocast and
+    failed to hand it to numpy ("Got unsupported ScalarType BFloat16"), at the demo's step 100."""
+    line = (
+        "--llm {llm} --encoder {%s} --data {data} --dev-data {data} --device cpu --out {out}"
+        % encoder
+    )
     line += " --loss contrastive+ctc --dtype bfloat16 --no-cache-features --eval-every 1"
     line += " --max-steps 2 --batch-size 4 --qformer-dim 32 --qformer-heads 4 --qformer-layers 2"
     pretrain.main(argv(line, **paths, data=manifest, out=tmp_path / "s1"))
