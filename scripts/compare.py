@@ -6,8 +6,8 @@ fine-tuning of each on 10% of the ASR and spoken-QA data (and the no-pretraining
 task-specialised model the paper compares against) -> test scores, next to a text topline and a
 Whisper cascade.
 
-    # the demo grid; rerun to continue. Its default recipe's cells took 83 min a stage-1 variant with
-    # both tasks (float32, one thread while another job held the second core): ~10 h on 2 cores
+    # the demo grid; rerun to continue. About 4.8 h on 2 cores of an AVX-512 Xeon, float32 or bf16
+    # alike (estimated per cell from measured steps: docs/speed.md); about three times that on AVX2
     python -m scripts.compare
     # the whole grid with tiny budgets, in minutes (a smoke test)
     python -m scripts.compare --quick
@@ -78,8 +78,9 @@ METRIC = {
     "st": ("bleu", "higher"),
 }  # each task's headline
 
-# Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run.
-DEMO_BUDGET = {"asr": ["--max-steps", "120"]}
+# Budgets of the demo grid. ASR pretraining gets about the stage-1 wall time of the contrastive run
+# (cos-all: 600 layer-0 + 40 all-layer steps, ~6.2 min on the Xeon of docs/speed.md; 80 ASR steps ~6.4)
+DEMO_BUDGET = {"asr": ["--max-steps", "80"]}
 _SMALL = "--dev-size 4 --batch-size 4 --grad-accum 1"  # what every --quick training run shares
 QUICK = {  # tiny budgets: every cell runs, nothing learns
     "pretrain": shlex.split(
