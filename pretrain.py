@@ -268,7 +268,12 @@ def phase_bar(previous, step, emb_steps, total_steps, master):
         previous.close()
     warm = step < emb_steps
     start, end = (0, min(emb_steps, total_steps)) if warm else (emb_steps, total_steps)
-    desc = "pretrain, layer 0" if warm else "pretrain" if emb_steps == 0 else "pretrain, all layers"
+    if not warm:
+        desc = "pretrain, all layers" if emb_steps else "pretrain"
+    elif total_steps > emb_steps:
+        desc = f"pretrain, layer 0 (then {total_steps - emb_steps} all-layer steps)"
+    else:
+        desc = "pretrain, layer 0"
     return tqdm(total=end - start, initial=step - start, disable=not master, desc=desc)
 
 
